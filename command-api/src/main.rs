@@ -1,0 +1,11 @@
+//! The `command-api` binary: configuration in, app out.
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = command_api::Config::parse();
+    command_api::telemetry::init_tracing(config.log_json);
+    let app = command_api::build(config).await?;
+    app.run_until_stopped().await
+}

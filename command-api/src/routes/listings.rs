@@ -1,0 +1,452 @@
+//! Listing routes: create (listing, stock pool and timeline entry in one
+//! transaction), price, details, pause/resume/delete, stock, reservations.
+
+use axum::Router;
+use axum::extract::State;
+use axum::response::Response;
+use axum::routing::post;
+use chrono::Utc;
+use domain::listing::{Condition, Listing, ListingCommand, ListingDetails, ListingStatus};
+use domain::reservation::{Reservation, ReservationCommand};
+use domain::timeline::{ProductTimeline, TimelineCommand, TimelineEntry};
+use domain::values::{
+    Actor, Description, HoldId, Label, ListingId, Location, ProductId, Title, Url, WalletId,
+};
+use domain::wallet::Wallet;
+use domain::{Decide, Refusal};
+use event_store::{ExecError, StreamRef};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{EMPTY_BODY_SHA256, MoneyBody, bounded, created_reply, exec_error, field, ok_reply, respond, single};
+use crate::app::AppState;
+use crate::auth::AuthUser;
+use crate::error::ApiError;
+use crate::extract::{IdPath, JsonBody, RequestMeta};
+
+/// Most units a seller can put in one listing's stock.
+pub const MAX_STOCK: u32 = 1_000_000;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/listings", post(create))
+        .route("/listings/{id}/price", post(change_price))
+        .route("/listings/{id}/details", post(update_details))
+        .route("/listings/{id}/delete", post(delete))
+        .route("/listings/{id}/pause", post(pause))
+        .route("/listings/{id}/resume", post(resume))
+        .route("/listings/{id}/stock", post(set_stock))
+        .route("/listings/{id}/reservations", post(reserve))
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocationBody {
+    city: String,
+    country: String,
+    lat: Option<f64>,
+    lon: Option<f64>,
+}
+
+impl LocationBody {
+    fn parse(&self) -> Result<Location, ApiError> {
+        field(
+            "location",
+            Location::parse(&self.city, &self.country, self.lat, self.lon),
+        )
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateListing {
+    title: String,
+    #[serde(default)]
+    description: String,
+    category: String,
+    subcategory: Option<String>,
+    condition: String,
+    price: MoneyBody,
+    quantity: u32,
+    location: LocationBody,
+    #[serde(default)]
+    attributes: serde_json::Map<String, serde_json::Value>,
+    #[serde(default)]
+    images: Vec<String>,
+    /// An existing product (relisting something the seller owns).
+    product_id: Option<uuid::Uuid>,
+    /// The seller's wallet that receives wallet-escrow payments.
+    payout_wallet_id: Option<uuid::Uuid>,
+}
+
+fn parse_images(images: &[String]) -> Result<Vec<Url>, ApiError> {
+    bounded("images", images, domain::listing::MAX_IMAGES)?;
+    images
+        .iter()
+        .enumerate()
+        .map(|(index, url)| field(&format!("images[{index}]"), Url::parse("image", url)))
+        .collect()
+}
+
+fn parse_attributes(
+    attributes: &serde_json::Map<String, serde_json::Value>,
+) -> Result<domain::listing::Attributes, ApiError> {
+    field("attributes", domain::listing::parse_attributes(attributes))
+}
+
+fn parse_quantity(quantity: u32) -> Result<u32, ApiError> {
+    if quantity > MAX_STOCK {
+        return Err(ApiError::validation(
+            "quantity",
+            domain::values::ValidationError::new("invalid_quantity", format!("quantity must be at most {MAX_STOCK}")),
+        ));
+    }
+    Ok(quantity)
+}
+
+async fn create(
+    State(state): State<AppState>,
+    user: AuthUser,
+    meta: RequestMeta,
+    body: JsonBody<CreateListing>,
+) -> Result<Response, ApiError> {
+    let request = &body.value;
+    let details = ListingDetails {
+        title: field("title", Title::parse("title", &request.title))?,
+        description: field("description", Description::parse("description", &request.description))?,
+        category: field("category", Label::parse("category", &request.category))?,
+        subcategory: request
+            .subcategory
+            .as_deref()
+            .map(|text| field("subcategory", Label::parse("subcategory", text)))
+            .transpose()?,
+        condition: field("condition", Condition::parse(&request.condition))?,
+        location: request.location.parse()?,
+        attributes: parse_attributes(&request.attributes)?,
+        images: parse_images(&request.images)?,
+    };
+    let price = request.price.parse("price")?;
+    let quantity = parse_quantity(request.quantity)?;
+    let listing_id = ListingId::new();
+    let product_id = request
+        .product_id
+        .map_or_else(ProductId::new, ProductId::from_uuid);
+    let payout_wallet = request.payout_wallet_id.map(WalletId::from_uuid);
+    let actor = user.actor();
+
+    let mut streams = vec![
+        StreamRef::of::<Listing>(listing_id.to_string()),
+        StreamRef::of::<Reservation>(listing_id.to_string()),
+        StreamRef::of::<ProductTimeline>(product_id.to_string()),
+    ];
+    if let Some(wallet) = payout_wallet {
+        streams.push(StreamRef::of::<Wallet>(wallet.to_string()));
+    }
+    let accepted = state
+        .store
+        .execute_multi(
+            streams,
+            meta.context(&user),
+            meta.idempotency(&user, &body.sha256),
+            move |plan| {
+                if let Some(wallet_id) = payout_wallet {
+                    let wallet = plan.state::<Wallet>(&wallet_id.to_string())?;
+                    if !wallet.exists() {
+                        return Err(refused("wallet_not_found", Refusal::NotFound, "the payout wallet does not exist"));
+                    }
+                    if wallet.owner() != actor.user_id {
+                        return Err(refused("forbidden", Refusal::Forbidden, "the payout wallet must be the seller's own"));
+                    }
+                    if wallet.currency() != price.currency() {
+                        return Err(refused("currency_mismatch", Refusal::Invalid, "the payout wallet's currency differs from the price's"));
+                    }
+                }
+                plan.decide::<Listing>(
+                    &listing_id.to_string(),
+                    ListingCommand::Create {
+                        actor,
+                        listing_id,
+                        product_id,
+                        details: details.clone(),
+                        price: price.clone(),
+                        payout_wallet,
+                    },
+                )?;
+                plan.decide::<Reservation>(
+                    &listing_id.to_string(),
+                    ReservationCommand::OpenPool {
+                        actor,
+                        listing_id,
+                        seller: actor.user_id,
+                        quantity,
+                    },
+                )?;
+                let relisting = plan.state::<ProductTimeline>(&product_id.to_string())?.exists();
+                let entry = if relisting {
+                    TimelineEntry::Relisted { listing_id, seller: actor.user_id, price: price.clone() }
+                } else {
+                    TimelineEntry::Listed { listing_id, seller: actor.user_id, price: price.clone() }
+                };
+                plan.decide::<ProductTimeline>(
+                    &product_id.to_string(),
+                    TimelineCommand::Record { actor: timeline_actor(actor, relisting), product_id, entry },
+                )?;
+                Ok(())
+            },
+            move |(), committed| {
+                let (version, _) = committed.stream::<Listing>(&listing_id.to_string()).unwrap_or_default();
+                (
+                    201,
+                    json!({
+                        "id": listing_id.to_string(),
+                        "version": version,
+                        "position": committed.last().token(),
+                        "product_id": product_id.to_string(),
+                    }),
+                )
+            },
+        )
+        .await
+        .map_err(exec_error)?;
+    Ok(respond(accepted))
+}
+
+/// Timeline entries are written by Souk's process manager on the seller's
+/// behalf; a relisting is checked against the product's current owner, so
+/// it is recorded as the seller.
+fn timeline_actor(actor: Actor, relisting: bool) -> Actor {
+    if relisting { actor } else { Actor::system() }
+}
+
+pub(crate) fn refused(code: &'static str, refusal: Refusal, message: &str) -> ExecError {
+    ExecError::Rejected {
+        code,
+        refusal,
+        message: message.to_owned(),
+    }
+}
+
+/// The listing's current state, or 404.
+async fn existing_listing(state: &AppState, id: ListingId) -> Result<Listing, ApiError> {
+    let (listing, _) = state
+        .store
+        .state::<Listing>(&id.to_string())
+        .await
+        .map_err(exec_error)?;
+    if !listing.exists() {
+        return Err(ApiError::Domain {
+            code: "listing_not_found",
+            refusal: Refusal::NotFound,
+            message: format!("listing {id} does not exist"),
+        });
+    }
+    Ok(listing)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChangePrice {
+    price: MoneyBody,
+}
+
+async fn change_price(
+    State(state): State<AppState>,
+    user: AuthUser,
+    meta: RequestMeta,
+    IdPath(id): IdPath,
+    body: JsonBody<ChangePrice>,
+) -> Result<Response, ApiError> {
+    let price = body.value.price.parse("price")?;
+    let listing_id = ListingId::from_uuid(id);
+    let product_id = existing_listing(&state, listing_id).await?.product_id();
+    let actor = user.actor();
+    let accepted = state
+        .store
+        .execute_multi(
+            vec![
+                StreamRef::of::<Listing>(listing_id.to_string()),
+                StreamRef::of::<ProductTimeline>(product_id.to_string()),
+            ],
+            meta.context(&user),
+            meta.idempotency(&user, &body.sha256),
+            move |plan| {
+                plan.decide::<Listing>(&listing_id.to_string(), ListingCommand::ChangePrice { actor, price: price.clone() })?;
+                if plan.state::<ProductTimeline>(&product_id.to_string())?.exists() {
+                    plan.decide::<ProductTimeline>(
+                        &product_id.to_string(),
+                        TimelineCommand::Record {
+                            actor: Actor::system(),
+                            product_id,
+                            entry: TimelineEntry::PriceChanged { listing_id, price: price.clone() },
+                        },
+                    )?;
+                }
+                Ok(())
+            },
+            move |(), committed| single_body::<Listing>(200, &listing_id.to_string(), committed),
+        )
+        .await
+        .map_err(exec_error)?;
+    Ok(respond(accepted))
+}
+
+/// `{"id", "version", "position"}` of `A` `id` after a unit of work.
+pub(crate) fn single_body<A: Decide>(status: u16, id: &str, committed: &event_store::Committed) -> (u16, serde_json::Value) {
+    let (version, _) = committed.stream::<A>(id).unwrap_or_default();
+    (
+        status,
+        json!({"id": id, "version": version, "position": committed.last().token()}),
+    )
+}
+
+/// Details to change; absent fields keep their value.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateDetails {
+    title: Option<String>,
+    description: Option<String>,
+    category: Option<String>,
+    subcategory: Option<String>,
+    condition: Option<String>,
+    location: Option<LocationBody>,
+    attributes: Option<serde_json::Map<String, serde_json::Value>>,
+    images: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct DetailChanges {
+    title: Option<Title>,
+    description: Option<Description>,
+    category: Option<Label>,
+    subcategory: Option<Label>,
+    condition: Option<Condition>,
+    location: Option<Location>,
+    attributes: Option<domain::listing::Attributes>,
+    images: Option<Vec<Url>>,
+}
+
+impl DetailChanges {
+    fn apply(self, mut details: ListingDetails) -> ListingDetails {
+        if let Some(v) = self.title { details.title = v }
+        if let Some(v) = self.description { details.description = v }
+        if let Some(v) = self.category { details.category = v }
+        if let Some(v) = self.subcategory { details.subcategory = Some(v) }
+        if let Some(v) = self.condition { details.condition = v }
+        if let Some(v) = self.location { details.location = v }
+        if let Some(v) = self.attributes { details.attributes = v }
+        if let Some(v) = self.images { details.images = v }
+        details
+    }
+}
+
+async fn update_details(
+    State(state): State<AppState>,
+    user: AuthUser,
+    meta: RequestMeta,
+    IdPath(id): IdPath,
+    body: JsonBody<UpdateDetails>,
+) -> Result<Response, ApiError> {
+    let request = &body.value;
+    let changes = DetailChanges {
+        title: request.title.as_deref().map(|t| field("title", Title::parse("title", t))).transpose()?,
+        description: request.description.as_deref().map(|t| field("description", Description::parse("description", t))).transpose()?,
+        category: request.category.as_deref().map(|t| field("category", Label::parse("category", t))).transpose()?,
+        subcategory: request.subcategory.as_deref().map(|t| field("subcategory", Label::parse("subcategory", t))).transpose()?,
+        condition: request.condition.as_deref().map(|t| field("condition", Condition::parse(t))).transpose()?,
+        location: request.location.as_ref().map(LocationBody::parse).transpose()?,
+        attributes: request.attributes.as_ref().map(parse_attributes).transpose()?,
+        images: request.images.as_deref().map(parse_images).transpose()?,
+    };
+    let listing_id = ListingId::from_uuid(id);
+    let actor = user.actor();
+    let accepted = state
+        .store
+        .execute_multi(
+            vec![StreamRef::of::<Listing>(listing_id.to_string())],
+            meta.context(&user),
+            meta.idempotency(&user, &body.sha256),
+            move |plan| {
+                let current = plan.state::<Listing>(&listing_id.to_string())?.details().clone();
+                let details = changes.clone().apply(current);
+                plan.decide::<Listing>(&listing_id.to_string(), ListingCommand::UpdateDetails { actor, details })?;
+                Ok(())
+            },
+            move |(), committed| single_body::<Listing>(200, &listing_id.to_string(), committed),
+        )
+        .await
+        .map_err(exec_error)?;
+    Ok(respond(accepted))
+}
+
+async fn delete(State(state): State<AppState>, user: AuthUser, meta: RequestMeta, IdPath(id): IdPath) -> Result<Response, ApiError> {
+    let command = ListingCommand::Delete { actor: user.actor() };
+    single::<Listing>(&state, &user, &meta, &EMPTY_BODY_SHA256, id, command, ok_reply(id)).await
+}
+
+async fn pause(State(state): State<AppState>, user: AuthUser, meta: RequestMeta, IdPath(id): IdPath) -> Result<Response, ApiError> {
+    let command = ListingCommand::Pause { actor: user.actor() };
+    single::<Listing>(&state, &user, &meta, &EMPTY_BODY_SHA256, id, command, ok_reply(id)).await
+}
+
+async fn resume(State(state): State<AppState>, user: AuthUser, meta: RequestMeta, IdPath(id): IdPath) -> Result<Response, ApiError> {
+    let command = ListingCommand::Resume { actor: user.actor() };
+    single::<Listing>(&state, &user, &meta, &EMPTY_BODY_SHA256, id, command, ok_reply(id)).await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetStock {
+    quantity: u32,
+}
+
+async fn set_stock(
+    State(state): State<AppState>,
+    user: AuthUser,
+    meta: RequestMeta,
+    IdPath(id): IdPath,
+    body: JsonBody<SetStock>,
+) -> Result<Response, ApiError> {
+    let quantity = parse_quantity(body.value.quantity)?;
+    let command = ReservationCommand::SetStock { actor: user.actor(), quantity };
+    single::<Reservation>(&state, &user, &meta, &body.sha256, id, command, ok_reply(id)).await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reserve {
+    quantity: u32,
+    ttl_seconds: u32,
+}
+
+async fn reserve(
+    State(state): State<AppState>,
+    user: AuthUser,
+    meta: RequestMeta,
+    IdPath(id): IdPath,
+    body: JsonBody<Reserve>,
+) -> Result<Response, ApiError> {
+    let now = Utc::now();
+    let expires_at = field("ttl_seconds", domain::process::hold_expiry(now, body.value.ttl_seconds))?;
+    let listing = existing_listing(&state, ListingId::from_uuid(id)).await?;
+    if listing.status() != ListingStatus::Active {
+        return Err(ApiError::Domain {
+            code: "listing_unavailable",
+            refusal: Refusal::Conflict,
+            message: format!("the listing is {}", listing.status().as_str()),
+        });
+    }
+    let hold_id = HoldId::new();
+    let command = ReservationCommand::Reserve {
+        actor: user.actor(),
+        hold_id,
+        holder: user.user_id,
+        quantity: body.value.quantity,
+        expires_at,
+        order_id: None,
+        now,
+    };
+    let mut reply = created_reply(hold_id.as_uuid());
+    reply.timers.push(super::orders::hold_expiry_timer(ListingId::from_uuid(id), hold_id, expires_at));
+    single::<Reservation>(&state, &user, &meta, &body.sha256, id, command, reply).await
+}
+

@@ -1,0 +1,133 @@
+//! The durable timers of the process managers. Timers are rows of the
+//! `timers` table, written in the transaction that arms them. This worker
+//! leases due timers (`FOR UPDATE SKIP LOCKED`, so several processes share
+//! the work), fires each one as a system command whose idempotency key is
+//! derived from the timer, and deletes it. A timer fired twice (a crash
+//! between the command and the delete) replays the stored response: a no-op.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use domain::order::OrderStatus;
+use domain::reservation::{Reservation, ReservationCommand};
+use domain::values::{Actor, HoldId, OrderId, Reason};
+use event_store::{CommandContext, EventStore, ExecError, IdempotencyKey, Reply};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+/// Expires a reservation hold whose time is up.
+pub const HOLD_EXPIRY: &str = "hold_expiry";
+/// Cancels an order whose bank transfer never arrived.
+pub const UNPAID_ORDER: &str = "unpaid_order";
+/// Releases escrow to the seller 7 days after shipment.
+pub const ESCROW_AUTO_RELEASE: &str = "escrow_auto_release";
+
+/// Timers leased per round.
+const BATCH: i64 = 32;
+/// A leased timer that was neither fired nor deleted becomes due again after this.
+const LEASE_SECONDS: i64 = 60;
+/// A timer that failed this often is left for an operator (its last error is kept).
+const MAX_ATTEMPTS: i32 = 20;
+
+/// Fires due timers until the task is aborted, polling every `poll`.
+pub async fn run(store: EventStore) {
+    run_every(store, Duration::from_millis(1000)).await;
+}
+
+pub async fn run_every(store: EventStore, poll: Duration) {
+    loop {
+        match fire_due(&store).await {
+            Ok(fired) if fired as i64 == BATCH => continue,
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "timer worker cannot reach the database"),
+        }
+        tokio::time::sleep(poll).await;
+    }
+}
+
+/// Leases and fires the timers that are due now; returns how many.
+pub async fn fire_due(store: &EventStore) -> Result<usize, sqlx::Error> {
+    let due: Vec<(Uuid, String, Value)> = sqlx::query_as(
+        "UPDATE timers SET due_at = now() + make_interval(secs => $2), attempts = attempts + 1
+          WHERE timer_id IN (SELECT timer_id FROM timers
+                              WHERE due_at <= now() AND attempts < $3
+                              ORDER BY due_at LIMIT $1 FOR UPDATE SKIP LOCKED)
+         RETURNING timer_id, kind, payload",
+    )
+    .bind(BATCH)
+    .bind(LEASE_SECONDS as f64)
+    .bind(MAX_ATTEMPTS)
+    .fetch_all(store.pool())
+    .await?;
+    let count = due.len();
+    for (timer_id, kind, payload) in due {
+        let result = fire(store, timer_id, &kind, &payload).await;
+        match result {
+            // Fired, or refused because there is nothing left to do (the
+            // hold was confirmed, the order moved on): either way, done.
+            Ok(()) | Err(ExecError::Rejected { .. }) => {
+                if let Err(ExecError::Rejected { code, .. }) = &result {
+                    tracing::debug!(%timer_id, kind, code, "timer had nothing left to do");
+                }
+                sqlx::query("DELETE FROM timers WHERE timer_id = $1")
+                    .bind(timer_id)
+                    .execute(store.pool())
+                    .await?;
+                metrics::counter!("souk_timers_fired_total", "kind" => kind).increment(1);
+            }
+            Err(error) => {
+                tracing::warn!(%timer_id, kind, %error, "timer failed; it will be retried");
+                sqlx::query("UPDATE timers SET last_error = $2 WHERE timer_id = $1")
+                    .bind(timer_id)
+                    .bind(error.to_string())
+                    .execute(store.pool())
+                    .await?;
+            }
+        }
+    }
+    Ok(count)
+}
+
+fn uuid_field(payload: &Value, name: &str) -> Result<Uuid, ExecError> {
+    payload
+        .get(name)
+        .and_then(Value::as_str)
+        .and_then(|text| Uuid::parse_str(text).ok())
+        .ok_or_else(|| ExecError::Internal(format!("timer payload lacks {name}")))
+}
+
+async fn fire(store: &EventStore, timer_id: Uuid, kind: &str, payload: &Value) -> Result<(), ExecError> {
+    let command_id = domain::process::deterministic_command_id("timer", &[&timer_id.to_string()]);
+    let context = CommandContext::new(Uuid::nil(), "system", command_id);
+    let idempotency = Some(IdempotencyKey {
+        scope: "system".into(),
+        key: format!("timer:{timer_id}"),
+        request_hash: Sha256::digest(format!("{kind}:{payload}")).into(),
+    });
+    match kind {
+        HOLD_EXPIRY => {
+            let listing_id = uuid_field(payload, "listing_id")?;
+            let hold_id = HoldId::from_uuid(uuid_field(payload, "hold_id")?);
+            let command = ReservationCommand::Expire {
+                actor: Actor::system(),
+                hold_id,
+                now: Utc::now(),
+            };
+            store
+                .execute::<Reservation>(&listing_id.to_string(), command, context, idempotency, Reply::new(200, hold_id.to_string()))
+                .await?;
+        }
+        UNPAID_ORDER => {
+            let order_id = OrderId::from_uuid(uuid_field(payload, "order_id")?);
+            let reason = Reason::parse("reason", "the bank transfer did not arrive in time").unwrap_or_default();
+            crate::routes::cancel_unpaid(store, order_id, reason, Some(OrderStatus::AwaitingPayment), context, idempotency).await?;
+        }
+        ESCROW_AUTO_RELEASE => {
+            let order_id = OrderId::from_uuid(uuid_field(payload, "order_id")?);
+            crate::routes::release_escrow(store, order_id, Actor::system(), context, idempotency).await?;
+        }
+        other => return Err(ExecError::Internal(format!("unknown timer kind {other}"))),
+    }
+    Ok(())
+}

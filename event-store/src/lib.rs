@@ -1,0 +1,65 @@
+//! Souk's Postgres event store.
+//!
+//! - `store`: command execution. Per-aggregate lanes serialize and batch
+//!   commands in this process, cache aggregate states, and commit events,
+//!   idempotency records and snapshots in one transaction, with optimistic
+//!   concurrency checked by the primary key.
+//! - `load`: an aggregate's state from its snapshot and later events.
+//! - `record`: metadata, positions (and their tokens) and the hash chain.
+//! - `global`: the global order, read without ever skipping a late commit.
+//! - `verify`: recomputes the hash chains (tamper evidence).
+//!
+//! The table layout is postgres-es's plus Souk's columns (see
+//! `migrations/sql`), so cqrs-es tooling can still read it; the write path is
+//! Souk's own because postgres-es cannot put an idempotency record in the
+//! transaction of the events, batch a hot aggregate, or keep a hash chain.
+
+pub mod global;
+mod load;
+pub mod record;
+pub mod store;
+pub mod verify;
+
+pub use record::{CommandContext, Position};
+pub use store::{
+    Accepted, Committed, EventStore, ExecError, IdempotencyKey, Plan, Reply, StoreConfig, StreamRef, Timer,
+    accepted_body,
+};
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use std::str::FromStr;
+use std::time::Duration;
+
+/// Connection pool limits. Every pool is bounded, and so is every wait on it.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub max_connections: u32,
+    /// How long a request waits for a connection before it is answered 503.
+    pub acquire_timeout: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 32,
+            acquire_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+/// A lazily connecting pool: the process starts (and answers 503) even when
+/// the database is down, and reconnects on its own when it returns.
+pub fn pool(database_url: &str, config: &PoolConfig) -> Result<PgPool, sqlx::Error> {
+    let options = PgConnectOptions::from_str(database_url)?.application_name("souk");
+    Ok(PgPoolOptions::new()
+        .max_connections(config.max_connections)
+        .min_connections(0)
+        .acquire_timeout(config.acquire_timeout)
+        .test_before_acquire(false)
+        .connect_lazy_with(options))
+}
+
+/// Applies every pending migration.
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    migrations::MIGRATOR.run(pool).await
+}

@@ -1,0 +1,1256 @@
+//! Command execution against the Postgres event store.
+//!
+//! Each aggregate instance has a *lane* in this process: a queue of pending
+//! commands, one worker task at a time that drains it, and the aggregate's
+//! cached state (with its version and last hash). The worker takes up to
+//! `batch_max` queued commands, decides them one after the other on the
+//! cached state and commits all their events, idempotency records and a
+//! snapshot in one transaction. A hot aggregate (thousands of buyers on one
+//! listing) therefore costs one transaction per batch, not one conflict
+//! storm per request.
+//!
+//! Nothing here assumes a single process: the cache is only a guess. Every
+//! INSERT is checked by the primary key `(aggregate_type, aggregate_id,
+//! sequence)`; a unique violation means another process wrote first, so the
+//! cache is dropped, the state reloaded and the batch decided again, at most
+//! `max_attempts` times, then answered [`ExecError::Conflict`].
+//!
+//! Commands that must change several aggregates atomically (a checkout
+//! reserves stock, holds funds and confirms the order) go through
+//! [`EventStore::execute_multi`]: it locks the lanes of every declared stream
+//! in a fixed order (so two units of work cannot deadlock), runs a pure
+//! planning closure over their states and commits everything in one
+//! transaction.
+//!
+//! Work runs in spawned tasks, so a client that hangs up cannot cancel a
+//! transaction half-way through its commit.
+
+use std::any::Any;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use domain::{Decide, DomainError, DomainEvent, Refusal};
+use serde_json::{Value, json};
+use sqlx::postgres::PgPool;
+use sqlx::{Postgres, Transaction};
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+use crate::record::{
+    ChainedFields, CommandContext, EventMetadata, GENESIS_HASH, Position, now_micros,
+};
+
+/// Limits of the command executor. Every queue, batch and retry is bounded.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// How many times a batch is decided again after a concurrency conflict.
+    pub max_attempts: u32,
+    /// Most commands committed in one transaction for one aggregate.
+    pub batch_max: usize,
+    /// Most commands waiting for one aggregate before new ones are refused.
+    pub queue_max: usize,
+    /// A snapshot is written when a command crosses a multiple of this.
+    pub snapshot_every: i64,
+    /// Cached aggregate states kept in this process.
+    pub cache_max: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 8,
+            batch_max: 128,
+            queue_max: 8192,
+            snapshot_every: 100,
+            cache_max: 20_000,
+        }
+    }
+}
+
+/// An Idempotency-Key, scoped to the user who sent it, with a hash of the
+/// request it came with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyKey {
+    pub scope: String,
+    pub key: String,
+    pub request_hash: [u8; 32],
+}
+
+/// An accepted command's response, or the stored response of an earlier
+/// request with the same Idempotency-Key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Accepted {
+    pub status: u16,
+    pub body: Value,
+    /// True when this is the stored response of an earlier request.
+    pub replayed: bool,
+}
+
+impl Accepted {
+    /// The position token of the response body, if it has one.
+    pub fn position(&self) -> Option<Position> {
+        self.body
+            .get("position")
+            .and_then(Value::as_str)
+            .and_then(|token| Position::parse_token(token).ok())
+    }
+
+    /// The `version` of the response body, if it has one.
+    pub fn version(&self) -> Option<i64> {
+        self.body.get("version").and_then(Value::as_i64)
+    }
+}
+
+/// Why a command was not accepted.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ExecError {
+    /// The aggregate refused the command (nothing was written).
+    #[error("{message}")]
+    Rejected {
+        code: &'static str,
+        refusal: Refusal,
+        message: String,
+    },
+    /// Concurrency conflicts persisted after every retry.
+    #[error("concurrent changes persisted after {0} attempts")]
+    Conflict(u32),
+    /// The Idempotency-Key was used before with a different request.
+    #[error("idempotency key reused with a different request")]
+    IdempotencyKeyReused,
+    /// Too many commands are queued for this aggregate.
+    #[error("too many commands queued for this aggregate")]
+    Overloaded,
+    /// The database could not be reached or is shutting down.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// A bug or corrupt data; the details are logged.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ExecError {
+    pub fn rejected<E: DomainError>(error: &E) -> Self {
+        Self::Rejected {
+            code: error.code(),
+            refusal: error.refusal(),
+            message: error.to_string(),
+        }
+    }
+}
+
+/// How a database error should be treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DbFailure {
+    Conflict,
+    Unavailable,
+    Internal,
+}
+
+pub(crate) fn classify(error: &sqlx::Error) -> DbFailure {
+    match error {
+        sqlx::Error::Database(db) => match db.code().as_deref() {
+            // unique_violation: another writer took this sequence number or
+            // idempotency key first; serialization_failure, deadlock_detected.
+            Some("23505" | "40001" | "40P01") => DbFailure::Conflict,
+            // connection_exception class, admin/crash shutdown, cannot
+            // connect now, too many connections.
+            Some(code)
+                if code.starts_with("08") || code.starts_with("57P") || code.starts_with("53") =>
+            {
+                DbFailure::Unavailable
+            }
+            _ => DbFailure::Internal,
+        },
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_) => DbFailure::Unavailable,
+        _ => DbFailure::Internal,
+    }
+}
+
+pub(crate) fn db_error(error: sqlx::Error) -> ExecError {
+    match classify(&error) {
+        DbFailure::Conflict => ExecError::Conflict(1),
+        DbFailure::Unavailable => {
+            tracing::warn!(error = %error, "database unavailable");
+            ExecError::Unavailable(error.to_string())
+        }
+        DbFailure::Internal => {
+            tracing::error!(error = ?error, "database error");
+            ExecError::Internal(error.to_string())
+        }
+    }
+}
+
+/// An aggregate's state as of its last stored event.
+#[derive(Debug, Clone)]
+pub(crate) struct Cached<A> {
+    pub state: A,
+    pub version: i64,
+    pub last_hash: [u8; 32],
+}
+
+impl<A: Default> Default for Cached<A> {
+    fn default() -> Self {
+        Self {
+            state: A::default(),
+            version: 0,
+            last_hash: GENESIS_HASH,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct LaneKey {
+    pub aggregate_type: &'static str,
+    pub aggregate_id: String,
+}
+
+type ErasedState = Option<Box<dyn Any + Send + Sync>>;
+
+#[derive(Default)]
+struct LaneQueue {
+    pending: VecDeque<Box<dyn Any + Send + Sync>>,
+    worker_running: bool,
+}
+
+#[derive(Default)]
+struct Lane {
+    queue: Mutex<LaneQueue>,
+    cache: Arc<tokio::sync::Mutex<ErasedState>>,
+}
+
+struct Pending<A: Decide> {
+    command: A::Command,
+    context: CommandContext,
+    idempotency: Option<IdempotencyKey>,
+    reply_with: Reply,
+    reply: oneshot::Sender<Result<Accepted, ExecError>>,
+}
+
+/// What happens when a single-aggregate command is accepted: it is answered
+/// `status` with `{"id": id, "version", "position"}` (the id is usually the
+/// aggregate's; a reservation answers with its hold's id), and `timers` are
+/// armed in the same transaction as its events.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    pub status: u16,
+    pub id: String,
+    pub timers: Vec<Timer>,
+}
+
+impl Reply {
+    pub fn new(status: u16, id: impl Into<String>) -> Self {
+        Self {
+            status,
+            id: id.into(),
+            timers: Vec::new(),
+        }
+    }
+}
+
+/// A durable timer of a process manager, stored in the `timers` table in the
+/// transaction that arms it. `timer_id` is deterministic (derived from what
+/// it is about), so arming it twice stores it once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Timer {
+    pub timer_id: Uuid,
+    pub kind: String,
+    pub due_at: chrono::DateTime<chrono::Utc>,
+    pub payload: Value,
+}
+
+/// One event ready to be inserted.
+#[derive(Debug, Clone)]
+pub(crate) struct NewRow {
+    pub aggregate_type: &'static str,
+    pub aggregate_id: String,
+    pub sequence: i64,
+    pub event_type: String,
+    pub event_version: String,
+    pub payload: String,
+    pub metadata: String,
+    pub recorded_at: chrono::DateTime<chrono::Utc>,
+    pub event_id: Uuid,
+    pub prev_hash: [u8; 32],
+    pub hash: [u8; 32],
+}
+
+/// Decides `command` on `cached` and, when accepted, applies the events to it
+/// and returns them as chained rows.
+fn decide_rows<A: Decide>(
+    cached: &mut Cached<A>,
+    aggregate_id: &str,
+    command: A::Command,
+    context: &CommandContext,
+) -> Result<Vec<NewRow>, ExecError> {
+    let events = cached
+        .state
+        .decide(command)
+        .map_err(|error| ExecError::rejected(&error))?;
+    let mut rows = Vec::with_capacity(events.len());
+    for event in events {
+        let event_type = event.event_type();
+        let event_version = event.event_version();
+        let payload = serde_json::to_string(&event)
+            .map_err(|error| ExecError::Internal(format!("serializing an event: {error}")))?;
+        let recorded_at = now_micros();
+        let event_id = Uuid::now_v7();
+        let metadata = serde_json::to_string(&EventMetadata::new(context, event_id, recorded_at))
+            .map_err(|error| ExecError::Internal(format!("serializing metadata: {error}")))?;
+        let sequence = cached.version + 1;
+        let hash = ChainedFields {
+            aggregate_type: A::TYPE,
+            aggregate_id,
+            sequence,
+            event_type: &event_type,
+            event_version: &event_version,
+            event_id,
+            recorded_at_micros: recorded_at.timestamp_micros(),
+            payload: &payload,
+            metadata: &metadata,
+        }
+        .hash(&cached.last_hash);
+        rows.push(NewRow {
+            aggregate_type: A::TYPE,
+            aggregate_id: aggregate_id.to_owned(),
+            sequence,
+            event_type,
+            event_version,
+            payload,
+            metadata,
+            recorded_at,
+            event_id,
+            prev_hash: cached.last_hash,
+            hash,
+        });
+        cached.state.apply(event);
+        cached.version = sequence;
+        cached.last_hash = hash;
+    }
+    Ok(rows)
+}
+
+/// What a committed transaction wrote, per stream: last version and position.
+#[derive(Debug, Clone, Default)]
+pub struct Committed {
+    streams: HashMap<(&'static str, String), (i64, Position)>,
+    last: Position,
+}
+
+impl Committed {
+    /// The version and position of `A`'s stream `id` after the commit, if the
+    /// commit wrote to it.
+    pub fn stream<A: Decide>(&self, id: &str) -> Option<(i64, Position)> {
+        self.streams.get(&(A::TYPE, id.to_owned())).copied()
+    }
+
+    /// The position of the last event written.
+    pub fn last(&self) -> Position {
+        self.last
+    }
+}
+
+/// The standard body of an accepted single-aggregate command.
+pub fn accepted_body(id: &str, version: i64, position: Position) -> Value {
+    json!({"id": id, "version": version, "position": position.token()})
+}
+
+/// The event store and command executor. Cheap to clone.
+#[derive(Clone)]
+pub struct EventStore {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for EventStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventStore")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    pool: PgPool,
+    config: StoreConfig,
+    lanes: Mutex<HashMap<LaneKey, Arc<Lane>>>,
+}
+
+type StoredResponse = ([u8; 32], u16, Value);
+
+impl EventStore {
+    pub fn new(pool: PgPool, config: StoreConfig) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                pool,
+                config,
+                lanes: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.inner.pool
+    }
+
+    pub fn config(&self) -> &StoreConfig {
+        &self.inner.config
+    }
+
+    fn lane(&self, key: &LaneKey) -> Arc<Lane> {
+        let mut lanes = self.inner.lanes.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(lane) = lanes.get(key) {
+            return lane.clone();
+        }
+        if lanes.len() >= self.inner.config.cache_max {
+            // Forget idle lanes (and their cached states). A lane in use is
+            // also held by its worker or by a unit of work.
+            lanes.retain(|_, lane| Arc::strong_count(lane) > 1);
+            metrics::counter!("souk_store_cache_evictions_total").increment(1);
+        }
+        let lane = Arc::new(Lane::default());
+        lanes.insert(key.clone(), lane.clone());
+        lane
+    }
+
+    /// Loads the current state of aggregate `A` with id `id` from the
+    /// database (snapshot plus later events), bypassing the cache.
+    pub async fn load<A: Decide>(&self, id: &str) -> Result<(A, i64), ExecError> {
+        let cached = crate::load::load::<A>(&self.inner.pool, id).await?;
+        Ok((cached.state, cached.version))
+    }
+
+    /// The current state of `A` `id`: the cached one when this process has
+    /// it, else loaded. For reads that feed a command (a listing's price at
+    /// checkout); the command itself is checked against the stored version.
+    pub async fn state<A: Decide>(&self, id: &str) -> Result<(A, i64), ExecError> {
+        let key = LaneKey {
+            aggregate_type: A::TYPE,
+            aggregate_id: id.to_owned(),
+        };
+        let lane = self.lane(&key);
+        let mut slot = lane.cache.lock().await;
+        let cached = take_cached::<A>(&mut slot, &self.inner.pool, id).await?;
+        let result = (cached.state.clone(), cached.version);
+        *slot = Some(Box::new(cached));
+        Ok(result)
+    }
+
+    /// Executes `command` on aggregate `A` `id`, answered as `reply` says.
+    pub async fn execute<A: Decide>(
+        &self,
+        id: &str,
+        command: A::Command,
+        context: CommandContext,
+        idempotency: Option<IdempotencyKey>,
+        reply_with: Reply,
+    ) -> Result<Accepted, ExecError> {
+        let key = LaneKey {
+            aggregate_type: A::TYPE,
+            aggregate_id: id.to_owned(),
+        };
+        let lane = self.lane(&key);
+        let (reply, receive) = oneshot::channel();
+        let pending = Pending::<A> {
+            command,
+            context,
+            idempotency,
+            reply_with,
+            reply,
+        };
+        let start_worker = {
+            let mut queue = lane.queue.lock().unwrap_or_else(|e| e.into_inner());
+            if queue.pending.len() >= self.inner.config.queue_max {
+                metrics::counter!("souk_commands_overloaded_total").increment(1);
+                return Err(ExecError::Overloaded);
+            }
+            queue.pending.push_back(Box::new(pending));
+            !std::mem::replace(&mut queue.worker_running, true)
+        };
+        if start_worker {
+            let store = self.clone();
+            tokio::spawn(async move { store.drain_lane::<A>(key, lane).await });
+        }
+        receive
+            .await
+            .unwrap_or_else(|_| Err(ExecError::Internal("command worker stopped".into())))
+    }
+
+    async fn drain_lane<A: Decide>(&self, key: LaneKey, lane: Arc<Lane>) {
+        loop {
+            let mut slot = lane.cache.clone().lock_owned().await;
+            let batch: Vec<Pending<A>> = {
+                let mut queue = lane.queue.lock().unwrap_or_else(|e| e.into_inner());
+                let take = queue.pending.len().min(self.inner.config.batch_max);
+                if take == 0 {
+                    queue.worker_running = false;
+                    return;
+                }
+                queue
+                    .pending
+                    .drain(..take)
+                    .filter_map(|pending| pending.downcast::<Pending<A>>().ok())
+                    .map(|pending| *pending)
+                    .collect()
+            };
+            metrics::histogram!("souk_command_batch_size").record(batch.len() as f64);
+            let results = self
+                .run_batch::<A>(&key.aggregate_id, &mut slot, &batch)
+                .await;
+            drop(slot);
+            for (pending, result) in batch.into_iter().zip(results) {
+                // The caller may have gone away; its command is done anyway.
+                let _ = pending.reply.send(result);
+            }
+        }
+    }
+
+    async fn run_batch<A: Decide>(
+        &self,
+        id: &str,
+        slot: &mut ErasedState,
+        batch: &[Pending<A>],
+    ) -> Vec<Result<Accepted, ExecError>> {
+        let max_attempts = self.inner.config.max_attempts;
+        for attempt in 1..=max_attempts {
+            match self.try_batch::<A>(id, slot, batch).await {
+                Ok(results) => return results,
+                Err(ExecError::Conflict(_)) => {
+                    *slot = None;
+                    metrics::counter!("souk_command_conflicts_total", "aggregate" => A::TYPE)
+                        .increment(1);
+                    tracing::debug!(aggregate = A::TYPE, id, attempt, "concurrency conflict");
+                    backoff(attempt).await;
+                }
+                Err(error) => {
+                    *slot = None;
+                    return batch.iter().map(|_| Err(error.clone())).collect();
+                }
+            }
+        }
+        batch
+            .iter()
+            .map(|_| Err(ExecError::Conflict(max_attempts)))
+            .collect()
+    }
+
+    /// Decides and commits one batch. `Err` means nothing was committed and
+    /// every command of the batch gets the same answer (or a retry).
+    async fn try_batch<A: Decide>(
+        &self,
+        id: &str,
+        slot: &mut ErasedState,
+        batch: &[Pending<A>],
+    ) -> Result<Vec<Result<Accepted, ExecError>>, ExecError> {
+        let pool = &self.inner.pool;
+        let original = take_cached::<A>(slot, pool, id).await?;
+        let mut tx = pool.begin().await.map_err(db_error)?;
+        let keys: Vec<&IdempotencyKey> =
+            batch.iter().filter_map(|p| p.idempotency.as_ref()).collect();
+        let stored = stored_responses(&mut tx, &keys).await?;
+
+        enum Plan {
+            Done(Result<Accepted, ExecError>),
+            SameAs(usize),
+            Write { last_row: usize },
+        }
+        let mut working = original.clone();
+        let mut rows: Vec<NewRow> = Vec::new();
+        let mut plans = Vec::with_capacity(batch.len());
+        let mut first_with_key: HashMap<(&str, &str), usize> = HashMap::new();
+        for (index, pending) in batch.iter().enumerate() {
+            if let Some(key) = &pending.idempotency {
+                if let Some((hash, status, body)) =
+                    stored.get(&(key.scope.clone(), key.key.clone()))
+                {
+                    plans.push(Plan::Done(replay(key, hash, *status, body)));
+                    continue;
+                }
+                match first_with_key.get(&(key.scope.as_str(), key.key.as_str())) {
+                    Some(&first) => {
+                        let same = batch[first]
+                            .idempotency
+                            .as_ref()
+                            .is_some_and(|k| k.request_hash == key.request_hash);
+                        plans.push(if same {
+                            Plan::SameAs(first)
+                        } else {
+                            Plan::Done(Err(ExecError::IdempotencyKeyReused))
+                        });
+                        continue;
+                    }
+                    None => {
+                        first_with_key.insert((key.scope.as_str(), key.key.as_str()), index);
+                    }
+                }
+            }
+            match decide_rows(&mut working, id, pending.command.clone(), &pending.context) {
+                Ok(new_rows) if new_rows.is_empty() => plans.push(Plan::Done(Ok(Accepted {
+                    status: pending.reply_with.status,
+                    body: accepted_body(&pending.reply_with.id, working.version, Position::START),
+                    replayed: false,
+                }))),
+                Ok(new_rows) => {
+                    rows.extend(new_rows);
+                    plans.push(Plan::Write {
+                        last_row: rows.len() - 1,
+                    });
+                }
+                Err(error) => plans.push(Plan::Done(Err(error))),
+            }
+        }
+
+        if rows.is_empty() {
+            // Nothing to write: every command was refused or replayed.
+            drop(tx);
+            *slot = Some(Box::new(original));
+        } else {
+            let positions = insert_rows(&mut tx, &rows).await?;
+            let mut records = Vec::new();
+            let mut timers = Vec::new();
+            for (index, plan) in plans.iter_mut().enumerate() {
+                if let Plan::Write { last_row } = *plan {
+                    let row = &rows[last_row];
+                    let reply_with = &batch[index].reply_with;
+                    let accepted = Accepted {
+                        status: reply_with.status,
+                        body: accepted_body(&reply_with.id, row.sequence, positions[last_row]),
+                        replayed: false,
+                    };
+                    if let Some(key) = &batch[index].idempotency {
+                        records.push((key.clone(), accepted.status, accepted.body.clone()));
+                    }
+                    timers.extend(reply_with.timers.iter().cloned());
+                    *plan = Plan::Done(Ok(accepted));
+                }
+            }
+            insert_idempotency(&mut tx, &records).await?;
+            insert_timers(&mut tx, &timers).await?;
+            self.maybe_snapshot(&mut tx, A::TYPE, id, original.version, &working)
+                .await?;
+            tx.commit().await.map_err(db_error)?;
+            metrics::counter!("souk_events_appended_total", "aggregate" => A::TYPE)
+                .increment(rows.len() as u64);
+            *slot = Some(Box::new(working));
+        }
+
+        let mut results: Vec<Result<Accepted, ExecError>> = Vec::with_capacity(plans.len());
+        for plan in plans {
+            let result = match plan {
+                Plan::Done(result) => result,
+                Plan::SameAs(first) => match &results[first] {
+                    Ok(accepted) => Ok(Accepted {
+                        replayed: true,
+                        ..accepted.clone()
+                    }),
+                    Err(error) => Err(error.clone()),
+                },
+                Plan::Write { .. } => Err(ExecError::Internal("unwritten plan".into())),
+            };
+            results.push(result);
+        }
+        Ok(results)
+    }
+
+    async fn maybe_snapshot<A: Decide>(
+        &self,
+        tx: &mut Transaction<'static, Postgres>,
+        aggregate_type: &str,
+        id: &str,
+        from_version: i64,
+        cached: &Cached<A>,
+    ) -> Result<(), ExecError> {
+        let every = self.inner.config.snapshot_every.max(1);
+        if cached.version / every == from_version / every {
+            return Ok(());
+        }
+        let payload = serde_json::to_value(&cached.state)
+            .map_err(|error| ExecError::Internal(format!("serializing a snapshot: {error}")))?;
+        sqlx::query(
+            "INSERT INTO snapshots (aggregate_type, aggregate_id, last_sequence, last_hash, payload, state_version)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE
+                SET last_sequence = excluded.last_sequence, last_hash = excluded.last_hash,
+                    payload = excluded.payload, state_version = excluded.state_version,
+                    taken_at = now()
+              WHERE snapshots.last_sequence < excluded.last_sequence",
+        )
+        .bind(aggregate_type)
+        .bind(id)
+        .bind(cached.version)
+        .bind(&cached.last_hash[..])
+        .bind(payload)
+        .bind(A::STATE_VERSION)
+        .execute(&mut **tx)
+        .await
+        .map_err(db_error)?;
+        Ok(())
+    }
+
+    /// Executes a command that changes several aggregates atomically. The
+    /// lanes of `streams` are locked (in a fixed order), `plan` decides over
+    /// their states through [`Plan`], and every staged event, the
+    /// idempotency record and the response built by `respond` are committed
+    /// in one transaction. `plan` may run more than once (after a
+    /// concurrency conflict), so it must be a pure function of the states.
+    pub async fn execute_multi<R, P, F>(
+        &self,
+        streams: Vec<StreamRef>,
+        context: CommandContext,
+        idempotency: Option<IdempotencyKey>,
+        plan: P,
+        respond: F,
+    ) -> Result<Accepted, ExecError>
+    where
+        R: Send + Sync + 'static,
+        P: Fn(&mut Plan) -> Result<R, ExecError> + Send + Sync + 'static,
+        F: Fn(&R, &Committed) -> (u16, Value) + Send + Sync + 'static,
+    {
+        let store = self.clone();
+        tokio::spawn(async move {
+            store
+                .run_multi(streams, context, idempotency, plan, respond)
+                .await
+        })
+        .await
+        .unwrap_or_else(|error| Err(ExecError::Internal(format!("unit of work failed: {error}"))))
+    }
+
+    async fn run_multi<R, P, F>(
+        &self,
+        mut streams: Vec<StreamRef>,
+        context: CommandContext,
+        idempotency: Option<IdempotencyKey>,
+        plan: P,
+        respond: F,
+    ) -> Result<Accepted, ExecError>
+    where
+        R: Send + Sync,
+        P: Fn(&mut Plan) -> Result<R, ExecError> + Send + Sync,
+        F: Fn(&R, &Committed) -> (u16, Value) + Send + Sync,
+    {
+        streams.sort_by(|a, b| a.key.cmp(&b.key));
+        streams.dedup_by(|a, b| a.key == b.key);
+        let mut guards = Vec::with_capacity(streams.len());
+        for stream in &streams {
+            let lane = self.lane(&stream.key);
+            guards.push(lane.cache.clone().lock_owned().await);
+        }
+        let pool = &self.inner.pool;
+        let max_attempts = self.inner.config.max_attempts;
+        for attempt in 1..=max_attempts {
+            // Load what the cache does not hold.
+            for (stream, guard) in streams.iter().zip(guards.iter_mut()) {
+                if guard.is_none() {
+                    **guard = Some((stream.loader)(pool.clone(), stream.key.aggregate_id.clone()).await?);
+                }
+            }
+            let mut staged = Plan::new(&context);
+            for (stream, guard) in streams.iter().zip(guards.iter()) {
+                let state = guard
+                    .as_ref()
+                    .map(|state| (stream.cloner)(state.as_ref()))
+                    .ok_or_else(|| ExecError::Internal("stream not loaded".into()))?;
+                staged.entries.insert(
+                    stream.key.clone(),
+                    PlanEntry {
+                        working: state,
+                        start_version: (stream.version)(
+                            guard.as_ref().map(|s| s.as_ref()).unwrap_or(&()),
+                        ),
+                        rows: Vec::new(),
+                        cloner: stream.cloner,
+                    },
+                );
+            }
+            let mut tx = pool.begin().await.map_err(db_error)?;
+            if let Some(key) = &idempotency {
+                let stored = stored_responses(&mut tx, &[key]).await?;
+                if let Some((hash, status, body)) =
+                    stored.get(&(key.scope.clone(), key.key.clone()))
+                {
+                    return replay(key, hash, *status, body);
+                }
+            }
+            let result = plan(&mut staged)?;
+            let rows: Vec<NewRow> = staged
+                .entries
+                .values()
+                .flat_map(|entry| entry.rows.iter().cloned())
+                .collect();
+            let outcome = async {
+                let positions = if rows.is_empty() {
+                    Vec::new()
+                } else {
+                    insert_rows(&mut tx, &rows).await?
+                };
+                let mut committed = Committed::default();
+                for (row, position) in rows.iter().zip(&positions) {
+                    committed.streams.insert(
+                        (row.aggregate_type, row.aggregate_id.clone()),
+                        (row.sequence, *position),
+                    );
+                    committed.last = committed.last.max(*position);
+                }
+                let (status, body) = respond(&result, &committed);
+                if let Some(key) = &idempotency {
+                    insert_idempotency(&mut tx, &[(key.clone(), status, body.clone())]).await?;
+                }
+                insert_timers(&mut tx, &staged.timers).await?;
+                for (stream, entry) in streams.iter().zip(staged.entries.values()) {
+                    (stream.snapshot)(
+                        self,
+                        &mut tx,
+                        &stream.key.aggregate_id,
+                        entry.start_version,
+                        entry.working.as_ref(),
+                    )
+                    .await?;
+                }
+                tx.commit().await.map_err(db_error)?;
+                Ok::<_, ExecError>(Accepted {
+                    status,
+                    body,
+                    replayed: false,
+                })
+            }
+            .await;
+            match outcome {
+                Ok(accepted) => {
+                    for (guard, entry) in guards.iter_mut().zip(staged.entries.into_values()) {
+                        **guard = Some(entry.working);
+                    }
+                    if !rows.is_empty() {
+                        metrics::counter!("souk_events_appended_total", "aggregate" => "multi")
+                            .increment(rows.len() as u64);
+                    }
+                    return Ok(accepted);
+                }
+                Err(ExecError::Conflict(_)) => {
+                    for guard in guards.iter_mut() {
+                        **guard = None;
+                    }
+                    metrics::counter!("souk_command_conflicts_total", "aggregate" => "multi")
+                        .increment(1);
+                    backoff(attempt).await;
+                }
+                Err(error) => {
+                    for guard in guards.iter_mut() {
+                        **guard = None;
+                    }
+                    return Err(error);
+                }
+            }
+        }
+        Err(ExecError::Conflict(max_attempts))
+    }
+}
+
+fn replay(
+    key: &IdempotencyKey,
+    hash: &[u8; 32],
+    status: u16,
+    body: &Value,
+) -> Result<Accepted, ExecError> {
+    if *hash == key.request_hash {
+        metrics::counter!("souk_idempotent_replays_total").increment(1);
+        Ok(Accepted {
+            status,
+            body: body.clone(),
+            replayed: true,
+        })
+    } else {
+        Err(ExecError::IdempotencyKeyReused)
+    }
+}
+
+async fn backoff(attempt: u32) {
+    // A few milliseconds, growing, with jitter from the clock's low bits so
+    // that competing processes do not retry in lockstep.
+    let jitter = u64::from(chrono::Utc::now().timestamp_subsec_micros() % 1000);
+    let micros = 500 * u64::from(attempt.min(10)) + jitter * u64::from(attempt.min(10));
+    tokio::time::sleep(Duration::from_micros(micros)).await;
+}
+
+/// Takes the cached state out of `slot`, or loads it.
+async fn take_cached<A: Decide>(
+    slot: &mut ErasedState,
+    pool: &PgPool,
+    id: &str,
+) -> Result<Cached<A>, ExecError> {
+    if let Some(state) = slot.take() {
+        if let Ok(cached) = state.downcast::<Cached<A>>() {
+            return Ok(*cached);
+        }
+    }
+    crate::load::load::<A>(pool, id).await
+}
+
+async fn stored_responses(
+    tx: &mut Transaction<'static, Postgres>,
+    keys: &[&IdempotencyKey],
+) -> Result<HashMap<(String, String), StoredResponse>, ExecError> {
+    if keys.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let scopes: Vec<&str> = keys.iter().map(|k| k.scope.as_str()).collect();
+    let names: Vec<&str> = keys.iter().map(|k| k.key.as_str()).collect();
+    let rows: Vec<(String, String, Vec<u8>, i16, Value)> = sqlx::query_as(
+        "SELECT i.scope, i.key, i.request_hash, i.status, i.response
+           FROM idempotency i
+           JOIN UNNEST($1::text[], $2::text[]) AS k(scope, key)
+             ON i.scope = k.scope AND i.key = k.key",
+    )
+    .bind(&scopes)
+    .bind(&names)
+    .fetch_all(&mut **tx)
+    .await
+    .map_err(db_error)?;
+    Ok(rows
+        .into_iter()
+        .map(|(scope, key, hash, status, body)| {
+            let mut request_hash = [0u8; 32];
+            if hash.len() == 32 {
+                request_hash.copy_from_slice(&hash);
+            }
+            ((scope, key), (request_hash, status as u16, body))
+        })
+        .collect())
+}
+
+async fn insert_timers(
+    tx: &mut Transaction<'static, Postgres>,
+    timers: &[Timer],
+) -> Result<(), ExecError> {
+    if timers.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = timers.iter().map(|t| t.timer_id).collect();
+    let kinds: Vec<&str> = timers.iter().map(|t| t.kind.as_str()).collect();
+    let due: Vec<chrono::DateTime<chrono::Utc>> = timers.iter().map(|t| t.due_at).collect();
+    let payloads: Vec<String> = timers.iter().map(|t| t.payload.to_string()).collect();
+    sqlx::query(
+        "INSERT INTO timers (timer_id, kind, due_at, payload)
+         SELECT timer_id, kind, due_at, payload::jsonb
+           FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[], $4::text[])
+             AS t(timer_id, kind, due_at, payload)
+         ON CONFLICT (timer_id) DO NOTHING",
+    )
+    .bind(&ids)
+    .bind(&kinds)
+    .bind(&due)
+    .bind(&payloads)
+    .execute(&mut **tx)
+    .await
+    .map_err(db_error)?;
+    Ok(())
+}
+
+async fn insert_idempotency(
+    tx: &mut Transaction<'static, Postgres>,
+    records: &[(IdempotencyKey, u16, Value)],
+) -> Result<(), ExecError> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    let scopes: Vec<&str> = records.iter().map(|(k, _, _)| k.scope.as_str()).collect();
+    let keys: Vec<&str> = records.iter().map(|(k, _, _)| k.key.as_str()).collect();
+    let hashes: Vec<Vec<u8>> = records
+        .iter()
+        .map(|(k, _, _)| k.request_hash.to_vec())
+        .collect();
+    let statuses: Vec<i16> = records.iter().map(|(_, s, _)| *s as i16).collect();
+    let bodies: Vec<String> = records.iter().map(|(_, _, b)| b.to_string()).collect();
+    // A concurrent request with the same key (in another process) makes this
+    // a unique violation: the batch is retried and then finds the record.
+    sqlx::query(
+        "INSERT INTO idempotency (scope, key, request_hash, status, response)
+         SELECT scope, key, request_hash, status, response::jsonb
+           FROM UNNEST($1::text[], $2::text[], $3::bytea[], $4::int2[], $5::text[])
+             AS t(scope, key, request_hash, status, response)",
+    )
+    .bind(&scopes)
+    .bind(&keys)
+    .bind(&hashes)
+    .bind(&statuses)
+    .bind(&bodies)
+    .execute(&mut **tx)
+    .await
+    .map_err(db_error)?;
+    Ok(())
+}
+
+/// Inserts `rows` and returns the position of each, in order.
+async fn insert_rows(
+    tx: &mut Transaction<'static, Postgres>,
+    rows: &[NewRow],
+) -> Result<Vec<Position>, ExecError> {
+    let types: Vec<&str> = rows.iter().map(|r| r.aggregate_type).collect();
+    let ids: Vec<&str> = rows.iter().map(|r| r.aggregate_id.as_str()).collect();
+    let sequences: Vec<i64> = rows.iter().map(|r| r.sequence).collect();
+    let event_types: Vec<&str> = rows.iter().map(|r| r.event_type.as_str()).collect();
+    let versions: Vec<&str> = rows.iter().map(|r| r.event_version.as_str()).collect();
+    let payloads: Vec<&str> = rows.iter().map(|r| r.payload.as_str()).collect();
+    let metadata: Vec<&str> = rows.iter().map(|r| r.metadata.as_str()).collect();
+    let recorded: Vec<chrono::DateTime<chrono::Utc>> = rows.iter().map(|r| r.recorded_at).collect();
+    let event_ids: Vec<Uuid> = rows.iter().map(|r| r.event_id).collect();
+    let prev_hashes: Vec<Vec<u8>> = rows.iter().map(|r| r.prev_hash.to_vec()).collect();
+    let hashes: Vec<Vec<u8>> = rows.iter().map(|r| r.hash.to_vec()).collect();
+    let inserted: Vec<(String, String, i64, i64, i64)> = sqlx::query_as(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
+                             payload, metadata, recorded_at, event_id, prev_hash, hash)
+         SELECT aggregate_type, aggregate_id, sequence, event_type, event_version,
+                payload::json, metadata::json, recorded_at, event_id, prev_hash, hash
+           FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::text[], $5::text[], $6::text[],
+                       $7::text[], $8::timestamptz[], $9::uuid[], $10::bytea[], $11::bytea[])
+             AS t(aggregate_type, aggregate_id, sequence, event_type, event_version, payload,
+                  metadata, recorded_at, event_id, prev_hash, hash)
+         RETURNING aggregate_type, aggregate_id, sequence, position,
+                   transaction_id::text::bigint",
+    )
+    .bind(&types)
+    .bind(&ids)
+    .bind(&sequences)
+    .bind(&event_types)
+    .bind(&versions)
+    .bind(&payloads)
+    .bind(&metadata)
+    .bind(&recorded)
+    .bind(&event_ids)
+    .bind(&prev_hashes)
+    .bind(&hashes)
+    .fetch_all(&mut **tx)
+    .await
+    .map_err(db_error)?;
+    let by_row: HashMap<(String, String, i64), Position> = inserted
+        .into_iter()
+        .map(|(aggregate_type, aggregate_id, sequence, position, xid)| {
+            (
+                (aggregate_type, aggregate_id, sequence),
+                Position {
+                    transaction_id: xid as u64,
+                    position,
+                },
+            )
+        })
+        .collect();
+    rows.iter()
+        .map(|r| {
+            by_row
+                .get(&(r.aggregate_type.to_owned(), r.aggregate_id.clone(), r.sequence))
+                .copied()
+                .ok_or_else(|| ExecError::Internal("inserted event not returned".into()))
+        })
+        .collect()
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+type Loader = fn(PgPool, String) -> BoxFuture<Result<Box<dyn Any + Send + Sync>, ExecError>>;
+type Cloner = fn(&(dyn Any + Send + Sync)) -> Box<dyn Any + Send + Sync>;
+type VersionOf = fn(&(dyn Any + Send + Sync)) -> i64;
+type Snapshotter = for<'a> fn(
+    &'a EventStore,
+    &'a mut Transaction<'static, Postgres>,
+    &'a str,
+    i64,
+    &'a (dyn Any + Send + Sync),
+) -> Pin<Box<dyn Future<Output = Result<(), ExecError>> + Send + 'a>>;
+
+/// A stream (one aggregate instance) that a unit of work reads or writes.
+pub struct StreamRef {
+    key: LaneKey,
+    loader: Loader,
+    cloner: Cloner,
+    version: VersionOf,
+    snapshot: Snapshotter,
+}
+
+impl std::fmt::Debug for StreamRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("StreamRef").field(&self.key).finish()
+    }
+}
+
+impl StreamRef {
+    pub fn of<A: Decide>(id: impl Into<String>) -> Self {
+        fn load<A: Decide>(pool: PgPool, id: String) -> BoxFuture<Result<Box<dyn Any + Send + Sync>, ExecError>> {
+            Box::pin(async move {
+                let cached = crate::load::load::<A>(&pool, &id).await?;
+                Ok(Box::new(cached) as Box<dyn Any + Send + Sync>)
+            })
+        }
+        fn clone<A: Decide>(state: &(dyn Any + Send + Sync)) -> Box<dyn Any + Send + Sync> {
+            match state.downcast_ref::<Cached<A>>() {
+                Some(cached) => Box::new(cached.clone()),
+                None => Box::new(Cached::<A>::default()),
+            }
+        }
+        fn version<A: Decide>(state: &(dyn Any + Send + Sync)) -> i64 {
+            state
+                .downcast_ref::<Cached<A>>()
+                .map_or(0, |cached| cached.version)
+        }
+        fn snapshot<'a, A: Decide>(
+            store: &'a EventStore,
+            tx: &'a mut Transaction<'static, Postgres>,
+            id: &'a str,
+            from_version: i64,
+            state: &'a (dyn Any + Send + Sync),
+        ) -> Pin<Box<dyn Future<Output = Result<(), ExecError>> + Send + 'a>> {
+            Box::pin(async move {
+                match state.downcast_ref::<Cached<A>>() {
+                    Some(cached) => {
+                        store
+                            .maybe_snapshot(tx, A::TYPE, id, from_version, cached)
+                            .await
+                    }
+                    None => Ok(()),
+                }
+            })
+        }
+        Self {
+            key: LaneKey {
+                aggregate_type: A::TYPE,
+                aggregate_id: id.into(),
+            },
+            loader: load::<A>,
+            cloner: clone::<A>,
+            version: version::<A>,
+            snapshot: snapshot::<A>,
+        }
+    }
+}
+
+struct PlanEntry {
+    working: Box<dyn Any + Send + Sync>,
+    start_version: i64,
+    rows: Vec<NewRow>,
+    cloner: Cloner,
+}
+
+/// The states of a unit of work's streams, and the events staged so far.
+pub struct Plan<'c> {
+    entries: BTreeMap<LaneKey, PlanEntry>,
+    context: &'c CommandContext,
+    timers: Vec<Timer>,
+}
+
+impl std::fmt::Debug for Plan<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plan")
+            .field("streams", &self.entries.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// A point a [`Plan`] can go back to, undoing what was staged after it.
+pub struct Savepoint {
+    entries: Vec<(LaneKey, Box<dyn Any + Send + Sync>, usize)>,
+    timers: usize,
+}
+
+impl std::fmt::Debug for Savepoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Savepoint").finish_non_exhaustive()
+    }
+}
+
+impl<'c> Plan<'c> {
+    fn new(context: &'c CommandContext) -> Self {
+        Self {
+            entries: BTreeMap::new(),
+            context,
+            timers: Vec::new(),
+        }
+    }
+
+    fn entry<A: Decide>(&self, id: &str) -> Result<&Cached<A>, ExecError> {
+        let key = LaneKey {
+            aggregate_type: A::TYPE,
+            aggregate_id: id.to_owned(),
+        };
+        self.entries
+            .get(&key)
+            .and_then(|entry| entry.working.downcast_ref::<Cached<A>>())
+            .ok_or_else(|| ExecError::Internal(format!("{} {id} was not declared", A::TYPE)))
+    }
+
+    /// The current (staged) state of `A` `id`, which must have been declared.
+    pub fn state<A: Decide>(&self, id: &str) -> Result<&A, ExecError> {
+        self.entry::<A>(id).map(|cached| &cached.state)
+    }
+
+    /// The version `A` `id` will have once what is staged is committed.
+    pub fn version<A: Decide>(&self, id: &str) -> Result<i64, ExecError> {
+        self.entry::<A>(id).map(|cached| cached.version)
+    }
+
+    /// Decides `command` on `A` `id` and stages its events; a refusal stages
+    /// nothing and is returned as [`ExecError::Rejected`].
+    pub fn decide<A: Decide>(&mut self, id: &str, command: A::Command) -> Result<usize, ExecError> {
+        let key = LaneKey {
+            aggregate_type: A::TYPE,
+            aggregate_id: id.to_owned(),
+        };
+        let context = self.context;
+        let entry = self
+            .entries
+            .get_mut(&key)
+            .ok_or_else(|| ExecError::Internal(format!("{} {id} was not declared", A::TYPE)))?;
+        let cached = entry
+            .working
+            .downcast_mut::<Cached<A>>()
+            .ok_or_else(|| ExecError::Internal("stream type mismatch".into()))?;
+        let mut trial = cached.clone();
+        let rows = decide_rows(&mut trial, id, command, context)?;
+        *cached = trial;
+        let count = rows.len();
+        entry.rows.extend(rows);
+        Ok(count)
+    }
+
+    /// Remembers the current states, to undo later steps with
+    /// [`Plan::rollback_to`] (a compensation that never reaches the log).
+    pub fn savepoint(&self) -> Savepoint {
+        Savepoint {
+            entries: self
+                .entries
+                .iter()
+                .map(|(key, entry)| {
+                    (
+                        key.clone(),
+                        (entry.cloner)(entry.working.as_ref()),
+                        entry.rows.len(),
+                    )
+                })
+                .collect(),
+            timers: self.timers.len(),
+        }
+    }
+
+    pub fn rollback_to(&mut self, savepoint: Savepoint) {
+        self.timers.truncate(savepoint.timers);
+        for (key, working, rows) in savepoint.entries {
+            if let Some(entry) = self.entries.get_mut(&key) {
+                entry.working = working;
+                entry.rows.truncate(rows);
+            }
+        }
+    }
+
+    /// Arms `timer` in the transaction of the staged events.
+    pub fn schedule(&mut self, timer: Timer) {
+        self.timers.push(timer);
+    }
+
+    /// Whether anything is staged.
+    pub fn is_empty(&self) -> bool {
+        self.entries.values().all(|entry| entry.rows.is_empty())
+    }
+}

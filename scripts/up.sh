@@ -1,0 +1,179 @@
+#!/usr/bin/env bash
+# Brings Souk up on this machine (Debian 12) and loads a small demo:
+#   1. installs what is missing (PostgreSQL, NATS, build tools, Rust),
+#   2. starts PostgreSQL and NATS JetStream unless they already run,
+#   3. creates the database, builds the release binaries, makes the dev JWT keys,
+#   4. (re)starts command-api in the background and waits for /health,
+#   5. posts demo listings and a funded wallet through the HTTP API,
+#   6. prints tokens and commands to try.
+# Running it again is harmless: the demo users are kept in data/demo/users.env
+# and every demo request carries a stable Idempotency-Key.
+#
+# Configuration (environment): DATABASE_URL, NATS_URL, SOUK_STREAM,
+# COMMAND_API_ADDR, SOUK_JWT_PUBLIC_KEY, SOUK_JWT_PRIVATE_KEY, SOUK_JWT_ISSUER,
+# SOUK_JWT_AUDIENCE, as in README.md.
+set -euo pipefail
+
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$SOUK_ROOT"
+
+export NATS_URL=${NATS_URL:-nats://127.0.0.1:4222}
+export COMMAND_API_ADDR=${COMMAND_API_ADDR:-127.0.0.1:8080}
+export SOUK_JWT_PRIVATE_KEY=${SOUK_JWT_PRIVATE_KEY:-$SOUK_ROOT/data/keys/jwt-private.pem}
+export SOUK_JWT_PUBLIC_KEY=${SOUK_JWT_PUBLIC_KEY:-$SOUK_ROOT/data/keys/jwt-public.pem}
+
+DATA_DIR=$SOUK_ROOT/data
+LOG_DIR=$DATA_DIR/logs
+RUN_DIR=$DATA_DIR/run
+DEMO_DIR=$DATA_DIR/demo
+BIN_DIR=$SOUK_ROOT/target/release
+API_URL="http://$COMMAND_API_ADDR"
+HEALTH_TIMEOUT_S=60
+
+prepare_machine() {
+	souk_ensure_services
+}
+
+build() {
+	souk_info "building command-api and replay-tool (release)"
+	cargo build --release --locked -p command-api -p replay-tool
+	"$BIN_DIR/replay-tool" keys
+}
+
+start_command_api() {
+	mkdir -p "$LOG_DIR" "$RUN_DIR"
+	local pidfile=$RUN_DIR/command-api.pid log=$LOG_DIR/command-api.log
+	souk_stop_pidfile "$pidfile" command-api
+	local host=${COMMAND_API_ADDR%:*} port=${COMMAND_API_ADDR##*:}
+	if souk_port_open "$host" "$port"; then
+		souk_die "$COMMAND_API_ADDR is taken by another process; stop it or set COMMAND_API_ADDR"
+	fi
+	souk_info "starting command-api on $COMMAND_API_ADDR (log: ${log#"$SOUK_ROOT"/})"
+	nohup "$BIN_DIR/command-api" >>"$log" 2>&1 </dev/null &
+	local pid=$!
+	echo "$pid" >"$pidfile"
+	souk_wait_for_health "$API_URL/health" "$pid" "$log" "$HEALTH_TIMEOUT_S" ||
+		souk_die "command-api did not come up"
+}
+
+# The demo users' ids, made once and kept so that a second run reuses them.
+load_demo_users() {
+	mkdir -p "$DEMO_DIR"
+	local users=$DEMO_DIR/users.env
+	if [[ ! -f $users ]]; then
+		{
+			echo "SELLER_ID=$(cat /proc/sys/kernel/random/uuid)"
+			echo "BUYER_ID=$(cat /proc/sys/kernel/random/uuid)"
+			echo "ADMIN_ID=$(cat /proc/sys/kernel/random/uuid)"
+		} >"$users"
+	fi
+	# shellcheck source=/dev/null
+	source "$users"
+}
+
+token() {
+	"$BIN_DIR/replay-tool" token --sub "$1" --role "$2" --ttl-seconds 43200
+}
+
+# POSTs JSON and prints the response body; fails with the body on a non-2xx.
+# Usage: api_post PATH TOKEN IDEMPOTENCY_KEY BODY
+api_post() {
+	local path=$1 bearer=$2 key=$3 body=$4 response status
+	response=$(curl -sS --max-time 30 -w '\n%{http_code}' -X POST "$API_URL$path" \
+		-H "Authorization: Bearer $bearer" \
+		-H 'Content-Type: application/json' \
+		-H "Idempotency-Key: $key" \
+		--data "$body") || souk_die "POST $path: no response from command-api"
+	status=${response##*$'\n'}
+	response=${response%$'\n'*}
+	if [[ $status != 2?? ]]; then
+		souk_die "POST $path answered $status: $response"
+	fi
+	printf '%s\n' "$response"
+}
+
+json_field() {
+	python3 -c 'import json, sys; print(json.load(sys.stdin)[sys.argv[1]])' "$1"
+}
+
+load_demo() {
+	souk_info "loading the demo through $API_URL"
+	load_demo_users
+	SELLER_TOKEN=$(token "$SELLER_ID" seller)
+	BUYER_TOKEN=$(token "$BUYER_ID" buyer)
+	ADMIN_TOKEN=$(token "$ADMIN_ID" admin)
+
+	local listings=(
+		'Vintage leather jacket|A brown leather jacket from the 80s, size M.|fashion|good|4500|1'
+		'iPhone 12, 128 GB|Unlocked, battery at 86 %, with its box.|electronics|like_new|32900|2'
+		'Moka pot, 6 cups|Aluminium, works well, a few scratches.|home|fair|1999|3'
+	)
+	local entry title description category condition price quantity response index=0
+	# The seller's wallet receives the escrow of wallet-paid orders.
+	response=$(api_post /wallets "$SELLER_TOKEN" demo-seller-wallet '{"currency": "EUR"}')
+	SELLER_WALLET_ID=$(json_field id <<<"$response")
+	LISTING_IDS=()
+	for entry in "${listings[@]}"; do
+		IFS='|' read -r title description category condition price quantity <<<"$entry"
+		index=$((index + 1))
+		response=$(api_post /listings "$SELLER_TOKEN" "demo-listing-$index" "$(
+			cat <<-JSON
+				{"title": "$title", "description": "$description", "category": "$category",
+				 "condition": "$condition", "price": {"amount": $price, "currency": "EUR"},
+				 "quantity": $quantity, "location": {"city": "Lyon", "country": "FR"},
+				 "payout_wallet_id": "$SELLER_WALLET_ID"}
+			JSON
+		)")
+		LISTING_IDS+=("$(json_field id <<<"$response")")
+	done
+
+	response=$(api_post /wallets "$BUYER_TOKEN" demo-buyer-wallet '{"currency": "EUR"}')
+	WALLET_ID=$(json_field id <<<"$response")
+	response=$(api_post "/wallets/$WALLET_ID/deposits" "$ADMIN_TOKEN" demo-topup \
+		'{"amount": {"amount": 50000, "currency": "EUR"}, "reference": "demo-topup"}')
+	POSITION=$(json_field position <<<"$response")
+}
+
+print_next_steps() {
+	cat <<-EOF
+
+		Souk's command API is up at $API_URL (pid $(<"$RUN_DIR/command-api.pid"), log data/logs/command-api.log).
+		Demo: 3 listings by a seller (paid out to the seller's EUR wallet), and a buyer's EUR
+		wallet with 500.00 EUR deposited by an admin. Request shapes: curl $API_URL/openapi.json
+		Tokens are valid for 12 hours; make more with target/release/replay-tool token --sub <uuid> --role <role>.
+
+		export SELLER_TOKEN='$SELLER_TOKEN'
+		export BUYER_TOKEN='$BUYER_TOKEN'
+		export ADMIN_TOKEN='$ADMIN_TOKEN'
+		export LISTING_ID='${LISTING_IDS[0]}'
+		export WALLET_ID='$WALLET_ID'
+		export SELLER_WALLET_ID='$SELLER_WALLET_ID'
+
+		# reserve one item for 10 minutes (201, or 409 insufficient_stock)
+		curl -sS -X POST $API_URL/listings/\$LISTING_ID/reservations -H "Authorization: Bearer \$BUYER_TOKEN" \\
+		  -H 'Content-Type: application/json' -d '{"quantity": 1, "ttl_seconds": 600}'
+
+		# buy it, paying from the wallet through escrow
+		curl -sS -X POST $API_URL/orders -H "Authorization: Bearer \$BUYER_TOKEN" -H 'Content-Type: application/json' \\
+		  -d '{"lines": [{"listing_id": "'\$LISTING_ID'", "quantity": 1}], "payment_method": "wallet_escrow", "wallet_id": "'\$WALLET_ID'",
+		       "shipping_address": {"name": "Ada Buyer", "line1": "1 rue de la Paix", "city": "Paris", "postal_code": "75002", "country": "FR"}}'
+
+		# lower the price (the seller's own listing)
+		curl -sS -X POST $API_URL/listings/\$LISTING_ID/price -H "Authorization: Bearer \$SELLER_TOKEN" \\
+		  -H 'Content-Type: application/json' -d '{"price": {"amount": 4000, "currency": "EUR"}}'
+
+		# a buyer cannot deposit: 403 forbidden
+		curl -sS -X POST $API_URL/wallets/\$WALLET_ID/deposits -H "Authorization: Bearer \$BUYER_TOKEN" \\
+		  -H 'Content-Type: application/json' -d '{"amount": {"amount": 100, "currency": "EUR"}, "reference": "nope"}'
+
+		Last position token: $POSITION
+		Stop it with: kill \$(cat data/run/command-api.pid)
+	EOF
+}
+
+prepare_machine
+build
+start_command_api
+load_demo
+print_next_steps

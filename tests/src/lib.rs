@@ -1,0 +1,335 @@
+//! Shared helpers of Souk's end-to-end tests and benchmark: a throwaway
+//! database per test ([`TestDb`]), a command API on port 0 ([`spawn_app`]),
+//! dev tokens, and a small HTTP client.
+//!
+//! Everything runs against the real Postgres named by `SOUK_TEST_ADMIN_URL`
+//! (default `postgres://postgres@127.0.0.1:5432/postgres`). Each test's
+//! database is dropped when its guard is dropped, even when the test fails.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use serde_json::Value;
+use sqlx::postgres::PgPool;
+use uuid::Uuid;
+
+pub mod pg_cluster;
+
+/// The maintenance database tests create their databases from.
+pub fn admin_url() -> String {
+    std::env::var("SOUK_TEST_ADMIN_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// Replaces the database name of a Postgres URL.
+pub fn with_database(url: &str, database: &str) -> String {
+    let (without_query, query) = match url.find('?') {
+        Some(at) => (&url[..at], &url[at..]),
+        None => (url, ""),
+    };
+    let authority_start = without_query.find("://").map_or(0, |at| at + 3);
+    match without_query[authority_start..].find('/') {
+        Some(slash) => format!("{}/{database}{query}", &without_query[..authority_start + slash]),
+        None => format!("{without_query}/{database}{query}"),
+    }
+}
+
+/// A database of its own for one test, dropped with the guard.
+#[derive(Debug)]
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    admin_url: String,
+}
+
+impl TestDb {
+    /// Creates an empty database (no migrations).
+    pub async fn empty() -> Self {
+        Self::empty_on(&admin_url()).await
+    }
+
+    /// Creates an empty database on the server of `admin_url`.
+    pub async fn empty_on(admin_url: &str) -> Self {
+        let name = format!("souk_test_{}", Uuid::new_v4().simple());
+        let admin = PgPool::connect(admin_url).await.expect("connecting to the admin database");
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&admin)
+            .await
+            .expect("creating the test database");
+        admin.close().await;
+        Self {
+            url: with_database(admin_url, &name),
+            name,
+            admin_url: admin_url.to_owned(),
+        }
+    }
+
+    /// Creates a database with Souk's migrations applied.
+    pub async fn migrated() -> Self {
+        let db = Self::empty().await;
+        let pool = db.pool().await;
+        event_store::migrate(&pool).await.expect("migrating the test database");
+        pool.close().await;
+        db
+    }
+
+    pub async fn pool(&self) -> PgPool {
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(16)
+            .connect(&self.url)
+            .await
+            .expect("connecting to the test database")
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let admin_url = self.admin_url.clone();
+        let name = self.name.clone();
+        // Drop runs inside the test's runtime: do the async work on a thread
+        // with a runtime of its own and wait for it.
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(async move {
+                let admin = PgPool::connect(&admin_url).await?;
+                sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .execute(&admin)
+                    .await?;
+                admin.close().await;
+                Ok::<_, anyhow::Error>(())
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("could not drop test database {}", self.name);
+        }
+    }
+}
+
+/// The dev key pair shared by every test of this process.
+#[derive(Debug)]
+pub struct Keys {
+    pub private_pem: Vec<u8>,
+    pub public_path: PathBuf,
+    pub private_path: PathBuf,
+}
+
+pub fn keys() -> &'static Keys {
+    static KEYS: OnceLock<Keys> = OnceLock::new();
+    KEYS.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("souk-test-keys-{}", std::process::id()));
+        let private_path = dir.join("jwt-private.pem");
+        let public_path = dir.join("jwt-public.pem");
+        command_api::auth::ensure_dev_key_pair(&private_path, &public_path)
+            .expect("generating test keys");
+        Keys {
+            private_pem: std::fs::read(&private_path).expect("reading the test private key"),
+            public_path,
+            private_path,
+        }
+    })
+}
+
+/// A signed-in test user.
+#[derive(Debug, Clone)]
+pub struct User {
+    pub id: Uuid,
+    pub role: &'static str,
+    pub token: String,
+}
+
+impl User {
+    pub fn new(role: &'static str) -> Self {
+        let id = Uuid::now_v7();
+        let token = command_api::auth::mint_token(
+            &keys().private_pem,
+            id,
+            role,
+            chrono::Duration::hours(1),
+            None,
+            None,
+        )
+        .expect("minting a test token");
+        Self { id, role, token }
+    }
+}
+
+/// A command API serving a database of its own, on a free port.
+pub struct TestApp {
+    pub address: String,
+    pub port: u16,
+    pub db: TestDb,
+    pub client: reqwest::Client,
+    pub store: event_store::EventStore,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl std::fmt::Debug for TestApp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestApp").field("address", &self.address).finish()
+    }
+}
+
+/// An HTTP answer: status and JSON body (`Value::Null` when not JSON).
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: u16,
+    pub body: Value,
+    pub headers: reqwest::header::HeaderMap,
+}
+
+impl Answer {
+    /// The error code of an error body.
+    pub fn code(&self) -> &str {
+        self.body["error"]["code"].as_str().unwrap_or("")
+    }
+
+    pub fn id(&self) -> Uuid {
+        self.body["id"]
+            .as_str()
+            .and_then(|id| Uuid::parse_str(id).ok())
+            .unwrap_or_else(|| panic!("no id in {} {}", self.status, self.body))
+    }
+}
+
+/// Starts a command API on a fresh, migrated database.
+pub async fn spawn_app() -> TestApp {
+    let db = TestDb::empty().await;
+    spawn_app_on(db, |_| {}).await
+}
+
+/// Starts a command API on `db`, after `adjust` has tuned its configuration.
+pub async fn spawn_app_on(db: TestDb, adjust: impl FnOnce(&mut command_api::Config)) -> TestApp {
+    let mut config = command_api::Config::for_tests(&db.url, keys().public_path.clone());
+    adjust(&mut config);
+    let app = command_api::build(config).await.expect("building the command API");
+    let port = app.port();
+    let store = app.state().store.clone();
+    let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until(async move {
+        let _ = stopped.await;
+    }));
+    TestApp {
+        address: format!("http://127.0.0.1:{port}"),
+        port,
+        db,
+        client: reqwest::Client::builder()
+            .pool_max_idle_per_host(256)
+            .build()
+            .expect("building the HTTP client"),
+        store,
+        shutdown: Some(shutdown),
+        server: Some(server),
+    }
+}
+
+impl TestApp {
+    /// POSTs `body` (JSON) to `path` as `user`.
+    pub async fn post(&self, path: &str, user: Option<&User>, body: &Value) -> Answer {
+        self.post_raw(path, user, Some(body.to_string().into_bytes()), &[]).await
+    }
+
+    /// POSTs raw bytes with extra headers.
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        user: Option<&User>,
+        body: Option<Vec<u8>>,
+        headers: &[(&str, &str)],
+    ) -> Answer {
+        let mut request = self.client.post(format!("{}{path}", self.address));
+        if let Some(user) = user {
+            request = request.bearer_auth(&user.token);
+        }
+        if let Some(body) = body {
+            request = request.header("content-type", "application/json").body(body);
+        }
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = request.send().await.expect("sending a request");
+        answer(response).await
+    }
+
+    pub async fn get(&self, path: &str) -> Answer {
+        let response = self
+            .client
+            .get(format!("{}{path}", self.address))
+            .send()
+            .await
+            .expect("sending a request");
+        answer(response).await
+    }
+
+    /// Stops the server and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(server) = self.server.take() {
+            let _ = server.await;
+        }
+    }
+
+    /// Opens a wallet for `owner` and deposits `amount` (as an admin).
+    pub async fn funded_wallet(&self, owner: &User, currency: &str, amount: i64) -> Uuid {
+        let opened = self.post("/wallets", Some(owner), &serde_json::json!({"currency": currency})).await;
+        assert_eq!(opened.status, 201, "{:?}", opened.body);
+        let wallet = opened.id();
+        if amount > 0 {
+            let admin = User::new("admin");
+            let deposited = self
+                .post(
+                    &format!("/wallets/{wallet}/deposits"),
+                    Some(&admin),
+                    &serde_json::json!({"amount": {"amount": amount, "currency": currency}, "reference": "test top-up"}),
+                )
+                .await;
+            assert_eq!(deposited.status, 200, "{:?}", deposited.body);
+        }
+        wallet
+    }
+
+    /// Creates a listing of `seller` with `quantity` in stock at `price` EUR cents.
+    pub async fn listing(&self, seller: &User, price: i64, quantity: u32, payout_wallet: Option<Uuid>) -> Uuid {
+        let mut body = serde_json::json!({
+            "title": "Vintage lamp",
+            "description": "Brass, works.",
+            "category": "home",
+            "condition": "good",
+            "price": {"amount": price, "currency": "EUR"},
+            "quantity": quantity,
+            "location": {"city": "Lyon", "country": "FR"},
+        });
+        if let Some(wallet) = payout_wallet {
+            body["payout_wallet_id"] = Value::String(wallet.to_string());
+        }
+        let created = self.post("/listings", Some(seller), &body).await;
+        assert_eq!(created.status, 201, "{:?}", created.body);
+        created.id()
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
+    }
+}
+
+async fn answer(response: reqwest::Response) -> Answer {
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let bytes = response.bytes().await.unwrap_or_default();
+    let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    Answer {
+        status,
+        body,
+        headers,
+    }
+}
