@@ -2,4 +2,6 @@
 //! its own database (and its own JetStream stream where NATS is involved),
 //! against the real Postgres on this machine.
 
+mod event_store;
+mod reliability;
 mod smoke;

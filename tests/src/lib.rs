@@ -29,7 +29,10 @@ pub fn with_database(url: &str, database: &str) -> String {
     };
     let authority_start = without_query.find("://").map_or(0, |at| at + 3);
     match without_query[authority_start..].find('/') {
-        Some(slash) => format!("{}/{database}{query}", &without_query[..authority_start + slash]),
+        Some(slash) => format!(
+            "{}/{database}{query}",
+            &without_query[..authority_start + slash]
+        ),
         None => format!("{without_query}/{database}{query}"),
     }
 }
@@ -51,7 +54,9 @@ impl TestDb {
     /// Creates an empty database on the server of `admin_url`.
     pub async fn empty_on(admin_url: &str) -> Self {
         let name = format!("souk_test_{}", Uuid::new_v4().simple());
-        let admin = PgPool::connect(admin_url).await.expect("connecting to the admin database");
+        let admin = PgPool::connect(admin_url)
+            .await
+            .expect("connecting to the admin database");
         sqlx::query(&format!("CREATE DATABASE {name}"))
             .execute(&admin)
             .await
@@ -68,7 +73,9 @@ impl TestDb {
     pub async fn migrated() -> Self {
         let db = Self::empty().await;
         let pool = db.pool().await;
-        event_store::migrate(&pool).await.expect("migrating the test database");
+        event_store::migrate(&pool)
+            .await
+            .expect("migrating the test database");
         pool.close().await;
         db
     }
@@ -89,7 +96,9 @@ impl Drop for TestDb {
         // Drop runs inside the test's runtime: do the async work on a thread
         // with a runtime of its own and wait for it.
         let dropped = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             runtime.block_on(async move {
                 let admin = PgPool::connect(&admin_url).await?;
                 sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
@@ -167,7 +176,9 @@ pub struct TestApp {
 
 impl std::fmt::Debug for TestApp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TestApp").field("address", &self.address).finish()
+        f.debug_struct("TestApp")
+            .field("address", &self.address)
+            .finish()
     }
 }
 
@@ -203,7 +214,9 @@ pub async fn spawn_app() -> TestApp {
 pub async fn spawn_app_on(db: TestDb, adjust: impl FnOnce(&mut command_api::Config)) -> TestApp {
     let mut config = command_api::Config::for_tests(&db.url, keys().public_path.clone());
     adjust(&mut config);
-    let app = command_api::build(config).await.expect("building the command API");
+    let app = command_api::build(config)
+        .await
+        .expect("building the command API");
     let port = app.port();
     let store = app.state().store.clone();
     let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -227,7 +240,8 @@ pub async fn spawn_app_on(db: TestDb, adjust: impl FnOnce(&mut command_api::Conf
 impl TestApp {
     /// POSTs `body` (JSON) to `path` as `user`.
     pub async fn post(&self, path: &str, user: Option<&User>, body: &Value) -> Answer {
-        self.post_raw(path, user, Some(body.to_string().into_bytes()), &[]).await
+        self.post_raw(path, user, Some(body.to_string().into_bytes()), &[])
+            .await
     }
 
     /// POSTs raw bytes with extra headers.
@@ -243,7 +257,9 @@ impl TestApp {
             request = request.bearer_auth(&user.token);
         }
         if let Some(body) = body {
-            request = request.header("content-type", "application/json").body(body);
+            request = request
+                .header("content-type", "application/json")
+                .body(body);
         }
         for (name, value) in headers {
             request = request.header(*name, *value);
@@ -274,7 +290,13 @@ impl TestApp {
 
     /// Opens a wallet for `owner` and deposits `amount` (as an admin).
     pub async fn funded_wallet(&self, owner: &User, currency: &str, amount: i64) -> Uuid {
-        let opened = self.post("/wallets", Some(owner), &serde_json::json!({"currency": currency})).await;
+        let opened = self
+            .post(
+                "/wallets",
+                Some(owner),
+                &serde_json::json!({"currency": currency}),
+            )
+            .await;
         assert_eq!(opened.status, 201, "{:?}", opened.body);
         let wallet = opened.id();
         if amount > 0 {
@@ -292,7 +314,13 @@ impl TestApp {
     }
 
     /// Creates a listing of `seller` with `quantity` in stock at `price` EUR cents.
-    pub async fn listing(&self, seller: &User, price: i64, quantity: u32, payout_wallet: Option<Uuid>) -> Uuid {
+    pub async fn listing(
+        &self,
+        seller: &User,
+        price: i64,
+        quantity: u32,
+        payout_wallet: Option<Uuid>,
+    ) -> Uuid {
         let mut body = serde_json::json!({
             "title": "Vintage lamp",
             "description": "Brass, works.",

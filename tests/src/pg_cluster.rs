@@ -35,8 +35,13 @@ fn bin_dir() -> anyhow::Result<PathBuf> {
     if let Some((_, bin)) = versions.pop() {
         return Ok(bin);
     }
-    let output = Command::new("pg_config").arg("--bindir").output().context("running pg_config")?;
-    Ok(PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()))
+    let output = Command::new("pg_config")
+        .arg("--bindir")
+        .output()
+        .context("running pg_config")?;
+    Ok(PathBuf::from(
+        String::from_utf8_lossy(&output.stdout).trim(),
+    ))
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -71,7 +76,15 @@ impl PgCluster {
         };
         cluster.pg(
             "initdb",
-            &["-D", &cluster.data(), "-A", "trust", "-U", "postgres", "--no-sync"],
+            &[
+                "-D",
+                &cluster.data(),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+            ],
         )?;
         cluster.start_again()?;
         Ok(cluster)
@@ -102,12 +115,27 @@ impl PgCluster {
             self.dir.display()
         );
         let log = self.dir.join("server.log").display().to_string();
-        self.pg("pg_ctl", &["-D", &self.data(), "-o", &options, "-l", &log, "-w", "start"])
+        self.pg(
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data(),
+                "-o",
+                &options,
+                "-l",
+                &log,
+                "-w",
+                "start",
+            ],
+        )
     }
 
     /// Stops the server at once, cutting every connection.
     pub fn stop(&self) -> anyhow::Result<()> {
-        self.pg("pg_ctl", &["-D", &self.data(), "-m", "immediate", "-w", "stop"])
+        self.pg(
+            "pg_ctl",
+            &["-D", &self.data(), "-m", "immediate", "-w", "stop"],
+        )
     }
 
     pub fn admin_url(&self) -> String {
@@ -120,7 +148,9 @@ impl PgCluster {
 }
 
 fn run(command: &mut Command) -> anyhow::Result<()> {
-    let output = command.output().with_context(|| format!("running {command:?}"))?;
+    let output = command
+        .output()
+        .with_context(|| format!("running {command:?}"))?;
     if !output.status.success() {
         bail!(
             "{command:?} failed: {}{}",

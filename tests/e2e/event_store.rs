@@ -1,0 +1,398 @@
+//! The event store's guarantees, against real Postgres: the global order
+//! never skips a late commit, events are append-only, the hash chain catches
+//! tampering, snapshots hold the same state as a full replay, and two
+//! processes writing one aggregate never lose an update.
+
+use std::time::{Duration, Instant};
+
+use domain::Decide;
+use domain::values::{Actor, Currency, Money, Reference, Role, UserId, WalletId};
+use domain::wallet::{Wallet, WalletCommand};
+use event_store::global::read_after;
+use event_store::verify::{ProblemKind, verify_chains};
+use event_store::{CommandContext, EventStore, Position, Reply, StoreConfig};
+use sqlx::postgres::PgPool;
+use tests::TestDb;
+use uuid::Uuid;
+
+fn context() -> CommandContext {
+    CommandContext::new(Uuid::now_v7(), "admin", Uuid::now_v7())
+}
+
+fn admin() -> Actor {
+    Actor::new(UserId::new(), Role::Admin)
+}
+
+async fn store_on(db: &TestDb) -> (EventStore, PgPool) {
+    let pool = db.pool().await;
+    (EventStore::new(pool.clone(), StoreConfig::default()), pool)
+}
+
+/// Opens a EUR wallet owned by a new buyer.
+async fn open_wallet(store: &EventStore) -> WalletId {
+    let wallet_id = WalletId::new();
+    let owner = Actor::new(UserId::new(), Role::Buyer);
+    store
+        .execute::<Wallet>(
+            &wallet_id.to_string(),
+            WalletCommand::Open {
+                actor: owner,
+                wallet_id,
+                currency: Currency::parse("EUR").unwrap(),
+            },
+            context(),
+            None,
+            Reply::new(201, wallet_id.to_string()),
+        )
+        .await
+        .expect("opening a wallet");
+    wallet_id
+}
+
+async fn deposit(store: &EventStore, wallet_id: WalletId, amount: i64) -> Position {
+    let accepted = store
+        .execute::<Wallet>(
+            &wallet_id.to_string(),
+            WalletCommand::Deposit {
+                actor: admin(),
+                amount: Money::parse_positive(amount, "EUR").unwrap(),
+                reference: Reference::parse("reference", "test").unwrap(),
+            },
+            context(),
+            None,
+            Reply::new(200, wallet_id.to_string()),
+        )
+        .await
+        .expect("depositing");
+    accepted.position().expect("a position token")
+}
+
+#[tokio::test]
+async fn the_global_order_never_skips_a_transaction_that_commits_late() {
+    let db = TestDb::migrated().await;
+    let (store, pool) = store_on(&db).await;
+
+    // A writer takes its position first and commits last.
+    let mut late = pool.begin().await.unwrap();
+    let late_position: i64 = sqlx::query_scalar(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
+                             payload, metadata, prev_hash, hash)
+         VALUES ('Probe', 'late', 1, 'Probed', '1', '{}', '{}', '\\x00', '\\x00')
+         RETURNING position",
+    )
+    .fetch_one(&mut *late)
+    .await
+    .unwrap();
+
+    // Later writers commit while it is still open.
+    let wallet = open_wallet(&store).await;
+    let early_commit = deposit(&store, wallet, 500).await;
+    assert!(
+        early_commit.position > late_position,
+        "the later writer took a larger position"
+    );
+
+    // A reader must not pass the open transaction: it sees none of the
+    // events committed after the late writer began.
+    let seen = read_after(&pool, Position::START, 100).await.unwrap();
+    assert!(
+        seen.iter()
+            .all(|event| event.position.position < late_position),
+        "read {} events past a transaction that is still open",
+        seen.len()
+    );
+
+    late.commit().await.unwrap();
+
+    // Once it commits, all three are read, the late one first.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let events = loop {
+        let events = read_after(&pool, Position::START, 100).await.unwrap();
+        if events.len() == 3 || Instant::now() > deadline {
+            break events;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let order: Vec<(String, i64)> = events
+        .iter()
+        .map(|event| (event.aggregate_type.clone(), event.sequence))
+        .collect();
+    assert_eq!(
+        order,
+        vec![
+            ("Probe".to_owned(), 1),
+            ("Wallet".to_owned(), 1),
+            ("Wallet".to_owned(), 2)
+        ]
+    );
+    assert!(
+        events
+            .windows(2)
+            .all(|pair| pair[0].position < pair[1].position),
+        "positions in the global order only grow"
+    );
+    // Reading on from the last position finds nothing more.
+    let last = events.last().unwrap().position;
+    assert!(read_after(&pool, last, 100).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn events_cannot_be_changed_or_removed() {
+    let db = TestDb::migrated().await;
+    let (store, pool) = store_on(&db).await;
+    let wallet = open_wallet(&store).await;
+    deposit(&store, wallet, 100).await;
+
+    for statement in [
+        "UPDATE events SET payload = '{}'",
+        "DELETE FROM events",
+        "TRUNCATE events",
+    ] {
+        let error = sqlx::query(statement).execute(&pool).await.unwrap_err();
+        let code = error
+            .as_database_error()
+            .and_then(|db| db.code())
+            .map(|code| code.into_owned());
+        assert_eq!(
+            code.as_deref(),
+            Some("42501"),
+            "{statement} must be refused, got {error}"
+        );
+    }
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(count, 2);
+}
+
+/// Turns the append-only triggers off, as an attacker with superuser rights
+/// could, and runs `statement`.
+async fn tamper(pool: &PgPool, statement: &str) {
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("ALTER TABLE events DISABLE TRIGGER USER")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query(statement).execute(&mut *tx).await.unwrap();
+    sqlx::query("ALTER TABLE events ENABLE TRIGGER USER")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_hash_chain_reveals_altered_removed_and_reordered_events() {
+    let db = TestDb::migrated().await;
+    let (store, pool) = store_on(&db).await;
+    let wallets = [
+        open_wallet(&store).await,
+        open_wallet(&store).await,
+        open_wallet(&store).await,
+    ];
+    for wallet in wallets {
+        for amount in [100, 200, 300] {
+            deposit(&store, wallet, amount).await;
+        }
+    }
+    let intact = verify_chains(&pool, None).await.unwrap();
+    assert!(intact.is_intact(), "{:?}", intact.problems);
+    assert_eq!((intact.events_checked, intact.aggregates_checked), (12, 3));
+
+    let [altered, removed, reordered] = wallets.map(|wallet| wallet.to_string());
+    // Altered: one amount changed, with its balance to look consistent.
+    tamper(
+        &pool,
+        &format!(
+            "UPDATE events SET payload = replace(payload::text, '\"amount\":200', '\"amount\":2000')::json
+              WHERE aggregate_id = '{altered}' AND sequence = 3"
+        ),
+    )
+    .await;
+    // Removed: the second deposit disappears.
+    tamper(
+        &pool,
+        &format!("DELETE FROM events WHERE aggregate_id = '{removed}' AND sequence = 3"),
+    )
+    .await;
+    // Reordered: the last two deposits swap places.
+    for (from, to) in [(3, 1000), (4, 3), (1000, 4)] {
+        tamper(
+            &pool,
+            &format!(
+                "UPDATE events SET sequence = {to} WHERE aggregate_id = '{reordered}' AND sequence = {from}"
+            ),
+        )
+        .await;
+    }
+
+    let report = verify_chains(&pool, None).await.unwrap();
+    assert!(!report.is_intact());
+    let problems_of = |id: &str| -> Vec<(i64, ProblemKind)> {
+        report
+            .problems
+            .iter()
+            .filter(|problem| problem.aggregate_id == id)
+            .map(|problem| (problem.sequence, problem.kind))
+            .collect()
+    };
+    assert_eq!(problems_of(&altered), vec![(3, ProblemKind::Altered)]);
+    assert!(
+        problems_of(&removed).contains(&(4, ProblemKind::SequenceGap)),
+        "{:?}",
+        problems_of(&removed)
+    );
+    assert!(
+        problems_of(&removed).contains(&(4, ProblemKind::BrokenLink)),
+        "{:?}",
+        problems_of(&removed)
+    );
+    let reordered_problems = problems_of(&reordered);
+    assert!(
+        reordered_problems
+            .iter()
+            .any(|(_, kind)| *kind == ProblemKind::BrokenLink),
+        "{reordered_problems:?}"
+    );
+    // One aggregate can be checked alone.
+    let alone = verify_chains(&pool, Some(("Wallet", &altered)))
+        .await
+        .unwrap();
+    assert_eq!(alone.events_checked, 4);
+    assert_eq!(alone.problems_found, 1);
+}
+
+#[tokio::test]
+async fn a_snapshot_holds_exactly_the_state_of_a_full_replay() {
+    let db = TestDb::migrated().await;
+    let (store, pool) = store_on(&db).await;
+    let wallet = open_wallet(&store).await;
+    // 250 deposits of 1..=250 cents, many at once so that they batch.
+    let deposits =
+        futures::future::join_all((1..=250).map(|amount| deposit(&store, wallet, amount)));
+    deposits.await;
+    let expected: i64 = (1..=250).sum();
+
+    let (last_sequence, payload): (i64, serde_json::Value) = sqlx::query_as(
+        "SELECT last_sequence, payload FROM snapshots WHERE aggregate_type = 'Wallet' AND aggregate_id = $1",
+    )
+    .bind(wallet.to_string())
+    .fetch_one(&pool)
+    .await
+    .expect("a snapshot was taken past 100 events");
+    assert!(last_sequence >= 200);
+    let snapshot: Wallet = serde_json::from_value(payload).unwrap();
+    // The state after `last_sequence` events: the deposits it includes, once.
+    let included: i64 = sqlx::query_scalar(
+        "SELECT coalesce(sum((payload->'FundsDeposited'->>'amount')::bigint), 0)::bigint FROM events
+          WHERE aggregate_id = $1 AND sequence <= $2",
+    )
+    .bind(wallet.to_string())
+    .bind(last_sequence)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(snapshot.available(), included, "no event applied twice");
+
+    // A fresh process loads from the snapshot; without it, from every event.
+    let (from_snapshot, version) = EventStore::new(pool.clone(), StoreConfig::default())
+        .load::<Wallet>(&wallet.to_string())
+        .await
+        .unwrap();
+    assert_eq!(version, 251);
+    assert_eq!(from_snapshot.available(), expected);
+    sqlx::query("DELETE FROM snapshots")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (from_events, _) = EventStore::new(pool.clone(), StoreConfig::default())
+        .load::<Wallet>(&wallet.to_string())
+        .await
+        .unwrap();
+    assert_eq!(from_snapshot, from_events);
+}
+
+#[tokio::test]
+async fn two_processes_writing_one_wallet_never_lose_a_deposit() {
+    let db = TestDb::migrated().await;
+    let pool = db.pool().await;
+    // Two stores stand for two command-api processes: separate caches and
+    // queues, one database.
+    let first = EventStore::new(pool.clone(), StoreConfig::default());
+    let second = EventStore::new(pool.clone(), StoreConfig::default());
+    let wallet = open_wallet(&first).await;
+    // Warm both caches so that each believes it knows the latest version.
+    deposit(&second, wallet, 1).await;
+    deposit(&first, wallet, 1).await;
+
+    let work = (0..200).map(|n| {
+        let store = if n % 2 == 0 {
+            first.clone()
+        } else {
+            second.clone()
+        };
+        async move { deposit(&store, wallet, 10).await }
+    });
+    futures::future::join_all(work).await;
+
+    let (state, version) = EventStore::new(pool.clone(), StoreConfig::default())
+        .load::<Wallet>(&wallet.to_string())
+        .await
+        .unwrap();
+    assert_eq!(state.available(), 2 + 200 * 10);
+    assert_eq!(version, 1 + 2 + 200);
+    assert!(verify_chains(&pool, None).await.unwrap().is_intact());
+}
+
+#[tokio::test]
+async fn a_refused_command_writes_nothing_and_keeps_the_cache_right() {
+    let db = TestDb::migrated().await;
+    let (store, pool) = store_on(&db).await;
+    let wallet = open_wallet(&store).await;
+    deposit(&store, wallet, 100).await;
+    let owner_of = |wallet: &Wallet| Actor::new(wallet.owner(), Role::Buyer);
+    let (state, _) = store.state::<Wallet>(&wallet.to_string()).await.unwrap();
+    let refused = store
+        .execute::<Wallet>(
+            &wallet.to_string(),
+            WalletCommand::Withdraw {
+                actor: owner_of(&state),
+                amount: Money::parse_positive(101, "EUR").unwrap(),
+                reference: Reference::parse("reference", "too much").unwrap(),
+            },
+            context(),
+            None,
+            Reply::new(200, wallet.to_string()),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        refused,
+        event_store::ExecError::Rejected {
+            code: "insufficient_funds",
+            ..
+        }
+    ));
+    let withdrawn = store
+        .execute::<Wallet>(
+            &wallet.to_string(),
+            WalletCommand::Withdraw {
+                actor: owner_of(&state),
+                amount: Money::parse_positive(100, "EUR").unwrap(),
+                reference: Reference::parse("reference", "all of it").unwrap(),
+            },
+            context(),
+            None,
+            Reply::new(200, wallet.to_string()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(withdrawn.version(), Some(3));
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(count, 3);
+    assert!(state.exists());
+}
