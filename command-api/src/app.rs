@@ -106,7 +106,10 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
     let listener = TcpListener::bind(config.addr)
         .await
         .with_context(|| format!("binding {}", config.addr))?;
-    let port = listener.local_addr().context("reading the bound port")?.port();
+    let port = listener
+        .local_addr()
+        .context("reading the bound port")?
+        .port();
     Ok(App {
         listener,
         router,
@@ -130,7 +133,10 @@ impl App {
     }
 
     /// Serves until `signal` completes, then finishes in-flight requests.
-    pub async fn run_until(self, signal: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    pub async fn run_until(
+        self,
+        signal: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
         tracing::info!(port = self.port, "command-api listening");
         let timers = tokio::spawn(crate::timers::run(self.state.store.clone()));
         let served = axum::serve(self.listener, self.router)
@@ -212,7 +218,11 @@ fn router(state: AppState, config: &Config) -> Router {
 
 /// Answers 503 at once when too many requests are in flight, instead of
 /// queueing without bound.
-async fn shed_load(State(in_flight): State<Arc<Semaphore>>, request: Request, next: Next) -> Response {
+async fn shed_load(
+    State(in_flight): State<Arc<Semaphore>>,
+    request: Request,
+    next: Next,
+) -> Response {
     static SHED: AtomicUsize = AtomicUsize::new(0);
     match in_flight.try_acquire() {
         Ok(_permit) => next.run(request).await,

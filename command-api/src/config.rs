@@ -9,7 +9,12 @@ use std::path::PathBuf;
 #[command(name = "command-api", about = "Souk's write API")]
 pub struct Config {
     /// Postgres connection string (never logged).
-    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/souk", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/souk",
+        hide_env_values = true
+    )]
     pub database_url: String,
 
     /// Address to listen on; port 0 picks a free port.
@@ -17,12 +22,20 @@ pub struct Config {
     pub addr: SocketAddr,
 
     /// PEM file of the RS256 public key that verifies bearer tokens.
-    #[arg(long, env = "SOUK_JWT_PUBLIC_KEY", default_value = "./data/keys/jwt-public.pem")]
+    #[arg(
+        long,
+        env = "SOUK_JWT_PUBLIC_KEY",
+        default_value = "./data/keys/jwt-public.pem"
+    )]
     pub jwt_public_key: PathBuf,
 
     /// PEM file of the matching private key. When neither file exists, a dev
     /// key pair is generated at start.
-    #[arg(long, env = "SOUK_JWT_PRIVATE_KEY", default_value = "./data/keys/jwt-private.pem")]
+    #[arg(
+        long,
+        env = "SOUK_JWT_PRIVATE_KEY",
+        default_value = "./data/keys/jwt-private.pem"
+    )]
     pub jwt_private_key: PathBuf,
 
     /// Required `iss` claim, when set.

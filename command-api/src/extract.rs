@@ -44,13 +44,15 @@ where
                 "send the body as `Content-Type: application/json`".into(),
             ));
         }
-        let bytes = Bytes::from_request(request, state).await.map_err(|rejection| {
-            if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge(body_limit_hint())
-            } else {
-                ApiError::MalformedJson(format!("the body could not be read: {rejection}"))
-            }
-        })?;
+        let bytes = Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection| {
+                if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::PayloadTooLarge(body_limit_hint())
+                } else {
+                    ApiError::MalformedJson(format!("the body could not be read: {rejection}"))
+                }
+            })?;
         parse_json(&bytes)
     }
 }
@@ -73,7 +75,9 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<JsonBody<T>, ApiE
         Ok(value) => Ok(JsonBody { value, sha256 }),
         Err(error) => match error.classify() {
             serde_json::error::Category::Data => Err(ApiError::InvalidBody(error.to_string())),
-            _ => Err(ApiError::MalformedJson(format!("the body is not valid JSON: {error}"))),
+            _ => Err(ApiError::MalformedJson(format!(
+                "the body is not valid JSON: {error}"
+            ))),
         },
     }
 }
@@ -169,11 +173,8 @@ impl RequestMeta {
             ),
             None => Uuid::now_v7(),
         };
-        let mut context = CommandContext::new(
-            user.user_id.as_uuid(),
-            user.role.as_str(),
-            command_id,
-        );
+        let mut context =
+            CommandContext::new(user.user_id.as_uuid(), user.role.as_str(), command_id);
         if let Some(correlation_id) = self.correlation_id {
             context.correlation_id = correlation_id;
         }

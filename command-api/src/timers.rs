@@ -97,7 +97,12 @@ fn uuid_field(payload: &Value, name: &str) -> Result<Uuid, ExecError> {
         .ok_or_else(|| ExecError::Internal(format!("timer payload lacks {name}")))
 }
 
-async fn fire(store: &EventStore, timer_id: Uuid, kind: &str, payload: &Value) -> Result<(), ExecError> {
+async fn fire(
+    store: &EventStore,
+    timer_id: Uuid,
+    kind: &str,
+    payload: &Value,
+) -> Result<(), ExecError> {
     let command_id = domain::process::deterministic_command_id("timer", &[&timer_id.to_string()]);
     let context = CommandContext::new(Uuid::nil(), "system", command_id);
     let idempotency = Some(IdempotencyKey {
@@ -115,17 +120,33 @@ async fn fire(store: &EventStore, timer_id: Uuid, kind: &str, payload: &Value) -
                 now: Utc::now(),
             };
             store
-                .execute::<Reservation>(&listing_id.to_string(), command, context, idempotency, Reply::new(200, hold_id.to_string()))
+                .execute::<Reservation>(
+                    &listing_id.to_string(),
+                    command,
+                    context,
+                    idempotency,
+                    Reply::new(200, hold_id.to_string()),
+                )
                 .await?;
         }
         UNPAID_ORDER => {
             let order_id = OrderId::from_uuid(uuid_field(payload, "order_id")?);
-            let reason = Reason::parse("reason", "the bank transfer did not arrive in time").unwrap_or_default();
-            crate::routes::cancel_unpaid(store, order_id, reason, Some(OrderStatus::AwaitingPayment), context, idempotency).await?;
+            let reason = Reason::parse("reason", "the bank transfer did not arrive in time")
+                .unwrap_or_default();
+            crate::routes::cancel_unpaid(
+                store,
+                order_id,
+                reason,
+                Some(OrderStatus::AwaitingPayment),
+                context,
+                idempotency,
+            )
+            .await?;
         }
         ESCROW_AUTO_RELEASE => {
             let order_id = OrderId::from_uuid(uuid_field(payload, "order_id")?);
-            crate::routes::release_escrow(store, order_id, Actor::system(), context, idempotency).await?;
+            crate::routes::release_escrow(store, order_id, Actor::system(), context, idempotency)
+                .await?;
         }
         other => return Err(ExecError::Internal(format!("unknown timer kind {other}"))),
     }

@@ -71,7 +71,19 @@ pub async fn read_after(
     Ok(rows
         .into_iter()
         .map(
-            |(xid, position, aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, recorded_at, event_id)| {
+            |(
+                xid,
+                position,
+                aggregate_type,
+                aggregate_id,
+                sequence,
+                event_type,
+                event_version,
+                payload,
+                metadata,
+                recorded_at,
+                event_id,
+            )| {
                 RecordedEvent {
                     position: Position {
                         transaction_id: xid as u64,

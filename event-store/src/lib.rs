@@ -22,8 +22,8 @@ pub mod verify;
 
 pub use record::{CommandContext, Position};
 pub use store::{
-    Accepted, Committed, EventStore, ExecError, IdempotencyKey, Plan, Reply, StoreConfig, StreamRef, Timer,
-    accepted_body,
+    Accepted, Committed, EventStore, ExecError, IdempotencyKey, Plan, Reply, StoreConfig,
+    StreamRef, Timer, accepted_body,
 };
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};

@@ -35,7 +35,9 @@ pub(crate) async fn load<A: Decide>(pool: &PgPool, id: &str) -> Result<Cached<A>
                 }
             }
             // A snapshot is only a cache: rebuild from the events instead.
-            Err(error) => tracing::warn!(aggregate = A::TYPE, id, %error, "ignoring unreadable snapshot"),
+            Err(error) => {
+                tracing::warn!(aggregate = A::TYPE, id, %error, "ignoring unreadable snapshot")
+            }
         }
     }
     let rows: Vec<(i64, String, Vec<u8>)> = sqlx::query_as(

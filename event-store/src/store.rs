@@ -302,8 +302,9 @@ fn decide_rows<A: Decide>(
             .map_err(|error| ExecError::Internal(format!("serializing an event: {error}")))?;
         let recorded_at = now_micros();
         let event_id = Uuid::now_v7();
-        let metadata = serde_json::to_string(&EventMetadata::new(context, event_id, recorded_at))
-            .map_err(|error| ExecError::Internal(format!("serializing metadata: {error}")))?;
+        let metadata =
+            serde_json::to_string(&EventMetadata::new(context, event_id, recorded_at))
+                .map_err(|error| ExecError::Internal(format!("serializing metadata: {error}")))?;
         let sequence = cached.version + 1;
         let hash = ChainedFields {
             aggregate_type: A::TYPE,
@@ -551,8 +552,10 @@ impl EventStore {
         let pool = &self.inner.pool;
         let original = take_cached::<A>(slot, pool, id).await?;
         let mut tx = pool.begin().await.map_err(db_error)?;
-        let keys: Vec<&IdempotencyKey> =
-            batch.iter().filter_map(|p| p.idempotency.as_ref()).collect();
+        let keys: Vec<&IdempotencyKey> = batch
+            .iter()
+            .filter_map(|p| p.idempotency.as_ref())
+            .collect();
         let stored = stored_responses(&mut tx, &keys).await?;
 
         enum Plan {
@@ -748,7 +751,8 @@ impl EventStore {
             // Load what the cache does not hold.
             for (stream, guard) in streams.iter().zip(guards.iter_mut()) {
                 if guard.is_none() {
-                    **guard = Some((stream.loader)(pool.clone(), stream.key.aggregate_id.clone()).await?);
+                    **guard =
+                        Some((stream.loader)(pool.clone(), stream.key.aggregate_id.clone()).await?);
                 }
             }
             let mut staged = Plan::new(&context);
@@ -884,10 +888,10 @@ async fn take_cached<A: Decide>(
     pool: &PgPool,
     id: &str,
 ) -> Result<Cached<A>, ExecError> {
-    if let Some(state) = slot.take() {
-        if let Ok(cached) = state.downcast::<Cached<A>>() {
-            return Ok(*cached);
-        }
+    if let Some(state) = slot.take()
+        && let Ok(cached) = state.downcast::<Cached<A>>()
+    {
+        return Ok(*cached);
     }
     crate::load::load::<A>(pool, id).await
 }
@@ -1043,7 +1047,11 @@ async fn insert_rows(
     rows.iter()
         .map(|r| {
             by_row
-                .get(&(r.aggregate_type.to_owned(), r.aggregate_id.clone(), r.sequence))
+                .get(&(
+                    r.aggregate_type.to_owned(),
+                    r.aggregate_id.clone(),
+                    r.sequence,
+                ))
                 .copied()
                 .ok_or_else(|| ExecError::Internal("inserted event not returned".into()))
         })
@@ -1079,7 +1087,10 @@ impl std::fmt::Debug for StreamRef {
 
 impl StreamRef {
     pub fn of<A: Decide>(id: impl Into<String>) -> Self {
-        fn load<A: Decide>(pool: PgPool, id: String) -> BoxFuture<Result<Box<dyn Any + Send + Sync>, ExecError>> {
+        fn load<A: Decide>(
+            pool: PgPool,
+            id: String,
+        ) -> BoxFuture<Result<Box<dyn Any + Send + Sync>, ExecError>> {
             Box::pin(async move {
                 let cached = crate::load::load::<A>(&pool, &id).await?;
                 Ok(Box::new(cached) as Box<dyn Any + Send + Sync>)

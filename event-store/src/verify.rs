@@ -95,7 +95,20 @@ pub async fn verify_chains(
         .await?;
         let Some(last) = rows.last() else { break };
         cursor = (last.0.clone(), last.1.clone(), last.2);
-        for (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata, event_id, recorded_at_micros, stored_prev, stored_hash) in rows {
+        for (
+            aggregate_type,
+            aggregate_id,
+            sequence,
+            event_type,
+            event_version,
+            payload,
+            metadata,
+            event_id,
+            recorded_at_micros,
+            stored_prev,
+            stored_hash,
+        ) in rows
+        {
             let same_aggregate = current
                 .as_ref()
                 .is_some_and(|(t, i)| *t == aggregate_type && *i == aggregate_id);
@@ -125,7 +138,8 @@ pub async fn verify_chains(
             }
             // The link is checked against what is stored, and the content
             // against the stored prev_hash, so each problem is named once.
-            let stored_prev_array: [u8; 32] = stored_prev.as_slice().try_into().unwrap_or(GENESIS_HASH);
+            let stored_prev_array: [u8; 32] =
+                stored_prev.as_slice().try_into().unwrap_or(GENESIS_HASH);
             let recomputed = ChainedFields {
                 aggregate_type: &aggregate_type,
                 aggregate_id: &aggregate_id,

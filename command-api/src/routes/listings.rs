@@ -18,7 +18,10 @@ use event_store::{ExecError, StreamRef};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{EMPTY_BODY_SHA256, MoneyBody, bounded, created_reply, exec_error, field, ok_reply, respond, single};
+use super::{
+    EMPTY_BODY_SHA256, MoneyBody, bounded, created_reply, exec_error, field, ok_reply, respond,
+    single,
+};
 use crate::app::AppState;
 use crate::auth::AuthUser;
 use crate::error::ApiError;
@@ -98,7 +101,10 @@ fn parse_quantity(quantity: u32) -> Result<u32, ApiError> {
     if quantity > MAX_STOCK {
         return Err(ApiError::validation(
             "quantity",
-            domain::values::ValidationError::new("invalid_quantity", format!("quantity must be at most {MAX_STOCK}")),
+            domain::values::ValidationError::new(
+                "invalid_quantity",
+                format!("quantity must be at most {MAX_STOCK}"),
+            ),
         ));
     }
     Ok(quantity)
@@ -113,7 +119,10 @@ async fn create(
     let request = &body.value;
     let details = ListingDetails {
         title: field("title", Title::parse("title", &request.title))?,
-        description: field("description", Description::parse("description", &request.description))?,
+        description: field(
+            "description",
+            Description::parse("description", &request.description),
+        )?,
         category: field("category", Label::parse("category", &request.category))?,
         subcategory: request
             .subcategory
@@ -152,13 +161,25 @@ async fn create(
                 if let Some(wallet_id) = payout_wallet {
                     let wallet = plan.state::<Wallet>(&wallet_id.to_string())?;
                     if !wallet.exists() {
-                        return Err(refused("wallet_not_found", Refusal::NotFound, "the payout wallet does not exist"));
+                        return Err(refused(
+                            "wallet_not_found",
+                            Refusal::NotFound,
+                            "the payout wallet does not exist",
+                        ));
                     }
                     if wallet.owner() != actor.user_id {
-                        return Err(refused("forbidden", Refusal::Forbidden, "the payout wallet must be the seller's own"));
+                        return Err(refused(
+                            "forbidden",
+                            Refusal::Forbidden,
+                            "the payout wallet must be the seller's own",
+                        ));
                     }
                     if wallet.currency() != price.currency() {
-                        return Err(refused("currency_mismatch", Refusal::Invalid, "the payout wallet's currency differs from the price's"));
+                        return Err(refused(
+                            "currency_mismatch",
+                            Refusal::Invalid,
+                            "the payout wallet's currency differs from the price's",
+                        ));
                     }
                 }
                 plan.decide::<Listing>(
@@ -181,20 +202,36 @@ async fn create(
                         quantity,
                     },
                 )?;
-                let relisting = plan.state::<ProductTimeline>(&product_id.to_string())?.exists();
+                let relisting = plan
+                    .state::<ProductTimeline>(&product_id.to_string())?
+                    .exists();
                 let entry = if relisting {
-                    TimelineEntry::Relisted { listing_id, seller: actor.user_id, price: price.clone() }
+                    TimelineEntry::Relisted {
+                        listing_id,
+                        seller: actor.user_id,
+                        price: price.clone(),
+                    }
                 } else {
-                    TimelineEntry::Listed { listing_id, seller: actor.user_id, price: price.clone() }
+                    TimelineEntry::Listed {
+                        listing_id,
+                        seller: actor.user_id,
+                        price: price.clone(),
+                    }
                 };
                 plan.decide::<ProductTimeline>(
                     &product_id.to_string(),
-                    TimelineCommand::Record { actor: timeline_actor(actor, relisting), product_id, entry },
+                    TimelineCommand::Record {
+                        actor: timeline_actor(actor, relisting),
+                        product_id,
+                        entry,
+                    },
                 )?;
                 Ok(())
             },
             move |(), committed| {
-                let (version, _) = committed.stream::<Listing>(&listing_id.to_string()).unwrap_or_default();
+                let (version, _) = committed
+                    .stream::<Listing>(&listing_id.to_string())
+                    .unwrap_or_default();
                 (
                     201,
                     json!({
@@ -270,14 +307,26 @@ async fn change_price(
             meta.context(&user),
             meta.idempotency(&user, &body.sha256),
             move |plan| {
-                plan.decide::<Listing>(&listing_id.to_string(), ListingCommand::ChangePrice { actor, price: price.clone() })?;
-                if plan.state::<ProductTimeline>(&product_id.to_string())?.exists() {
+                plan.decide::<Listing>(
+                    &listing_id.to_string(),
+                    ListingCommand::ChangePrice {
+                        actor,
+                        price: price.clone(),
+                    },
+                )?;
+                if plan
+                    .state::<ProductTimeline>(&product_id.to_string())?
+                    .exists()
+                {
                     plan.decide::<ProductTimeline>(
                         &product_id.to_string(),
                         TimelineCommand::Record {
                             actor: Actor::system(),
                             product_id,
-                            entry: TimelineEntry::PriceChanged { listing_id, price: price.clone() },
+                            entry: TimelineEntry::PriceChanged {
+                                listing_id,
+                                price: price.clone(),
+                            },
                         },
                     )?;
                 }
@@ -291,7 +340,11 @@ async fn change_price(
 }
 
 /// `{"id", "version", "position"}` of `A` `id` after a unit of work.
-pub(crate) fn single_body<A: Decide>(status: u16, id: &str, committed: &event_store::Committed) -> (u16, serde_json::Value) {
+pub(crate) fn single_body<A: Decide>(
+    status: u16,
+    id: &str,
+    committed: &event_store::Committed,
+) -> (u16, serde_json::Value) {
     let (version, _) = committed.stream::<A>(id).unwrap_or_default();
     (
         status,
@@ -327,14 +380,30 @@ struct DetailChanges {
 
 impl DetailChanges {
     fn apply(self, mut details: ListingDetails) -> ListingDetails {
-        if let Some(v) = self.title { details.title = v }
-        if let Some(v) = self.description { details.description = v }
-        if let Some(v) = self.category { details.category = v }
-        if let Some(v) = self.subcategory { details.subcategory = Some(v) }
-        if let Some(v) = self.condition { details.condition = v }
-        if let Some(v) = self.location { details.location = v }
-        if let Some(v) = self.attributes { details.attributes = v }
-        if let Some(v) = self.images { details.images = v }
+        if let Some(v) = self.title {
+            details.title = v
+        }
+        if let Some(v) = self.description {
+            details.description = v
+        }
+        if let Some(v) = self.category {
+            details.category = v
+        }
+        if let Some(v) = self.subcategory {
+            details.subcategory = Some(v)
+        }
+        if let Some(v) = self.condition {
+            details.condition = v
+        }
+        if let Some(v) = self.location {
+            details.location = v
+        }
+        if let Some(v) = self.attributes {
+            details.attributes = v
+        }
+        if let Some(v) = self.images {
+            details.images = v
+        }
         details
     }
 }
@@ -348,13 +417,41 @@ async fn update_details(
 ) -> Result<Response, ApiError> {
     let request = &body.value;
     let changes = DetailChanges {
-        title: request.title.as_deref().map(|t| field("title", Title::parse("title", t))).transpose()?,
-        description: request.description.as_deref().map(|t| field("description", Description::parse("description", t))).transpose()?,
-        category: request.category.as_deref().map(|t| field("category", Label::parse("category", t))).transpose()?,
-        subcategory: request.subcategory.as_deref().map(|t| field("subcategory", Label::parse("subcategory", t))).transpose()?,
-        condition: request.condition.as_deref().map(|t| field("condition", Condition::parse(t))).transpose()?,
-        location: request.location.as_ref().map(LocationBody::parse).transpose()?,
-        attributes: request.attributes.as_ref().map(parse_attributes).transpose()?,
+        title: request
+            .title
+            .as_deref()
+            .map(|t| field("title", Title::parse("title", t)))
+            .transpose()?,
+        description: request
+            .description
+            .as_deref()
+            .map(|t| field("description", Description::parse("description", t)))
+            .transpose()?,
+        category: request
+            .category
+            .as_deref()
+            .map(|t| field("category", Label::parse("category", t)))
+            .transpose()?,
+        subcategory: request
+            .subcategory
+            .as_deref()
+            .map(|t| field("subcategory", Label::parse("subcategory", t)))
+            .transpose()?,
+        condition: request
+            .condition
+            .as_deref()
+            .map(|t| field("condition", Condition::parse(t)))
+            .transpose()?,
+        location: request
+            .location
+            .as_ref()
+            .map(LocationBody::parse)
+            .transpose()?,
+        attributes: request
+            .attributes
+            .as_ref()
+            .map(parse_attributes)
+            .transpose()?,
         images: request.images.as_deref().map(parse_images).transpose()?,
     };
     let listing_id = ListingId::from_uuid(id);
@@ -366,9 +463,15 @@ async fn update_details(
             meta.context(&user),
             meta.idempotency(&user, &body.sha256),
             move |plan| {
-                let current = plan.state::<Listing>(&listing_id.to_string())?.details().clone();
+                let current = plan
+                    .state::<Listing>(&listing_id.to_string())?
+                    .details()
+                    .clone();
                 let details = changes.clone().apply(current);
-                plan.decide::<Listing>(&listing_id.to_string(), ListingCommand::UpdateDetails { actor, details })?;
+                plan.decide::<Listing>(
+                    &listing_id.to_string(),
+                    ListingCommand::UpdateDetails { actor, details },
+                )?;
                 Ok(())
             },
             move |(), committed| single_body::<Listing>(200, &listing_id.to_string(), committed),
@@ -378,19 +481,67 @@ async fn update_details(
     Ok(respond(accepted))
 }
 
-async fn delete(State(state): State<AppState>, user: AuthUser, meta: RequestMeta, IdPath(id): IdPath) -> Result<Response, ApiError> {
-    let command = ListingCommand::Delete { actor: user.actor() };
-    single::<Listing>(&state, &user, &meta, &EMPTY_BODY_SHA256, id, command, ok_reply(id)).await
+async fn delete(
+    State(state): State<AppState>,
+    user: AuthUser,
+    meta: RequestMeta,
+    IdPath(id): IdPath,
+) -> Result<Response, ApiError> {
+    let command = ListingCommand::Delete {
+        actor: user.actor(),
+    };
+    single::<Listing>(
+        &state,
+        &user,
+        &meta,
+        &EMPTY_BODY_SHA256,
+        id,
+        command,
+        ok_reply(id),
+    )
+    .await
 }
 
-async fn pause(State(state): State<AppState>, user: AuthUser, meta: RequestMeta, IdPath(id): IdPath) -> Result<Response, ApiError> {
-    let command = ListingCommand::Pause { actor: user.actor() };
-    single::<Listing>(&state, &user, &meta, &EMPTY_BODY_SHA256, id, command, ok_reply(id)).await
+async fn pause(
+    State(state): State<AppState>,
+    user: AuthUser,
+    meta: RequestMeta,
+    IdPath(id): IdPath,
+) -> Result<Response, ApiError> {
+    let command = ListingCommand::Pause {
+        actor: user.actor(),
+    };
+    single::<Listing>(
+        &state,
+        &user,
+        &meta,
+        &EMPTY_BODY_SHA256,
+        id,
+        command,
+        ok_reply(id),
+    )
+    .await
 }
 
-async fn resume(State(state): State<AppState>, user: AuthUser, meta: RequestMeta, IdPath(id): IdPath) -> Result<Response, ApiError> {
-    let command = ListingCommand::Resume { actor: user.actor() };
-    single::<Listing>(&state, &user, &meta, &EMPTY_BODY_SHA256, id, command, ok_reply(id)).await
+async fn resume(
+    State(state): State<AppState>,
+    user: AuthUser,
+    meta: RequestMeta,
+    IdPath(id): IdPath,
+) -> Result<Response, ApiError> {
+    let command = ListingCommand::Resume {
+        actor: user.actor(),
+    };
+    single::<Listing>(
+        &state,
+        &user,
+        &meta,
+        &EMPTY_BODY_SHA256,
+        id,
+        command,
+        ok_reply(id),
+    )
+    .await
 }
 
 #[derive(Debug, Deserialize)]
@@ -407,8 +558,20 @@ async fn set_stock(
     body: JsonBody<SetStock>,
 ) -> Result<Response, ApiError> {
     let quantity = parse_quantity(body.value.quantity)?;
-    let command = ReservationCommand::SetStock { actor: user.actor(), quantity };
-    single::<Reservation>(&state, &user, &meta, &body.sha256, id, command, ok_reply(id)).await
+    let command = ReservationCommand::SetStock {
+        actor: user.actor(),
+        quantity,
+    };
+    single::<Reservation>(
+        &state,
+        &user,
+        &meta,
+        &body.sha256,
+        id,
+        command,
+        ok_reply(id),
+    )
+    .await
 }
 
 #[derive(Debug, Deserialize)]
@@ -426,7 +589,10 @@ async fn reserve(
     body: JsonBody<Reserve>,
 ) -> Result<Response, ApiError> {
     let now = Utc::now();
-    let expires_at = field("ttl_seconds", domain::process::hold_expiry(now, body.value.ttl_seconds))?;
+    let expires_at = field(
+        "ttl_seconds",
+        domain::process::hold_expiry(now, body.value.ttl_seconds),
+    )?;
     let listing = existing_listing(&state, ListingId::from_uuid(id)).await?;
     if listing.status() != ListingStatus::Active {
         return Err(ApiError::Domain {
@@ -446,7 +612,10 @@ async fn reserve(
         now,
     };
     let mut reply = created_reply(hold_id.as_uuid());
-    reply.timers.push(super::orders::hold_expiry_timer(ListingId::from_uuid(id), hold_id, expires_at));
+    reply.timers.push(super::orders::hold_expiry_timer(
+        ListingId::from_uuid(id),
+        hold_id,
+        expires_at,
+    ));
     single::<Reservation>(&state, &user, &meta, &body.sha256, id, command, reply).await
 }
-

@@ -36,7 +36,16 @@ pub(crate) async fn cancel_unpaid(
     context: event_store::CommandContext,
     idempotency: Option<event_store::IdempotencyKey>,
 ) -> Result<Accepted, ExecError> {
-    cancel_unpaid_with(store, order_id, domain::values::Actor::system(), reason, only_if, context, idempotency).await
+    cancel_unpaid_with(
+        store,
+        order_id,
+        domain::values::Actor::system(),
+        reason,
+        only_if,
+        context,
+        idempotency,
+    )
+    .await
 }
 
 pub fn routes() -> Router<AppState> {
@@ -63,9 +72,10 @@ pub(crate) struct MoneyBody {
 
 impl MoneyBody {
     pub fn parse(&self, field: &str) -> Result<Money, ApiError> {
-        let currency =
-            Currency::parse(&self.currency).map_err(|e| ApiError::validation(format!("{field}.currency"), e))?;
-        Money::positive(self.amount, currency).map_err(|e| ApiError::validation(format!("{field}.amount"), e))
+        let currency = Currency::parse(&self.currency)
+            .map_err(|e| ApiError::validation(format!("{field}.currency"), e))?;
+        Money::positive(self.amount, currency)
+            .map_err(|e| ApiError::validation(format!("{field}.amount"), e))
     }
 }
 

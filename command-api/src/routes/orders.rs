@@ -133,12 +133,18 @@ async fn checkout(
             &request.shipping_address.country,
         ),
     )?;
-    let payment_method = field("payment_method", PaymentMethod::parse(&request.payment_method))?;
+    let payment_method = field(
+        "payment_method",
+        PaymentMethod::parse(&request.payment_method),
+    )?;
     let buyer_wallet = request.wallet_id.map(WalletId::from_uuid);
     if payment_method == PaymentMethod::WalletEscrow && buyer_wallet.is_none() {
         return Err(ApiError::validation(
             "wallet_id",
-            domain::values::ValidationError::new("wallet_required", "wallet_escrow needs a wallet_id"),
+            domain::values::ValidationError::new(
+                "wallet_required",
+                "wallet_escrow needs a wallet_id",
+            ),
         ));
     }
 
@@ -151,7 +157,10 @@ async fn checkout(
         if !seen.insert(listing_id) {
             return Err(ApiError::validation(
                 format!("lines[{index}].listing_id"),
-                domain::values::ValidationError::new("duplicate_line", "each listing may appear once"),
+                domain::values::ValidationError::new(
+                    "duplicate_line",
+                    "each listing may appear once",
+                ),
             ));
         }
         let (listing, _) = state
@@ -166,12 +175,14 @@ async fn checkout(
                 message: format!("listing {listing_id} does not exist"),
             });
         }
-        let order = orders.entry(listing.seller()).or_insert_with(|| PlannedOrder {
-            order_id: OrderId::new(),
-            seller: listing.seller(),
-            seller_wallet: listing.payout_wallet(),
-            lines: Vec::new(),
-        });
+        let order = orders
+            .entry(listing.seller())
+            .or_insert_with(|| PlannedOrder {
+                order_id: OrderId::new(),
+                seller: listing.seller(),
+                seller_wallet: listing.payout_wallet(),
+                lines: Vec::new(),
+            });
         order.lines.push(PlannedLine {
             listing_id,
             product_id: listing.product_id(),
@@ -180,29 +191,34 @@ async fn checkout(
         });
     }
     let orders: Vec<PlannedOrder> = orders.into_values().collect();
-    if payment_method == PaymentMethod::WalletEscrow {
-        if let Some(order) = orders.iter().find(|order| order.seller_wallet.is_none()) {
-            return Err(ApiError::Domain {
-                code: "seller_wallet_missing",
-                refusal: Refusal::Conflict,
-                message: format!(
-                    "seller {} takes no wallet payments: the listing has no payout wallet",
-                    order.seller
-                ),
-            });
-        }
+    if payment_method == PaymentMethod::WalletEscrow
+        && let Some(order) = orders.iter().find(|order| order.seller_wallet.is_none())
+    {
+        return Err(ApiError::Domain {
+            code: "seller_wallet_missing",
+            refusal: Refusal::Conflict,
+            message: format!(
+                "seller {} takes no wallet payments: the listing has no payout wallet",
+                order.seller
+            ),
+        });
     }
 
     let mut streams = Vec::new();
     for order in &orders {
         streams.push(StreamRef::of::<Order>(order.order_id.to_string()));
-        if let Some(wallet) = order.seller_wallet.filter(|_| payment_method == PaymentMethod::WalletEscrow) {
+        if let Some(wallet) = order
+            .seller_wallet
+            .filter(|_| payment_method == PaymentMethod::WalletEscrow)
+        {
             streams.push(StreamRef::of::<Wallet>(wallet.to_string()));
         }
         for line in &order.lines {
             streams.push(StreamRef::of::<Listing>(line.listing_id.to_string()));
             streams.push(StreamRef::of::<Reservation>(line.listing_id.to_string()));
-            streams.push(StreamRef::of::<ProductTimeline>(line.product_id.to_string()));
+            streams.push(StreamRef::of::<ProductTimeline>(
+                line.product_id.to_string(),
+            ));
         }
     }
     if let Some(wallet) = buyer_wallet {
@@ -274,10 +290,18 @@ async fn checkout(
 fn check_buyer_wallet(plan: &Plan, wallet_id: WalletId, buyer: UserId) -> Result<(), ExecError> {
     let wallet = plan.state::<Wallet>(&wallet_id.to_string())?;
     if !wallet.exists() {
-        return Err(refused("wallet_not_found", Refusal::NotFound, "the wallet does not exist"));
+        return Err(refused(
+            "wallet_not_found",
+            Refusal::NotFound,
+            "the wallet does not exist",
+        ));
     }
     if wallet.owner() != buyer {
-        return Err(refused("forbidden", Refusal::Forbidden, "the wallet is not yours"));
+        return Err(refused(
+            "forbidden",
+            Refusal::Forbidden,
+            "the wallet is not yours",
+        ));
     }
     Ok(())
 }
@@ -303,7 +327,11 @@ fn place_order(
             return Err(refused(
                 "listing_unavailable",
                 Refusal::Conflict,
-                &format!("listing {} is {}", line.listing_id, listing.status().as_str()),
+                &format!(
+                    "listing {} is {}",
+                    line.listing_id,
+                    listing.status().as_str()
+                ),
             ));
         }
         lines.push(OrderLine {
@@ -394,7 +422,10 @@ fn reserve_and_confirm(
     if let (PaymentMethod::WalletEscrow, Some(buyer_wallet), Some(seller_wallet)) =
         (payment_method, buyer_wallet, order.seller_wallet)
     {
-        let total = plan.state::<Order>(&order.order_id.to_string())?.total().clone();
+        let total = plan
+            .state::<Order>(&order.order_id.to_string())?
+            .total()
+            .clone();
         plan.decide::<Wallet>(
             &buyer_wallet.to_string(),
             WalletCommand::HoldFunds {
@@ -424,7 +455,11 @@ fn reserve_and_confirm(
 }
 
 /// The timer that expires hold `hold_id` of `listing_id` at `due_at`.
-pub(crate) fn hold_expiry_timer(listing_id: ListingId, hold_id: HoldId, due_at: DateTime<Utc>) -> Timer {
+pub(crate) fn hold_expiry_timer(
+    listing_id: ListingId,
+    hold_id: HoldId,
+    due_at: DateTime<Utc>,
+) -> Timer {
     Timer {
         timer_id: hold_id.as_uuid(),
         kind: crate::timers::HOLD_EXPIRY.to_owned(),
@@ -436,7 +471,10 @@ pub(crate) fn hold_expiry_timer(listing_id: ListingId, hold_id: HoldId, due_at: 
 /// The timer that cancels an order still awaiting its bank transfer at `due_at`.
 fn unpaid_order_timer(order_id: OrderId, due_at: DateTime<Utc>) -> Timer {
     Timer {
-        timer_id: domain::process::deterministic_command_id("unpaid-order", &[&order_id.to_string()]),
+        timer_id: domain::process::deterministic_command_id(
+            "unpaid-order",
+            &[&order_id.to_string()],
+        ),
         kind: crate::timers::UNPAID_ORDER.to_owned(),
         due_at,
         payload: json!({"order_id": order_id.to_string()}),
@@ -446,7 +484,10 @@ fn unpaid_order_timer(order_id: OrderId, due_at: DateTime<Utc>) -> Timer {
 /// The timer that releases an order's escrow to the seller at `due_at`.
 fn escrow_release_timer(order_id: OrderId, due_at: DateTime<Utc>) -> Timer {
     Timer {
-        timer_id: domain::process::deterministic_command_id("escrow-auto-release", &[&order_id.to_string()]),
+        timer_id: domain::process::deterministic_command_id(
+            "escrow-auto-release",
+            &[&order_id.to_string()],
+        ),
         kind: crate::timers::ESCROW_AUTO_RELEASE.to_owned(),
         due_at,
         payload: json!({"order_id": order_id.to_string()}),
@@ -476,15 +517,24 @@ fn order_streams(order_id: OrderId, order: &Order) -> Vec<StreamRef> {
     let mut streams = vec![StreamRef::of::<Order>(order_id.to_string())];
     for line in order.lines() {
         streams.push(StreamRef::of::<Reservation>(line.listing_id.to_string()));
-        streams.push(StreamRef::of::<ProductTimeline>(line.product_id.to_string()));
+        streams.push(StreamRef::of::<ProductTimeline>(
+            line.product_id.to_string(),
+        ));
     }
-    for wallet in [order.buyer_wallet(), order.seller_wallet()].into_iter().flatten() {
+    for wallet in [order.buyer_wallet(), order.seller_wallet()]
+        .into_iter()
+        .flatten()
+    {
         streams.push(StreamRef::of::<Wallet>(wallet.to_string()));
     }
     streams
 }
 
-fn record_on_products(plan: &mut Plan, lines: &[OrderLine], entry: impl Fn(&OrderLine) -> TimelineEntry) -> Result<(), ExecError> {
+fn record_on_products(
+    plan: &mut Plan,
+    lines: &[OrderLine],
+    entry: impl Fn(&OrderLine) -> TimelineEntry,
+) -> Result<(), ExecError> {
     for line in lines {
         plan.decide::<ProductTimeline>(
             &line.product_id.to_string(),
@@ -500,15 +550,26 @@ fn record_on_products(plan: &mut Plan, lines: &[OrderLine], entry: impl Fn(&Orde
 
 /// Moves an order's escrow from the buyer's held funds into the seller's
 /// wallet (both sides, in the plan's transaction).
-pub(crate) fn capture_escrow(plan: &mut Plan, order_id: OrderId, order: &Order) -> Result<(), ExecError> {
-    if let (Some(buyer_wallet), Some(seller_wallet)) = (order.buyer_wallet(), order.seller_wallet()) {
+pub(crate) fn capture_escrow(
+    plan: &mut Plan,
+    order_id: OrderId,
+    order: &Order,
+) -> Result<(), ExecError> {
+    if let (Some(buyer_wallet), Some(seller_wallet)) = (order.buyer_wallet(), order.seller_wallet())
+    {
         plan.decide::<Wallet>(
             &buyer_wallet.to_string(),
-            WalletCommand::CaptureHold { actor: Actor::system(), order_id },
+            WalletCommand::CaptureHold {
+                actor: Actor::system(),
+                order_id,
+            },
         )?;
         plan.decide::<Wallet>(
             &seller_wallet.to_string(),
-            WalletCommand::ReceiveEscrow { actor: Actor::system(), order_id },
+            WalletCommand::ReceiveEscrow {
+                actor: Actor::system(),
+                order_id,
+            },
         )?;
     }
     Ok(())
@@ -527,7 +588,10 @@ async fn confirm_payment(
     IdPath(id): IdPath,
     body: JsonBody<ConfirmPayment>,
 ) -> Result<Response, ApiError> {
-    let reference = field("reference", Reference::parse("reference", &body.value.reference))?;
+    let reference = field(
+        "reference",
+        Reference::parse("reference", &body.value.reference),
+    )?;
     let order_id = OrderId::from_uuid(id);
     let order = existing_order(&state, order_id).await?;
     let actor = user.actor();
@@ -538,7 +602,13 @@ async fn confirm_payment(
             meta.context(&user),
             meta.idempotency(&user, &body.sha256),
             move |plan| {
-                plan.decide::<Order>(&order_id.to_string(), OrderCommand::ConfirmPayment { actor, reference: reference.clone() })?;
+                plan.decide::<Order>(
+                    &order_id.to_string(),
+                    OrderCommand::ConfirmPayment {
+                        actor,
+                        reference: reference.clone(),
+                    },
+                )?;
                 // The stock stays held until shipment; its bank-transfer
                 // expiry no longer applies, so the hold is renewed by
                 // swapping it for a long one.
@@ -546,20 +616,27 @@ async fn confirm_payment(
                 let now = Utc::now();
                 for line in order.lines() {
                     let pool = line.listing_id.to_string();
-                    plan.decide::<Reservation>(&pool, ReservationCommand::Release {
-                        actor: Actor::system(),
-                        hold_id: line.hold_id,
-                        reason: Reason::parse("reason", "payment confirmed: renewing the hold").unwrap_or_default(),
-                    })?;
-                    plan.decide::<Reservation>(&pool, ReservationCommand::Reserve {
-                        actor: Actor::system(),
-                        hold_id: line.hold_id,
-                        holder: order.buyer(),
-                        quantity: line.quantity,
-                        expires_at: now + CONFIRMED_ORDER_HOLD,
-                        order_id: Some(order_id),
-                        now,
-                    })?;
+                    plan.decide::<Reservation>(
+                        &pool,
+                        ReservationCommand::Release {
+                            actor: Actor::system(),
+                            hold_id: line.hold_id,
+                            reason: Reason::parse("reason", "payment confirmed: renewing the hold")
+                                .unwrap_or_default(),
+                        },
+                    )?;
+                    plan.decide::<Reservation>(
+                        &pool,
+                        ReservationCommand::Reserve {
+                            actor: Actor::system(),
+                            hold_id: line.hold_id,
+                            holder: order.buyer(),
+                            quantity: line.quantity,
+                            expires_at: now + CONFIRMED_ORDER_HOLD,
+                            order_id: Some(order_id),
+                            now,
+                        },
+                    )?;
                 }
                 Ok(())
             },
@@ -585,7 +662,10 @@ async fn ship(
     body: JsonBody<Ship>,
 ) -> Result<Response, ApiError> {
     let carrier = field("carrier", Label::parse("carrier", &body.value.carrier))?;
-    let tracking_number = field("tracking_number", Label::parse("tracking_number", &body.value.tracking_number))?;
+    let tracking_number = field(
+        "tracking_number",
+        Label::parse("tracking_number", &body.value.tracking_number),
+    )?;
     let order_id = OrderId::from_uuid(id);
     let order = existing_order(&state, order_id).await?;
     let actor = user.actor();
@@ -599,22 +679,41 @@ async fn ship(
             move |plan| {
                 plan.decide::<Order>(
                     &order_id.to_string(),
-                    OrderCommand::Ship { actor, carrier: carrier.clone(), tracking_number: tracking_number.clone(), now },
+                    OrderCommand::Ship {
+                        actor,
+                        carrier: carrier.clone(),
+                        tracking_number: tracking_number.clone(),
+                        now,
+                    },
                 )?;
                 let order = plan.state::<Order>(&order_id.to_string())?.clone();
                 for line in order.lines() {
                     plan.decide::<Reservation>(
                         &line.listing_id.to_string(),
-                        ReservationCommand::Confirm { actor: Actor::system(), hold_id: line.hold_id },
+                        ReservationCommand::Confirm {
+                            actor: Actor::system(),
+                            hold_id: line.hold_id,
+                        },
                     )?;
                 }
-                let price_of = |line: &OrderLine| line.unit_price.times(line.quantity).unwrap_or_else(|| line.unit_price.clone());
-                record_on_products(plan, order.lines(), |line| TimelineEntry::Sold { order_id, buyer: order.buyer(), price: price_of(line) })?;
-                record_on_products(plan, order.lines(), |_| TimelineEntry::Shipped { order_id, carrier: carrier.clone() })?;
-                if order.payment_method() == PaymentMethod::WalletEscrow {
-                    if let Some(due_at) = order.auto_release_at() {
-                        plan.schedule(escrow_release_timer(order_id, due_at));
-                    }
+                let price_of = |line: &OrderLine| {
+                    line.unit_price
+                        .times(line.quantity)
+                        .unwrap_or_else(|| line.unit_price.clone())
+                };
+                record_on_products(plan, order.lines(), |line| TimelineEntry::Sold {
+                    order_id,
+                    buyer: order.buyer(),
+                    price: price_of(line),
+                })?;
+                record_on_products(plan, order.lines(), |_| TimelineEntry::Shipped {
+                    order_id,
+                    carrier: carrier.clone(),
+                })?;
+                if order.payment_method() == PaymentMethod::WalletEscrow
+                    && let Some(due_at) = order.auto_release_at()
+                {
+                    plan.schedule(escrow_release_timer(order_id, due_at));
                 }
                 Ok(())
             },
@@ -625,7 +724,12 @@ async fn ship(
     Ok(respond(accepted))
 }
 
-async fn deliver(State(state): State<AppState>, user: AuthUser, meta: RequestMeta, IdPath(id): IdPath) -> Result<Response, ApiError> {
+async fn deliver(
+    State(state): State<AppState>,
+    user: AuthUser,
+    meta: RequestMeta,
+    IdPath(id): IdPath,
+) -> Result<Response, ApiError> {
     let order_id = OrderId::from_uuid(id);
     let order = existing_order(&state, order_id).await?;
     let actor = user.actor();
@@ -637,13 +741,17 @@ async fn deliver(State(state): State<AppState>, user: AuthUser, meta: RequestMet
             meta.context(&user),
             meta.idempotency(&user, &EMPTY_BODY_SHA256),
             move |plan| {
-                let before = plan.state::<Order>(&order_id.to_string())?.escrow_released();
+                let before = plan
+                    .state::<Order>(&order_id.to_string())?
+                    .escrow_released();
                 plan.decide::<Order>(&order_id.to_string(), OrderCommand::Deliver { actor, now })?;
                 let order = plan.state::<Order>(&order_id.to_string())?.clone();
                 if !before && order.escrow_released() {
                     capture_escrow(plan, order_id, &order)?;
                 }
-                record_on_products(plan, order.lines(), |_| TimelineEntry::Delivered { order_id })?;
+                record_on_products(plan, order.lines(), |_| TimelineEntry::Delivered {
+                    order_id,
+                })?;
                 Ok(())
             },
             move |(), committed| single_body::<Order>(200, &order_id.to_string(), committed),
@@ -653,11 +761,22 @@ async fn deliver(State(state): State<AppState>, user: AuthUser, meta: RequestMet
     Ok(respond(accepted))
 }
 
-async fn release_escrow(State(state): State<AppState>, user: AuthUser, meta: RequestMeta, IdPath(id): IdPath) -> Result<Response, ApiError> {
+async fn release_escrow(
+    State(state): State<AppState>,
+    user: AuthUser,
+    meta: RequestMeta,
+    IdPath(id): IdPath,
+) -> Result<Response, ApiError> {
     let order_id = OrderId::from_uuid(id);
-    let accepted = release_escrow_with(&state.store, order_id, user.actor(), meta.context(&user), meta.idempotency(&user, &EMPTY_BODY_SHA256))
-        .await
-        .map_err(exec_error)?;
+    let accepted = release_escrow_with(
+        &state.store,
+        order_id,
+        user.actor(),
+        meta.context(&user),
+        meta.idempotency(&user, &EMPTY_BODY_SHA256),
+    )
+    .await
+    .map_err(exec_error)?;
     Ok(respond(accepted))
 }
 
@@ -671,7 +790,11 @@ pub(crate) async fn release_escrow_with(
 ) -> Result<event_store::Accepted, ExecError> {
     let (order, _) = store.state::<Order>(&order_id.to_string()).await?;
     if !order.exists() {
-        return Err(refused("order_not_found", Refusal::NotFound, "the order does not exist"));
+        return Err(refused(
+            "order_not_found",
+            Refusal::NotFound,
+            "the order does not exist",
+        ));
     }
     let now = Utc::now();
     store
@@ -680,7 +803,10 @@ pub(crate) async fn release_escrow_with(
             context,
             idempotency,
             move |plan| {
-                plan.decide::<Order>(&order_id.to_string(), OrderCommand::ReleaseEscrow { actor, now })?;
+                plan.decide::<Order>(
+                    &order_id.to_string(),
+                    OrderCommand::ReleaseEscrow { actor, now },
+                )?;
                 let order = plan.state::<Order>(&order_id.to_string())?.clone();
                 capture_escrow(plan, order_id, &order)?;
                 Ok(())
@@ -690,9 +816,26 @@ pub(crate) async fn release_escrow_with(
         .await
 }
 
-async fn complete(State(state): State<AppState>, user: AuthUser, meta: RequestMeta, IdPath(id): IdPath) -> Result<Response, ApiError> {
-    let command = OrderCommand::Complete { actor: user.actor(), now: Utc::now() };
-    single::<Order>(&state, &user, &meta, &EMPTY_BODY_SHA256, id, command, ok_reply(id)).await
+async fn complete(
+    State(state): State<AppState>,
+    user: AuthUser,
+    meta: RequestMeta,
+    IdPath(id): IdPath,
+) -> Result<Response, ApiError> {
+    let command = OrderCommand::Complete {
+        actor: user.actor(),
+        now: Utc::now(),
+    };
+    single::<Order>(
+        &state,
+        &user,
+        &meta,
+        &EMPTY_BODY_SHA256,
+        id,
+        command,
+        ok_reply(id),
+    )
+    .await
 }
 
 #[derive(Debug, Deserialize)]
@@ -739,7 +882,11 @@ pub(crate) async fn cancel_with(
 ) -> Result<event_store::Accepted, ExecError> {
     let (order, _) = store.state::<Order>(&order_id.to_string()).await?;
     if !order.exists() {
-        return Err(refused("order_not_found", Refusal::NotFound, "the order does not exist"));
+        return Err(refused(
+            "order_not_found",
+            Refusal::NotFound,
+            "the order does not exist",
+        ));
     }
     store
         .execute_multi(
@@ -749,24 +896,54 @@ pub(crate) async fn cancel_with(
             move |plan| {
                 let before = plan.state::<Order>(&order_id.to_string())?.clone();
                 if only_if.is_some_and(|status| status != before.status()) {
-                    return Err(refused("illegal_transition", Refusal::Conflict, "the order moved on"));
+                    return Err(refused(
+                        "illegal_transition",
+                        Refusal::Conflict,
+                        "the order moved on",
+                    ));
                 }
-                plan.decide::<Order>(&order_id.to_string(), OrderCommand::Cancel { actor, reason: reason.clone() })?;
+                plan.decide::<Order>(
+                    &order_id.to_string(),
+                    OrderCommand::Cancel {
+                        actor,
+                        reason: reason.clone(),
+                    },
+                )?;
                 for line in before.lines() {
                     let pool = plan.state::<Reservation>(&line.listing_id.to_string())?;
                     // A hold that already expired has given its stock back.
                     if pool.hold(line.hold_id).is_some() {
                         plan.decide::<Reservation>(
                             &line.listing_id.to_string(),
-                            ReservationCommand::Release { actor: Actor::system(), hold_id: line.hold_id, reason: reason.clone() },
+                            ReservationCommand::Release {
+                                actor: Actor::system(),
+                                hold_id: line.hold_id,
+                                reason: reason.clone(),
+                            },
                         )?;
                     }
                 }
-                if let (Some(buyer_wallet), Some(seller_wallet)) = (before.buyer_wallet(), before.seller_wallet()) {
-                    if plan.state::<Wallet>(&buyer_wallet.to_string())?.holds().contains_key(&order_id) {
-                        plan.decide::<Wallet>(&buyer_wallet.to_string(), WalletCommand::RefundHold { actor: Actor::system(), order_id })?;
-                        plan.decide::<Wallet>(&seller_wallet.to_string(), WalletCommand::CancelIncoming { actor: Actor::system(), order_id })?;
-                    }
+                if let (Some(buyer_wallet), Some(seller_wallet)) =
+                    (before.buyer_wallet(), before.seller_wallet())
+                    && plan
+                        .state::<Wallet>(&buyer_wallet.to_string())?
+                        .holds()
+                        .contains_key(&order_id)
+                {
+                    plan.decide::<Wallet>(
+                        &buyer_wallet.to_string(),
+                        WalletCommand::RefundHold {
+                            actor: Actor::system(),
+                            order_id,
+                        },
+                    )?;
+                    plan.decide::<Wallet>(
+                        &seller_wallet.to_string(),
+                        WalletCommand::CancelIncoming {
+                            actor: Actor::system(),
+                            order_id,
+                        },
+                    )?;
                 }
                 Ok(())
             },
@@ -783,11 +960,29 @@ async fn request_return(
     body: JsonBody<WithReason>,
 ) -> Result<Response, ApiError> {
     let reason = field("reason", Reason::parse("reason", &body.value.reason))?;
-    let command = OrderCommand::RequestReturn { actor: user.actor(), reason, now: Utc::now() };
-    single::<Order>(&state, &user, &meta, &body.sha256, id, command, ok_reply(id)).await
+    let command = OrderCommand::RequestReturn {
+        actor: user.actor(),
+        reason,
+        now: Utc::now(),
+    };
+    single::<Order>(
+        &state,
+        &user,
+        &meta,
+        &body.sha256,
+        id,
+        command,
+        ok_reply(id),
+    )
+    .await
 }
 
-async fn mark_returned(State(state): State<AppState>, user: AuthUser, meta: RequestMeta, IdPath(id): IdPath) -> Result<Response, ApiError> {
+async fn mark_returned(
+    State(state): State<AppState>,
+    user: AuthUser,
+    meta: RequestMeta,
+    IdPath(id): IdPath,
+) -> Result<Response, ApiError> {
     let order_id = OrderId::from_uuid(id);
     let order = existing_order(&state, order_id).await?;
     let actor = user.actor();
@@ -800,7 +995,9 @@ async fn mark_returned(State(state): State<AppState>, user: AuthUser, meta: Requ
             move |plan| {
                 plan.decide::<Order>(&order_id.to_string(), OrderCommand::MarkReturned { actor })?;
                 let order = plan.state::<Order>(&order_id.to_string())?.clone();
-                record_on_products(plan, order.lines(), |_| TimelineEntry::Returned { order_id })?;
+                record_on_products(plan, order.lines(), |_| TimelineEntry::Returned {
+                    order_id,
+                })?;
                 Ok(())
             },
             move |(), committed| single_body::<Order>(200, &order_id.to_string(), committed),
@@ -810,7 +1007,12 @@ async fn mark_returned(State(state): State<AppState>, user: AuthUser, meta: Requ
     Ok(respond(accepted))
 }
 
-async fn refund(State(state): State<AppState>, user: AuthUser, meta: RequestMeta, IdPath(id): IdPath) -> Result<Response, ApiError> {
+async fn refund(
+    State(state): State<AppState>,
+    user: AuthUser,
+    meta: RequestMeta,
+    IdPath(id): IdPath,
+) -> Result<Response, ApiError> {
     let order_id = OrderId::from_uuid(id);
     let order = existing_order(&state, order_id).await?;
     let actor = user.actor();
@@ -823,10 +1025,28 @@ async fn refund(State(state): State<AppState>, user: AuthUser, meta: RequestMeta
             move |plan| {
                 plan.decide::<Order>(&order_id.to_string(), OrderCommand::Refund { actor })?;
                 let order = plan.state::<Order>(&order_id.to_string())?.clone();
-                if let (Some(buyer_wallet), Some(seller_wallet)) = (order.buyer_wallet(), order.seller_wallet()) {
+                if let (Some(buyer_wallet), Some(seller_wallet)) =
+                    (order.buyer_wallet(), order.seller_wallet())
+                {
                     let amount = order.total().clone();
-                    plan.decide::<Wallet>(&seller_wallet.to_string(), WalletCommand::ReturnPayment { actor: Actor::system(), order_id, amount: amount.clone(), to_wallet: buyer_wallet })?;
-                    plan.decide::<Wallet>(&buyer_wallet.to_string(), WalletCommand::ReceiveRefund { actor: Actor::system(), order_id, amount, from_wallet: seller_wallet })?;
+                    plan.decide::<Wallet>(
+                        &seller_wallet.to_string(),
+                        WalletCommand::ReturnPayment {
+                            actor: Actor::system(),
+                            order_id,
+                            amount: amount.clone(),
+                            to_wallet: buyer_wallet,
+                        },
+                    )?;
+                    plan.decide::<Wallet>(
+                        &buyer_wallet.to_string(),
+                        WalletCommand::ReceiveRefund {
+                            actor: Actor::system(),
+                            order_id,
+                            amount,
+                            from_wallet: seller_wallet,
+                        },
+                    )?;
                 }
                 Ok(())
             },
@@ -854,6 +1074,19 @@ async fn review(
 ) -> Result<Response, ApiError> {
     let rating = field("rating", Rating::parse(body.value.rating))?;
     let comment = field("comment", Comment::parse("comment", &body.value.comment))?;
-    let command = OrderCommand::Review { actor: user.actor(), rating, comment };
-    single::<Order>(&state, &user, &meta, &body.sha256, id, command, ok_reply(id)).await
+    let command = OrderCommand::Review {
+        actor: user.actor(),
+        rating,
+        comment,
+    };
+    single::<Order>(
+        &state,
+        &user,
+        &meta,
+        &body.sha256,
+        id,
+        command,
+        ok_reply(id),
+    )
+    .await
 }

@@ -7,7 +7,9 @@ use axum::extract::State;
 use axum::response::Response;
 use axum::routing::post;
 use domain::timeline::{ProductTimeline, TimelineCommand};
-use domain::values::{Comment, CustomizationId, Description, StoryBody, StoryId, Title, Url, UserId};
+use domain::values::{
+    Comment, CustomizationId, Description, StoryBody, StoryId, Title, Url, UserId,
+};
 use serde::Deserialize;
 use uuid::Uuid;
 
@@ -24,8 +26,14 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/products/{id}/stories", post(add_story))
         .route("/products/{id}/customizations", post(request_customization))
-        .route("/products/{id}/customizations/{customization_id}/accept", post(accept_customization))
-        .route("/products/{id}/customizations/{customization_id}/complete", post(complete_customization))
+        .route(
+            "/products/{id}/customizations/{customization_id}/accept",
+            post(accept_customization),
+        )
+        .route(
+            "/products/{id}/customizations/{customization_id}/complete",
+            post(complete_customization),
+        )
 }
 
 fn parse_media(media: &[String]) -> Result<Vec<Url>, ApiError> {
@@ -61,7 +69,16 @@ async fn add_story(
         body: field("body", StoryBody::parse("body", &body.value.body))?,
         media: parse_media(&body.value.media)?,
     };
-    single::<ProductTimeline>(&state, &user, &meta, &body.sha256, id, command, created_reply(story_id.as_uuid())).await
+    single::<ProductTimeline>(
+        &state,
+        &user,
+        &meta,
+        &body.sha256,
+        id,
+        command,
+        created_reply(story_id.as_uuid()),
+    )
+    .await
 }
 
 #[derive(Debug, Deserialize)]
@@ -83,9 +100,21 @@ async fn request_customization(
         actor: user.actor(),
         customization_id,
         designer: UserId::from_uuid(body.value.designer_id),
-        description: field("description", Description::parse("description", &body.value.description))?,
+        description: field(
+            "description",
+            Description::parse("description", &body.value.description),
+        )?,
     };
-    single::<ProductTimeline>(&state, &user, &meta, &body.sha256, id, command, created_reply(customization_id.as_uuid())).await
+    single::<ProductTimeline>(
+        &state,
+        &user,
+        &meta,
+        &body.sha256,
+        id,
+        command,
+        created_reply(customization_id.as_uuid()),
+    )
+    .await
 }
 
 async fn accept_customization(
@@ -98,7 +127,16 @@ async fn accept_customization(
         actor: user.actor(),
         customization_id: CustomizationId::from_uuid(customization_id),
     };
-    single::<ProductTimeline>(&state, &user, &meta, &EMPTY_BODY_SHA256, id, command, ok_reply(customization_id)).await
+    single::<ProductTimeline>(
+        &state,
+        &user,
+        &meta,
+        &EMPTY_BODY_SHA256,
+        id,
+        command,
+        ok_reply(customization_id),
+    )
+    .await
 }
 
 #[derive(Debug, Deserialize)]
@@ -123,5 +161,14 @@ async fn complete_customization(
         media: parse_media(&body.value.media)?,
         note: field("note", Comment::parse("note", &body.value.note))?,
     };
-    single::<ProductTimeline>(&state, &user, &meta, &body.sha256, id, command, ok_reply(customization_id)).await
+    single::<ProductTimeline>(
+        &state,
+        &user,
+        &meta,
+        &body.sha256,
+        id,
+        command,
+        ok_reply(customization_id),
+    )
+    .await
 }

@@ -42,7 +42,16 @@ async fn open(
     };
     // With an Idempotency-Key, a retry must land on the same wallet: the
     // stored response (with the first id) is returned before this id is used.
-    single::<Wallet>(&state, &user, &meta, &body.sha256, wallet_id.as_uuid(), command, created_reply(wallet_id.as_uuid())).await
+    single::<Wallet>(
+        &state,
+        &user,
+        &meta,
+        &body.sha256,
+        wallet_id.as_uuid(),
+        command,
+        created_reply(wallet_id.as_uuid()),
+    )
+    .await
 }
 
 #[derive(Debug, Deserialize)]
@@ -60,13 +69,25 @@ async fn deposit(
     body: JsonBody<Movement>,
 ) -> Result<Response, ApiError> {
     let amount = body.value.amount.parse("amount")?;
-    let reference = field("reference", Reference::parse("reference", &body.value.reference))?;
+    let reference = field(
+        "reference",
+        Reference::parse("reference", &body.value.reference),
+    )?;
     let command = WalletCommand::Deposit {
         actor: user.actor(),
         amount,
         reference,
     };
-    single::<Wallet>(&state, &user, &meta, &body.sha256, id, command, ok_reply(id)).await
+    single::<Wallet>(
+        &state,
+        &user,
+        &meta,
+        &body.sha256,
+        id,
+        command,
+        ok_reply(id),
+    )
+    .await
 }
 
 async fn withdraw(
@@ -77,11 +98,23 @@ async fn withdraw(
     body: JsonBody<Movement>,
 ) -> Result<Response, ApiError> {
     let amount = body.value.amount.parse("amount")?;
-    let reference = field("reference", Reference::parse("reference", &body.value.reference))?;
+    let reference = field(
+        "reference",
+        Reference::parse("reference", &body.value.reference),
+    )?;
     let command = WalletCommand::Withdraw {
         actor: user.actor(),
         amount,
         reference,
     };
-    single::<Wallet>(&state, &user, &meta, &body.sha256, id, command, ok_reply(id)).await
+    single::<Wallet>(
+        &state,
+        &user,
+        &meta,
+        &body.sha256,
+        id,
+        command,
+        ok_reply(id),
+    )
+    .await
 }
