@@ -58,6 +58,7 @@ pub struct App {
     router: Router,
     port: u16,
     state: AppState,
+    timer_poll: Duration,
 }
 
 impl std::fmt::Debug for App {
@@ -115,6 +116,7 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
         router,
         port,
         state,
+        timer_poll: Duration::from_millis(config.timer_poll_ms.max(10)),
     })
 }
 
@@ -138,7 +140,7 @@ impl App {
         signal: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         tracing::info!(port = self.port, "command-api listening");
-        let timers = tokio::spawn(crate::timers::run(self.state.store.clone()));
+        let timers = tokio::spawn(crate::timers::run(self.state.store.clone(), self.timer_poll));
         let served = axum::serve(self.listener, self.router)
             .with_graceful_shutdown(signal)
             .await

@@ -23,6 +23,11 @@ pub const UNPAID_ORDER: &str = "unpaid_order";
 /// Releases escrow to the seller 7 days after shipment.
 pub const ESCROW_AUTO_RELEASE: &str = "escrow_auto_release";
 
+/// Refusals that mean "not yet", not "nothing to do".
+const TOO_EARLY: &[&str] = &["not_yet_due", "not_yet_expired"];
+/// How much later a timer that fired early is tried again.
+const RETRY_EARLY_SECONDS: f64 = 5.0;
+
 /// Timers leased per round.
 const BATCH: i64 = 32;
 /// A leased timer that was neither fired nor deleted becomes due again after this.
@@ -31,11 +36,7 @@ const LEASE_SECONDS: i64 = 60;
 const MAX_ATTEMPTS: i32 = 20;
 
 /// Fires due timers until the task is aborted, polling every `poll`.
-pub async fn run(store: EventStore) {
-    run_every(store, Duration::from_millis(1000)).await;
-}
-
-pub async fn run_every(store: EventStore, poll: Duration) {
+pub async fn run(store: EventStore, poll: Duration) {
     loop {
         match fire_due(&store).await {
             Ok(fired) if fired as i64 == BATCH => continue,
@@ -64,6 +65,19 @@ pub async fn fire_due(store: &EventStore) -> Result<usize, sqlx::Error> {
     for (timer_id, kind, payload) in due {
         let result = fire(store, timer_id, &kind, &payload).await;
         match result {
+            // Fired a moment early (the database's clock and ours differ):
+            // keep it, a little later.
+            Err(ExecError::Rejected { code, .. }) if TOO_EARLY.contains(&code) => {
+                tracing::debug!(%timer_id, kind, "timer fired early; rescheduled");
+                sqlx::query(
+                    "UPDATE timers SET due_at = now() + make_interval(secs => $2), attempts = attempts - 1
+                      WHERE timer_id = $1",
+                )
+                .bind(timer_id)
+                .bind(RETRY_EARLY_SECONDS)
+                .execute(store.pool())
+                .await?;
+            }
             // Fired, or refused because there is nothing left to do (the
             // hold was confirmed, the order moved on): either way, done.
             Ok(()) | Err(ExecError::Rejected { .. }) => {
