@@ -140,6 +140,12 @@ impl IntoResponse for ApiError {
             _ => tracing::debug!(code = self.code(), message = %self, "request refused"),
         }
         let mut response = (self.status(), Json(self.body())).into_response();
+        if matches!(self, Self::Unauthorized(_)) {
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
         if matches!(self, Self::Unavailable) {
             response
                 .headers_mut()

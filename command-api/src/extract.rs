@@ -62,24 +62,21 @@ fn body_limit_hint() -> usize {
     crate::app::body_limit()
 }
 
-/// Parses `bytes` strictly: syntax errors are `malformed_json` (400), shape
-/// errors (types, unknown or missing fields) are `invalid_body` (422).
+/// Parses `bytes` strictly: anything that is not one JSON value is
+/// `malformed_json` (400); JSON of the wrong shape (types, unknown or missing
+/// fields, an array where an object belongs) is `invalid_body` (422).
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<JsonBody<T>, ApiError> {
     let sha256 = Sha256::digest(bytes).into();
-    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
-    let value = T::deserialize(&mut deserializer).and_then(|value| {
-        deserializer.end()?;
-        Ok(value)
-    });
-    match value {
-        Ok(value) => Ok(JsonBody { value, sha256 }),
-        Err(error) => match error.classify() {
-            serde_json::error::Category::Data => Err(ApiError::InvalidBody(error.to_string())),
-            _ => Err(ApiError::MalformedJson(format!(
-                "the body is not valid JSON: {error}"
-            ))),
-        },
-    }
+    // Syntax first, so that a truncated body is malformed even when a field
+    // before the cut is already of the wrong shape.
+    let value =
+        crate::strict_json::parse_unique(bytes).map_err(|error| match error.classify() {
+            serde_json::error::Category::Data => ApiError::InvalidBody(error.to_string()),
+            _ => ApiError::MalformedJson(format!("the body is not valid JSON: {error}")),
+        })?;
+    let value = crate::strict_json::from_value(&value)
+        .map_err(|error| ApiError::InvalidBody(error.to_string()))?;
+    Ok(JsonBody { value, sha256 })
 }
 
 /// Facts about the request that every command records.

@@ -18,6 +18,7 @@ pub mod error;
 pub mod extract;
 pub mod openapi;
 mod routes;
+mod strict_json;
 pub mod telemetry;
 pub mod timers;
 

@@ -2,6 +2,9 @@
 //! its own database (and its own JetStream stream where NATS is involved),
 //! against the real Postgres on this machine.
 
+mod auth;
+mod bad_input;
 mod event_store;
+mod orders;
 mod reliability;
 mod smoke;

@@ -558,6 +558,7 @@ async fn set_stock(
     body: JsonBody<SetStock>,
 ) -> Result<Response, ApiError> {
     let quantity = parse_quantity(body.value.quantity)?;
+    existing_listing(&state, ListingId::from_uuid(id)).await?;
     let command = ReservationCommand::SetStock {
         actor: user.actor(),
         quantity,
