@@ -18,8 +18,9 @@ use uuid::Uuid;
 
 use crate::record::Position;
 
-/// An event as read from the global order.
-#[derive(Debug, Clone, PartialEq)]
+/// An event as read from the global order. Serialized as JSON, it is also
+/// the body of the message the relay publishes to JetStream.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RecordedEvent {
     pub position: Position,
     pub aggregate_type: String,

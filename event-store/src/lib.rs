@@ -8,12 +8,14 @@
 //! - `record`: metadata, positions (and their tokens) and the hash chain.
 //! - `global`: the global order, read without ever skipping a late commit.
 //! - `verify`: recomputes the hash chains (tamper evidence).
+//! - `fanout`: subjects and partitions of the events published to JetStream.
 //!
 //! The table layout is postgres-es's plus Souk's columns (see
 //! `migrations/sql`), so cqrs-es tooling can still read it; the write path is
 //! Souk's own because postgres-es cannot put an idempotency record in the
 //! transaction of the events, batch a hot aggregate, or keep a hash chain.
 
+pub mod fanout;
 pub mod global;
 mod load;
 pub mod record;
