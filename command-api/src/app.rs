@@ -140,7 +140,10 @@ impl App {
         signal: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         tracing::info!(port = self.port, "command-api listening");
-        let timers = tokio::spawn(crate::timers::run(self.state.store.clone(), self.timer_poll));
+        let timers = tokio::spawn(crate::timers::run(
+            self.state.store.clone(),
+            self.timer_poll,
+        ));
         let served = axum::serve(self.listener, self.router)
             .with_graceful_shutdown(signal)
             .await
