@@ -482,56 +482,50 @@ async fn update_details(
 }
 
 async fn delete(
-    State(state): State<AppState>,
+    state: State<AppState>,
     user: AuthUser,
     meta: RequestMeta,
-    IdPath(id): IdPath,
+    id: IdPath,
 ) -> Result<Response, ApiError> {
-    let command = ListingCommand::Delete {
-        actor: user.actor(),
-    };
-    single::<Listing>(
-        &state,
-        &user,
-        &meta,
-        &EMPTY_BODY_SHA256,
-        id,
-        command,
-        ok_reply(id),
-    )
+    lifecycle(state, user, meta, id, |actor| ListingCommand::Delete {
+        actor,
+    })
     .await
 }
 
 async fn pause(
-    State(state): State<AppState>,
+    state: State<AppState>,
     user: AuthUser,
     meta: RequestMeta,
-    IdPath(id): IdPath,
+    id: IdPath,
 ) -> Result<Response, ApiError> {
-    let command = ListingCommand::Pause {
-        actor: user.actor(),
-    };
-    single::<Listing>(
-        &state,
-        &user,
-        &meta,
-        &EMPTY_BODY_SHA256,
-        id,
-        command,
-        ok_reply(id),
-    )
+    lifecycle(state, user, meta, id, |actor| ListingCommand::Pause {
+        actor,
+    })
     .await
 }
 
 async fn resume(
+    state: State<AppState>,
+    user: AuthUser,
+    meta: RequestMeta,
+    id: IdPath,
+) -> Result<Response, ApiError> {
+    lifecycle(state, user, meta, id, |actor| ListingCommand::Resume {
+        actor,
+    })
+    .await
+}
+
+/// A body-less change of a listing's status.
+async fn lifecycle(
     State(state): State<AppState>,
     user: AuthUser,
     meta: RequestMeta,
     IdPath(id): IdPath,
+    command: fn(Actor) -> ListingCommand,
 ) -> Result<Response, ApiError> {
-    let command = ListingCommand::Resume {
-        actor: user.actor(),
-    };
+    let command = command(user.actor());
     single::<Listing>(
         &state,
         &user,

@@ -494,21 +494,36 @@ fn escrow_release_timer(order_id: OrderId, due_at: DateTime<Utc>) -> Timer {
     }
 }
 
-/// The order's current state, or 404.
-async fn existing_order(state: &AppState, id: OrderId) -> Result<Order, ApiError> {
-    let (order, _) = state
-        .store
-        .state::<Order>(&id.to_string())
-        .await
-        .map_err(exec_error)?;
+/// Runs `plan` in one transaction over order `order_id` and every stream it
+/// touches (its lines' stock pools and products, its wallets), answered with
+/// the order's id, version and position. A missing order is 404.
+pub(crate) async fn order_step<P>(
+    store: &event_store::EventStore,
+    order_id: OrderId,
+    context: event_store::CommandContext,
+    idempotency: Option<event_store::IdempotencyKey>,
+    plan: P,
+) -> Result<event_store::Accepted, ExecError>
+where
+    P: Fn(&mut Plan) -> Result<(), ExecError> + Send + Sync + 'static,
+{
+    let (order, _) = store.state::<Order>(&order_id.to_string()).await?;
     if !order.exists() {
-        return Err(ApiError::Domain {
-            code: "order_not_found",
-            refusal: Refusal::NotFound,
-            message: format!("order {id} does not exist"),
-        });
+        return Err(refused(
+            "order_not_found",
+            Refusal::NotFound,
+            &format!("order {order_id} does not exist"),
+        ));
     }
-    Ok(order)
+    store
+        .execute_multi(
+            order_streams(order_id, &order),
+            context,
+            idempotency,
+            plan,
+            move |(), committed| single_body::<Order>(200, &order_id.to_string(), committed),
+        )
+        .await
 }
 
 /// The streams an order's follow-up steps touch: the order, its lines'
@@ -593,58 +608,55 @@ async fn confirm_payment(
         Reference::parse("reference", &body.value.reference),
     )?;
     let order_id = OrderId::from_uuid(id);
-    let order = existing_order(&state, order_id).await?;
     let actor = user.actor();
-    let accepted = state
-        .store
-        .execute_multi(
-            order_streams(order_id, &order),
-            meta.context(&user),
-            meta.idempotency(&user, &body.sha256),
-            move |plan| {
-                plan.decide::<Order>(
-                    &order_id.to_string(),
-                    OrderCommand::ConfirmPayment {
-                        actor,
-                        reference: reference.clone(),
+    order_step(
+        &state.store,
+        order_id,
+        meta.context(&user),
+        meta.idempotency(&user, &body.sha256),
+        move |plan| {
+            plan.decide::<Order>(
+                &order_id.to_string(),
+                OrderCommand::ConfirmPayment {
+                    actor,
+                    reference: reference.clone(),
+                },
+            )?;
+            // The stock stays held until shipment; its bank-transfer
+            // expiry no longer applies, so the hold is renewed by
+            // swapping it for a long one.
+            let order = plan.state::<Order>(&order_id.to_string())?.clone();
+            let now = Utc::now();
+            for line in order.lines() {
+                let pool = line.listing_id.to_string();
+                plan.decide::<Reservation>(
+                    &pool,
+                    ReservationCommand::Release {
+                        actor: Actor::system(),
+                        hold_id: line.hold_id,
+                        reason: Reason::parse("reason", "payment confirmed: renewing the hold")
+                            .unwrap_or_default(),
                     },
                 )?;
-                // The stock stays held until shipment; its bank-transfer
-                // expiry no longer applies, so the hold is renewed by
-                // swapping it for a long one.
-                let order = plan.state::<Order>(&order_id.to_string())?.clone();
-                let now = Utc::now();
-                for line in order.lines() {
-                    let pool = line.listing_id.to_string();
-                    plan.decide::<Reservation>(
-                        &pool,
-                        ReservationCommand::Release {
-                            actor: Actor::system(),
-                            hold_id: line.hold_id,
-                            reason: Reason::parse("reason", "payment confirmed: renewing the hold")
-                                .unwrap_or_default(),
-                        },
-                    )?;
-                    plan.decide::<Reservation>(
-                        &pool,
-                        ReservationCommand::Reserve {
-                            actor: Actor::system(),
-                            hold_id: line.hold_id,
-                            holder: order.buyer(),
-                            quantity: line.quantity,
-                            expires_at: now + CONFIRMED_ORDER_HOLD,
-                            order_id: Some(order_id),
-                            now,
-                        },
-                    )?;
-                }
-                Ok(())
-            },
-            move |(), committed| single_body::<Order>(200, &order_id.to_string(), committed),
-        )
-        .await
-        .map_err(exec_error)?;
-    Ok(respond(accepted))
+                plan.decide::<Reservation>(
+                    &pool,
+                    ReservationCommand::Reserve {
+                        actor: Actor::system(),
+                        hold_id: line.hold_id,
+                        holder: order.buyer(),
+                        quantity: line.quantity,
+                        expires_at: now + CONFIRMED_ORDER_HOLD,
+                        order_id: Some(order_id),
+                        now,
+                    },
+                )?;
+            }
+            Ok(())
+        },
+    )
+    .await
+    .map(respond)
+    .map_err(exec_error)
 }
 
 #[derive(Debug, Deserialize)]
@@ -667,61 +679,58 @@ async fn ship(
         Label::parse("tracking_number", &body.value.tracking_number),
     )?;
     let order_id = OrderId::from_uuid(id);
-    let order = existing_order(&state, order_id).await?;
     let actor = user.actor();
     let now = Utc::now();
-    let accepted = state
-        .store
-        .execute_multi(
-            order_streams(order_id, &order),
-            meta.context(&user),
-            meta.idempotency(&user, &body.sha256),
-            move |plan| {
-                plan.decide::<Order>(
-                    &order_id.to_string(),
-                    OrderCommand::Ship {
-                        actor,
-                        carrier: carrier.clone(),
-                        tracking_number: tracking_number.clone(),
-                        now,
+    order_step(
+        &state.store,
+        order_id,
+        meta.context(&user),
+        meta.idempotency(&user, &body.sha256),
+        move |plan| {
+            plan.decide::<Order>(
+                &order_id.to_string(),
+                OrderCommand::Ship {
+                    actor,
+                    carrier: carrier.clone(),
+                    tracking_number: tracking_number.clone(),
+                    now,
+                },
+            )?;
+            let order = plan.state::<Order>(&order_id.to_string())?.clone();
+            for line in order.lines() {
+                plan.decide::<Reservation>(
+                    &line.listing_id.to_string(),
+                    ReservationCommand::Confirm {
+                        actor: Actor::system(),
+                        hold_id: line.hold_id,
                     },
                 )?;
-                let order = plan.state::<Order>(&order_id.to_string())?.clone();
-                for line in order.lines() {
-                    plan.decide::<Reservation>(
-                        &line.listing_id.to_string(),
-                        ReservationCommand::Confirm {
-                            actor: Actor::system(),
-                            hold_id: line.hold_id,
-                        },
-                    )?;
-                }
-                let price_of = |line: &OrderLine| {
-                    line.unit_price
-                        .times(line.quantity)
-                        .unwrap_or_else(|| line.unit_price.clone())
-                };
-                record_on_products(plan, order.lines(), |line| TimelineEntry::Sold {
-                    order_id,
-                    buyer: order.buyer(),
-                    price: price_of(line),
-                })?;
-                record_on_products(plan, order.lines(), |_| TimelineEntry::Shipped {
-                    order_id,
-                    carrier: carrier.clone(),
-                })?;
-                if order.payment_method() == PaymentMethod::WalletEscrow
-                    && let Some(due_at) = order.auto_release_at()
-                {
-                    plan.schedule(escrow_release_timer(order_id, due_at));
-                }
-                Ok(())
-            },
-            move |(), committed| single_body::<Order>(200, &order_id.to_string(), committed),
-        )
-        .await
-        .map_err(exec_error)?;
-    Ok(respond(accepted))
+            }
+            let price_of = |line: &OrderLine| {
+                line.unit_price
+                    .times(line.quantity)
+                    .unwrap_or_else(|| line.unit_price.clone())
+            };
+            record_on_products(plan, order.lines(), |line| TimelineEntry::Sold {
+                order_id,
+                buyer: order.buyer(),
+                price: price_of(line),
+            })?;
+            record_on_products(plan, order.lines(), |_| TimelineEntry::Shipped {
+                order_id,
+                carrier: carrier.clone(),
+            })?;
+            if order.payment_method() == PaymentMethod::WalletEscrow
+                && let Some(due_at) = order.auto_release_at()
+            {
+                plan.schedule(escrow_release_timer(order_id, due_at));
+            }
+            Ok(())
+        },
+    )
+    .await
+    .map(respond)
+    .map_err(exec_error)
 }
 
 async fn deliver(
@@ -731,34 +740,31 @@ async fn deliver(
     IdPath(id): IdPath,
 ) -> Result<Response, ApiError> {
     let order_id = OrderId::from_uuid(id);
-    let order = existing_order(&state, order_id).await?;
     let actor = user.actor();
     let now = Utc::now();
-    let accepted = state
-        .store
-        .execute_multi(
-            order_streams(order_id, &order),
-            meta.context(&user),
-            meta.idempotency(&user, &EMPTY_BODY_SHA256),
-            move |plan| {
-                let before = plan
-                    .state::<Order>(&order_id.to_string())?
-                    .escrow_released();
-                plan.decide::<Order>(&order_id.to_string(), OrderCommand::Deliver { actor, now })?;
-                let order = plan.state::<Order>(&order_id.to_string())?.clone();
-                if !before && order.escrow_released() {
-                    capture_escrow(plan, order_id, &order)?;
-                }
-                record_on_products(plan, order.lines(), |_| TimelineEntry::Delivered {
-                    order_id,
-                })?;
-                Ok(())
-            },
-            move |(), committed| single_body::<Order>(200, &order_id.to_string(), committed),
-        )
-        .await
-        .map_err(exec_error)?;
-    Ok(respond(accepted))
+    order_step(
+        &state.store,
+        order_id,
+        meta.context(&user),
+        meta.idempotency(&user, &EMPTY_BODY_SHA256),
+        move |plan| {
+            let before = plan
+                .state::<Order>(&order_id.to_string())?
+                .escrow_released();
+            plan.decide::<Order>(&order_id.to_string(), OrderCommand::Deliver { actor, now })?;
+            let order = plan.state::<Order>(&order_id.to_string())?.clone();
+            if !before && order.escrow_released() {
+                capture_escrow(plan, order_id, &order)?;
+            }
+            record_on_products(plan, order.lines(), |_| TimelineEntry::Delivered {
+                order_id,
+            })?;
+            Ok(())
+        },
+    )
+    .await
+    .map(respond)
+    .map_err(exec_error)
 }
 
 async fn release_escrow(
@@ -788,32 +794,17 @@ pub(crate) async fn release_escrow_with(
     context: event_store::CommandContext,
     idempotency: Option<event_store::IdempotencyKey>,
 ) -> Result<event_store::Accepted, ExecError> {
-    let (order, _) = store.state::<Order>(&order_id.to_string()).await?;
-    if !order.exists() {
-        return Err(refused(
-            "order_not_found",
-            Refusal::NotFound,
-            "the order does not exist",
-        ));
-    }
     let now = Utc::now();
-    store
-        .execute_multi(
-            order_streams(order_id, &order),
-            context,
-            idempotency,
-            move |plan| {
-                plan.decide::<Order>(
-                    &order_id.to_string(),
-                    OrderCommand::ReleaseEscrow { actor, now },
-                )?;
-                let order = plan.state::<Order>(&order_id.to_string())?.clone();
-                capture_escrow(plan, order_id, &order)?;
-                Ok(())
-            },
-            move |(), committed| single_body::<Order>(200, &order_id.to_string(), committed),
-        )
-        .await
+    order_step(store, order_id, context, idempotency, move |plan| {
+        plan.decide::<Order>(
+            &order_id.to_string(),
+            OrderCommand::ReleaseEscrow { actor, now },
+        )?;
+        let order = plan.state::<Order>(&order_id.to_string())?.clone();
+        capture_escrow(plan, order_id, &order)?;
+        Ok(())
+    })
+    .await
 }
 
 async fn complete(
@@ -854,7 +845,6 @@ async fn cancel(
 ) -> Result<Response, ApiError> {
     let reason = field("reason", Reason::parse("reason", &body.value.reason))?;
     let order_id = OrderId::from_uuid(id);
-    existing_order(&state, order_id).await?;
     let accepted = cancel_with(
         &state.store,
         order_id,
@@ -880,76 +870,61 @@ pub(crate) async fn cancel_with(
     context: event_store::CommandContext,
     idempotency: Option<event_store::IdempotencyKey>,
 ) -> Result<event_store::Accepted, ExecError> {
-    let (order, _) = store.state::<Order>(&order_id.to_string()).await?;
-    if !order.exists() {
-        return Err(refused(
-            "order_not_found",
-            Refusal::NotFound,
-            "the order does not exist",
-        ));
-    }
-    store
-        .execute_multi(
-            order_streams(order_id, &order),
-            context,
-            idempotency,
-            move |plan| {
-                let before = plan.state::<Order>(&order_id.to_string())?.clone();
-                if only_if.is_some_and(|status| status != before.status()) {
-                    return Err(refused(
-                        "illegal_transition",
-                        Refusal::Conflict,
-                        "the order moved on",
-                    ));
-                }
-                plan.decide::<Order>(
-                    &order_id.to_string(),
-                    OrderCommand::Cancel {
-                        actor,
+    order_step(store, order_id, context, idempotency, move |plan| {
+        let before = plan.state::<Order>(&order_id.to_string())?.clone();
+        if only_if.is_some_and(|status| status != before.status()) {
+            return Err(refused(
+                "illegal_transition",
+                Refusal::Conflict,
+                "the order moved on",
+            ));
+        }
+        plan.decide::<Order>(
+            &order_id.to_string(),
+            OrderCommand::Cancel {
+                actor,
+                reason: reason.clone(),
+            },
+        )?;
+        for line in before.lines() {
+            let pool = plan.state::<Reservation>(&line.listing_id.to_string())?;
+            // A hold that already expired has given its stock back.
+            if pool.hold(line.hold_id).is_some() {
+                plan.decide::<Reservation>(
+                    &line.listing_id.to_string(),
+                    ReservationCommand::Release {
+                        actor: Actor::system(),
+                        hold_id: line.hold_id,
                         reason: reason.clone(),
                     },
                 )?;
-                for line in before.lines() {
-                    let pool = plan.state::<Reservation>(&line.listing_id.to_string())?;
-                    // A hold that already expired has given its stock back.
-                    if pool.hold(line.hold_id).is_some() {
-                        plan.decide::<Reservation>(
-                            &line.listing_id.to_string(),
-                            ReservationCommand::Release {
-                                actor: Actor::system(),
-                                hold_id: line.hold_id,
-                                reason: reason.clone(),
-                            },
-                        )?;
-                    }
-                }
-                if let (Some(buyer_wallet), Some(seller_wallet)) =
-                    (before.buyer_wallet(), before.seller_wallet())
-                    && plan
-                        .state::<Wallet>(&buyer_wallet.to_string())?
-                        .holds()
-                        .contains_key(&order_id)
-                {
-                    plan.decide::<Wallet>(
-                        &buyer_wallet.to_string(),
-                        WalletCommand::RefundHold {
-                            actor: Actor::system(),
-                            order_id,
-                        },
-                    )?;
-                    plan.decide::<Wallet>(
-                        &seller_wallet.to_string(),
-                        WalletCommand::CancelIncoming {
-                            actor: Actor::system(),
-                            order_id,
-                        },
-                    )?;
-                }
-                Ok(())
-            },
-            move |(), committed| single_body::<Order>(200, &order_id.to_string(), committed),
-        )
-        .await
+            }
+        }
+        if let (Some(buyer_wallet), Some(seller_wallet)) =
+            (before.buyer_wallet(), before.seller_wallet())
+            && plan
+                .state::<Wallet>(&buyer_wallet.to_string())?
+                .holds()
+                .contains_key(&order_id)
+        {
+            plan.decide::<Wallet>(
+                &buyer_wallet.to_string(),
+                WalletCommand::RefundHold {
+                    actor: Actor::system(),
+                    order_id,
+                },
+            )?;
+            plan.decide::<Wallet>(
+                &seller_wallet.to_string(),
+                WalletCommand::CancelIncoming {
+                    actor: Actor::system(),
+                    order_id,
+                },
+            )?;
+        }
+        Ok(())
+    })
+    .await
 }
 
 async fn request_return(
@@ -984,27 +959,24 @@ async fn mark_returned(
     IdPath(id): IdPath,
 ) -> Result<Response, ApiError> {
     let order_id = OrderId::from_uuid(id);
-    let order = existing_order(&state, order_id).await?;
     let actor = user.actor();
-    let accepted = state
-        .store
-        .execute_multi(
-            order_streams(order_id, &order),
-            meta.context(&user),
-            meta.idempotency(&user, &EMPTY_BODY_SHA256),
-            move |plan| {
-                plan.decide::<Order>(&order_id.to_string(), OrderCommand::MarkReturned { actor })?;
-                let order = plan.state::<Order>(&order_id.to_string())?.clone();
-                record_on_products(plan, order.lines(), |_| TimelineEntry::Returned {
-                    order_id,
-                })?;
-                Ok(())
-            },
-            move |(), committed| single_body::<Order>(200, &order_id.to_string(), committed),
-        )
-        .await
-        .map_err(exec_error)?;
-    Ok(respond(accepted))
+    order_step(
+        &state.store,
+        order_id,
+        meta.context(&user),
+        meta.idempotency(&user, &EMPTY_BODY_SHA256),
+        move |plan| {
+            plan.decide::<Order>(&order_id.to_string(), OrderCommand::MarkReturned { actor })?;
+            let order = plan.state::<Order>(&order_id.to_string())?.clone();
+            record_on_products(plan, order.lines(), |_| TimelineEntry::Returned {
+                order_id,
+            })?;
+            Ok(())
+        },
+    )
+    .await
+    .map(respond)
+    .map_err(exec_error)
 }
 
 async fn refund(
@@ -1014,47 +986,44 @@ async fn refund(
     IdPath(id): IdPath,
 ) -> Result<Response, ApiError> {
     let order_id = OrderId::from_uuid(id);
-    let order = existing_order(&state, order_id).await?;
     let actor = user.actor();
-    let accepted = state
-        .store
-        .execute_multi(
-            order_streams(order_id, &order),
-            meta.context(&user),
-            meta.idempotency(&user, &EMPTY_BODY_SHA256),
-            move |plan| {
-                plan.decide::<Order>(&order_id.to_string(), OrderCommand::Refund { actor })?;
-                let order = plan.state::<Order>(&order_id.to_string())?.clone();
-                if let (Some(buyer_wallet), Some(seller_wallet)) =
-                    (order.buyer_wallet(), order.seller_wallet())
-                {
-                    let amount = order.total().clone();
-                    plan.decide::<Wallet>(
-                        &seller_wallet.to_string(),
-                        WalletCommand::ReturnPayment {
-                            actor: Actor::system(),
-                            order_id,
-                            amount: amount.clone(),
-                            to_wallet: buyer_wallet,
-                        },
-                    )?;
-                    plan.decide::<Wallet>(
-                        &buyer_wallet.to_string(),
-                        WalletCommand::ReceiveRefund {
-                            actor: Actor::system(),
-                            order_id,
-                            amount,
-                            from_wallet: seller_wallet,
-                        },
-                    )?;
-                }
-                Ok(())
-            },
-            move |(), committed| single_body::<Order>(200, &order_id.to_string(), committed),
-        )
-        .await
-        .map_err(exec_error)?;
-    Ok(respond(accepted))
+    order_step(
+        &state.store,
+        order_id,
+        meta.context(&user),
+        meta.idempotency(&user, &EMPTY_BODY_SHA256),
+        move |plan| {
+            plan.decide::<Order>(&order_id.to_string(), OrderCommand::Refund { actor })?;
+            let order = plan.state::<Order>(&order_id.to_string())?.clone();
+            if let (Some(buyer_wallet), Some(seller_wallet)) =
+                (order.buyer_wallet(), order.seller_wallet())
+            {
+                let amount = order.total().clone();
+                plan.decide::<Wallet>(
+                    &seller_wallet.to_string(),
+                    WalletCommand::ReturnPayment {
+                        actor: Actor::system(),
+                        order_id,
+                        amount: amount.clone(),
+                        to_wallet: buyer_wallet,
+                    },
+                )?;
+                plan.decide::<Wallet>(
+                    &buyer_wallet.to_string(),
+                    WalletCommand::ReceiveRefund {
+                        actor: Actor::system(),
+                        order_id,
+                        amount,
+                        from_wallet: seller_wallet,
+                    },
+                )?;
+            }
+            Ok(())
+        },
+    )
+    .await
+    .map(respond)
+    .map_err(exec_error)
 }
 
 #[derive(Debug, Deserialize)]
