@@ -14,6 +14,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use event_store::relay::RelayConfig;
 use event_store::{EventStore, PoolConfig, StoreConfig};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
@@ -59,6 +60,8 @@ pub struct App {
     port: u16,
     state: AppState,
     timer_poll: Duration,
+    /// The relay this process runs, if it runs one.
+    relay: Option<RelayConfig>,
 }
 
 impl std::fmt::Debug for App {
@@ -97,6 +100,17 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
     )
     .context("loading the token public key")?;
 
+    let relay = if config.relay {
+        event_store::relay::validate_stream_name(&config.stream).context("SOUK_STREAM")?;
+        let mut relay = RelayConfig::new(&config.nats_url, &config.stream);
+        relay.partitions = config.partitions;
+        relay.batch_max = config.relay_batch_max as usize;
+        relay.poll_interval = Duration::from_millis(config.relay_poll_ms);
+        Some(relay)
+    } else {
+        None
+    };
+
     let _ = BODY_LIMIT.set(config.max_body_bytes);
     let state = AppState {
         store: EventStore::new(pool, StoreConfig::default()),
@@ -117,6 +131,7 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
         port,
         state,
         timer_poll: Duration::from_millis(config.timer_poll_ms.max(10)),
+        relay,
     })
 }
 
@@ -144,11 +159,30 @@ impl App {
             self.state.store.clone(),
             self.timer_poll,
         ));
+        // The relay runs beside the API: no command waits on it or on NATS.
+        // Dropping `stop_relay` (this future dropped) stops it too.
+        let relay = self.relay.map(|config| {
+            let (stop_relay, relay_stopped) = tokio::sync::oneshot::channel::<()>();
+            let pool = self.state.store.pool().clone();
+            let running = tokio::spawn(event_store::relay::run(pool, config, async move {
+                let _ = relay_stopped.await;
+            }));
+            (stop_relay, running)
+        });
         let served = axum::serve(self.listener, self.router)
             .with_graceful_shutdown(signal)
             .await
             .context("serving HTTP");
         timers.abort();
+        if let Some((stop_relay, mut running)) = relay {
+            let _ = stop_relay.send(());
+            if tokio::time::timeout(Duration::from_secs(5), &mut running)
+                .await
+                .is_err()
+            {
+                running.abort();
+            }
+        }
         tracing::info!("command-api stopped");
         served
     }

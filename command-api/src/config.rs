@@ -69,10 +69,59 @@ pub struct Config {
     /// Log as JSON lines instead of text.
     #[arg(long, env = "SOUK_LOG_JSON", default_value_t = false)]
     pub log_json: bool,
+
+    /// NATS server the relay publishes committed events to (it may carry
+    /// credentials: never logged).
+    #[arg(
+        long,
+        env = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222",
+        hide_env_values = true
+    )]
+    pub nats_url: String,
+
+    /// JetStream stream of the events (subjects `<stream>.events.>`).
+    #[arg(long, env = "SOUK_STREAM", default_value = "souk")]
+    pub stream: String,
+
+    /// Subject partitions: an aggregate's events go to `hash(id) mod N`.
+    #[arg(
+        long,
+        env = "SOUK_PARTITIONS",
+        default_value_t = event_store::fanout::DEFAULT_PARTITIONS,
+        value_parser = clap::value_parser!(u32).range(1..=i64::from(event_store::fanout::MAX_PARTITIONS))
+    )]
+    pub partitions: u32,
+
+    /// Run the relay in this process (`false` when it runs elsewhere). Only
+    /// one relay per stream publishes at a time, whichever runs it.
+    #[arg(
+        long,
+        env = "SOUK_RELAY",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub relay: bool,
+
+    /// How often the relay polls when no commit notification wakes it, in
+    /// milliseconds.
+    #[arg(long, env = "SOUK_RELAY_POLL_MS", default_value_t = 500)]
+    pub relay_poll_ms: u64,
+
+    /// Most events the relay publishes per batch (one checkpoint each).
+    #[arg(
+        long,
+        env = "SOUK_RELAY_BATCH",
+        default_value_t = 1000,
+        value_parser = clap::value_parser!(u32).range(1..=event_store::relay::MAX_BATCH as i64)
+    )]
+    pub relay_batch_max: u32,
 }
 
 impl Config {
-    /// A configuration for tests: port 0 and the given database and keys.
+    /// A configuration for tests: port 0, the given database and keys, and
+    /// a JetStream stream of its own on `NATS_URL` (or the local server).
     pub fn for_tests(database_url: &str, jwt_public_key: PathBuf) -> Self {
         Self {
             database_url: database_url.to_owned(),
@@ -87,6 +136,14 @@ impl Config {
             max_in_flight: 4096,
             timer_poll_ms: 200,
             log_json: false,
+            nats_url: std::env::var("NATS_URL")
+                .unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned()),
+            // A stream of its own: tests share the NATS server.
+            stream: format!("souk_test_{}", uuid::Uuid::now_v7().simple()),
+            partitions: event_store::fanout::DEFAULT_PARTITIONS,
+            relay: true,
+            relay_poll_ms: 100,
+            relay_batch_max: 1000,
         }
     }
 }

@@ -59,6 +59,10 @@ pub enum ApiError {
     /// 503: the database cannot be reached right now.
     #[error("the service is temporarily unavailable; retry later")]
     Unavailable,
+    /// 503: the read models did not catch up with the position a query waits
+    /// for (the query API's `?after=`) within its bounded wait.
+    #[error("the read models have not caught up with position {0} yet; retry later")]
+    NotCaughtUp(String),
     /// 500: a bug or an unexpected failure; details are in the server log.
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
@@ -102,7 +106,7 @@ impl ApiError {
                 Refusal::Conflict => StatusCode::CONFLICT,
             },
             Self::Conflict => StatusCode::CONFLICT,
-            Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable | Self::NotCaughtUp(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -122,6 +126,7 @@ impl ApiError {
             Self::Conflict => "concurrency_conflict",
             Self::IdempotencyKeyReused => "idempotency_key_reused",
             Self::Unavailable => "unavailable",
+            Self::NotCaughtUp(_) => "not_caught_up",
             Self::Internal(_) => "internal",
         }
     }
@@ -146,7 +151,7 @@ impl IntoResponse for ApiError {
                 axum::http::HeaderValue::from_static("Bearer"),
             );
         }
-        if matches!(self, Self::Unavailable) {
+        if matches!(self, Self::Unavailable | Self::NotCaughtUp(_)) {
             response
                 .headers_mut()
                 .insert("retry-after", axum::http::HeaderValue::from_static("1"));

@@ -61,7 +61,10 @@ pub async fn read_after(
            FROM events
           WHERE (transaction_id, position) > ($1::text::xid8, $2)
             AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
-          ORDER BY transaction_id, position
+          -- Qualified: the output column of the same name is a cast, and
+          -- ordering by it would sort the whole table instead of using the
+          -- (transaction_id, position) index.
+          ORDER BY events.transaction_id, events.position
           LIMIT $3",
     )
     .bind(after.transaction_id.to_string())

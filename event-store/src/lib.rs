@@ -9,6 +9,8 @@
 //! - `global`: the global order, read without ever skipping a late commit.
 //! - `verify`: recomputes the hash chains (tamper evidence).
 //! - `fanout`: subjects and partitions of the events published to JetStream.
+//! - `relay`: publishes committed events to JetStream in global order (one
+//!   leader per stream through an advisory lock; checkpoint after the acks).
 //!
 //! The table layout is postgres-es's plus Souk's columns (see
 //! `migrations/sql`), so cqrs-es tooling can still read it; the write path is
@@ -19,6 +21,7 @@ pub mod fanout;
 pub mod global;
 mod load;
 pub mod record;
+pub mod relay;
 pub mod store;
 pub mod verify;
 

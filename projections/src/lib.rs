@@ -1,3 +1,42 @@
-//! Souk's projector runtime and read models. The read side (JetStream
-//! consumers, read-model tables, the `projector` binary) is not built yet;
-//! this crate holds its place in the workspace layout.
+//! Souk's projectors: they consume the events the relay publishes to NATS
+//! JetStream and build the Postgres read models the query API serves, and
+//! they rebuild those read models from the event store on demand.
+//!
+//! Layout:
+//! - `runtime`: the live projector ([`build`], [`Projector::run_until`]):
+//!   one task per projection and partition, a durable pull consumer each,
+//!   batches applied in order in one transaction with their checkpoint,
+//!   redeliveries skipped, the idle watermark for read-your-writes.
+//! - `engine`: the projections ([`PROJECTIONS`]) and the apply loop they
+//!   share, which isolates poison events; `park`: the dead-letter table.
+//! - `listings`, `orders`, `wallets`, `timelines`: one module per
+//!   projection, turning domain events into rows (`rows` moves rows in bulk).
+//! - `rebuild`: a projection rebuilt from the global order into a schema of
+//!   its own ([`rebuild_into`]) and swapped in atomically ([`rebuild`]).
+//! - `config`: [`ProjectorConfig`], the `projector` binary's flags and
+//!   environment; `telemetry`: its logs and optional `/metrics`.
+//!
+//! Every read-model table belongs to exactly one projection and can be
+//! rebuilt from the event store; none is a source of truth.
+
+mod config;
+mod engine;
+mod listings;
+mod orders;
+mod park;
+mod rebuild;
+mod rows;
+mod runtime;
+pub mod telemetry;
+mod timelines;
+mod wallets;
+
+pub use config::{MAX_BATCH, ProjectorConfig};
+pub use engine::PROJECTIONS;
+pub use rebuild::{LOCKED_CATCH_UP_TIMEOUT, RebuildReport, rebuild, rebuild_into, rebuild_schema};
+pub use runtime::{Projector, build, consumer_name};
+
+/// The read-model tables `projection` owns, or `None` for an unknown name.
+pub fn tables(projection: &str) -> Option<&'static [&'static str]> {
+    engine::Kind::parse(projection).map(engine::Kind::tables)
+}

@@ -37,6 +37,10 @@ enum Command {
     /// Print the history of one aggregate, oldest first, one JSON object per
     /// event with its metadata (who, which command, when).
     History(HistoryArgs),
+    /// Rebuild one projection's read models from the event store and swap
+    /// them in atomically while the projectors keep running; prints a JSON
+    /// report (position reached, events applied and parked).
+    Rebuild(RebuildArgs),
 }
 
 /// The event store to read.
@@ -62,6 +66,23 @@ struct VerifyArgs {
     /// Check only this aggregate (with --aggregate-type).
     #[arg(long, requires = "aggregate_type")]
     aggregate_id: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct RebuildArgs {
+    #[command(flatten)]
+    database: Database,
+    /// listings, orders, wallets or timelines.
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(projections::PROJECTIONS.iter().copied()))]
+    projection: String,
+    /// The projectors' partition count (every partition gets a checkpoint).
+    #[arg(
+        long,
+        env = "SOUK_PARTITIONS",
+        default_value_t = event_store::fanout::DEFAULT_PARTITIONS,
+        value_parser = clap::value_parser!(u32).range(1..=i64::from(event_store::fanout::MAX_PARTITIONS))
+    )]
+    partitions: u32,
 }
 
 #[derive(Debug, Args)]
@@ -127,6 +148,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Keys(paths) => keys(&paths),
         Command::Verify(args) => verify(&args).await,
         Command::History(args) => history(&args).await,
+        Command::Rebuild(args) => rebuild(&args).await,
     }
 }
 
@@ -203,6 +225,23 @@ async fn history(args: &HistoryArgs) -> anyhow::Result<()> {
         });
         println!("{line}");
     }
+    Ok(())
+}
+
+async fn rebuild(args: &RebuildArgs) -> anyhow::Result<()> {
+    let pool = connect(&args.database).await?;
+    eprintln!("rebuilding {} from the event store...", args.projection);
+    let report = projections::rebuild(&pool, &args.projection, args.partitions)
+        .await
+        .with_context(|| format!("rebuilding {}", args.projection))?;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&report).context("printing the report")?
+    );
+    eprintln!(
+        "swapped in: {} events applied, {} parked in dead_letters, up to {}",
+        report.events_applied, report.events_parked, report.position
+    );
     Ok(())
 }
 

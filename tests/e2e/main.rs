@@ -6,5 +6,8 @@ mod auth;
 mod bad_input;
 mod event_store;
 mod orders;
+mod projections;
+mod query_api;
+mod relay;
 mod reliability;
 mod smoke;

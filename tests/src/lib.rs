@@ -1,6 +1,7 @@
 //! Shared helpers of Souk's end-to-end tests and benchmark: a throwaway
-//! database per test ([`TestDb`]), a command API on port 0 ([`spawn_app`]),
-//! dev tokens, and a small HTTP client.
+//! database per test ([`TestDb`]), a command API on port 0 ([`spawn_app`])
+//! whose relay publishes to a JetStream stream of its own (deleted with the
+//! app), dev tokens, a small HTTP client, and NATS helpers ([`nats`]).
 //!
 //! Everything runs against the real Postgres named by `SOUK_TEST_ADMIN_URL`
 //! (default `postgres://postgres@127.0.0.1:5432/postgres`). Each test's
@@ -13,6 +14,7 @@ use serde_json::Value;
 use sqlx::postgres::PgPool;
 use uuid::Uuid;
 
+pub mod nats;
 pub mod pg_cluster;
 
 /// The maintenance database tests create their databases from.
@@ -170,6 +172,12 @@ pub struct TestApp {
     pub db: TestDb,
     pub client: reqwest::Client,
     pub store: event_store::EventStore,
+    /// The JetStream stream the app's relay publishes to.
+    pub stream: String,
+    /// The NATS server of that stream.
+    pub nats_url: String,
+    /// Whether the app runs a relay (and so may have created the stream).
+    relay: bool,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -204,6 +212,17 @@ impl Answer {
     }
 }
 
+/// Sends the services' logs to the test output when `SOUK_TEST_LOG` holds a
+/// filter (e.g. `SOUK_TEST_LOG=warn cargo test ... -- --nocapture`).
+pub fn init_test_logs() {
+    if let Ok(filter) = std::env::var("SOUK_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 /// Starts a command API on a fresh, migrated database.
 pub async fn spawn_app() -> TestApp {
     let db = TestDb::empty().await;
@@ -212,8 +231,10 @@ pub async fn spawn_app() -> TestApp {
 
 /// Starts a command API on `db`, after `adjust` has tuned its configuration.
 pub async fn spawn_app_on(db: TestDb, adjust: impl FnOnce(&mut command_api::Config)) -> TestApp {
+    init_test_logs();
     let mut config = command_api::Config::for_tests(&db.url, keys().public_path.clone());
     adjust(&mut config);
+    let (stream, nats_url, relay) = (config.stream.clone(), config.nats_url.clone(), config.relay);
     let app = command_api::build(config)
         .await
         .expect("building the command API");
@@ -232,6 +253,9 @@ pub async fn spawn_app_on(db: TestDb, adjust: impl FnOnce(&mut command_api::Conf
             .build()
             .expect("building the HTTP client"),
         store,
+        stream,
+        nats_url,
+        relay,
         shutdown: Some(shutdown),
         server: Some(server),
     }
@@ -346,6 +370,11 @@ impl Drop for TestApp {
         }
         if let Some(server) = self.server.take() {
             server.abort();
+        }
+        // The relay is gone with the server task (or never polled again: a
+        // test's runtime runs nothing while this drop blocks it).
+        if self.relay {
+            nats::delete_stream_blocking(&self.nats_url, &self.stream);
         }
     }
 }

@@ -1,0 +1,1086 @@
+//! The relay: publishes committed events to NATS JetStream in global order.
+//!
+//! One relay per JetStream stream leads at a time: it holds a Postgres
+//! advisory lock (derived from the stream's name) on a connection of its own;
+//! every other instance is a standby that tries the lock again every few
+//! seconds. The leader reads the global order after its checkpoint with
+//! [`global::read_after`] (which never skips a late commit), publishes a
+//! batch on `<stream>.events.<AggregateType>.<partition>` with the event id
+//! as `Nats-Msg-Id`, awaits the acks in order, and only then stores the
+//! checkpoint (`relay_checkpoints`), once per batch, through the lock's
+//! connection: a relay whose session died cannot move it.
+//!
+//! Publishing is at least once. After a failure the relay publishes again
+//! from its checkpoint, and JetStream drops the copies it already holds
+//! (duplicate window [`DUPLICATE_WINDOW`]). Even two leaders for a moment (a
+//! lock lost with its connection) keep the stream in order: each publishes in
+//! order, and the stream keeps the first copy of each event.
+//!
+//! The relay is woken by `NOTIFY souk_events` (written by a trigger on
+//! `events`) and polls as a fallback. Postgres or NATS going away ends
+//! nothing: the relay retries with a bounded backoff, and commands never wait
+//! on it. A long-running transaction anywhere in the cluster holds the
+//! visibility horizon back, and with it the relay; `souk_relay_horizon_age_seconds`
+//! and a warning naming that transaction make such a stall visible.
+//!
+//! Metrics (label `stream`): `souk_relay_published_total`,
+//! `souk_relay_duplicates_total`, `souk_relay_checkpoint_position`,
+//! `souk_relay_lag_events`, `souk_relay_horizon_age_seconds`,
+//! `souk_relay_connected`, `souk_relay_leader`.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::context::{ContextBuilder, PublishErrorKind};
+use async_nats::jetstream::{self, stream};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection};
+use tokio::sync::{Notify, watch};
+
+use crate::fanout;
+use crate::global::{self, RecordedEvent};
+use crate::record::Position;
+
+/// The channel the `events` trigger notifies after each insert.
+pub const NOTIFY_CHANNEL: &str = "souk_events";
+
+/// How long JetStream remembers a `Nats-Msg-Id`: a re-publish within this
+/// window after the first copy is dropped. It bounds how long an outage can
+/// last between a publish whose ack was lost and its retry.
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(5 * 60);
+
+/// How long the stream keeps a message.
+pub const STREAM_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+
+/// How many bytes the stream keeps at most (oldest messages go first).
+pub const STREAM_MAX_BYTES: i64 = 1 << 30;
+
+/// The largest batch the relay reads and publishes at once.
+pub const MAX_BATCH: usize = 5_000;
+
+/// Bound on every single database call of the relay.
+const DB_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on connecting to NATS.
+const NATS_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// The first delay of every backoff.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Repeated warnings (NATS down, stall) are logged at most this often.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+/// How often an idle leader checks that its lock connection is alive.
+const LOCK_CHECK_EVERY: Duration = Duration::from_secs(2);
+/// How often a relay held back by the horizon looks again.
+const HORIZON_RECHECK: Duration = Duration::from_millis(50);
+/// The lag metric counts at most this many events.
+const LAG_COUNT_MAX: i64 = 1_000_000;
+
+/// What a relay publishes, where, and how it paces itself.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// The NATS server (`nats://host:port`).
+    pub nats_url: String,
+    /// The JetStream stream, also the first token of its subjects.
+    pub stream: String,
+    /// Number of subject partitions (`hash(aggregate id) mod partitions`).
+    pub partitions: u32,
+    /// Most events read and published per batch.
+    pub batch_max: usize,
+    /// The fallback poll when no notification arrives.
+    pub poll_interval: Duration,
+    /// How often a standby tries to take the lock.
+    pub standby_retry: Duration,
+    /// How long a publish waits for JetStream's ack.
+    pub ack_timeout: Duration,
+    /// The longest delay between two retries after a failure.
+    pub backoff_max: Duration,
+    /// How often the lag and horizon metrics are refreshed.
+    pub metrics_interval: Duration,
+    /// A horizon held back longer than this is logged as a stall.
+    pub stall_warn_after: Duration,
+    /// This instance's name in logs, Postgres (`application_name`) and NATS.
+    pub instance: String,
+}
+
+impl RelayConfig {
+    /// The defaults for `stream` on the NATS server at `nats_url`.
+    pub fn new(nats_url: impl Into<String>, stream: impl Into<String>) -> Self {
+        // The random tail of a v7 id tells two instances of one process apart.
+        let id = uuid::Uuid::now_v7().simple().to_string();
+        Self {
+            nats_url: nats_url.into(),
+            stream: stream.into(),
+            partitions: fanout::DEFAULT_PARTITIONS,
+            batch_max: 1_000,
+            poll_interval: Duration::from_millis(500),
+            standby_retry: Duration::from_secs(3),
+            ack_timeout: Duration::from_secs(5),
+            backoff_max: Duration::from_secs(5),
+            metrics_interval: Duration::from_secs(1),
+            stall_warn_after: Duration::from_secs(5),
+            instance: format!("{}-{}", std::process::id(), &id[24..]),
+        }
+    }
+
+    /// The same configuration with every value within its bounds.
+    fn bounded(mut self) -> Self {
+        let clamp = |value: Duration, low: u64, high: u64| {
+            value.clamp(Duration::from_millis(low), Duration::from_millis(high))
+        };
+        self.partitions = self.partitions.clamp(1, fanout::MAX_PARTITIONS);
+        self.batch_max = self.batch_max.clamp(1, MAX_BATCH);
+        self.poll_interval = clamp(self.poll_interval, 10, 60_000);
+        self.standby_retry = clamp(self.standby_retry, 10, 60_000);
+        self.ack_timeout = clamp(self.ack_timeout, 100, 60_000);
+        self.backoff_max = clamp(self.backoff_max, 100, 60_000);
+        self.metrics_interval = clamp(self.metrics_interval, 100, 60_000);
+        self.stall_warn_after = clamp(self.stall_warn_after, 100, 3_600_000);
+        self
+    }
+}
+
+/// Why a relay step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// A stream name must work as a JetStream name and as a subject token.
+    #[error("`{0}` is not a valid stream name (1 to 64 of A-Z, a-z, 0-9, `_` and `-`)")]
+    InvalidStreamName(String),
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("NATS ({what}): {source}")]
+    Nats {
+        what: &'static str,
+        #[source]
+        source: async_nats::Error,
+    },
+    #[error("timed out: {0}")]
+    TimedOut(&'static str),
+}
+
+impl RelayError {
+    fn nats(what: &'static str, source: impl Into<async_nats::Error>) -> Self {
+        Self::Nats {
+            what,
+            source: source.into(),
+        }
+    }
+}
+
+/// Checks that `stream` can name a JetStream stream and lead its subjects.
+pub fn validate_stream_name(stream: &str) -> Result<(), RelayError> {
+    let valid = (1..=64).contains(&stream.len())
+        && stream
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-');
+    if valid {
+        Ok(())
+    } else {
+        Err(RelayError::InvalidStreamName(
+            stream.chars().take(80).collect(),
+        ))
+    }
+}
+
+/// The configuration of the stream `stream`: its subjects, file storage,
+/// limits, and the duplicate window that makes re-publishing harmless.
+pub fn stream_config(stream: &str) -> stream::Config {
+    stream::Config {
+        name: stream.to_owned(),
+        description: Some("Souk's committed events, in global order".to_owned()),
+        subjects: vec![fanout::stream_subjects(stream)],
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::Limits,
+        discard: stream::DiscardPolicy::Old,
+        max_age: STREAM_MAX_AGE,
+        max_bytes: STREAM_MAX_BYTES,
+        max_messages: -1,
+        max_messages_per_subject: -1,
+        max_consumers: -1,
+        duplicate_window: DUPLICATE_WINDOW,
+        num_replicas: 1,
+        ..Default::default()
+    }
+}
+
+/// Creates the stream `stream` unless it exists (an existing stream is left
+/// as it is). The relay and the projectors both call it, so whichever starts
+/// first creates it.
+pub async fn ensure_stream(
+    js: &jetstream::Context,
+    stream: &str,
+) -> Result<stream::Stream, RelayError> {
+    validate_stream_name(stream)?;
+    js.get_or_create_stream(stream_config(stream))
+        .await
+        .map_err(|error| RelayError::nats("creating the stream", error))
+}
+
+/// The advisory lock key of the relay of `stream`: FNV-1a (64-bit) of
+/// `souk-relay:<stream>`, stable across processes and versions.
+pub fn lock_key(stream: &str) -> i64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in "souk-relay:".bytes().chain(stream.bytes()) {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash as i64
+}
+
+/// The subject token of an aggregate type. Souk's types are plain words; a
+/// character a subject cannot carry becomes `_` rather than stalling the
+/// relay on an event it could never publish.
+fn subject_token(aggregate_type: &str) -> String {
+    if aggregate_type.is_empty() {
+        return "_".to_owned();
+    }
+    aggregate_type
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// `url` without its user and password, for logs.
+fn redacted(url: &str) -> String {
+    let authority = url.find("://").map_or(0, |at| at + 3);
+    match url[authority..].find('@') {
+        Some(at) => format!("{}***@{}", &url[..authority], &url[authority + at + 1..]),
+        None => url.to_owned(),
+    }
+}
+
+/// What a relay is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Role {
+    /// Not yet holding or refused the lock.
+    #[default]
+    Starting,
+    /// Another instance holds the lock; this one waits to take over.
+    Standby,
+    /// Holds the lock and publishes.
+    Leader,
+    /// Shut down.
+    Stopped,
+}
+
+/// A relay's state, for tests and health checks.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RelayStatus {
+    pub role: Role,
+    /// Whether the leader's NATS connection is up.
+    pub nats_connected: bool,
+    /// The last event whose publish was acknowledged and recorded.
+    pub checkpoint: Position,
+    /// Publishes this instance had acknowledged (duplicates included).
+    pub published: u64,
+    /// Of those, how many JetStream already held.
+    pub duplicates: u64,
+    /// Committed events after the checkpoint, at the last measure.
+    pub lag_events: i64,
+    /// Age of the transaction holding the visibility horizon back.
+    pub horizon_age_seconds: f64,
+}
+
+/// One relay instance. [`Relay::run_until`] leads or stands by until its
+/// signal completes.
+#[derive(Debug)]
+pub struct Relay {
+    pool: PgPool,
+    config: RelayConfig,
+    status: watch::Sender<RelayStatus>,
+}
+
+/// Runs a relay on `pool` with `config` until `shutdown` completes.
+pub async fn run(pool: PgPool, config: RelayConfig, shutdown: impl Future<Output = ()>) {
+    Relay::new(pool, config).run_until(shutdown).await;
+}
+
+impl Relay {
+    pub fn new(pool: PgPool, config: RelayConfig) -> Self {
+        describe_metrics();
+        Self {
+            pool,
+            config: config.bounded(),
+            status: watch::Sender::new(RelayStatus::default()),
+        }
+    }
+
+    /// Follows this relay's state.
+    pub fn status(&self) -> watch::Receiver<RelayStatus> {
+        self.status.subscribe()
+    }
+
+    pub fn config(&self) -> &RelayConfig {
+        &self.config
+    }
+
+    /// Leads (or stands by) until `signal` completes. Whatever is in flight
+    /// then is dropped: the checkpoint only ever names acknowledged events.
+    pub async fn run_until(self, signal: impl Future<Output = ()>) {
+        tracing::info!(
+            stream = %self.config.stream,
+            instance = %self.config.instance,
+            "relay starting"
+        );
+        tokio::select! {
+            biased;
+            () = signal => {}
+            () = self.run_forever() => {}
+        }
+        if self.status.borrow().role == Role::Leader {
+            metrics::gauge!("souk_relay_leader", &self.labels()).set(0.0);
+            metrics::gauge!("souk_relay_connected", &self.labels()).set(0.0);
+        }
+        self.status.send_modify(|status| {
+            status.role = Role::Stopped;
+            status.nats_connected = false;
+        });
+        tracing::info!(stream = %self.config.stream, instance = %self.config.instance, "relay stopped");
+    }
+
+    fn labels(&self) -> [(&'static str, String); 1] {
+        [("stream", self.config.stream.clone())]
+    }
+
+    async fn run_forever(&self) {
+        let mut backoff = Backoff::new(self.config.backoff_max);
+        let mut unreachable = Every::new(WARN_EVERY);
+        let mut standby: Option<PgConnection> = None;
+        loop {
+            let connection = match standby.take() {
+                Some(connection) => connection,
+                None => match self.connect_lock_session().await {
+                    Ok(connection) => connection,
+                    Err(error) => {
+                        if unreachable.ready() {
+                            tracing::warn!(stream = %self.config.stream, %error, "relay cannot reach Postgres; retrying");
+                        }
+                        tokio::time::sleep(backoff.next()).await;
+                        continue;
+                    }
+                },
+            };
+            match try_lock(connection, &self.config.stream).await {
+                Ok(Ok(lock)) => {
+                    backoff.reset();
+                    tracing::info!(stream = %self.config.stream, instance = %self.config.instance, "relay took the lead");
+                    let ended = self.lead(lock).await;
+                    metrics::gauge!("souk_relay_leader", &self.labels()).set(0.0);
+                    metrics::gauge!("souk_relay_connected", &self.labels()).set(0.0);
+                    self.status.send_modify(|status| {
+                        status.role = Role::Starting;
+                        status.nats_connected = false;
+                    });
+                    tracing::warn!(stream = %self.config.stream, error = %ended, "relay lost its lead; taking the lock again");
+                    tokio::time::sleep(backoff.next()).await;
+                }
+                Ok(Err(connection)) => {
+                    if self.status.borrow().role != Role::Standby {
+                        tracing::info!(stream = %self.config.stream, instance = %self.config.instance, "another relay leads; standing by");
+                        self.status
+                            .send_modify(|status| status.role = Role::Standby);
+                    }
+                    standby = Some(connection);
+                    tokio::time::sleep(self.config.standby_retry).await;
+                }
+                Err(error) => {
+                    if unreachable.ready() {
+                        tracing::warn!(stream = %self.config.stream, %error, "relay cannot take its lock; retrying");
+                    }
+                    tokio::time::sleep(backoff.next()).await;
+                }
+            }
+        }
+    }
+
+    /// The relay's own options: the pool's, named after this instance.
+    fn connect_options(&self) -> PgConnectOptions {
+        (*self.pool.connect_options())
+            .clone()
+            .application_name(&format!("souk-relay {}", self.config.instance))
+    }
+
+    async fn connect_lock_session(&self) -> Result<PgConnection, RelayError> {
+        bounded(
+            "connecting the lock session",
+            self.connect_options().connect(),
+        )
+        .await
+    }
+
+    /// Publishes as the leader until the lock's session is lost; returns why.
+    async fn lead(&self, mut lock: PgConnection) -> RelayError {
+        let config = &self.config;
+        let stream = config.stream.as_str();
+        metrics::gauge!("souk_relay_leader", &self.labels()).set(1.0);
+        metrics::gauge!("souk_relay_connected", &self.labels()).set(0.0);
+        self.status.send_modify(|status| status.role = Role::Leader);
+
+        let wake = Arc::new(Notify::new());
+        let _listener = AbortOnDrop(tokio::spawn(listen(self.connect_options(), wake.clone())));
+
+        let mut checkpoint = match load_checkpoint(&mut lock, stream).await {
+            Ok(checkpoint) => checkpoint,
+            Err(error) => return error,
+        };
+        self.status
+            .send_modify(|status| status.checkpoint = checkpoint);
+        metrics::gauge!("souk_relay_checkpoint_position", &self.labels())
+            .set(checkpoint.position as f64);
+
+        let mut nats: Option<(async_nats::Client, jetstream::Context)> = None;
+        let mut stream_ready = false;
+        let mut backoff = Backoff::new(config.backoff_max);
+        let mut nats_down = Every::new(WARN_EVERY);
+        let mut failing = Every::new(WARN_EVERY);
+        let mut stall = Stall::new(config.stall_warn_after);
+        let mut observed_at: Option<Instant> = None;
+        let mut lock_used_at = Instant::now();
+
+        loop {
+            if observed_at.is_none_or(|at| at.elapsed() >= config.metrics_interval) {
+                observed_at = Some(Instant::now());
+                self.observe(checkpoint, &mut stall).await;
+            }
+            if lock_used_at.elapsed() >= LOCK_CHECK_EVERY {
+                if let Err(error) = bounded("checking the lock session", lock.ping()).await {
+                    return error;
+                }
+                lock_used_at = Instant::now();
+            }
+
+            let (client, js) = match &nats {
+                Some(connected) => connected,
+                None => match self.connect_nats().await {
+                    Ok(connected) => {
+                        tracing::info!(stream, url = %redacted(&config.nats_url), "relay connected to NATS");
+                        &*nats.insert(connected)
+                    }
+                    Err(error) => {
+                        if nats_down.ready() {
+                            tracing::warn!(stream, url = %redacted(&config.nats_url), %error, "NATS is unreachable; events wait in Postgres");
+                        }
+                        tokio::time::sleep(backoff.next()).await;
+                        continue;
+                    }
+                },
+            };
+            let connected = client.connection_state() == async_nats::connection::State::Connected;
+            metrics::gauge!("souk_relay_connected", &self.labels())
+                .set(f64::from(u8::from(connected)));
+            self.status
+                .send_modify(|status| status.nats_connected = connected);
+            if !connected {
+                if nats_down.ready() {
+                    tracing::warn!(stream, url = %redacted(&config.nats_url), "NATS connection lost; events wait in Postgres");
+                }
+                tokio::time::sleep(backoff.next()).await;
+                continue;
+            }
+            if !stream_ready {
+                if let Err(error) = ensure_stream(js, stream).await {
+                    if failing.ready() {
+                        tracing::warn!(stream, %error, "relay cannot create its stream; retrying");
+                    }
+                    tokio::time::sleep(backoff.next()).await;
+                    continue;
+                }
+                stream_ready = true;
+            }
+
+            let batch = match bounded(
+                "reading the global order",
+                global::read_after(&self.pool, checkpoint, config.batch_max as i64),
+            )
+            .await
+            {
+                Ok(batch) => batch,
+                Err(error) => {
+                    if failing.ready() {
+                        tracing::warn!(stream, %error, "relay cannot read events; retrying");
+                    }
+                    tokio::time::sleep(backoff.next()).await;
+                    continue;
+                }
+            };
+            if batch.is_empty() {
+                self.idle(&wake, checkpoint).await;
+                continue;
+            }
+
+            let duplicates = match self.publish(js, &batch).await {
+                Ok(duplicates) => duplicates,
+                Err(error) => {
+                    if matches!(&error, PublishFailure::Nats(kind, _) if *kind == PublishErrorKind::StreamNotFound)
+                    {
+                        stream_ready = false;
+                    }
+                    if failing.ready() {
+                        tracing::warn!(stream, %error, at = %checkpoint, "relay publish failed; publishing again from the checkpoint");
+                    }
+                    tokio::time::sleep(backoff.next()).await;
+                    continue;
+                }
+            };
+
+            let last = batch.last().map_or(checkpoint, |event| event.position);
+            if let Err(error) = store_checkpoint(&mut lock, stream, last, batch.len()).await {
+                return error;
+            }
+            lock_used_at = Instant::now();
+            checkpoint = last;
+            backoff.reset();
+            metrics::counter!("souk_relay_published_total", &self.labels())
+                .increment(batch.len() as u64);
+            metrics::counter!("souk_relay_duplicates_total", &self.labels()).increment(duplicates);
+            metrics::gauge!("souk_relay_checkpoint_position", &self.labels())
+                .set(checkpoint.position as f64);
+            self.status.send_modify(|status| {
+                status.checkpoint = checkpoint;
+                status.published += batch.len() as u64;
+                status.duplicates += duplicates;
+            });
+            if batch.len() < config.batch_max {
+                self.idle(&wake, checkpoint).await;
+            }
+        }
+    }
+
+    async fn connect_nats(&self) -> Result<(async_nats::Client, jetstream::Context), RelayError> {
+        let config = &self.config;
+        let backoff_max = config.backoff_max;
+        let client = bounded("connecting to NATS", async {
+            async_nats::ConnectOptions::new()
+                .name(format!("souk-relay {}", config.instance))
+                .connection_timeout(NATS_CONNECT_TIMEOUT)
+                .request_timeout(Some(config.ack_timeout))
+                .ping_interval(Duration::from_secs(10))
+                .reconnect_delay_callback(move |attempts| {
+                    (BACKOFF_MIN * attempts.min(100) as u32).min(backoff_max)
+                })
+                .connect(config.nats_url.as_str())
+                .await
+                .map_err(|error| RelayError::nats("connecting", error))
+        })
+        .await?;
+        let js = ContextBuilder::new()
+            .timeout(config.ack_timeout)
+            .ack_timeout(config.ack_timeout)
+            .max_ack_inflight(config.batch_max * 2)
+            .build(client.clone());
+        Ok((client, js))
+    }
+
+    /// Publishes `batch` pipelined (every message sent, then every ack
+    /// awaited in order); returns how many JetStream already held.
+    async fn publish(
+        &self,
+        js: &jetstream::Context,
+        batch: &[RecordedEvent],
+    ) -> Result<u64, PublishFailure> {
+        let config = &self.config;
+        let whole_batch = config.ack_timeout * 2 + Duration::from_secs(5);
+        let publishing = async {
+            let mut acks = Vec::with_capacity(batch.len());
+            for event in batch {
+                let subject = fanout::event_subject(
+                    &config.stream,
+                    &subject_token(&event.aggregate_type),
+                    fanout::partition_of(&event.aggregate_id, config.partitions),
+                );
+                let body = serde_json::to_vec(event).map_err(PublishFailure::Body)?;
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("Nats-Msg-Id", event.event_id.to_string().as_str());
+                headers.insert("Souk-Position", event.position.token().as_str());
+                let ack = js
+                    .publish_with_headers(subject, headers, body.into())
+                    .await
+                    .map_err(|error| PublishFailure::Nats(error.kind(), error.to_string()))?;
+                acks.push(ack);
+            }
+            let mut duplicates = 0;
+            for ack in acks {
+                let ack = ack
+                    .await
+                    .map_err(|error| PublishFailure::Nats(error.kind(), error.to_string()))?;
+                if ack.duplicate {
+                    duplicates += 1;
+                }
+            }
+            Ok(duplicates)
+        };
+        tokio::time::timeout(whole_batch, publishing)
+            .await
+            .unwrap_or(Err(PublishFailure::TimedOut))
+    }
+
+    /// Waits for a notification or the poll interval. When committed events
+    /// wait behind the horizon, a notification cannot help (the transaction
+    /// holding it back may write nothing): look again soon instead.
+    async fn idle(&self, wake: &Notify, checkpoint: Position) {
+        let behind_horizon = bounded(
+            "looking past the horizon",
+            committed_after(&self.pool, checkpoint),
+        )
+        .await
+        .unwrap_or(false);
+        if behind_horizon {
+            tokio::time::sleep(self.config.poll_interval.min(HORIZON_RECHECK)).await;
+        } else {
+            let _ = tokio::time::timeout(self.config.poll_interval, wake.notified()).await;
+        }
+    }
+
+    /// Refreshes the lag and horizon metrics, and logs a stall.
+    async fn observe(&self, checkpoint: Position, stall: &mut Stall) {
+        let stream = self.config.stream.as_str();
+        match bounded("measuring the horizon", global::horizon_lag(&self.pool)).await {
+            Ok(age) => {
+                metrics::gauge!("souk_relay_horizon_age_seconds", &self.labels()).set(age);
+                self.status
+                    .send_modify(|status| status.horizon_age_seconds = age);
+                match stall.update(age) {
+                    StallNews::Warn => {
+                        let holder = bounded(
+                            "naming the horizon's holder",
+                            oldest_transaction(&self.pool),
+                        )
+                        .await
+                        .ok()
+                        .flatten()
+                        .unwrap_or_default();
+                        tracing::warn!(
+                            stream,
+                            horizon_age_seconds = age,
+                            pid = holder.pid,
+                            database = %holder.database,
+                            application = %holder.application,
+                            state = %holder.state,
+                            "a long-running transaction holds the relay back: events committed after it began wait until it ends"
+                        );
+                    }
+                    StallNews::Cleared(seconds) => {
+                        tracing::info!(
+                            stream,
+                            stalled_seconds = seconds,
+                            "the relay's horizon moves again"
+                        );
+                    }
+                    StallNews::Nothing => {}
+                }
+            }
+            Err(error) => tracing::debug!(stream, %error, "cannot measure the horizon"),
+        }
+        match bounded("measuring the lag", lag_events(&self.pool, checkpoint)).await {
+            Ok(lag) => {
+                metrics::gauge!("souk_relay_lag_events", &self.labels()).set(lag as f64);
+                self.status.send_modify(|status| status.lag_events = lag);
+            }
+            Err(error) => tracing::debug!(stream, %error, "cannot measure the relay's lag"),
+        }
+    }
+}
+
+/// Why a batch was not (fully) acknowledged.
+#[derive(Debug, thiserror::Error)]
+enum PublishFailure {
+    #[error("encoding an event: {0}")]
+    Body(serde_json::Error),
+    #[error("{1}")]
+    Nats(PublishErrorKind, String),
+    #[error("the batch was not acknowledged in time")]
+    TimedOut,
+}
+
+/// Takes the relay's lock on `connection`: `Ok(Ok)` holds it, `Ok(Err)`
+/// hands the connection back because another session holds it.
+async fn try_lock(
+    mut connection: PgConnection,
+    stream: &str,
+) -> Result<Result<PgConnection, PgConnection>, RelayError> {
+    let locked: bool = bounded(
+        "taking the relay lock",
+        sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(lock_key(stream))
+            .fetch_one(&mut connection),
+    )
+    .await?;
+    Ok(if locked {
+        Ok(connection)
+    } else {
+        Err(connection)
+    })
+}
+
+async fn load_checkpoint(lock: &mut PgConnection, stream: &str) -> Result<Position, RelayError> {
+    let row: Option<(i64, i64)> = bounded(
+        "loading the checkpoint",
+        sqlx::query_as("SELECT transaction_id, position FROM relay_checkpoints WHERE stream = $1")
+            .bind(stream)
+            .fetch_optional(&mut *lock),
+    )
+    .await?;
+    Ok(
+        row.map_or(Position::START, |(transaction_id, position)| Position {
+            transaction_id: transaction_id as u64,
+            position,
+        }),
+    )
+}
+
+/// Stores the checkpoint through the lock's session (a relay whose session
+/// died cannot write it), and never moves it back.
+async fn store_checkpoint(
+    lock: &mut PgConnection,
+    stream: &str,
+    at: Position,
+    published: usize,
+) -> Result<(), RelayError> {
+    bounded(
+        "storing the checkpoint",
+        sqlx::query(
+            "INSERT INTO relay_checkpoints (stream, transaction_id, position, published, updated_at)
+             VALUES ($1, $2, $3, $4, now())
+             ON CONFLICT (stream) DO UPDATE
+                SET transaction_id = EXCLUDED.transaction_id,
+                    position = EXCLUDED.position,
+                    published = relay_checkpoints.published + EXCLUDED.published,
+                    updated_at = now()
+              WHERE (relay_checkpoints.transaction_id, relay_checkpoints.position)
+                  < (EXCLUDED.transaction_id, EXCLUDED.position)",
+        )
+        .bind(stream)
+        .bind(at.transaction_id as i64)
+        .bind(at.position)
+        .bind(published as i64)
+        .execute(&mut *lock),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Whether any committed event follows `after`, visible or behind the horizon.
+async fn committed_after(pool: &PgPool, after: Position) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM events WHERE (transaction_id, position) > ($1::text::xid8, $2))",
+    )
+    .bind(after.transaction_id.to_string())
+    .bind(after.position)
+    .fetch_one(pool)
+    .await
+}
+
+/// Committed events after `after`, counted up to [`LAG_COUNT_MAX`].
+async fn lag_events(pool: &PgPool, after: Position) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT 1 FROM events
+                                WHERE (transaction_id, position) > ($1::text::xid8, $2)
+                                LIMIT $3) AS pending",
+    )
+    .bind(after.transaction_id.to_string())
+    .bind(after.position)
+    .bind(LAG_COUNT_MAX)
+    .fetch_one(pool)
+    .await
+}
+
+/// The transaction holding the visibility horizon back, for the stall log.
+#[derive(Debug, Default)]
+struct Holder {
+    pid: i32,
+    database: String,
+    application: String,
+    state: String,
+}
+
+/// `pg_stat_activity`'s pid, datname, application_name and state.
+type HolderRow = (i32, Option<String>, Option<String>, Option<String>);
+
+async fn oldest_transaction(pool: &PgPool) -> Result<Option<Holder>, sqlx::Error> {
+    let row: Option<HolderRow> = sqlx::query_as(
+        "SELECT pid, datname::text, application_name, state
+           FROM pg_stat_activity
+          WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid()
+          ORDER BY xact_start
+          LIMIT 1",
+    )
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|(pid, database, application, state)| Holder {
+        pid,
+        database: database.unwrap_or_default(),
+        application: application.unwrap_or_default(),
+        state: state.unwrap_or_default(),
+    }))
+}
+
+/// Turns `NOTIFY souk_events` into wake-ups. `Notify` keeps one permit, so
+/// a burst of commits wakes the relay once. Runs until aborted.
+async fn listen(options: PgConnectOptions, wake: Arc<Notify>) {
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .min_connections(0)
+        .acquire_timeout(DB_TIMEOUT)
+        .connect_lazy_with(options);
+    loop {
+        match PgListener::connect_with(&pool).await {
+            Ok(mut listener) => {
+                if let Err(error) = listener.listen(NOTIFY_CHANNEL).await {
+                    tracing::debug!(%error, "relay cannot listen for commits");
+                } else {
+                    // Anything committed before LISTEN took effect.
+                    wake.notify_one();
+                    loop {
+                        match listener.recv().await {
+                            Ok(_) => wake.notify_one(),
+                            Err(error) => {
+                                tracing::debug!(%error, "relay listener lost its connection");
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+            Err(error) => tracing::debug!(%error, "relay listener cannot connect"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Runs `future` within [`DB_TIMEOUT`]: no call of the relay waits forever.
+async fn bounded<T, E: Into<RelayError>>(
+    what: &'static str,
+    future: impl Future<Output = Result<T, E>>,
+) -> Result<T, RelayError> {
+    match tokio::time::timeout(DB_TIMEOUT, future).await {
+        Ok(result) => result.map_err(Into::into),
+        Err(_) => Err(RelayError::TimedOut(what)),
+    }
+}
+
+/// Exponential delays from [`BACKOFF_MIN`] up to a ceiling.
+#[derive(Debug)]
+struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(max: Duration) -> Self {
+        Self {
+            next: BACKOFF_MIN,
+            max,
+        }
+    }
+
+    fn next(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = (self.next * 2).min(self.max);
+        delay
+    }
+
+    fn reset(&mut self) {
+        self.next = BACKOFF_MIN;
+    }
+}
+
+/// A rate limit for repeated log lines: ready once per period.
+#[derive(Debug)]
+struct Every {
+    period: Duration,
+    last: Option<Instant>,
+}
+
+impl Every {
+    fn new(period: Duration) -> Self {
+        Self { period, last: None }
+    }
+
+    fn ready(&mut self) -> bool {
+        let ready = self.last.is_none_or(|last| last.elapsed() >= self.period);
+        if ready {
+            self.last = Some(Instant::now());
+        }
+        ready
+    }
+}
+
+/// Tracks whether the horizon is stalled, to warn while it is (at most every
+/// [`WARN_EVERY`]) and say once when it clears.
+#[derive(Debug)]
+struct Stall {
+    threshold_seconds: f64,
+    worst_seconds: Option<f64>,
+    warn: Every,
+}
+
+#[derive(Debug, PartialEq)]
+enum StallNews {
+    Nothing,
+    Warn,
+    Cleared(f64),
+}
+
+impl Stall {
+    fn new(threshold: Duration) -> Self {
+        Self {
+            threshold_seconds: threshold.as_secs_f64(),
+            worst_seconds: None,
+            warn: Every::new(WARN_EVERY),
+        }
+    }
+
+    fn update(&mut self, age_seconds: f64) -> StallNews {
+        if age_seconds >= self.threshold_seconds {
+            let worst = self.worst_seconds.get_or_insert(age_seconds);
+            *worst = worst.max(age_seconds);
+            if self.warn.ready() {
+                return StallNews::Warn;
+            }
+            StallNews::Nothing
+        } else if let Some(worst) = self.worst_seconds.take() {
+            self.warn = Every::new(WARN_EVERY);
+            StallNews::Cleared(worst)
+        } else {
+            StallNews::Nothing
+        }
+    }
+}
+
+/// Aborts a task when its owner goes away.
+#[derive(Debug)]
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn describe_metrics() {
+    static DESCRIBED: std::sync::Once = std::sync::Once::new();
+    DESCRIBED.call_once(|| {
+        metrics::describe_counter!(
+            "souk_relay_published_total",
+            "Events the relay published and JetStream acknowledged (duplicates included)."
+        );
+        metrics::describe_counter!(
+            "souk_relay_duplicates_total",
+            "Publishes JetStream acknowledged as duplicates (a re-publish after a failure)."
+        );
+        metrics::describe_gauge!(
+            "souk_relay_checkpoint_position",
+            "Global position of the last event the relay published."
+        );
+        metrics::describe_gauge!(
+            "souk_relay_lag_events",
+            "Committed events after the relay's checkpoint (counted up to a million)."
+        );
+        metrics::describe_gauge!(
+            "souk_relay_horizon_age_seconds",
+            "Age of the oldest running writing transaction: the relay cannot pass events committed after it began."
+        );
+        metrics::describe_gauge!(
+            "souk_relay_connected",
+            "1 while the leading relay is connected to NATS."
+        );
+        metrics::describe_gauge!(
+            "souk_relay_leader",
+            "1 while this process's relay holds the lock of its stream."
+        );
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_names_must_be_subject_tokens() {
+        assert!(validate_stream_name("souk").is_ok());
+        assert!(validate_stream_name("souk_test_0123abcd-x").is_ok());
+        for bad in ["", "a.b", "a b", "a*", "a>", &"x".repeat(65)] {
+            assert!(validate_stream_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_stream_holds_its_subjects_with_a_duplicate_window() {
+        let config = stream_config("souk");
+        assert_eq!(config.subjects, vec!["souk.events.>".to_owned()]);
+        assert_eq!(config.storage, stream::StorageType::File);
+        assert!(config.duplicate_window >= Duration::from_secs(120));
+        assert!(config.max_age >= config.duplicate_window);
+        assert!(config.max_bytes > 0);
+    }
+
+    #[test]
+    fn lock_keys_are_stable_and_differ_by_stream() {
+        // Pinned: a change would let an old and a new relay lead together.
+        assert_eq!(lock_key("souk"), lock_key("souk"));
+        assert_ne!(lock_key("souk"), lock_key("souk2"));
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for byte in b"souk-relay:souk" {
+            hash ^= u64::from(*byte);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        assert_eq!(lock_key("souk"), hash as i64);
+    }
+
+    #[test]
+    fn aggregate_types_become_subject_tokens() {
+        assert_eq!(subject_token("Order"), "Order");
+        assert_eq!(subject_token("Product.Timeline *>"), "Product_Timeline___");
+        assert_eq!(subject_token(""), "_");
+    }
+
+    #[test]
+    fn credentials_stay_out_of_logged_urls() {
+        assert_eq!(redacted("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+        assert_eq!(
+            redacted("nats://user:secret@nats:4222"),
+            "nats://***@nats:4222"
+        );
+        assert_eq!(redacted("token@nats:4222"), "***@nats:4222");
+    }
+
+    #[test]
+    fn configurations_are_bounded() {
+        let mut config = RelayConfig::new("nats://127.0.0.1:4222", "souk");
+        config.partitions = 0;
+        config.batch_max = 1_000_000;
+        config.poll_interval = Duration::ZERO;
+        let config = config.bounded();
+        assert_eq!(config.partitions, 1);
+        assert_eq!(config.batch_max, MAX_BATCH);
+        assert!(config.poll_interval >= Duration::from_millis(10));
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_its_ceiling_and_resets() {
+        let mut backoff = Backoff::new(Duration::from_millis(500));
+        let delays: Vec<u128> = (0..5).map(|_| backoff.next().as_millis()).collect();
+        assert_eq!(delays, vec![100, 200, 400, 500, 500]);
+        backoff.reset();
+        assert_eq!(backoff.next(), BACKOFF_MIN);
+    }
+
+    #[test]
+    fn a_stall_warns_while_it_lasts_and_says_when_it_clears() {
+        let mut stall = Stall::new(Duration::from_secs(5));
+        assert_eq!(stall.update(1.0), StallNews::Nothing);
+        assert_eq!(stall.update(6.0), StallNews::Warn);
+        assert_eq!(stall.update(7.0), StallNews::Nothing, "rate limited");
+        assert_eq!(stall.update(0.5), StallNews::Cleared(7.0));
+        assert_eq!(stall.update(0.5), StallNews::Nothing);
+        assert_eq!(
+            stall.update(9.0),
+            StallNews::Warn,
+            "a new stall warns at once"
+        );
+    }
+}

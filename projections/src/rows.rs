@@ -1,0 +1,155 @@
+//! Moving read-model rows between Postgres and memory in bulk.
+//!
+//! A batch loads every row its events touch with one query per table, applies
+//! the events to those rows in memory, and writes the rows back with one
+//! statement per table. Rows travel as JSON: `to_jsonb(row)` on the way in,
+//! `jsonb_populate_recordset` on the way out, so each table is described once
+//! (a serde struct and its column list) instead of once per bound column.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+/// A read-model table: its name, primary key and the columns a row struct
+/// carries (in any order; the names must match the struct's fields).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Table {
+    pub name: &'static str,
+    pub key: &'static [&'static str],
+    pub columns: &'static [&'static str],
+}
+
+impl Table {
+    /// `schema.name`. Schemas are checked identifiers (see `valid_schema`).
+    pub fn qualified(&self, schema: &str) -> String {
+        format!("{schema}.{}", self.name)
+    }
+}
+
+/// Whether `schema` may be spliced into SQL: a lowercase identifier.
+pub(crate) fn valid_schema(schema: &str) -> bool {
+    !schema.is_empty()
+        && schema.len() <= 63
+        && schema.starts_with(|c: char| c.is_ascii_lowercase())
+        && schema
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// The rows of `table` whose `key_column` is one of `keys`.
+pub(crate) async fn load<T: DeserializeOwned>(
+    conn: &mut PgConnection,
+    schema: &str,
+    table: &Table,
+    key_column: &str,
+    keys: &[Uuid],
+) -> Result<Vec<T>, sqlx::Error> {
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows: Vec<serde_json::Value> = sqlx::query_scalar(&format!(
+        "SELECT to_jsonb(t) FROM {} t WHERE {key_column} = ANY($1)",
+        table.qualified(schema)
+    ))
+    .bind(keys)
+    .fetch_all(conn)
+    .await?;
+    rows.into_iter()
+        .map(|row| {
+            serde_json::from_value(row).map_err(|error| {
+                sqlx::Error::Decode(
+                    format!("a row of {} does not decode: {error}", table.name).into(),
+                )
+            })
+        })
+        .collect()
+}
+
+/// Inserts `rows`, or updates every column of the rows that already exist.
+pub(crate) async fn upsert<T: Serialize>(
+    conn: &mut PgConnection,
+    schema: &str,
+    table: &Table,
+    rows: &[T],
+) -> Result<(), sqlx::Error> {
+    write(conn, schema, table, rows, true).await
+}
+
+/// Inserts `rows`; a row that already exists is an error (an append-only
+/// table never receives the same row twice unless an event was applied twice).
+pub(crate) async fn insert<T: Serialize>(
+    conn: &mut PgConnection,
+    schema: &str,
+    table: &Table,
+    rows: &[T],
+) -> Result<(), sqlx::Error> {
+    write(conn, schema, table, rows, false).await
+}
+
+async fn write<T: Serialize>(
+    conn: &mut PgConnection,
+    schema: &str,
+    table: &Table,
+    rows: &[T],
+    update_existing: bool,
+) -> Result<(), sqlx::Error> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let json = serde_json::to_value(rows).map_err(|error| {
+        sqlx::Error::Encode(format!("a row of {} does not encode: {error}", table.name).into())
+    })?;
+    let qualified = table.qualified(schema);
+    let columns = table.columns.join(", ");
+    let mut sql = format!(
+        "INSERT INTO {qualified} ({columns})
+         SELECT {columns} FROM jsonb_populate_recordset(NULL::{qualified}, $1)"
+    );
+    if update_existing {
+        let updates: Vec<String> = table
+            .columns
+            .iter()
+            .filter(|column| !table.key.contains(column))
+            .map(|column| format!("{column} = EXCLUDED.{column}"))
+            .collect();
+        sql.push_str(&format!(
+            " ON CONFLICT ({}) DO UPDATE SET {}",
+            table.key.join(", "),
+            updates.join(", ")
+        ));
+    }
+    sqlx::query(&sql).bind(json).execute(conn).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+pub(crate) fn assert_columns_match<T: Serialize>(table: &Table, row: &T) {
+    let value = serde_json::to_value(row).expect("a row serializes");
+    let mut fields: Vec<&str> = value
+        .as_object()
+        .expect("a row is an object")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    let mut columns = table.columns.to_vec();
+    fields.sort_unstable();
+    columns.sort_unstable();
+    assert_eq!(fields, columns, "the columns of {}", table.name);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_lowercase_schemas_are_spliced_into_sql() {
+        assert!(valid_schema("public"));
+        assert!(valid_schema("rebuild_listings"));
+        assert!(!valid_schema(""));
+        assert!(!valid_schema("Public"));
+        assert!(!valid_schema("x; DROP TABLE events"));
+        assert!(!valid_schema("1abc"));
+        assert!(!valid_schema(&"a".repeat(64)));
+    }
+}

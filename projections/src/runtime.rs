@@ -1,0 +1,885 @@
+//! The live projector: one task per projection and partition, each consuming
+//! its partition's subjects from JetStream and applying them in order.
+//!
+//! # A partition's session
+//!
+//! 1. It opens a Postgres connection of its own and takes the partition's
+//!    advisory lock on it (`pg_try_advisory_lock`). One process at a time
+//!    consumes a partition; other projector processes stand by and take over
+//!    when the holder's session ends. Every batch is written through that
+//!    connection, so a session that lost its lock (its connection died)
+//!    cannot commit anything.
+//! 2. It points the durable consumer `<projection>_p<partition>` (filter
+//!    `<stream>.events.*.<partition>`, explicit acks) at its checkpoint: the
+//!    consumer is deleted and created again to start after the stream
+//!    sequence of the last message the partition committed. Postgres holds
+//!    the truth about what was applied; the consumer only says where to
+//!    resume, so a consumer left with unacknowledged messages by a killed
+//!    process can never deliver newer messages before older ones.
+//! 3. It fetches up to `batch_max` messages and applies them in one
+//!    transaction: the projection's shared advisory lock (see `rebuild`),
+//!    the checkpoint row `FOR UPDATE`, every message after the checkpoint's
+//!    position applied in order (those at or before it are redeliveries and
+//!    are skipped; events of aggregate types the projection does not read
+//!    only move the checkpoint), refused events parked in `dead_letters`,
+//!    the checkpoint moved, COMMIT, and only then the acks. A crash before
+//!    the commit loses nothing (the messages are delivered again); a crash
+//!    after it only redelivers messages that are then skipped.
+//! 4. Every message carries its consumer sequence. A gap (a message the
+//!    server delivered but this session never saw, e.g. lost with a
+//!    connection) would let a later message be applied before it, so the
+//!    session ends and a new one resumes from the checkpoint.
+//!
+//! # The idle watermark
+//!
+//! A partition that receives no events still has to say how far it has
+//! caught up, or read-your-writes would wait on it forever.
+//! `caught_up_transaction/position` is the position up to which the
+//! partition has applied every event of its own. After a batch it is the
+//! batch's last position. When a fetch finds nothing, the partition raises it
+//! to the relay's checkpoint, read from `relay_checkpoints` *before* the
+//! fetch, provided the consumer then reports nothing pending and nothing
+//! unacknowledged. That is correct because the relay stores its checkpoint
+//! only after JetStream acknowledged every publish up to it: every event up
+//! to that checkpoint was in the stream before the fetch, the consumer has
+//! delivered all of this partition's, and each delivered message was
+//! committed before it was acknowledged.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull};
+use async_nats::jetstream::{self, Message};
+use chrono::{DateTime, Utc};
+use event_store::Position;
+use event_store::fanout;
+use event_store::global::RecordedEvent;
+use futures::StreamExt;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{Connection, PgConnection};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::config::ProjectorConfig;
+use crate::engine::{Kind, apply_isolated};
+use crate::park::{DeadLetter, park};
+
+/// Bound on connecting to Postgres or NATS.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on one fetch of messages that are already waiting.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long JetStream waits for an ack before delivering a message again.
+const ACK_WAIT: Duration = Duration::from_secs(60);
+/// How long a stopping projector lets its partitions finish their batch.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// The first delay after a failed session.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+
+/// The advisory lock a projection's live batches take shared and a rebuild's
+/// swap takes exclusive.
+pub(crate) fn projection_lock_key(kind: Kind) -> i64 {
+    fnv(&format!("souk-projection:{}", kind.name()))
+}
+
+/// The advisory lock of one partition of one projection: one holder at a time.
+pub(crate) fn partition_lock_key(kind: Kind, partition: u32) -> i64 {
+    fnv(&format!(
+        "souk-projection-partition:{}:{partition}",
+        kind.name()
+    ))
+}
+
+pub(crate) fn fnv(text: &str) -> i64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in text.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash as i64
+}
+
+/// The durable consumer of one projection's partition.
+pub fn consumer_name(projection: &str, partition: u32) -> String {
+    format!("{projection}_p{partition}")
+}
+
+/// What the projector shares between its partitions.
+#[derive(Debug)]
+struct Shared {
+    config: ProjectorConfig,
+    connect_options: PgConnectOptions,
+    jetstream: jetstream::Context,
+}
+
+/// A projector ready to run: connected, migrated, its stream ensured.
+pub struct Projector {
+    shared: Arc<Shared>,
+    pool: PgPool,
+    kinds: Vec<Kind>,
+}
+
+impl std::fmt::Debug for Projector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Projector")
+            .field("stream", &self.shared.config.stream)
+            .field("partitions", &self.shared.config.partitions())
+            .field("projections", &self.kinds)
+            .finish()
+    }
+}
+
+/// Connects to Postgres (applying pending migrations) and NATS, ensures the
+/// stream and a checkpoint row for every projection and partition.
+pub async fn build(config: ProjectorConfig) -> anyhow::Result<Projector> {
+    event_store::relay::validate_stream_name(&config.stream)?;
+    let kinds = selected(&config.projections)?;
+    let connect_options = PgConnectOptions::from_str(&config.database_url)
+        .context("parsing DATABASE_URL")?
+        .application_name("souk-projector");
+    // Migrations and the projector's own few queries; each partition has a
+    // connection of its own besides.
+    let pool = PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(CONNECT_TIMEOUT)
+        .connect_with(connect_options.clone())
+        .await
+        .context("connecting to Postgres")?;
+    event_store::migrate(&pool)
+        .await
+        .context("applying migrations")?;
+    let client = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        async_nats::ConnectOptions::new()
+            .name("souk-projector")
+            .connection_timeout(CONNECT_TIMEOUT)
+            .connect(config.nats_url.as_str()),
+    )
+    .await
+    .context("connecting to NATS timed out")?
+    .context("connecting to NATS")?;
+    let jetstream = jetstream::new(client);
+    event_store::relay::ensure_stream(&jetstream, &config.stream)
+        .await
+        .context("ensuring the JetStream stream")?;
+    let names: Vec<&str> = kinds.iter().map(|kind| kind.name()).collect();
+    sqlx::query(
+        "INSERT INTO projection_checkpoints (projection, partition)
+         SELECT projection, partition
+           FROM UNNEST($1::text[]) AS p(projection)
+          CROSS JOIN generate_series(0, $2 - 1) AS n(partition)
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(&names)
+    .bind(config.partitions() as i32)
+    .execute(&pool)
+    .await
+    .context("creating the checkpoints")?;
+    describe_metrics();
+    Ok(Projector {
+        shared: Arc::new(Shared {
+            config,
+            connect_options,
+            jetstream,
+        }),
+        pool,
+        kinds,
+    })
+}
+
+/// The projections named in the configuration (all when none is).
+fn selected(names: &[String]) -> anyhow::Result<Vec<Kind>> {
+    if names.is_empty() {
+        return Ok(Kind::ALL.to_vec());
+    }
+    let mut kinds = Vec::new();
+    for name in names {
+        let kind = Kind::parse(name.trim()).with_context(|| {
+            format!(
+                "`{name}` is not a projection (one of {})",
+                crate::PROJECTIONS.join(", ")
+            )
+        })?;
+        if !kinds.contains(&kind) {
+            kinds.push(kind);
+        }
+    }
+    Ok(kinds)
+}
+
+impl Projector {
+    /// The projector's (small) pool on the read-model database.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Runs every partition until `signal` completes, then lets each finish
+    /// its batch (at most [`SHUTDOWN_GRACE`]). A partition task that dies
+    /// (a bug) is logged and started again.
+    pub async fn run_until(self, signal: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let (stop, stopped) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        let mut specs = HashMap::new();
+        let partitions = self.shared.config.partitions();
+        for kind in &self.kinds {
+            for partition in 0..partitions {
+                let spec = (*kind, partition);
+                let id = tasks.spawn(self.partition(spec, stopped.clone())).id();
+                specs.insert(id, spec);
+            }
+        }
+        tracing::info!(
+            stream = %self.shared.config.stream,
+            partitions,
+            projections = ?self.kinds.iter().map(|kind| kind.name()).collect::<Vec<_>>(),
+            "projector running"
+        );
+        tokio::pin!(signal);
+        loop {
+            tokio::select! {
+                () = &mut signal => break,
+                Some(ended) = tasks.join_next_with_id() => {
+                    let id = match &ended {
+                        Ok((id, ())) => *id,
+                        Err(error) => error.id(),
+                    };
+                    let Some(spec) = specs.remove(&id) else { continue };
+                    tracing::error!(
+                        projection = spec.0.name(),
+                        partition = spec.1,
+                        outcome = ?ended.err(),
+                        "a partition task ended before shutdown; starting it again"
+                    );
+                    tokio::time::sleep(BACKOFF_MIN).await;
+                    let id = tasks.spawn(self.partition(spec, stopped.clone())).id();
+                    specs.insert(id, spec);
+                }
+            }
+        }
+        let _ = stop.send(true);
+        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("partitions did not stop in time; aborting them");
+            tasks.abort_all();
+        }
+        tracing::info!("projector stopped");
+        Ok(())
+    }
+
+    /// Runs until SIGTERM or Ctrl-C.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        self.run_until(shutdown_signal()).await
+    }
+
+    fn partition(
+        &self,
+        (kind, partition): (Kind, u32),
+        stop: watch::Receiver<bool>,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        Partition {
+            kind,
+            partition,
+            shared: self.shared.clone(),
+            stop,
+            standing_by: false,
+        }
+        .run()
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}
+
+/// A partition's checkpoint row.
+#[derive(Debug, Clone, Copy)]
+struct Checkpoint {
+    position: Position,
+    caught_up: Position,
+    stream_sequence: u64,
+}
+
+fn position(transaction_id: i64, position: i64) -> Position {
+    Position {
+        transaction_id: transaction_id as u64,
+        position,
+    }
+}
+
+/// A delivered message, decoded.
+struct Delivered {
+    stream_sequence: u64,
+    body: Result<RecordedEvent, DeadLetter>,
+}
+
+fn decode(message: &Message, stream_sequence: u64) -> Delivered {
+    let body = serde_json::from_slice::<RecordedEvent>(&message.payload).map_err(|error| {
+        let message_id = message
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get("Nats-Msg-Id"))
+            .map(|value| value.as_str());
+        DeadLetter::malformed(
+            message_id,
+            stream_sequence,
+            message.subject.as_str(),
+            &message.payload,
+            format!("the message is not a recorded event: {error}"),
+        )
+    });
+    Delivered {
+        stream_sequence,
+        body,
+    }
+}
+
+struct Partition {
+    kind: Kind,
+    partition: u32,
+    shared: Arc<Shared>,
+    stop: watch::Receiver<bool>,
+    standing_by: bool,
+}
+
+impl Partition {
+    fn stopping(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    /// Completes when the projector stops.
+    fn stopped(&self) -> impl Future<Output = ()> + use<> {
+        let mut stop = self.stop.clone();
+        async move {
+            let _ = stop.wait_for(|stop| *stop).await;
+        }
+    }
+
+    async fn run(mut self) {
+        let mut backoff = BACKOFF_MIN;
+        while !self.stopping() {
+            let started = Instant::now();
+            match self.session().await {
+                Ok(()) => {}
+                Err(error) => {
+                    metrics::counter!("souk_projection_errors_total", "projection" => self.kind.name())
+                        .increment(1);
+                    tracing::warn!(
+                        projection = self.kind.name(),
+                        partition = self.partition,
+                        error = format!("{error:#}"),
+                        "partition session failed; resuming from the checkpoint"
+                    );
+                    // A session that ran a while before failing starts the
+                    // backoff over.
+                    if started.elapsed() > self.shared.config.backoff_max() * 2 {
+                        backoff = BACKOFF_MIN;
+                    }
+                    let stopped = self.stopped();
+                    tokio::select! {
+                        () = stopped => {}
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(self.shared.config.backoff_max());
+                }
+            }
+        }
+    }
+
+    fn labels(&self) -> [(&'static str, String); 1] {
+        [("projection", self.kind.name().to_owned())]
+    }
+
+    /// One session: holds the partition's lock and consumes until the
+    /// projector stops (`Ok`) or anything fails (`Err`: the caller starts a
+    /// new session from the checkpoint).
+    async fn session(&mut self) -> anyhow::Result<()> {
+        let config = &self.shared.config;
+        let mut conn = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            PgConnection::connect_with(&self.shared.connect_options),
+        )
+        .await
+        .context("connecting to Postgres timed out")?
+        .context("connecting to Postgres")?;
+        loop {
+            let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                .bind(partition_lock_key(self.kind, self.partition))
+                .fetch_one(&mut conn)
+                .await
+                .context("taking the partition's lock")?;
+            if locked {
+                break;
+            }
+            if !self.standing_by {
+                self.standing_by = true;
+                tracing::info!(
+                    projection = self.kind.name(),
+                    partition = self.partition,
+                    "another projector holds this partition; standing by"
+                );
+            }
+            let stopped = self.stopped();
+            tokio::select! {
+                () = stopped => return Ok(()),
+                () = tokio::time::sleep(config.standby_retry()) => {}
+            }
+        }
+        self.standing_by = false;
+        sqlx::query(
+            "INSERT INTO projection_checkpoints (projection, partition) VALUES ($1, $2)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(self.kind.name())
+        .bind(self.partition as i32)
+        .execute(&mut conn)
+        .await
+        .context("creating the checkpoint")?;
+        let checkpoint = self.load_checkpoint(&mut conn).await?;
+        let consumer = self.reset_consumer(&checkpoint).await?;
+        tracing::info!(
+            projection = self.kind.name(),
+            partition = self.partition,
+            checkpoint = %checkpoint.position,
+            "partition consuming"
+        );
+
+        let batch_max = config.batch_max();
+        let mut next_consumer_sequence = 1;
+        let mut caught_up = checkpoint.caught_up;
+        let mut waiting: Option<Message> = None;
+        let mut full = false;
+        while !self.stopping() {
+            // Read before the fetch: see "The idle watermark".
+            let relay_mark = if full || waiting.is_some() {
+                None
+            } else {
+                self.relay_checkpoint(&mut conn).await?
+            };
+            let mut messages: Vec<Message> = waiting.take().into_iter().collect();
+            messages.extend(fetch(&consumer, batch_max - messages.len()).await?);
+            full = messages.len() >= batch_max;
+            if messages.is_empty() {
+                if let Some(mark) = relay_mark
+                    && mark > caught_up
+                {
+                    let info = consumer
+                        .get_info()
+                        .await
+                        .context("reading the consumer's state")?;
+                    if info.num_pending == 0 && info.num_ack_pending == 0 {
+                        caught_up = self.raise_watermark(&mut conn, mark).await?;
+                    }
+                }
+                let stopped = self.stopped();
+                tokio::select! {
+                    () = stopped => return Ok(()),
+                    next = long_poll(&consumer, config.fetch_wait()) => waiting = next?,
+                }
+                continue;
+            }
+            let mut delivered = Vec::with_capacity(messages.len());
+            for message in &messages {
+                let info = message
+                    .info()
+                    .map_err(|error| anyhow::anyhow!("a message without delivery info: {error}"))?;
+                if info.consumer_sequence != next_consumer_sequence {
+                    anyhow::bail!(
+                        "delivery gap: consumer sequence {} after {}",
+                        info.consumer_sequence,
+                        next_consumer_sequence - 1
+                    );
+                }
+                next_consumer_sequence += 1;
+                delivered.push(decode(message, info.stream_sequence));
+            }
+            caught_up = caught_up.max(self.apply(&mut conn, &delivered).await?);
+            for message in &messages {
+                message
+                    .ack()
+                    .await
+                    .map_err(|error| anyhow::anyhow!("acknowledging a message: {error}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn load_checkpoint(&self, conn: &mut PgConnection) -> anyhow::Result<Checkpoint> {
+        let (transaction_id, at, caught_up_transaction, caught_up_position, stream_sequence): (
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+        ) = sqlx::query_as(
+            "SELECT transaction_id, position, caught_up_transaction, caught_up_position,
+                    stream_sequence
+               FROM projection_checkpoints WHERE projection = $1 AND partition = $2",
+        )
+        .bind(self.kind.name())
+        .bind(self.partition as i32)
+        .fetch_one(conn)
+        .await
+        .context("reading the checkpoint")?;
+        Ok(Checkpoint {
+            position: position(transaction_id, at),
+            caught_up: position(caught_up_transaction, caught_up_position),
+            stream_sequence: stream_sequence.max(0) as u64,
+        })
+    }
+
+    /// Deletes the partition's consumer and creates it again, starting right
+    /// after the last message the checkpoint covers.
+    async fn reset_consumer(&self, checkpoint: &Checkpoint) -> anyhow::Result<PullConsumer> {
+        let config = &self.shared.config;
+        let stream = self
+            .shared
+            .jetstream
+            .get_stream(&config.stream)
+            .await
+            .context("opening the stream")?;
+        let start = resume_sequence(&stream, checkpoint).await?;
+        let name = consumer_name(self.kind.name(), self.partition);
+        // Absent is fine; anything else shows up when creating it.
+        let _ = stream.delete_consumer(&name).await;
+        let deliver_policy = match start {
+            0 | 1 => DeliverPolicy::All,
+            start_sequence => DeliverPolicy::ByStartSequence { start_sequence },
+        };
+        let consumer = stream
+            .create_consumer(pull::Config {
+                durable_name: Some(name.clone()),
+                description: Some(format!(
+                    "Souk projection {} partition {}",
+                    self.kind.name(),
+                    self.partition
+                )),
+                deliver_policy,
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: ACK_WAIT,
+                filter_subject: fanout::partition_filter(&config.stream, self.partition),
+                max_ack_pending: (2 * config.batch_max()) as i64,
+                ..Default::default()
+            })
+            .await
+            .with_context(|| format!("creating the consumer {name}"))?;
+        Ok(consumer)
+    }
+
+    async fn relay_checkpoint(&self, conn: &mut PgConnection) -> anyhow::Result<Option<Position>> {
+        let row: Option<(i64, i64)> = sqlx::query_as(
+            "SELECT transaction_id, position FROM relay_checkpoints WHERE stream = $1",
+        )
+        .bind(&self.shared.config.stream)
+        .fetch_optional(conn)
+        .await
+        .context("reading the relay's checkpoint")?;
+        Ok(row.map(|(transaction_id, at)| position(transaction_id, at)))
+    }
+
+    /// Raises the partition's caught-up position to `mark` (never lowers it).
+    async fn raise_watermark(
+        &self,
+        conn: &mut PgConnection,
+        mark: Position,
+    ) -> anyhow::Result<Position> {
+        let (transaction_id, at): (i64, i64) = sqlx::query_as(
+            "UPDATE projection_checkpoints
+                SET caught_up_transaction = CASE WHEN (caught_up_transaction, caught_up_position) < ($3, $4)
+                                                 THEN $3 ELSE caught_up_transaction END,
+                    caught_up_position = CASE WHEN (caught_up_transaction, caught_up_position) < ($3, $4)
+                                              THEN $4 ELSE caught_up_position END,
+                    updated_at = now()
+              WHERE projection = $1 AND partition = $2
+              RETURNING caught_up_transaction, caught_up_position",
+        )
+        .bind(self.kind.name())
+        .bind(self.partition as i32)
+        .bind(mark.transaction_id as i64)
+        .bind(mark.position)
+        .fetch_one(conn)
+        .await
+        .context("raising the idle watermark")?;
+        Ok(position(transaction_id, at))
+    }
+
+    /// Applies one batch in one transaction (see the module doc) and returns
+    /// the partition's caught-up position after it.
+    async fn apply(
+        &self,
+        conn: &mut PgConnection,
+        delivered: &[Delivered],
+    ) -> anyhow::Result<Position> {
+        let started = Instant::now();
+        let kind = self.kind;
+        let mut tx = conn.begin().await.context("beginning a batch")?;
+        sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
+            .bind(projection_lock_key(kind))
+            .execute(&mut *tx)
+            .await
+            .context("taking the projection's shared lock")?;
+        let (transaction_id, at, stream_sequence): (i64, i64, i64) = sqlx::query_as(
+            "SELECT transaction_id, position, stream_sequence FROM projection_checkpoints
+              WHERE projection = $1 AND partition = $2 FOR UPDATE",
+        )
+        .bind(kind.name())
+        .bind(self.partition as i32)
+        .fetch_one(&mut *tx)
+        .await
+        .context("locking the checkpoint")?;
+        let mut last = position(transaction_id, at);
+        let mut last_sequence = stream_sequence.max(0) as u64;
+        let mut last_recorded_at: Option<DateTime<Utc>> = None;
+        let mut handled: Vec<&RecordedEvent> = Vec::new();
+        let mut letters: Vec<DeadLetter> = Vec::new();
+        let mut redelivered = 0u64;
+        for message in delivered {
+            last_sequence = last_sequence.max(message.stream_sequence);
+            match &message.body {
+                Ok(event) if event.position <= last => redelivered += 1,
+                Ok(event) => {
+                    last = event.position;
+                    last_recorded_at = Some(event.recorded_at);
+                    if kind.handles(&event.aggregate_type) {
+                        handled.push(event);
+                    }
+                }
+                Err(letter) => letters.push(letter.clone()),
+            }
+        }
+        let refused = apply_isolated(&mut tx, kind, "public", &handled)
+            .await
+            .context("applying the batch")?;
+        for (index, why) in &refused {
+            letters.push(DeadLetter::event(handled[*index], why.0.clone()));
+        }
+        for letter in &letters {
+            park(&mut tx, kind.name(), self.partition as i32, letter)
+                .await
+                .context("parking a poison event")?;
+        }
+        let applied = (handled.len() - refused.len()) as i64;
+        let (caught_up_transaction, caught_up_position): (i64, i64) = sqlx::query_as(
+            "UPDATE projection_checkpoints
+                SET transaction_id = $3,
+                    position = $4,
+                    caught_up_transaction = CASE WHEN (caught_up_transaction, caught_up_position) < ($3, $4)
+                                                 THEN $3 ELSE caught_up_transaction END,
+                    caught_up_position = CASE WHEN (caught_up_transaction, caught_up_position) < ($3, $4)
+                                              THEN $4 ELSE caught_up_position END,
+                    events_applied = events_applied + $5,
+                    last_event_recorded_at = COALESCE($6, last_event_recorded_at),
+                    stream_sequence = GREATEST(stream_sequence, $7),
+                    updated_at = now()
+              WHERE projection = $1 AND partition = $2
+              RETURNING caught_up_transaction, caught_up_position",
+        )
+        .bind(kind.name())
+        .bind(self.partition as i32)
+        .bind(last.transaction_id as i64)
+        .bind(last.position)
+        .bind(applied)
+        .bind(last_recorded_at)
+        .bind(last_sequence as i64)
+        .fetch_one(&mut *tx)
+        .await
+        .context("moving the checkpoint")?;
+        tx.commit().await.context("committing the batch")?;
+
+        let labels = self.labels();
+        let now = Utc::now();
+        for event in &handled {
+            let seconds = (now - event.recorded_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
+            metrics::histogram!("souk_projection_commit_to_visible_seconds", &labels)
+                .record(seconds.max(0.0));
+        }
+        metrics::counter!("souk_projection_events_applied_total", &labels)
+            .increment(applied as u64);
+        metrics::counter!("souk_projection_redelivered_total", &labels).increment(redelivered);
+        metrics::counter!("souk_projection_batches_total", &labels).increment(1);
+        metrics::histogram!("souk_projection_batch_seconds", &labels)
+            .record(started.elapsed().as_secs_f64());
+        metrics::gauge!("souk_projection_checkpoint_position", "projection" => kind.name(), "partition" => self.partition.to_string())
+            .set(last.position as f64);
+        Ok(position(caught_up_transaction, caught_up_position))
+    }
+}
+
+/// Where a partition's consumer starts: right after the stream sequence of
+/// the last message its checkpoint covers, when the stream still holds that
+/// message and it is an event at or before the checkpoint (then everything
+/// before it in the stream, which is in global order, is too). Otherwise from
+/// the stream's first message; and if the stream has dropped messages (limits
+/// or age) that may come after the checkpoint, the partition refuses to go on
+/// rather than skip them silently: a rebuild is needed.
+async fn resume_sequence(
+    stream: &jetstream::stream::Stream,
+    checkpoint: &Checkpoint,
+) -> anyhow::Result<u64> {
+    let event_at = |sequence: u64| async move {
+        let message = stream.get_raw_message(sequence).await.ok()?;
+        serde_json::from_slice::<RecordedEvent>(&message.payload)
+            .ok()
+            .map(|event| event.position)
+    };
+    if checkpoint.stream_sequence > 0
+        && let Some(at) = event_at(checkpoint.stream_sequence).await
+        && at <= checkpoint.position
+    {
+        return Ok(checkpoint.stream_sequence + 1);
+    }
+    let info = stream
+        .get_info()
+        .await
+        .context("reading the stream's state")?;
+    let first = info.state.first_sequence;
+    if first > 1 && info.state.messages > 0 {
+        match event_at(first).await {
+            Some(at) if at <= checkpoint.position => {}
+            _ => anyhow::bail!(
+                "the stream no longer holds messages 1 to {}, and they may come after this \
+                 partition's checkpoint {}: rebuild the projection from the event store \
+                 (replay-tool rebuild)",
+                first - 1,
+                checkpoint.position
+            ),
+        }
+    }
+    Ok(first.max(1))
+}
+
+/// Up to `max` messages that are already waiting (none when `max` is 0).
+async fn fetch(consumer: &PullConsumer, max: usize) -> anyhow::Result<Vec<Message>> {
+    if max == 0 {
+        return Ok(Vec::new());
+    }
+    let mut batch = consumer
+        .fetch()
+        .max_messages(max)
+        .messages()
+        .await
+        .map_err(|error| anyhow::anyhow!("fetching messages: {error}"))?;
+    let mut messages = Vec::new();
+    loop {
+        match tokio::time::timeout(FETCH_TIMEOUT, batch.next()).await {
+            Ok(Some(Ok(message))) => messages.push(message),
+            Ok(Some(Err(error))) => anyhow::bail!("fetching messages: {error}"),
+            Ok(None) => return Ok(messages),
+            Err(_) => anyhow::bail!("fetching messages timed out"),
+        }
+    }
+}
+
+/// Waits up to `wait` for one message.
+async fn long_poll(consumer: &PullConsumer, wait: Duration) -> anyhow::Result<Option<Message>> {
+    let mut batch = consumer
+        .batch()
+        .max_messages(1)
+        .expires(wait)
+        .messages()
+        .await
+        .map_err(|error| anyhow::anyhow!("waiting for messages: {error}"))?;
+    match tokio::time::timeout(wait + FETCH_TIMEOUT, batch.next()).await {
+        Ok(Some(Ok(message))) => Ok(Some(message)),
+        Ok(Some(Err(error))) => anyhow::bail!("waiting for messages: {error}"),
+        Ok(None) => Ok(None),
+        Err(_) => anyhow::bail!("waiting for messages timed out"),
+    }
+}
+
+fn describe_metrics() {
+    static DESCRIBED: std::sync::Once = std::sync::Once::new();
+    DESCRIBED.call_once(|| {
+        metrics::describe_counter!(
+            "souk_projection_dead_letters_total",
+            "Poison events parked in dead_letters, by projection."
+        );
+        metrics::describe_counter!(
+            "souk_projection_events_applied_total",
+            "Events applied to the read models, by projection."
+        );
+        metrics::describe_counter!(
+            "souk_projection_redelivered_total",
+            "Messages skipped because their event was already applied (redeliveries)."
+        );
+        metrics::describe_counter!(
+            "souk_projection_batches_total",
+            "Batches committed, by projection."
+        );
+        metrics::describe_counter!(
+            "souk_projection_errors_total",
+            "Partition sessions that failed and resumed from their checkpoint."
+        );
+        metrics::describe_histogram!(
+            "souk_projection_batch_seconds",
+            "Time to apply and commit one batch."
+        );
+        metrics::describe_histogram!(
+            "souk_projection_commit_to_visible_seconds",
+            "From an event's recording to its batch's commit in the read models."
+        );
+        metrics::describe_gauge!(
+            "souk_projection_checkpoint_position",
+            "Global position of the last event a partition committed."
+        );
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lock_keys_differ_by_projection_and_partition() {
+        let mut keys = std::collections::HashSet::new();
+        for kind in Kind::ALL {
+            assert!(keys.insert(projection_lock_key(kind)));
+            for partition in 0..16 {
+                assert!(keys.insert(partition_lock_key(kind, partition)));
+            }
+        }
+        assert_ne!(
+            projection_lock_key(Kind::Orders),
+            event_store::relay::lock_key("souk")
+        );
+    }
+
+    #[test]
+    fn consumers_are_named_after_their_projection_and_partition() {
+        assert_eq!(consumer_name("orders", 3), "orders_p3");
+    }
+
+    #[test]
+    fn unknown_projections_are_refused() {
+        assert!(selected(&["orders".into(), "nope".into()]).is_err());
+        assert_eq!(selected(&[]).unwrap().len(), 4);
+        assert_eq!(
+            selected(&["wallets".into(), "wallets".into()]).unwrap(),
+            vec![Kind::Wallets]
+        );
+    }
+}

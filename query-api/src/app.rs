@@ -1,0 +1,307 @@
+//! Building and running the query API: `build(config)` connects, migrates,
+//! binds the listener and assembles the router; `App::run_until_stopped`
+//! serves until SIGTERM or Ctrl-C, ends the notification streams and drains
+//! in-flight requests. The layers are the command API's: request ids, a body
+//! limit, metrics, load shedding, catch-panic, JSON 404 and 405.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::extract::{FromRef, Request, State};
+use axum::http::{HeaderName, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use command_api::auth::JwtVerifier;
+use command_api::error::ApiError;
+use event_store::PoolConfig;
+use metrics_exporter_prometheus::PrometheusHandle;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::catch_up::{CatchUp, Projection};
+use crate::config::Config;
+use crate::notifications::Notifications;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    pub verifier: Arc<JwtVerifier>,
+    pub metrics: PrometheusHandle,
+    pub catch_up: CatchUp,
+    pub notifications: Notifications,
+    /// The JetStream stream whose relay checkpoint `/projections` shows.
+    pub stream: String,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("stream", &self.stream)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FromRef<AppState> for Arc<JwtVerifier> {
+    fn from_ref(state: &AppState) -> Self {
+        state.verifier.clone()
+    }
+}
+
+impl AppState {
+    /// Waits for `projections` to include `after`, when the request names a
+    /// position (see `catch_up`).
+    pub async fn read_after(
+        &self,
+        after: Option<event_store::Position>,
+        projections: &[Projection],
+    ) -> Result<(), ApiError> {
+        match after {
+            Some(position) => self.catch_up.wait(projections, position).await,
+            None => Ok(()),
+        }
+    }
+}
+
+/// A built query API, bound to its port, not yet serving.
+pub struct App {
+    listener: TcpListener,
+    router: Router,
+    port: u16,
+    state: AppState,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App").field("port", &self.port).finish()
+    }
+}
+
+/// Connects to Postgres, applies migrations, loads the token key and binds
+/// the listener. NATS is connected to when the app runs, in the background:
+/// reads do not need it.
+pub async fn build(config: Config) -> anyhow::Result<App> {
+    let pool = event_store::pool(
+        &config.database_url,
+        &PoolConfig {
+            max_connections: config.db_max_connections,
+            acquire_timeout: Duration::from_millis(config.db_acquire_timeout_ms),
+        },
+    )
+    .context("parsing DATABASE_URL")?;
+    event_store::migrate(&pool)
+        .await
+        .context("applying database migrations")?;
+
+    if !config.jwt_public_key.exists() && !config.jwt_private_key.exists() {
+        command_api::auth::ensure_dev_key_pair(&config.jwt_private_key, &config.jwt_public_key)
+            .context("generating a dev key pair")?;
+        tracing::warn!(
+            public_key = %config.jwt_public_key.display(),
+            "no token key configured: generated a dev key pair"
+        );
+    }
+    let verifier = JwtVerifier::from_public_pem_file(
+        &config.jwt_public_key,
+        config.jwt_issuer.clone(),
+        config.jwt_audience.clone(),
+    )
+    .context("loading the token public key")?;
+
+    let state = AppState {
+        catch_up: CatchUp::new(
+            pool.clone(),
+            config.partitions,
+            Duration::from_millis(config.catch_up_timeout_ms),
+            Duration::from_millis(config.catch_up_poll_ms),
+        ),
+        notifications: Notifications::new(
+            pool.clone(),
+            crate::notifications::NotificationConfig::from(&config),
+        ),
+        pool,
+        verifier: Arc::new(verifier),
+        metrics: command_api::telemetry::metrics_handle(),
+        stream: config.stream.clone(),
+    };
+    let router = router(state.clone(), &config);
+    let listener = TcpListener::bind(config.addr)
+        .await
+        .with_context(|| format!("binding {}", config.addr))?;
+    let port = listener
+        .local_addr()
+        .context("reading the bound port")?
+        .port();
+    Ok(App {
+        listener,
+        router,
+        port,
+        state,
+    })
+}
+
+impl App {
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until SIGTERM or Ctrl-C, then finishes in-flight requests.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        self.run_until(command_api::app::shutdown_signal()).await
+    }
+
+    /// Serves until `signal` completes, then ends the notification streams
+    /// and finishes in-flight requests.
+    pub async fn run_until(
+        self,
+        signal: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        tracing::info!(port = self.port, "query-api listening");
+        let poller = tokio::spawn(self.state.catch_up.clone().run());
+        let consumer = tokio::spawn(self.state.notifications.clone().run());
+        let notifications = self.state.notifications.clone();
+        let served = axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(async move {
+                signal.await;
+                // Streams never end on their own; graceful shutdown waits
+                // for every open response.
+                notifications.stop();
+            })
+            .await
+            .context("serving HTTP");
+        poller.abort();
+        consumer.abort();
+        tracing::info!("query-api stopped");
+        served
+    }
+}
+
+fn router(state: AppState, config: &Config) -> Router {
+    let request_id = HeaderName::from_static("x-request-id");
+    let in_flight = Arc::new(Semaphore::new(config.max_in_flight));
+    let max_body_bytes = config.max_body_bytes;
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
+        .merge(crate::routes::routes())
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(move |request: Request, next: Next| {
+            limit_body(max_body_bytes, request, next)
+        }))
+        .layer(middleware::from_fn(command_api::telemetry::track_http))
+        .layer(middleware::from_fn_with_state(in_flight, shed_load))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|request: &Request| {
+                let request_id = request
+                    .headers()
+                    .get("x-request-id")
+                    .and_then(|value| value.to_str().ok())
+                    .unwrap_or("");
+                tracing::info_span!(
+                    "request",
+                    method = %request.method(),
+                    path = %request.uri().path(),
+                    request_id,
+                )
+            }),
+        )
+        .layer(PropagateRequestIdLayer::new(request_id.clone()))
+        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            |_: Box<dyn std::any::Any + Send>| {
+                ApiError::Internal(anyhow::anyhow!("a handler panicked")).into_response()
+            },
+        ))
+        .with_state(state)
+}
+
+/// Every route is a GET and reads no body; a declared body larger than the
+/// limit is refused before any work, as the command API refuses it.
+async fn limit_body(max_body_bytes: usize, request: Request, next: Next) -> Response {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > max_body_bytes as u64) {
+        return ApiError::PayloadTooLarge(max_body_bytes).into_response();
+    }
+    next.run(request).await
+}
+
+/// Answers 503 at once when too many requests are in flight, instead of
+/// queueing without bound.
+async fn shed_load(
+    State(in_flight): State<Arc<Semaphore>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match in_flight.try_acquire() {
+        Ok(_permit) => next.run(request).await,
+        Err(_) => {
+            metrics::counter!("souk_http_shed_total").increment(1);
+            ApiError::Unavailable.into_response()
+        }
+    }
+}
+
+async fn health(State(state): State<AppState>) -> Response {
+    let database = sqlx::query_scalar::<_, i32>("SELECT 1")
+        .fetch_one(&state.pool)
+        .await
+        .is_ok();
+    let status = if database {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(serde_json::json!({
+            "status": if database { "ok" } else { "degraded" },
+            "database": if database { "up" } else { "down" },
+            "notifications": if state.notifications.is_live() { "live" } else { "connecting" },
+        })),
+    )
+        .into_response()
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn openapi() -> Json<serde_json::Value> {
+    Json(crate::openapi::document())
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("no such route".into())
+}
+
+async fn method_not_allowed() -> Response {
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        Json(serde_json::json!({"error": {"code": "method_not_allowed", "message": "this route does not take that method"}})),
+    )
+        .into_response()
+}

@@ -1,0 +1,689 @@
+//! Live notifications for `/notifications/stream`: order status changes for
+//! the order's buyer and seller, funds held and released for the wallet's
+//! owner.
+//!
+//! One consumer per process ([`Notifications::run`]) reads the JetStream
+//! stream with an ephemeral ordered consumer that starts at new messages
+//! (these are live notifications, not a history: a client that reconnects
+//! reads the current state from the other routes). It decides each event's
+//! recipients from the event itself (`OrderPlaced` names buyer and seller,
+//! `WalletOpened` the owner) or, for later events, from a bounded cache of
+//! those and then the read models (`rm_orders`, `rm_wallets`), and hands the
+//! notification to each of the recipients' open streams.
+//!
+//! Everything is bounded: the number of open streams (in all and per user),
+//! each stream's buffer (a client that falls behind gets `event: lagged` and
+//! is disconnected, instead of the consumer waiting for it), and the caches.
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::hash::Hash;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::response::sse::Event;
+use command_api::error::ApiError;
+use event_store::global::RecordedEvent;
+use futures::{Stream, StreamExt};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use uuid::Uuid;
+
+use crate::config::Config;
+
+/// Orders and wallets whose parties are remembered without a query.
+const CACHE_ENTRIES: usize = 10_000;
+/// Longest pause between two attempts to (re)connect the consumer.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// Limits and addresses of the notification streams.
+#[derive(Debug, Clone)]
+pub struct NotificationConfig {
+    pub nats_url: String,
+    pub stream: String,
+    pub max_streams: usize,
+    pub max_streams_per_user: usize,
+    pub buffer: usize,
+    pub keep_alive: Duration,
+}
+
+impl From<&Config> for NotificationConfig {
+    fn from(config: &Config) -> Self {
+        Self {
+            nats_url: config.nats_url.clone(),
+            stream: config.stream.clone(),
+            max_streams: config.max_notification_streams.max(1),
+            max_streams_per_user: config.max_streams_per_user.max(1),
+            buffer: config.notification_buffer.max(1),
+            keep_alive: Duration::from_secs(config.notification_keep_alive_s.max(1)),
+        }
+    }
+}
+
+/// One notification, as sent on a stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Notification {
+    /// The SSE event name: `order_status`, `funds_held` or `funds_released`.
+    pub event: &'static str,
+    /// The event's position token (the SSE id).
+    pub id: String,
+    pub data: Value,
+}
+
+impl Notification {
+    fn to_event(&self) -> Event {
+        Event::default()
+            .event(self.event)
+            .id(self.id.clone())
+            .data(self.data.to_string())
+    }
+}
+
+/// The notification hub of one app; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Notifications {
+    hub: Arc<Hub>,
+}
+
+#[derive(Debug)]
+struct Hub {
+    pool: PgPool,
+    config: NotificationConfig,
+    streams: Arc<Semaphore>,
+    subscribers: Mutex<HashMap<Uuid, Vec<Subscriber>>>,
+    next_id: AtomicU64,
+    /// Whether the consumer is reading the stream right now.
+    live: watch::Sender<bool>,
+    /// Set once, at shutdown: every stream ends.
+    stopping: watch::Sender<bool>,
+}
+
+#[derive(Debug)]
+struct Subscriber {
+    id: u64,
+    sender: mpsc::Sender<Notification>,
+    lagged: Arc<AtomicBool>,
+}
+
+/// An open stream's registration; unregisters itself when dropped.
+#[derive(Debug)]
+pub struct Subscription {
+    hub: Arc<Hub>,
+    user: Uuid,
+    id: u64,
+    receiver: mpsc::Receiver<Notification>,
+    lagged: Arc<AtomicBool>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.hub.remove(self.user, self.id);
+        metrics::gauge!("souk_notification_streams").decrement(1.0);
+    }
+}
+
+impl Hub {
+    fn remove(&self, user: Uuid, id: u64) {
+        let mut subscribers = self.subscribers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(list) = subscribers.get_mut(&user) {
+            list.retain(|subscriber| subscriber.id != id);
+            if list.is_empty() {
+                subscribers.remove(&user);
+            }
+        }
+    }
+
+    fn has_subscribers(&self) -> bool {
+        !self
+            .subscribers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+
+    /// Hands `notification` to each open stream of `user`. A stream whose
+    /// buffer is full is marked lagged and dropped from the hub: it sends
+    /// what it holds, then `event: lagged`, then ends.
+    fn deliver(&self, user: Uuid, notification: &Notification) {
+        let mut subscribers = self.subscribers.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(list) = subscribers.get_mut(&user) else {
+            return;
+        };
+        list.retain(
+            |subscriber| match subscriber.sender.try_send(notification.clone()) {
+                Ok(()) => {
+                    metrics::counter!("souk_notifications_sent_total").increment(1);
+                    true
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    subscriber.lagged.store(true, Ordering::SeqCst);
+                    metrics::counter!("souk_notifications_lagged_total").increment(1);
+                    tracing::info!(%user, "a notification stream fell behind; closing it");
+                    false
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            },
+        );
+        if list.is_empty() {
+            subscribers.remove(&user);
+        }
+    }
+}
+
+impl Notifications {
+    pub fn new(pool: PgPool, config: NotificationConfig) -> Self {
+        Self {
+            hub: Arc::new(Hub {
+                pool,
+                streams: Arc::new(Semaphore::new(config.max_streams)),
+                config,
+                subscribers: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(0),
+                live: watch::Sender::new(false),
+                stopping: watch::Sender::new(false),
+            }),
+        }
+    }
+
+    /// Whether the consumer is reading the stream.
+    pub fn is_live(&self) -> bool {
+        *self.hub.live.borrow()
+    }
+
+    /// Ends every open stream (at shutdown) and refuses new ones.
+    pub fn stop(&self) {
+        self.hub.stopping.send_replace(true);
+    }
+
+    pub fn keep_alive(&self) -> Duration {
+        self.hub.config.keep_alive
+    }
+
+    /// Opens a stream for `user`, within the limits (else 503).
+    pub fn subscribe(&self, user: Uuid) -> Result<Subscription, ApiError> {
+        if *self.hub.stopping.borrow() {
+            return Err(ApiError::Unavailable);
+        }
+        let permit = self.hub.streams.clone().try_acquire_owned().map_err(|_| {
+            tracing::warn!("too many notification streams open");
+            ApiError::Unavailable
+        })?;
+        let (sender, receiver) = mpsc::channel(self.hub.config.buffer);
+        let lagged = Arc::new(AtomicBool::new(false));
+        let id = self.hub.next_id.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut subscribers = self
+                .hub
+                .subscribers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let list = subscribers.entry(user).or_default();
+            if list.len() >= self.hub.config.max_streams_per_user {
+                tracing::warn!(%user, "too many notification streams open for one user");
+                return Err(ApiError::Unavailable);
+            }
+            list.push(Subscriber {
+                id,
+                sender,
+                lagged: lagged.clone(),
+            });
+        }
+        metrics::gauge!("souk_notification_streams").increment(1.0);
+        Ok(Subscription {
+            hub: self.hub.clone(),
+            user,
+            id,
+            receiver,
+            lagged,
+            _permit: permit,
+        })
+    }
+
+    /// The consumer: reads the stream and delivers notifications until
+    /// aborted, reconnecting (with a bounded backoff) whenever NATS, the
+    /// stream or the consumer fails.
+    pub async fn run(self) {
+        let mut backoff = Duration::from_millis(50);
+        let mut recipients = Recipients::new(self.hub.pool.clone());
+        loop {
+            if let Err(error) = self.consume(&mut recipients, &mut backoff).await {
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    "notification consumer stopped; reconnecting"
+                );
+            }
+            self.hub.live.send_replace(false);
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    async fn consume(
+        &self,
+        recipients: &mut Recipients,
+        backoff: &mut Duration,
+    ) -> anyhow::Result<()> {
+        let config = &self.hub.config;
+        let client = async_nats::ConnectOptions::new()
+            .connection_timeout(Duration::from_secs(2))
+            .connect(config.nats_url.as_str())
+            .await
+            .context("connecting to NATS")?;
+        let jetstream = async_nats::jetstream::new(client);
+        let stream = jetstream
+            .get_stream(&config.stream)
+            .await
+            .with_context(|| format!("opening the JetStream stream {}", config.stream))?;
+        let consumer = stream
+            .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+                filter_subject: event_store::fanout::stream_subjects(&config.stream),
+                deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::New,
+                ..Default::default()
+            })
+            .await
+            .context("creating the ordered consumer")?;
+        let mut messages = consumer
+            .messages()
+            .await
+            .context("reading the ordered consumer")?;
+        self.hub.live.send_replace(true);
+        *backoff = Duration::from_millis(50);
+        tracing::info!(stream = %config.stream, "notification consumer live");
+        while let Some(message) = messages.next().await {
+            let message = message.context("receiving an event")?;
+            for (user, notification) in recipients
+                .notifications(&message.subject, &message.payload, || {
+                    self.hub.has_subscribers()
+                })
+                .await
+            {
+                self.hub.deliver(user, &notification);
+            }
+        }
+        anyhow::bail!("the ordered consumer ended")
+    }
+}
+
+impl Subscription {
+    /// The stream's server-sent events: `ready` once the consumer is live
+    /// (notifications flow from then on), then the notifications, then
+    /// `lagged` if the client fell behind. Ends at shutdown.
+    pub fn into_events(self) -> impl Stream<Item = Result<Event, Infallible>> + Send + 'static {
+        enum Phase {
+            Connecting,
+            Live,
+            Ended,
+        }
+        struct State {
+            subscription: Subscription,
+            live: watch::Receiver<bool>,
+            stopping: watch::Receiver<bool>,
+            phase: Phase,
+        }
+        let state = State {
+            live: self.hub.live.subscribe(),
+            stopping: self.hub.stopping.subscribe(),
+            subscription: self,
+            phase: Phase::Connecting,
+        };
+        futures::stream::unfold(state, |mut state| async move {
+            match state.phase {
+                Phase::Connecting => {
+                    let live = state.live.clone();
+                    let went_live = tokio::select! {
+                        () = stopped(state.stopping.clone()) => false,
+                        ready = became_live(live) => ready,
+                    };
+                    if !went_live {
+                        return None;
+                    }
+                    state.phase = Phase::Live;
+                    let ready = Event::default()
+                        .event("ready")
+                        .data(json!({"live": true}).to_string());
+                    Some((Ok(ready), state))
+                }
+                Phase::Live => {
+                    let next = tokio::select! {
+                        () = stopped(state.stopping.clone()) => return None,
+                        next = state.subscription.receiver.recv() => next,
+                    };
+                    match next {
+                        Some(notification) => Some((Ok(notification.to_event()), state)),
+                        None => {
+                            state.phase = Phase::Ended;
+                            if state.subscription.lagged.load(Ordering::SeqCst) {
+                                let lagged = Event::default().event("lagged").data(
+                                    json!({"message": "this stream fell behind and is closed; \
+                                        read the current state and reconnect"})
+                                    .to_string(),
+                                );
+                                Some((Ok(lagged), state))
+                            } else {
+                                None
+                            }
+                        }
+                    }
+                }
+                Phase::Ended => None,
+            }
+        })
+    }
+}
+
+async fn stopped(mut stopping: watch::Receiver<bool>) {
+    if stopping.wait_for(|stop| *stop).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+async fn became_live(mut live: watch::Receiver<bool>) -> bool {
+    live.wait_for(|live| *live).await.is_ok()
+}
+
+/// A map that forgets its oldest entries beyond a bound.
+#[derive(Debug)]
+struct BoundedMap<K, V> {
+    entries: HashMap<K, V>,
+    order: VecDeque<K>,
+    capacity: usize,
+}
+
+impl<K: Clone + Eq + Hash, V> BoundedMap<K, V> {
+    fn new(capacity: usize) -> Self {
+        Self {
+            entries: HashMap::new(),
+            order: VecDeque::new(),
+            capacity,
+        }
+    }
+
+    fn get(&self, key: &K) -> Option<&V> {
+        self.entries.get(key)
+    }
+
+    fn insert(&mut self, key: K, value: V) {
+        if self.entries.insert(key.clone(), value).is_none() {
+            self.order.push_back(key);
+            while self.order.len() > self.capacity {
+                if let Some(oldest) = self.order.pop_front() {
+                    self.entries.remove(&oldest);
+                }
+            }
+        }
+    }
+}
+
+/// Who an order concerns.
+#[derive(Debug, Clone, Copy)]
+struct Parties {
+    buyer: Uuid,
+    seller: Uuid,
+}
+
+/// Whose a wallet is.
+#[derive(Debug, Clone)]
+struct Owner {
+    owner: Uuid,
+    currency: String,
+}
+
+/// Decides who is told about which event.
+#[derive(Debug)]
+struct Recipients {
+    pool: PgPool,
+    orders: BoundedMap<Uuid, Parties>,
+    wallets: BoundedMap<Uuid, Owner>,
+}
+
+/// The order status an order event moves to, for the events that change it.
+fn order_status(event_type: &str) -> Option<&'static str> {
+    Some(match event_type {
+        "OrderPlaced" => "placed",
+        "OrderRejected" => "rejected",
+        "OrderAwaitingPayment" => "awaiting_payment",
+        "PaymentConfirmed" | "OrderConfirmed" => "confirmed",
+        "OrderShipped" => "shipped",
+        "OrderDelivered" => "delivered",
+        "OrderCompleted" => "completed",
+        "OrderCancelled" => "cancelled",
+        "ReturnRequested" => "return_requested",
+        "OrderReturned" => "returned",
+        "OrderRefunded" => "refunded",
+        _ => return None,
+    })
+}
+
+/// The notification a wallet event is, for the events that hold or release
+/// funds: the payer's hold and the payee's pending incoming alike.
+fn funds_notification(event_type: &str) -> Option<&'static str> {
+    match event_type {
+        "FundsHeld" | "IncomingExpected" => Some("funds_held"),
+        "HoldCaptured" | "EscrowReceived" | "HoldRefunded" | "IncomingCancelled" => {
+            Some("funds_released")
+        }
+        _ => None,
+    }
+}
+
+fn uuid_at(value: &Value, field: &str) -> Option<Uuid> {
+    value
+        .get(field)?
+        .as_str()
+        .and_then(|text| Uuid::parse_str(text).ok())
+}
+
+impl Recipients {
+    fn new(pool: PgPool) -> Self {
+        Self {
+            pool,
+            orders: BoundedMap::new(CACHE_ENTRIES),
+            wallets: BoundedMap::new(CACHE_ENTRIES),
+        }
+    }
+
+    /// The notifications one published message gives, by recipient. Events
+    /// of other aggregates are not even decoded; nobody is looked up while
+    /// `anyone_listening` says no stream is open.
+    async fn notifications(
+        &mut self,
+        subject: &str,
+        payload: &[u8],
+        anyone_listening: impl Fn() -> bool,
+    ) -> Vec<(Uuid, Notification)> {
+        // Subjects are `<stream>.events.<AggregateType>.<partition>`.
+        let aggregate_type = subject.rsplit('.').nth(1).unwrap_or("");
+        if aggregate_type != "Order" && aggregate_type != "Wallet" {
+            return Vec::new();
+        }
+        let event: RecordedEvent = match serde_json::from_slice(payload) {
+            Ok(event) => event,
+            Err(error) => {
+                metrics::counter!("souk_notifications_undecodable_total").increment(1);
+                tracing::warn!(%error, subject, "cannot decode a published event");
+                return Vec::new();
+            }
+        };
+        let Ok(aggregate_id) = Uuid::parse_str(&event.aggregate_id) else {
+            return Vec::new();
+        };
+        // Unit variants are stored as a bare string, the others as
+        // `{"<EventType>": {...}}`.
+        let body = event
+            .payload
+            .get(&event.event_type)
+            .cloned()
+            .unwrap_or(Value::Null);
+        let result = match aggregate_type {
+            "Order" => {
+                self.order_notifications(&event, aggregate_id, &body, &anyone_listening)
+                    .await
+            }
+            _ => {
+                self.wallet_notifications(&event, aggregate_id, &body, &anyone_listening)
+                    .await
+            }
+        };
+        match result {
+            Ok(notifications) => notifications,
+            Err(error) => {
+                metrics::counter!("souk_notifications_undeliverable_total").increment(1);
+                tracing::warn!(%error, event_id = %event.event_id, "cannot find who to notify");
+                Vec::new()
+            }
+        }
+    }
+
+    async fn order_notifications(
+        &mut self,
+        event: &RecordedEvent,
+        order_id: Uuid,
+        body: &Value,
+        anyone_listening: &impl Fn() -> bool,
+    ) -> Result<Vec<(Uuid, Notification)>, sqlx::Error> {
+        if event.event_type == "OrderPlaced"
+            && let (Some(buyer), Some(seller)) = (uuid_at(body, "buyer"), uuid_at(body, "seller"))
+        {
+            self.orders.insert(order_id, Parties { buyer, seller });
+        }
+        let Some(status) = order_status(&event.event_type) else {
+            return Ok(Vec::new());
+        };
+        if !anyone_listening() {
+            return Ok(Vec::new());
+        }
+        let parties = match self.orders.get(&order_id) {
+            Some(parties) => *parties,
+            None => {
+                let row: Option<(Uuid, Uuid)> =
+                    sqlx::query_as("SELECT buyer_id, seller_id FROM rm_orders WHERE order_id = $1")
+                        .bind(order_id)
+                        .fetch_optional(&self.pool)
+                        .await?;
+                let Some((buyer, seller)) = row else {
+                    metrics::counter!("souk_notifications_undeliverable_total").increment(1);
+                    tracing::debug!(%order_id, "an order event for an order not yet projected");
+                    return Ok(Vec::new());
+                };
+                let parties = Parties { buyer, seller };
+                self.orders.insert(order_id, parties);
+                parties
+            }
+        };
+        let mut recipients = vec![(parties.buyer, "buyer")];
+        if parties.seller != parties.buyer {
+            recipients.push((parties.seller, "seller"));
+        }
+        Ok(recipients
+            .into_iter()
+            .map(|(user, role)| {
+                let data = json!({
+                    "order_id": order_id,
+                    "status": status,
+                    "event_type": event.event_type,
+                    "role": role,
+                    "position": event.position.token(),
+                    "recorded_at": crate::routes::time(event.recorded_at),
+                });
+                (
+                    user,
+                    Notification {
+                        event: "order_status",
+                        id: event.position.token(),
+                        data,
+                    },
+                )
+            })
+            .collect())
+    }
+
+    async fn wallet_notifications(
+        &mut self,
+        event: &RecordedEvent,
+        wallet_id: Uuid,
+        body: &Value,
+        anyone_listening: &impl Fn() -> bool,
+    ) -> Result<Vec<(Uuid, Notification)>, sqlx::Error> {
+        if event.event_type == "WalletOpened"
+            && let (Some(owner), Some(currency)) = (
+                uuid_at(body, "owner"),
+                body.get("currency").and_then(Value::as_str),
+            )
+        {
+            let currency = currency.to_owned();
+            self.wallets.insert(wallet_id, Owner { owner, currency });
+        }
+        let Some(kind) = funds_notification(&event.event_type) else {
+            return Ok(Vec::new());
+        };
+        if !anyone_listening() {
+            return Ok(Vec::new());
+        }
+        let owner = match self.wallets.get(&wallet_id) {
+            Some(owner) => owner.clone(),
+            None => {
+                let row: Option<(Uuid, String)> = sqlx::query_as(
+                    "SELECT owner_id, currency FROM rm_wallets WHERE wallet_id = $1",
+                )
+                .bind(wallet_id)
+                .fetch_optional(&self.pool)
+                .await?;
+                let Some((owner, currency)) = row else {
+                    metrics::counter!("souk_notifications_undeliverable_total").increment(1);
+                    tracing::debug!(%wallet_id, "a wallet event for a wallet not yet projected");
+                    return Ok(Vec::new());
+                };
+                let owner = Owner { owner, currency };
+                self.wallets.insert(wallet_id, owner.clone());
+                owner
+            }
+        };
+        let data = json!({
+            "wallet_id": wallet_id,
+            "order_id": uuid_at(body, "order_id"),
+            "amount": body.get("amount").and_then(Value::as_i64).unwrap_or(0),
+            "currency": owner.currency,
+            "event_type": event.event_type,
+            "position": event.position.token(),
+            "recorded_at": crate::routes::time(event.recorded_at),
+        });
+        Ok(vec![(
+            owner.owner,
+            Notification {
+                event: kind,
+                id: event.position.token(),
+                data,
+            },
+        )])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bounded_map_forgets_its_oldest_entries() {
+        let mut map = BoundedMap::new(2);
+        map.insert(1, "a");
+        map.insert(2, "b");
+        map.insert(1, "a again");
+        map.insert(3, "c");
+        assert_eq!(map.get(&1), None);
+        assert_eq!(map.get(&2), Some(&"b"));
+        assert_eq!(map.get(&3), Some(&"c"));
+    }
+
+    #[test]
+    fn status_changes_and_fund_movements_are_named() {
+        assert_eq!(order_status("PaymentConfirmed"), Some("confirmed"));
+        assert_eq!(order_status("SellerReviewed"), None);
+        assert_eq!(funds_notification("FundsHeld"), Some("funds_held"));
+        assert_eq!(funds_notification("HoldRefunded"), Some("funds_released"));
+        assert_eq!(funds_notification("FundsDeposited"), None);
+    }
+}

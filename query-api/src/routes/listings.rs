@@ -1,0 +1,235 @@
+//! `/listings` (filtered, newest first) and `/listings/{id}` (with its
+//! stock), from the "listings" projection, for any signed-in user.
+//!
+//! Deleted listings are soft-deleted: they stay in the read model but only
+//! their seller, an admin or an auditor sees them (`?status=deleted` in the
+//! list, or by id); for anyone else they do not exist.
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use command_api::auth::AuthUser;
+use command_api::error::ApiError;
+use command_api::extract::IdPath;
+use domain::values::{Currency, Label, MAX_AMOUNT};
+use serde_json::{Value, json};
+use sqlx::{Postgres, QueryBuilder};
+use uuid::Uuid;
+
+use super::{db_error, list, money, not_found, sees_everything, time};
+use crate::app::AppState;
+use crate::catch_up::Projection;
+use crate::params::{CursorKind, QueryParams, invalid_parameter, page};
+
+/// `domain::listing::Condition::as_str` of every condition.
+pub const CONDITIONS: &[&str] = &["new", "like_new", "good", "fair", "poor"];
+/// `domain::listing::ListingStatus::as_str` of every status.
+pub const STATUSES: &[&str] = &["active", "paused", "sold_out", "deleted"];
+
+pub fn routes() -> axum::Router<AppState> {
+    Router::new()
+        .route("/listings", get(listings))
+        .route("/listings/{id}", get(listing))
+}
+
+const COLUMNS: &str = "listing_id, seller_id, product_id, title, description, category, \
+    subcategory, condition, price_amount, currency, city, country, lat, lon, attributes, images, \
+    status, payout_wallet_id, stock, held, available, created_at, updated_at, version";
+
+#[derive(Debug, sqlx::FromRow)]
+struct ListingRow {
+    listing_id: Uuid,
+    seller_id: Uuid,
+    product_id: Uuid,
+    title: String,
+    description: String,
+    category: String,
+    subcategory: Option<String>,
+    condition: String,
+    price_amount: i64,
+    currency: String,
+    city: String,
+    country: String,
+    lat: Option<f64>,
+    lon: Option<f64>,
+    attributes: Value,
+    images: Value,
+    status: String,
+    payout_wallet_id: Option<Uuid>,
+    stock: i32,
+    held: i32,
+    available: i32,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    version: i64,
+}
+
+impl ListingRow {
+    fn to_json(&self) -> Value {
+        json!({
+            "id": self.listing_id,
+            "seller_id": self.seller_id,
+            "product_id": self.product_id,
+            "title": self.title,
+            "description": self.description,
+            "category": self.category,
+            "subcategory": self.subcategory,
+            "condition": self.condition,
+            "price": money(self.price_amount, &self.currency),
+            "location": {
+                "city": self.city,
+                "country": self.country,
+                "lat": self.lat.filter(|lat| lat.is_finite()),
+                "lon": self.lon.filter(|lon| lon.is_finite()),
+            },
+            "attributes": if self.attributes.is_object() { self.attributes.clone() } else { json!({}) },
+            "images": if self.images.is_array() { self.images.clone() } else { json!([]) },
+            "status": self.status,
+            "payout_wallet_id": self.payout_wallet_id,
+            "stock": self.stock,
+            "held": self.held,
+            "available": self.available,
+            "created_at": time(self.created_at),
+            "updated_at": time(self.updated_at),
+            "version": self.version,
+        })
+    }
+}
+
+/// Whether `user` sees the deleted listings of `seller`.
+fn sees_deleted(user: &AuthUser, seller: Option<Uuid>) -> bool {
+    sees_everything(user) || seller == Some(user.user_id.as_uuid())
+}
+
+async fn listing(
+    State(state): State<AppState>,
+    user: AuthUser,
+    IdPath(id): IdPath,
+    query: QueryParams,
+) -> Result<Json<Value>, ApiError> {
+    let params = query.accept(&["after"])?;
+    let after = params.after()?;
+    state.read_after(after, &[Projection::Listings]).await?;
+    let row: Option<ListingRow> = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM rm_listings WHERE listing_id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(&state.pool)
+    .await
+    .map_err(db_error)?;
+    match row {
+        Some(row) if row.status != "deleted" || sees_deleted(&user, Some(row.seller_id)) => {
+            Ok(Json(row.to_json()))
+        }
+        _ => Err(not_found("listing_not_found", "listing not found")),
+    }
+}
+
+/// The filters of `/listings`, validated.
+#[derive(Debug, Default)]
+struct Filters {
+    category: Option<String>,
+    condition: Option<&'static str>,
+    seller_id: Option<Uuid>,
+    currency: Option<String>,
+    min_price: Option<i64>,
+    max_price: Option<i64>,
+    status: Option<&'static str>,
+}
+
+async fn listings(
+    State(state): State<AppState>,
+    user: AuthUser,
+    query: QueryParams,
+) -> Result<Json<Value>, ApiError> {
+    let params = query.accept(&[
+        "after",
+        "limit",
+        "cursor",
+        "category",
+        "condition",
+        "seller_id",
+        "currency",
+        "min_price",
+        "max_price",
+        "status",
+    ])?;
+    let after = params.after()?;
+    let limit = params.limit()?;
+    let before: Option<Uuid> = params.cursor(CursorKind::Listings)?;
+    let filters = Filters {
+        category: params
+            .get("category")
+            .map(|text| {
+                Label::parse("category", text)
+                    .map(|label| label.as_str().to_owned())
+                    .map_err(|error| invalid_parameter(error.message))
+            })
+            .transpose()?,
+        condition: params.choice("condition", CONDITIONS)?,
+        seller_id: params.uuid("seller_id")?,
+        currency: params
+            .get("currency")
+            .map(|text| {
+                Currency::parse(text)
+                    .map(|currency| currency.as_str().to_owned())
+                    .map_err(|error| invalid_parameter(format!("currency: {}", error.message)))
+            })
+            .transpose()?,
+        min_price: params.integer("min_price", 0, MAX_AMOUNT)?,
+        max_price: params.integer("max_price", 0, MAX_AMOUNT)?,
+        status: params.choice("status", STATUSES)?,
+    };
+    if let (Some(min), Some(max)) = (filters.min_price, filters.max_price)
+        && min > max
+    {
+        return Err(invalid_parameter("min_price must not be above max_price"));
+    }
+    if filters.status == Some("deleted") && !sees_deleted(&user, filters.seller_id) {
+        return Err(ApiError::forbidden(
+            "deleted listings are shown only to their seller (with seller_id), admins and auditors",
+        ));
+    }
+    state.read_after(after, &[Projection::Listings]).await?;
+
+    let mut sql =
+        QueryBuilder::<Postgres>::new(format!("SELECT {COLUMNS} FROM rm_listings WHERE "));
+    match filters.status {
+        Some(status) => sql.push("status = ").push_bind(status),
+        None => sql.push("status <> 'deleted'"),
+    };
+    if let Some(category) = filters.category {
+        sql.push(" AND category = ").push_bind(category);
+    }
+    if let Some(condition) = filters.condition {
+        sql.push(" AND condition = ").push_bind(condition);
+    }
+    if let Some(seller_id) = filters.seller_id {
+        sql.push(" AND seller_id = ").push_bind(seller_id);
+    }
+    if let Some(currency) = filters.currency {
+        sql.push(" AND currency = ").push_bind(currency);
+    }
+    if let Some(min_price) = filters.min_price {
+        sql.push(" AND price_amount >= ").push_bind(min_price);
+    }
+    if let Some(max_price) = filters.max_price {
+        sql.push(" AND price_amount <= ").push_bind(max_price);
+    }
+    if let Some(before) = before {
+        sql.push(" AND listing_id < ").push_bind(before);
+    }
+    sql.push(" ORDER BY listing_id DESC LIMIT ")
+        .push_bind(limit + 1);
+    let rows: Vec<ListingRow> = sql
+        .build_query_as()
+        .fetch_all(&state.pool)
+        .await
+        .map_err(db_error)?;
+    let (rows, next) = page(rows, limit, CursorKind::Listings, |row| row.listing_id);
+    Ok(Json(list(
+        rows.iter().map(ListingRow::to_json).collect(),
+        next,
+    )))
+}

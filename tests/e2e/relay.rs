@@ -1,0 +1,387 @@
+//! The relay, against real Postgres and real NATS: committed events reach
+//! JetStream in global order on their type and partition subjects; a
+//! transaction held open holds the relay back (visibly) without making it
+//! skip; a NATS outage loses and duplicates nothing; two relays on one stream
+//! publish through one leader and hand over.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use event_store::Position;
+use event_store::fanout::{DEFAULT_PARTITIONS, event_subject, partition_of};
+use event_store::global::{RecordedEvent, read_after};
+use event_store::relay::{Relay, RelayConfig, RelayStatus, Role};
+use serde_json::json;
+use sqlx::postgres::PgPool;
+use tests::nats::{
+    NatsServer, StoredMessage, TestStream, nats_url, stored_count, wait_for_messages,
+};
+use tests::{TestApp, TestDb, User, spawn_app, spawn_app_on};
+use tokio::sync::{oneshot, watch};
+
+/// The bound on every wait of these tests (the suite shares one machine).
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Waits until `check` holds; panics with `what` after [`WAIT`].
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + WAIT;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every committed event in global order, once none waits behind the
+/// horizon (another test's open transaction may hold it for a moment).
+async fn all_events(pool: &PgPool) -> Vec<RecordedEvent> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let committed: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        let events = read_after(pool, Position::START, 10_000).await.unwrap();
+        if events.len() as i64 == committed {
+            return events;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting until every committed event is readable"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Inserts a `Probe` event in `executor`'s transaction (or on its own);
+/// returns its place in the global order once committed.
+async fn insert_probe(executor: impl sqlx::PgExecutor<'_>) -> Position {
+    let (transaction_id, position): (i64, i64) = sqlx::query_as(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
+                             payload, metadata, prev_hash, hash)
+         VALUES ('Probe', gen_random_uuid()::text, 1, 'Probed', '1', '{}', '{}', '\\x00', '\\x00')
+         RETURNING transaction_id::text::bigint, position",
+    )
+    .fetch_one(executor)
+    .await
+    .unwrap();
+    Position {
+        transaction_id: transaction_id as u64,
+        position,
+    }
+}
+
+/// A gauge of `app`'s relay, from its `/metrics`.
+async fn relay_metric(app: &TestApp, name: &str) -> Option<f64> {
+    let text = app
+        .client
+        .get(format!("{}/metrics", app.address))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let prefix = format!("{name}{{stream=\"{}\"}} ", app.stream);
+    text.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|value| value.trim().parse().ok())
+}
+
+/// The stream holds exactly `events`, once each, in their global order.
+fn assert_exactly(messages: &[StoredMessage], events: &[RecordedEvent]) {
+    let ids: Vec<Option<String>> = messages.iter().map(|m| m.message_id.clone()).collect();
+    let unique: HashSet<&Option<String>> = ids.iter().collect();
+    assert_eq!(unique.len(), ids.len(), "a message is on the stream twice");
+    let expected: Vec<Option<String>> = events
+        .iter()
+        .map(|event| Some(event.event_id.to_string()))
+        .collect();
+    assert_eq!(ids, expected, "the stream holds the events in global order");
+    let positions: Vec<Position> = messages.iter().map(|m| m.event().position).collect();
+    assert!(positions.windows(2).all(|pair| pair[0] < pair[1]));
+}
+
+#[tokio::test]
+async fn committed_events_reach_the_stream_in_global_order_on_their_type_and_partition_subjects() {
+    let app = spawn_app().await;
+    let seller = User::new("seller");
+    let buyer = User::new("buyer");
+    for price in [1_500, 2_500, 3_500] {
+        app.listing(&seller, price, 2, None).await;
+    }
+    for amount in [1_000, 2_000, 3_000, 4_000] {
+        app.funded_wallet(&buyer, "EUR", amount).await;
+    }
+
+    let pool = app.db.pool().await;
+    let events = all_events(&pool).await;
+    let types: HashSet<&str> = events.iter().map(|e| e.aggregate_type.as_str()).collect();
+    assert!(types.len() >= 3, "several aggregate types: {types:?}");
+    let messages = wait_for_messages(&app.nats_url, &app.stream, events.len(), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(messages.len(), events.len());
+    assert_exactly(&messages, &events);
+
+    for (index, (message, event)) in messages.iter().zip(&events).enumerate() {
+        assert_eq!(message.sequence, index as u64 + 1);
+        let partition = partition_of(&event.aggregate_id, DEFAULT_PARTITIONS);
+        assert_eq!(
+            message.subject,
+            event_subject(&app.stream, &event.aggregate_type, partition)
+        );
+        assert_eq!(&message.event(), event, "the body is the event as recorded");
+    }
+
+    // The checkpoint names the last event, stored once the acks were in.
+    let last = events.last().unwrap().position;
+    eventually("the checkpoint names the last event", || async {
+        let row: Option<(i64, i64, i64)> = sqlx::query_as(
+            "SELECT transaction_id, position, published FROM relay_checkpoints WHERE stream = $1",
+        )
+        .bind(&app.stream)
+        .fetch_optional(&pool)
+        .await
+        .unwrap();
+        row == Some((
+            last.transaction_id as i64,
+            last.position,
+            events.len() as i64,
+        ))
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_transaction_held_open_holds_the_relay_back_and_it_skips_nothing() {
+    let app = spawn_app().await;
+    let pool = app.db.pool().await;
+    let buyer = User::new("buyer");
+    app.funded_wallet(&buyer, "EUR", 500).await;
+    wait_for_messages(&app.nats_url, &app.stream, 2, WAIT)
+        .await
+        .unwrap();
+
+    // A writer takes its place in the order first and commits last.
+    let mut held = pool.begin().await.unwrap();
+    let probe = insert_probe(&mut *held).await;
+    for amount in [100, 200, 300] {
+        app.funded_wallet(&buyer, "EUR", amount).await;
+    }
+
+    // The relay sees the six later events committed and publishes none of
+    // them while the writer is open.
+    eventually("the relay counts the later events as lag", || async {
+        relay_metric(&app, "souk_relay_lag_events").await >= Some(6.0)
+    })
+    .await;
+    let published = tests::nats::stream_messages(&app.nats_url, &app.stream)
+        .await
+        .unwrap();
+    assert_eq!(published.len(), 2, "nothing past the open transaction");
+    assert!(
+        published
+            .iter()
+            .all(|message| message.event().position < probe)
+    );
+
+    held.commit().await.unwrap();
+    let events = all_events(&pool).await;
+    assert_eq!(events.len(), 9);
+    let messages = wait_for_messages(&app.nats_url, &app.stream, 9, WAIT)
+        .await
+        .unwrap();
+    assert_exactly(&messages, &events);
+    assert_eq!(
+        messages[2].event().position,
+        probe,
+        "the late commit comes first"
+    );
+    assert_eq!(messages[2].event().aggregate_type, "Probe");
+}
+
+#[tokio::test]
+async fn a_transaction_held_open_shows_as_a_stall_in_the_relay_metrics() {
+    let app = spawn_app().await;
+    let pool = app.db.pool().await;
+    let buyer = User::new("buyer");
+
+    let mut held = pool.begin().await.unwrap();
+    insert_probe(&mut *held).await;
+    app.funded_wallet(&buyer, "EUR", 700).await;
+
+    eventually("the horizon's age and the lag show the stall", || async {
+        relay_metric(&app, "souk_relay_horizon_age_seconds").await >= Some(2.0)
+            && relay_metric(&app, "souk_relay_lag_events").await >= Some(2.0)
+    })
+    .await;
+    assert_eq!(
+        stored_count(&app.nats_url, &app.stream).await.unwrap(),
+        0,
+        "the stalled relay published nothing"
+    );
+
+    held.commit().await.unwrap();
+    eventually("the relay catches up once the transaction ends", || async {
+        relay_metric(&app, "souk_relay_lag_events").await == Some(0.0)
+            && stored_count(&app.nats_url, &app.stream).await.unwrap_or(0) == 3
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_nats_outage_under_load_loses_and_duplicates_nothing() {
+    let mut server = NatsServer::start().expect("starting a private nats-server");
+    let url = server.url();
+    let app = spawn_app_on(TestDb::empty().await, |config| {
+        config.nats_url = url.clone();
+    })
+    .await;
+    let owner = User::new("buyer");
+    let admin = User::new("admin");
+    let wallet = app.funded_wallet(&owner, "EUR", 1_000).await;
+    wait_for_messages(&url, &app.stream, 2, WAIT).await.unwrap();
+
+    server.stop().unwrap();
+    eventually("the relay reports NATS down", || async {
+        relay_metric(&app, "souk_relay_connected").await == Some(0.0)
+    })
+    .await;
+
+    // Commands keep succeeding: they never wait on NATS.
+    let path = format!("/wallets/{wallet}/deposits");
+    let seller = User::new("seller");
+    for round in 0..10_i64 {
+        let deposits = (0..20).map(|n| {
+            let body = json!({
+                "amount": {"amount": 100 + n, "currency": "EUR"},
+                "reference": format!("outage {round}/{n}"),
+            });
+            let path = path.clone();
+            let admin = admin.clone();
+            let app = &app;
+            async move { app.post(&path, Some(&admin), &body).await }
+        });
+        for answer in futures::future::join_all(deposits).await {
+            assert_eq!(answer.status, 200, "{:?}", answer.body);
+        }
+        app.listing(&seller, 900 + round, 1, None).await;
+    }
+
+    server.start_again().unwrap();
+    for n in 0..20 {
+        let body =
+            json!({"amount": {"amount": 50, "currency": "EUR"}, "reference": format!("after {n}")});
+        assert_eq!(app.post(&path, Some(&admin), &body).await.status, 200);
+    }
+
+    let pool = app.db.pool().await;
+    let events = all_events(&pool).await;
+    assert!(events.len() > 230, "{} events", events.len());
+    let messages = wait_for_messages(&url, &app.stream, events.len(), WAIT)
+        .await
+        .unwrap();
+    assert_exactly(&messages, &events);
+    eventually("the relay reports NATS up", || async {
+        relay_metric(&app, "souk_relay_connected").await == Some(1.0)
+    })
+    .await;
+}
+
+/// Starts a relay named `instance` on `stream`; stops it when the sender is
+/// used or dropped.
+fn start_relay(
+    pool: &PgPool,
+    stream: &str,
+    instance: &str,
+) -> (
+    watch::Receiver<RelayStatus>,
+    oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let mut config = RelayConfig::new(nats_url(), stream);
+    config.instance = instance.to_owned();
+    config.poll_interval = Duration::from_millis(50);
+    config.standby_retry = Duration::from_millis(200);
+    let relay = Relay::new(pool.clone(), config);
+    let status = relay.status();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let running = tokio::spawn(relay.run_until(async move {
+        let _ = stopped.await;
+    }));
+    (status, stop, running)
+}
+
+async fn wait_for_role(status: &mut watch::Receiver<RelayStatus>, role: Role) {
+    tokio::time::timeout(WAIT, status.wait_for(|status| status.role == role))
+        .await
+        .unwrap_or_else(|_| panic!("the relay never became {role:?}"))
+        .expect("the relay is running");
+}
+
+/// Waits until the relay has recorded `count` acknowledged publishes (the
+/// messages are on the stream a moment before the checkpoint is stored).
+async fn wait_for_published(status: &mut watch::Receiver<RelayStatus>, count: u64) {
+    tokio::time::timeout(WAIT, status.wait_for(|status| status.published >= count))
+        .await
+        .unwrap_or_else(|_| panic!("the relay never published {count}"))
+        .expect("the relay is running");
+}
+
+async fn insert_probes(pool: &PgPool, count: usize) {
+    for _ in 0..count {
+        insert_probe(pool).await;
+    }
+}
+
+#[tokio::test]
+async fn two_relays_on_one_stream_publish_through_one_leader_that_hands_over() {
+    let db = TestDb::migrated().await;
+    let pool = db.pool().await;
+    let stream = TestStream::new(&nats_url());
+
+    let (mut first, stop_first, first_running) = start_relay(&pool, &stream.name, "first");
+    wait_for_role(&mut first, Role::Leader).await;
+    let (mut second, stop_second, second_running) = start_relay(&pool, &stream.name, "second");
+    wait_for_role(&mut second, Role::Standby).await;
+
+    insert_probes(&pool, 40).await;
+    wait_for_messages(&stream.url, &stream.name, 40, WAIT)
+        .await
+        .unwrap();
+    wait_for_published(&mut first, 40).await;
+    assert_eq!(
+        second.borrow().published,
+        0,
+        "the standby published nothing"
+    );
+    assert_eq!(second.borrow().role, Role::Standby);
+
+    // The leader stops; the standby takes the lock and resumes at the
+    // leader's checkpoint.
+    stop_first.send(()).unwrap();
+    first_running.await.unwrap();
+    assert_eq!(first.borrow().role, Role::Stopped);
+    wait_for_role(&mut second, Role::Leader).await;
+    insert_probes(&pool, 40).await;
+
+    let events = all_events(&pool).await;
+    let messages = wait_for_messages(&stream.url, &stream.name, 80, WAIT)
+        .await
+        .unwrap();
+    assert_exactly(&messages, &events);
+    wait_for_published(&mut second, 40).await;
+    assert_eq!(
+        second.borrow().published,
+        40,
+        "the new leader republished nothing"
+    );
+
+    stop_second.send(()).unwrap();
+    second_running.await.unwrap();
+}

@@ -1,0 +1,1825 @@
+//! Souk's write-path benchmark: one run, one table, so the ratios hold.
+//!
+//! ```sh
+//! cargo run --release -p tests --bin bench            # all rows, 10 s measured each
+//! cargo run --release -p tests --bin bench -- --help  # flags
+//! ```
+//!
+//! Every row executes the same command (a 100 EUR-cent deposit on a wallet)
+//! from `--concurrency` tasks (64), each on its own wallets, against a
+//! database of its own on the Postgres of `--admin-url`:
+//!
+//! 1. `raw sqlx append`: the physical limit, one plain INSERT of the event row
+//!    Souk would write (same table, same columns, values of the same size)
+//!    per transaction;
+//! 2. `plain cqrs-es + postgres-es`: what a user would pick instead, on
+//!    postgres-es's own schema;
+//! 3. `Souk in process`: `event_store::EventStore::execute`;
+//! 4. `Souk over HTTP`: the `command-api` binary, built by this benchmark
+//!    (`cargo build` of the same profile) and started as a separate process,
+//!    driven over keep-alive HTTP connections; its memory is sampled;
+//! 5. the snapshot check: one deposit through a fresh `EventStore` (empty
+//!    cache) on a wallet of `--snapshot-events` events versus on a new one.
+//!
+//! Rows 1 to 4 are set up first, then measured in `--rounds` interleaved
+//! slices (each slice a warm-up, then `--seconds / --rounds` measured), so
+//! that load from other processes that comes and goes hits every row alike
+//! and the ratios hold. Each slice gets fresh connection pools, so only one
+//! row's pool is open at a time (besides the idle command API's). CPU time
+//! of this process, of the command API and of Postgres is accounted per
+//! command, and other load on the machine is reported.
+//!
+//! Every database is created for the run and dropped at the end, also on
+//! error or Ctrl-C; the child process is killed. Progress goes to stderr,
+//! the table to stdout. Targets are printed as MET or MISSED; they never fail
+//! the run.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail, ensure};
+use clap::{Parser, ValueEnum};
+use cqrs_es::DomainEvent;
+use domain::values::{Actor, Currency, Money, Reference, Role, UserId, WalletId};
+use domain::wallet::{Wallet, WalletCommand, WalletEvent};
+use event_store::record::{ChainedFields, EventMetadata, GENESIS_HASH};
+use event_store::{CommandContext, EventStore, PoolConfig, Reply, StoreConfig};
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use uuid::Uuid;
+
+/// The body every HTTP deposit sends.
+const DEPOSIT_BODY: &str = r#"{"amount":{"amount":100,"currency":"EUR"},"reference":"bench"}"#;
+const DEPOSIT_MINOR_UNITS: i64 = 100;
+const CURRENCY: &str = "EUR";
+const REFERENCE: &str = "bench";
+/// Longest wait for one command before it is counted as an error.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+/// Cores busy with other work during a row above which its figures are
+/// flagged as disturbed.
+const OTHER_LOAD_WARN_CORES: f64 = 0.25;
+/// Longest build of the command API binary.
+const BUILD_TIMEOUT: Duration = Duration::from_secs(1800);
+/// Longest wait for the command API to answer its health check.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(120);
+/// How often the command API's memory is sampled during its load.
+const RSS_SAMPLE_EVERY: Duration = Duration::from_millis(200);
+/// Most deposits in flight while seeding the large aggregate (its lane
+/// batches them; the store queues at most `StoreConfig::queue_max`).
+const SEED_IN_FLIGHT: usize = 2048;
+
+// The targets of the issue, printed beside the figures.
+const TARGET_IN_PROCESS_VS_CQRS: f64 = 1.0;
+const TARGET_HTTP_COMMANDS_PER_S: f64 = 1500.0;
+const TARGET_HTTP_P99_MS: f64 = 50.0;
+const TARGET_RSS_MB: f64 = 150.0;
+const TARGET_SNAPSHOT_RATIO: f64 = 2.0;
+
+/// Postgres DDL of postgres-es 0.5.0 (`db/init.sql`), events and snapshots.
+const POSTGRES_ES_DDL: &str = "
+CREATE TABLE events
+(
+    aggregate_type text                         NOT NULL,
+    aggregate_id   text                         NOT NULL,
+    sequence       bigint CHECK (sequence >= 0) NOT NULL,
+    event_type     text                         NOT NULL,
+    event_version  text                         NOT NULL,
+    payload        json                         NOT NULL,
+    metadata       json                         NOT NULL,
+    PRIMARY KEY (aggregate_type, aggregate_id, sequence)
+);
+CREATE TABLE snapshots
+(
+    aggregate_type   text                                 NOT NULL,
+    aggregate_id     text                                 NOT NULL,
+    last_sequence    bigint CHECK (last_sequence >= 0)    NOT NULL,
+    current_snapshot bigint CHECK (current_snapshot >= 0) NOT NULL,
+    payload          json                                 NOT NULL,
+    PRIMARY KEY (aggregate_type, aggregate_id, last_sequence)
+);
+";
+
+/// The INSERT of the raw row: Souk's columns, one event, its position back.
+const RAW_INSERT: &str = "
+INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
+                    payload, metadata, recorded_at, event_id, prev_hash, hash)
+VALUES ($1, $2, $3, $4, $5, $6::text::json, $7::text::json, $8, $9, $10, $11)
+RETURNING position, transaction_id::text::bigint";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum RowKind {
+    Raw,
+    CqrsEs,
+    Souk,
+    Http,
+    Snapshot,
+}
+
+/// Souk's write-path benchmark (see the crate docs of `tests/src/bin/bench.rs`).
+#[derive(Debug, Parser)]
+#[command(
+    name = "bench",
+    about = "Souk's write-path benchmark: prints one table"
+)]
+struct Args {
+    /// Measured seconds per row, over all its slices.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
+    seconds: u64,
+
+    /// Slices each row's measured time is cut into, interleaved with the
+    /// other rows' slices.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=100))]
+    rounds: u64,
+
+    /// Warm-up seconds before each slice, not measured.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(0..=60))]
+    warmup_seconds: u64,
+
+    /// Concurrent tasks (HTTP connections for the HTTP row).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    concurrency: u64,
+
+    /// Wallets per task, used round-robin.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    wallets_per_task: u64,
+
+    /// Postgres connections of each row's pool (and of the command API).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=90))]
+    pool_size: u32,
+
+    /// Most measured commands per row, whatever the duration.
+    #[arg(long, default_value_t = 5_000_000, value_parser = clap::value_parser!(u64).range(1..=50_000_000))]
+    max_commands: u64,
+
+    /// Events of the large aggregate of the snapshot row.
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=2_000_000))]
+    snapshot_events: u64,
+
+    /// Deposits timed on each of the large and the new aggregates.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    snapshot_samples: u64,
+
+    /// Rows to run, comma-separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "raw,cqrs-es,souk,http,snapshot"
+    )]
+    rows: Vec<RowKind>,
+
+    /// Maintenance database the benchmark creates its databases from.
+    #[arg(
+        long,
+        env = "SOUK_BENCH_ADMIN_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres",
+        hide_env_values = true
+    )]
+    admin_url: String,
+
+    /// A `command-api` binary to use instead of building one.
+    #[arg(long)]
+    command_api: Option<PathBuf>,
+}
+
+impl Args {
+    fn wallet_count(&self) -> usize {
+        (self.concurrency * self.wallets_per_task) as usize
+    }
+
+    fn slice(&self) -> Duration {
+        Duration::from_secs_f64(self.seconds as f64 / self.rounds as f64)
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let databases = Databases::connect(&args.admin_url).await?;
+    let outcome = tokio::select! {
+        outcome = run(&args, &databases) => outcome,
+        signal = tokio::signal::ctrl_c() => {
+            signal.context("listening for Ctrl-C")?;
+            Err(anyhow!("interrupted"))
+        }
+    };
+    // The run's future is gone by now, and with it the command API child.
+    let dropped = databases.drop_all().await;
+    outcome?;
+    dropped
+}
+
+async fn run(args: &Args, databases: &Databases) -> anyhow::Result<()> {
+    if cfg!(debug_assertions) {
+        eprintln!("warning: this is a debug build; run with --release for meaningful figures");
+    }
+    let server_version: String = sqlx::query_scalar("SHOW server_version")
+        .fetch_one(&databases.admin)
+        .await
+        .context("reading the Postgres version")?;
+    let wanted = |kind| args.rows.contains(&kind);
+    let mut targets = Vec::new();
+    if wanted(RowKind::Raw) {
+        targets.push(Target::Raw(RawTarget::set_up(args, databases).await?));
+    }
+    if wanted(RowKind::CqrsEs) {
+        targets.push(Target::Cqrs(CqrsTarget::set_up(args, databases).await?));
+    }
+    if wanted(RowKind::Souk) {
+        targets.push(Target::Souk(SoukTarget::set_up(args, databases).await?));
+    }
+    if wanted(RowKind::Http) {
+        targets.push(Target::Http(HttpTarget::set_up(args, databases).await?));
+    }
+    let mut measured: Vec<Measured> = targets.iter().map(|_| Measured::default()).collect();
+    for round in 0..args.rounds as usize {
+        // Each round starts with another row, so none is always first.
+        for offset in 0..targets.len() {
+            let index = (round + offset) % targets.len();
+            let target = &mut targets[index];
+            let remaining = args.max_commands.saturating_sub(measured[index].commands);
+            let ops = target.start_slice(args).await?;
+            let slice = drive(args, ops, target.server_pid(), remaining).await;
+            target.end_slice().await?;
+            let slice = slice?;
+            eprintln!(
+                "round {}/{} {:<28} {:>6.0}/s  p50 {:>6.2} ms  p99 {:>6.2} ms  {} errors{}",
+                round + 1,
+                args.rounds,
+                target.name(),
+                slice.per_second(),
+                slice.percentile_ms(50.0),
+                slice.percentile_ms(99.0),
+                slice.errors,
+                match slice.cpu.other_cores(slice.seconds) {
+                    other if other > OTHER_LOAD_WARN_CORES =>
+                        format!("  (other load: {other:.2} cores)"),
+                    _ => String::new(),
+                }
+            );
+            if let Some(error) = &slice.first_error {
+                eprintln!("  first error: {error}");
+            }
+            measured[index].absorb(slice);
+        }
+    }
+    let mut report = Report::default();
+    for (target, mut measured) in targets.into_iter().zip(measured) {
+        measured.finish();
+        match target {
+            Target::Raw(_) => report.raw = Some(measured),
+            Target::Cqrs(_) => report.cqrs = Some(measured),
+            Target::Souk(_) => report.souk = Some(measured),
+            Target::Http(http) => {
+                report.http = Some(HttpRun {
+                    memory: http.finish(&measured),
+                    measured,
+                })
+            }
+        }
+    }
+    if wanted(RowKind::Snapshot) {
+        report.snapshot = Some(snapshot_check(args, databases).await?);
+    }
+    print!("{}", report.render(args, &server_version));
+    Ok(())
+}
+
+/// A load row, set up once and then driven in slices.
+enum Target {
+    Raw(RawTarget),
+    Cqrs(CqrsTarget),
+    Souk(SoukTarget),
+    Http(HttpTarget),
+}
+
+impl Target {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Raw(_) => "raw sqlx append",
+            Self::Cqrs(_) => "plain cqrs-es + postgres-es",
+            Self::Souk(_) => "Souk in process",
+            Self::Http(_) => "Souk over HTTP",
+        }
+    }
+
+    fn server_pid(&self) -> Option<u32> {
+        match self {
+            Self::Http(http) => Some(http.pid),
+            _ => None,
+        }
+    }
+
+    /// Opens what a slice needs and returns one op per task.
+    async fn start_slice(&mut self, args: &Args) -> anyhow::Result<Vec<Op>> {
+        match self {
+            Self::Raw(raw) => raw.start_slice(args).await,
+            Self::Cqrs(cqrs) => cqrs.start_slice(args).await,
+            Self::Souk(souk) => souk.start_slice(args).await,
+            Self::Http(http) => http.start_slice(),
+        }
+    }
+
+    /// Closes what the slice opened.
+    async fn end_slice(&mut self) -> anyhow::Result<()> {
+        match self {
+            Self::Raw(RawTarget { pool, .. })
+            | Self::Cqrs(CqrsTarget { pool, .. })
+            | Self::Souk(SoukTarget { pool, .. }) => {
+                if let Some(pool) = pool.take() {
+                    pool.close().await;
+                }
+                Ok(())
+            }
+            Self::Http(http) => http.end_slice().await,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Databases and processes, cleaned up whatever happens.
+
+/// The databases created by this run; every one is dropped by
+/// [`Databases::drop_all`], or by `Drop` if the run panicked.
+struct Databases {
+    admin: PgPool,
+    admin_url: String,
+    created: std::sync::Mutex<Vec<String>>,
+}
+
+impl Databases {
+    async fn connect(admin_url: &str) -> anyhow::Result<Self> {
+        let admin = PgPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(admin_url)
+            .await
+            .context(
+                "connecting to the admin database (set --admin-url or SOUK_BENCH_ADMIN_URL)",
+            )?;
+        Ok(Self {
+            admin,
+            admin_url: admin_url.to_owned(),
+            created: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Creates an empty database and returns its URL and name.
+    async fn create(&self) -> anyhow::Result<(String, String)> {
+        let name = format!("souk_bench_{}", Uuid::new_v4().simple());
+        self.created
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(name.clone());
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&self.admin)
+            .await
+            .with_context(|| format!("creating database {name}"))?;
+        Ok((tests::with_database(&self.admin_url, &name), name))
+    }
+
+    async fn drop_one(&self, name: &str) -> anyhow::Result<()> {
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .execute(&self.admin)
+            .await
+            .with_context(|| format!("dropping database {name}"))?;
+        self.created
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|created| created != name);
+        Ok(())
+    }
+
+    async fn drop_all(&self) -> anyhow::Result<()> {
+        let names = self
+            .created
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut failed = None;
+        for name in names {
+            if let Err(error) = self.drop_one(&name).await {
+                eprintln!("{error:#}");
+                failed = Some(error);
+            }
+        }
+        failed.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for Databases {
+    fn drop(&mut self) {
+        let names = std::mem::take(&mut *self.created.lock().unwrap_or_else(|e| e.into_inner()));
+        if names.is_empty() {
+            return;
+        }
+        let admin_url = self.admin_url.clone();
+        // Drop may run inside the runtime: do the async work on a thread with
+        // a runtime of its own.
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async move {
+                let admin = PgPool::connect(&admin_url).await?;
+                for name in &names {
+                    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .execute(&admin)
+                        .await?;
+                }
+                Ok::<_, anyhow::Error>(())
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("could not drop every benchmark database (souk_bench_*)");
+        }
+    }
+}
+
+/// A child process killed when dropped.
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A directory removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> anyhow::Result<Self> {
+        let path = std::env::temp_dir().join(format!("souk-bench-{}", Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The load driver.
+
+type Op = Box<dyn FnMut() -> BoxFuture<'static, anyhow::Result<()>> + Send>;
+
+/// What one row measured.
+#[derive(Debug, Default, Clone)]
+struct Measured {
+    commands: u64,
+    errors: u64,
+    seconds: f64,
+    /// Sorted latencies of the successful measured commands, in microseconds.
+    latencies_us: Vec<u32>,
+    first_error: Option<String>,
+    /// CPU seconds spent during the measured time.
+    cpu: Cpu,
+    /// Commands per second of each slice.
+    slices_per_second: Vec<f64>,
+}
+
+/// CPU seconds spent by this process, the command API (HTTP row only) and
+/// every `postgres` process of the machine.
+#[derive(Debug, Default, Clone, Copy)]
+struct Cpu {
+    bench_s: f64,
+    server_s: Option<f64>,
+    /// Unknown when Postgres restarted during the measurement.
+    postgres_s: Option<f64>,
+    /// Busy CPU seconds of the whole machine, whoever spent them.
+    machine_s: f64,
+}
+
+impl Cpu {
+    fn now(server_pid: Option<u32>) -> Self {
+        Self {
+            bench_s: process_cpu_s(std::process::id()).unwrap_or(0.0),
+            server_s: server_pid.and_then(process_cpu_s),
+            postgres_s: Some(postgres_cpu_s()),
+            machine_s: machine_busy_s(),
+        }
+    }
+
+    fn since(self, earlier: Self) -> Self {
+        Self {
+            bench_s: self.bench_s - earlier.bench_s,
+            server_s: self.server_s.zip(earlier.server_s).map(|(a, b)| a - b),
+            // A restarted Postgres forgets its exited processes' time.
+            postgres_s: self
+                .postgres_s
+                .zip(earlier.postgres_s)
+                .map(|(a, b)| a - b)
+                .filter(|spent| *spent >= 0.0),
+            machine_s: self.machine_s - earlier.machine_s,
+        }
+    }
+
+    fn plus(self, other: Self) -> Self {
+        let add = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a + b);
+        Self {
+            bench_s: self.bench_s + other.bench_s,
+            server_s: add(self.server_s, other.server_s),
+            postgres_s: add(self.postgres_s, other.postgres_s),
+            machine_s: self.machine_s + other.machine_s,
+        }
+    }
+
+    /// Cores kept busy by other processes, on average over `seconds`.
+    fn other_cores(&self, seconds: f64) -> f64 {
+        if seconds > 0.0 {
+            (self.machine_s - self.total_s()).max(0.0) / seconds
+        } else {
+            0.0
+        }
+    }
+
+    fn total_s(&self) -> f64 {
+        self.bench_s + self.server_s.unwrap_or(0.0) + self.postgres_s.unwrap_or(0.0)
+    }
+}
+
+/// Clock ticks per second of `/proc/<pid>/stat` (USER_HZ, 100 on Linux).
+const CLOCK_TICKS_PER_S: f64 = 100.0;
+
+/// utime, stime, cutime and cstime of `/proc/<pid>/stat`, with its command
+/// name, in clock ticks.
+fn proc_stat_ticks(pid: &str) -> Option<(String, u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let name = stat[open + 1..close].to_owned();
+    // Fields after the name start at field 3 (state); utime is field 14.
+    let fields: Vec<u64> = stat[close + 1..]
+        .split_whitespace()
+        .skip(11)
+        .take(4)
+        .map(|field| field.parse().unwrap_or(0))
+        .collect();
+    let own = fields.first()? + fields.get(1)?;
+    let children = fields.get(2)? + fields.get(3)?;
+    Some((name, own, children))
+}
+
+/// Busy (not idle, not waiting for IO) CPU seconds of the machine, from
+/// the first line of `/proc/stat`.
+fn machine_busy_s() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
+        return 0.0;
+    };
+    let Some(line) = stat.lines().next() else {
+        return 0.0;
+    };
+    let ticks: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|field| field.parse().unwrap_or(0))
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is already
+    // counted in user).
+    let busy: u64 = ticks
+        .iter()
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, t)| t)
+        .sum();
+    busy as f64 / CLOCK_TICKS_PER_S
+}
+
+/// CPU seconds of process `pid`, all its threads.
+fn process_cpu_s(pid: u32) -> Option<f64> {
+    proc_stat_ticks(&pid.to_string()).map(|(_, own, _)| own as f64 / CLOCK_TICKS_PER_S)
+}
+
+/// CPU seconds of every live `postgres` process, plus what the exited ones
+/// (connections closed) left in their parent's children times.
+fn postgres_cpu_s() -> f64 {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    let ticks: u64 = entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| entry.file_name().into_string().ok())
+        .filter(|name| name.bytes().all(|b| b.is_ascii_digit()))
+        .filter_map(|pid| proc_stat_ticks(&pid))
+        .filter(|(name, _, _)| name == "postgres")
+        .map(|(_, own, children)| own + children)
+        .sum();
+    ticks as f64 / CLOCK_TICKS_PER_S
+}
+
+impl Measured {
+    /// Adds a slice's figures to this row's.
+    fn absorb(&mut self, slice: Measured) {
+        self.slices_per_second.push(slice.per_second());
+        self.commands += slice.commands;
+        self.errors += slice.errors;
+        self.seconds += slice.seconds;
+        self.latencies_us.extend(slice.latencies_us);
+        if self.first_error.is_none() {
+            self.first_error = slice.first_error;
+        }
+        self.cpu = if self.slices_per_second.len() == 1 {
+            slice.cpu
+        } else {
+            self.cpu.plus(slice.cpu)
+        };
+    }
+
+    /// Sorts the latencies once every slice is in.
+    fn finish(&mut self) {
+        self.latencies_us.sort_unstable();
+    }
+
+    fn per_second(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.commands as f64 / self.seconds
+        } else {
+            0.0
+        }
+    }
+
+    fn percentile_ms(&self, percent: f64) -> f64 {
+        percentile_ms(&self.latencies_us, percent)
+    }
+}
+
+fn percentile_ms(sorted_us: &[u32], percent: f64) -> f64 {
+    if sorted_us.is_empty() {
+        return f64::NAN;
+    }
+    let rank = (percent / 100.0 * (sorted_us.len() - 1) as f64).round() as usize;
+    f64::from(sorted_us[rank.min(sorted_us.len() - 1)]) / 1000.0
+}
+
+/// Runs one op per task, in a loop, for the warm-up then one slice of
+/// measured time (or until `max_commands` measured commands were started).
+async fn drive(
+    args: &Args,
+    ops: Vec<Op>,
+    server_pid: Option<u32>,
+    max_commands: u64,
+) -> anyhow::Result<Measured> {
+    let start = Instant::now();
+    let measure_from = start + Duration::from_secs(args.warmup_seconds);
+    let stop_at = measure_from + args.slice();
+    let started = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::with_capacity(ops.len());
+    for mut op in ops {
+        let started = started.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies_us = Vec::new();
+            let mut errors = 0u64;
+            let mut first_error = None;
+            loop {
+                let begun = Instant::now();
+                if begun >= stop_at {
+                    break;
+                }
+                let measuring = begun >= measure_from;
+                if measuring && started.fetch_add(1, Ordering::Relaxed) >= max_commands {
+                    break;
+                }
+                let outcome = match tokio::time::timeout(COMMAND_TIMEOUT, op()).await {
+                    Ok(outcome) => outcome,
+                    Err(_) => Err(anyhow!("no answer within {COMMAND_TIMEOUT:?}")),
+                };
+                let took = begun.elapsed();
+                if !measuring {
+                    continue;
+                }
+                match outcome {
+                    Ok(()) => latencies_us.push(took.as_micros().min(u128::from(u32::MAX)) as u32),
+                    Err(error) => {
+                        errors += 1;
+                        first_error.get_or_insert_with(|| format!("{error:#}"));
+                    }
+                }
+            }
+            (latencies_us, errors, first_error, Instant::now())
+        }));
+    }
+    let cpu_at_start = tokio::spawn(async move {
+        tokio::time::sleep_until(measure_from.into()).await;
+        Cpu::now(server_pid)
+    });
+    let mut result = Measured::default();
+    let mut last_done = measure_from;
+    for task in tasks {
+        let (latencies_us, errors, first_error, done) =
+            task.await.context("a load task panicked")?;
+        result.latencies_us.extend(latencies_us);
+        result.errors += errors;
+        if result.first_error.is_none() {
+            result.first_error = first_error;
+        }
+        last_done = last_done.max(done);
+    }
+    // Commands started before the deadline finish after it: count their time.
+    result.seconds = last_done
+        .saturating_duration_since(measure_from)
+        .as_secs_f64();
+    result.commands = result.latencies_us.len() as u64 + result.errors;
+    result.cpu =
+        Cpu::now(server_pid).since(cpu_at_start.await.context("the CPU sampler panicked")?);
+    result.finish();
+    Ok(result)
+}
+
+/// Runs `make(i)` for `0..count` with at most `in_flight` at once and
+/// returns the results in order.
+async fn in_parallel<T, F, Fut>(count: usize, in_flight: usize, make: F) -> anyhow::Result<Vec<T>>
+where
+    F: Fn(usize) -> Fut,
+    Fut: Future<Output = anyhow::Result<T>>,
+{
+    let mut results: Vec<(usize, T)> = futures::stream::iter(0..count)
+        .map(|i| {
+            let future = make(i);
+            async move { future.await.map(|value| (i, value)) }
+        })
+        .buffer_unordered(in_flight.max(1))
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<anyhow::Result<_>>()?;
+    results.sort_by_key(|(i, _)| *i);
+    Ok(results.into_iter().map(|(_, value)| value).collect())
+}
+
+// ---------------------------------------------------------------------------
+// The commands.
+
+fn deposit_amount() -> anyhow::Result<Money> {
+    Money::parse_positive(DEPOSIT_MINOR_UNITS, CURRENCY).map_err(|e| anyhow!("amount: {e}"))
+}
+
+fn reference() -> anyhow::Result<Reference> {
+    Reference::parse("reference", REFERENCE).map_err(|e| anyhow!("reference: {e}"))
+}
+
+fn currency() -> anyhow::Result<Currency> {
+    Currency::parse(CURRENCY).map_err(|e| anyhow!("currency: {e}"))
+}
+
+fn open_command(owner: Uuid, wallet_id: Uuid) -> anyhow::Result<WalletCommand> {
+    Ok(WalletCommand::Open {
+        actor: Actor::new(UserId::from_uuid(owner), Role::Buyer),
+        wallet_id: WalletId::from_uuid(wallet_id),
+        currency: currency()?,
+    })
+}
+
+fn deposit_command(admin: Uuid) -> anyhow::Result<WalletCommand> {
+    Ok(WalletCommand::Deposit {
+        actor: Actor::new(UserId::from_uuid(admin), Role::Admin),
+        amount: deposit_amount()?,
+        reference: reference()?,
+    })
+}
+
+/// The wallets of each task: `wallets_per_task` new ids per task.
+fn wallet_layout(args: &Args) -> Vec<Vec<Uuid>> {
+    (0..args.concurrency)
+        .map(|_| (0..args.wallets_per_task).map(|_| Uuid::now_v7()).collect())
+        .collect()
+}
+
+/// Round-robin over a task's wallets.
+struct RoundRobin {
+    next: usize,
+    len: usize,
+}
+
+impl RoundRobin {
+    fn new(len: usize) -> Self {
+        Self { next: 0, len }
+    }
+
+    fn next(&mut self) -> usize {
+        let index = self.next % self.len;
+        self.next = self.next.wrapping_add(1);
+        index
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Row 1: raw sqlx append.
+
+/// The values of a Souk deposit event, precomputed once.
+struct RawEvent {
+    event_type: String,
+    event_version: String,
+    payload: String,
+    metadata: String,
+    prev_hash: Vec<u8>,
+    hash: Vec<u8>,
+}
+
+fn raw_event(aggregate_id: &str) -> anyhow::Result<RawEvent> {
+    let event = WalletEvent::FundsDeposited {
+        amount: DEPOSIT_MINOR_UNITS,
+        reference: reference()?,
+        available: 123_400,
+    };
+    let payload = serde_json::to_string(&event).context("serializing the event")?;
+    let admin = Uuid::now_v7();
+    let event_id = Uuid::now_v7();
+    let recorded_at = chrono::Utc::now();
+    let context = CommandContext::new(admin, "admin", Uuid::now_v7());
+    let metadata = serde_json::to_string(&EventMetadata::new(&context, event_id, recorded_at))
+        .context("serializing the metadata")?;
+    let event_type = event.event_type();
+    let event_version = event.event_version();
+    let fields = ChainedFields {
+        aggregate_type: "Wallet",
+        aggregate_id,
+        sequence: 2,
+        event_type: &event_type,
+        event_version: &event_version,
+        event_id,
+        recorded_at_micros: recorded_at.timestamp_micros(),
+        payload: &payload,
+        metadata: &metadata,
+    };
+    // Real hashes of the real size; the chain itself is not what is measured.
+    let prev_hash = fields.hash(&GENESIS_HASH);
+    let hash = fields.hash(&prev_hash);
+    Ok(RawEvent {
+        event_type,
+        event_version,
+        payload,
+        metadata,
+        prev_hash: prev_hash.to_vec(),
+        hash: hash.to_vec(),
+    })
+}
+
+/// A raw task's wallets and the last sequence written to each (a wallet is
+/// written by one task only).
+type RawTask = (Vec<Arc<str>>, Arc<Vec<AtomicI64>>);
+
+/// The raw row: Souk's schema and each task's wallets.
+struct RawTarget {
+    url: String,
+    event: Arc<RawEvent>,
+    tasks: Vec<RawTask>,
+    pool: Option<PgPool>,
+}
+
+impl RawTarget {
+    async fn set_up(args: &Args, databases: &Databases) -> anyhow::Result<Self> {
+        let (url, _) = databases.create().await?;
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&url)
+            .await
+            .context("connecting to the raw-append database")?;
+        event_store::migrate(&pool)
+            .await
+            .context("migrating the raw-append database")?;
+        pool.close().await;
+        let tasks = wallet_layout(args)
+            .into_iter()
+            .map(|wallets| {
+                let ids = wallets.iter().map(|id| Arc::from(id.to_string())).collect();
+                let sequences = wallets.iter().map(|_| AtomicI64::new(0)).collect();
+                (ids, Arc::new(sequences))
+            })
+            .collect();
+        Ok(Self {
+            url,
+            event: Arc::new(raw_event(&Uuid::now_v7().to_string())?),
+            tasks,
+            pool: None,
+        })
+    }
+
+    async fn start_slice(&mut self, args: &Args) -> anyhow::Result<Vec<Op>> {
+        let pool = PgPoolOptions::new()
+            .max_connections(args.pool_size)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(&self.url)
+            .await
+            .context("connecting to the raw-append database")?;
+        self.pool = Some(pool.clone());
+        Ok(self
+            .tasks
+            .iter()
+            .map(|(ids, sequences)| {
+                let (pool, event, ids, sequences) = (
+                    pool.clone(),
+                    self.event.clone(),
+                    ids.clone(),
+                    sequences.clone(),
+                );
+                let mut round = RoundRobin::new(ids.len());
+                Box::new(move || {
+                    let index = round.next();
+                    let sequence = sequences[index].fetch_add(1, Ordering::Relaxed) + 1;
+                    let (pool, event, id) = (pool.clone(), event.clone(), ids[index].clone());
+                    Box::pin(async move {
+                        let mut tx = pool.begin().await.context("BEGIN")?;
+                        let _: (i64, i64) = sqlx::query_as(RAW_INSERT)
+                            .bind("Wallet")
+                            .bind(&*id)
+                            .bind(sequence)
+                            .bind(&event.event_type)
+                            .bind(&event.event_version)
+                            .bind(&event.payload)
+                            .bind(&event.metadata)
+                            .bind(chrono::Utc::now())
+                            .bind(Uuid::now_v7())
+                            .bind(&event.prev_hash)
+                            .bind(&event.hash)
+                            .fetch_one(&mut *tx)
+                            .await
+                            .context("INSERT")?;
+                        tx.commit().await.context("COMMIT")?;
+                        Ok(())
+                    }) as BoxFuture<'static, anyhow::Result<()>>
+                }) as Op
+            })
+            .collect())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Row 2: plain cqrs-es + postgres-es.
+
+type PlainCqrs = postgres_es::PostgresCqrs<Wallet>;
+
+/// The metadata a cqrs-es user would attach: what Souk records.
+fn plain_metadata(admin: Uuid) -> HashMap<String, String> {
+    let command_id = Uuid::now_v7().to_string();
+    HashMap::from([
+        ("event_id".to_owned(), Uuid::now_v7().to_string()),
+        ("actor_id".to_owned(), admin.to_string()),
+        ("actor_role".to_owned(), "admin".to_owned()),
+        ("command_id".to_owned(), command_id.clone()),
+        ("correlation_id".to_owned(), command_id.clone()),
+        ("causation_id".to_owned(), command_id),
+        (
+            "recorded_at".to_owned(),
+            chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        ),
+    ])
+}
+
+/// The cqrs-es row: postgres-es's schema and the opened wallets.
+struct CqrsTarget {
+    url: String,
+    admin: Uuid,
+    tasks: Vec<Vec<Arc<str>>>,
+    pool: Option<PgPool>,
+}
+
+impl CqrsTarget {
+    async fn set_up(args: &Args, databases: &Databases) -> anyhow::Result<Self> {
+        let (url, _) = databases.create().await?;
+        let pool = PgPoolOptions::new()
+            .max_connections(args.pool_size)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(&url)
+            .await
+            .context("connecting to the cqrs-es database")?;
+        sqlx::raw_sql(POSTGRES_ES_DDL)
+            .execute(&pool)
+            .await
+            .context("creating postgres-es's tables")?;
+        let cqrs: Arc<PlainCqrs> =
+            Arc::new(postgres_es::postgres_cqrs(pool.clone(), Vec::new(), ()));
+        let layout = wallet_layout(args);
+        let all: Vec<Uuid> = layout.iter().flatten().copied().collect();
+        eprintln!("plain cqrs-es + postgres-es: opening {} wallets", all.len());
+        in_parallel(all.len(), args.concurrency as usize, |i| {
+            let (cqrs, wallet) = (cqrs.clone(), all[i]);
+            async move {
+                let owner = Uuid::now_v7();
+                cqrs.execute_with_metadata(
+                    &wallet.to_string(),
+                    open_command(owner, wallet)?,
+                    plain_metadata(owner),
+                )
+                .await
+                .map_err(|e| anyhow!("opening a wallet: {e}"))
+            }
+        })
+        .await?;
+        pool.close().await;
+        Ok(Self {
+            url,
+            admin: Uuid::now_v7(),
+            tasks: layout
+                .iter()
+                .map(|wallets| wallets.iter().map(|id| Arc::from(id.to_string())).collect())
+                .collect(),
+            pool: None,
+        })
+    }
+
+    async fn start_slice(&mut self, args: &Args) -> anyhow::Result<Vec<Op>> {
+        let pool = PgPoolOptions::new()
+            .max_connections(args.pool_size)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(&self.url)
+            .await
+            .context("connecting to the cqrs-es database")?;
+        self.pool = Some(pool.clone());
+        let cqrs: Arc<PlainCqrs> = Arc::new(postgres_es::postgres_cqrs(pool, Vec::new(), ()));
+        let admin = self.admin;
+        Ok(self
+            .tasks
+            .iter()
+            .map(|ids| {
+                let (cqrs, ids) = (cqrs.clone(), ids.clone());
+                let mut round = RoundRobin::new(ids.len());
+                Box::new(move || {
+                    let (cqrs, id) = (cqrs.clone(), ids[round.next()].clone());
+                    Box::pin(async move {
+                        cqrs.execute_with_metadata(
+                            &id,
+                            deposit_command(admin)?,
+                            plain_metadata(admin),
+                        )
+                        .await
+                        .map_err(|e| anyhow!("{e}"))
+                    }) as BoxFuture<'static, anyhow::Result<()>>
+                }) as Op
+            })
+            .collect())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Row 3: Souk in process.
+
+async fn souk_pool(url: &str, args: &Args) -> anyhow::Result<PgPool> {
+    let pool = event_store::pool(
+        url,
+        &PoolConfig {
+            max_connections: args.pool_size,
+            acquire_timeout: Duration::from_secs(10),
+        },
+    )
+    .context("parsing the database URL")?;
+    event_store::migrate(&pool)
+        .await
+        .context("migrating Souk's database")?;
+    Ok(pool)
+}
+
+async fn souk_execute(
+    store: &EventStore,
+    id: &str,
+    command: WalletCommand,
+    actor: Uuid,
+    role: &str,
+) -> anyhow::Result<()> {
+    store
+        .execute::<Wallet>(
+            id,
+            command,
+            CommandContext::new(actor, role, Uuid::now_v7()),
+            None,
+            Reply::new(200, id),
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| anyhow!("{e}"))
+}
+
+async fn open_souk_wallets(
+    store: &EventStore,
+    wallets: &[Uuid],
+    in_flight: usize,
+) -> anyhow::Result<()> {
+    in_parallel(wallets.len(), in_flight, |i| {
+        let (store, wallet) = (store.clone(), wallets[i]);
+        async move {
+            let owner = Uuid::now_v7();
+            souk_execute(
+                &store,
+                &wallet.to_string(),
+                open_command(owner, wallet)?,
+                owner,
+                "buyer",
+            )
+            .await
+            .context("opening a wallet")
+        }
+    })
+    .await?;
+    Ok(())
+}
+
+/// The in-process row: Souk's schema and the opened wallets. Each slice
+/// gets a new pool and so a new `EventStore`, whose cache fills during the
+/// slice's warm-up.
+struct SoukTarget {
+    url: String,
+    admin: Uuid,
+    tasks: Vec<Vec<Arc<str>>>,
+    pool: Option<PgPool>,
+}
+
+impl SoukTarget {
+    async fn set_up(args: &Args, databases: &Databases) -> anyhow::Result<Self> {
+        let (url, _) = databases.create().await?;
+        let pool = souk_pool(&url, args).await?;
+        let store = EventStore::new(pool.clone(), StoreConfig::default());
+        let layout = wallet_layout(args);
+        let all: Vec<Uuid> = layout.iter().flatten().copied().collect();
+        eprintln!("Souk in process: opening {} wallets", all.len());
+        open_souk_wallets(&store, &all, args.concurrency as usize).await?;
+        drop(store);
+        pool.close().await;
+        Ok(Self {
+            url,
+            admin: Uuid::now_v7(),
+            tasks: layout
+                .iter()
+                .map(|wallets| wallets.iter().map(|id| Arc::from(id.to_string())).collect())
+                .collect(),
+            pool: None,
+        })
+    }
+
+    async fn start_slice(&mut self, args: &Args) -> anyhow::Result<Vec<Op>> {
+        let pool = event_store::pool(
+            &self.url,
+            &PoolConfig {
+                max_connections: args.pool_size,
+                acquire_timeout: Duration::from_secs(10),
+            },
+        )
+        .context("parsing the database URL")?;
+        self.pool = Some(pool.clone());
+        let store = EventStore::new(pool, StoreConfig::default());
+        let admin = self.admin;
+        Ok(self
+            .tasks
+            .iter()
+            .map(|ids| {
+                let (store, ids) = (store.clone(), ids.clone());
+                let mut round = RoundRobin::new(ids.len());
+                Box::new(move || {
+                    let (store, id) = (store.clone(), ids[round.next()].clone());
+                    Box::pin(async move {
+                        souk_execute(&store, &id, deposit_command(admin)?, admin, "admin").await
+                    }) as BoxFuture<'static, anyhow::Result<()>>
+                }) as Op
+            })
+            .collect())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Row 4: Souk over HTTP.
+
+/// The command API's memory, in kB.
+#[derive(Debug, Default, Clone, Copy)]
+struct Memory {
+    /// Largest VmRSS sampled while the load ran.
+    rss_max_sampled_kb: u64,
+    /// VmRSS at the end of the load.
+    rss_end_kb: u64,
+    /// VmHWM (peak resident set) at the end of the load.
+    hwm_kb: u64,
+}
+
+#[derive(Debug, Clone)]
+struct HttpRun {
+    measured: Measured,
+    memory: Memory,
+}
+
+/// A value in kB of `/proc/<pid>/status`.
+fn proc_status_kb(pid: u32, key: &str) -> Option<u64> {
+    let file = std::fs::File::open(format!("/proc/{pid}/status")).ok()?;
+    BufReader::new(file)
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|line| {
+            let rest = line.strip_prefix(key)?.strip_prefix(':')?;
+            rest.split_whitespace().next()?.parse().ok()
+        })
+}
+
+/// Builds the `command-api` binary with the profile of this benchmark and
+/// returns its path (next to this executable).
+async fn command_api_binary(args: &Args) -> anyhow::Result<PathBuf> {
+    if let Some(path) = &args.command_api {
+        ensure!(
+            path.is_file(),
+            "--command-api {} is not a file",
+            path.display()
+        );
+        return Ok(path.clone());
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut build = Command::new(cargo);
+    build.args([
+        "build",
+        "--quiet",
+        "-p",
+        "command-api",
+        "--bin",
+        "command-api",
+    ]);
+    if !cfg!(debug_assertions) {
+        build.arg("--release");
+    }
+    if let Some(manifest_dir) = option_env!("CARGO_MANIFEST_DIR") {
+        build.current_dir(manifest_dir);
+    }
+    eprintln!("Souk over HTTP: building command-api ({:?})", build);
+    // Waited for without blocking the runtime, so that Ctrl-C still cleans
+    // up; the guard stops the build if the run is abandoned.
+    let mut cargo = ChildGuard(
+        build
+            .spawn()
+            .context("running cargo build -p command-api (or pass --command-api <path>)")?,
+    );
+    let deadline = Instant::now() + BUILD_TIMEOUT;
+    let status = loop {
+        if let Some(status) = cargo.0.try_wait().context("waiting for cargo build")? {
+            break status;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "cargo build -p command-api took longer than {BUILD_TIMEOUT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    ensure!(
+        status.success(),
+        "cargo build -p command-api failed: {status}"
+    );
+    let exe = std::env::current_exe().context("locating the bench executable")?;
+    let path = exe
+        .parent()
+        .context("the bench executable has no directory")?
+        .join("command-api");
+    ensure!(
+        path.is_file(),
+        "{} is missing after the build; pass --command-api <path>",
+        path.display()
+    );
+    Ok(path)
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(listener
+        .local_addr()
+        .context("reading the free port")?
+        .port())
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// The HTTP row: the command API process (running for the whole run, idle
+/// between its slices), its wallets and tokens, and its memory samples.
+struct HttpTarget {
+    child: ChildGuard,
+    pid: u32,
+    log_path: PathBuf,
+    /// Holds the keys and the log; removed last.
+    _dir: TempDir,
+    client: reqwest::Client,
+    admin_token: Arc<str>,
+    tasks: Vec<Vec<Arc<str>>>,
+    sampler: Option<(Arc<AtomicBool>, tokio::task::JoinHandle<u64>)>,
+    rss_max_sampled_kb: u64,
+}
+
+impl HttpTarget {
+    async fn set_up(args: &Args, databases: &Databases) -> anyhow::Result<Self> {
+        const LABEL: &str = "Souk over HTTP";
+        let binary = command_api_binary(args).await?;
+        let (url, _) = databases.create().await?;
+        let dir = TempDir::new()?;
+        let private_key = dir.0.join("jwt-private.pem");
+        let public_key = dir.0.join("jwt-public.pem");
+        command_api::auth::ensure_dev_key_pair(&private_key, &public_key)
+            .context("generating a key pair")?;
+        let private_pem = std::fs::read(&private_key).context("reading the private key")?;
+        let token = |sub: Uuid, role: &str| {
+            command_api::auth::mint_token(
+                &private_pem,
+                sub,
+                role,
+                chrono::Duration::hours(2),
+                None,
+                None,
+            )
+            .context("minting a token")
+        };
+        let port = free_port()?;
+        let log_path = dir.0.join("command-api.log");
+        let log = std::fs::File::create(&log_path).context("creating the command-api log")?;
+        let child = Command::new(&binary)
+            .env("DATABASE_URL", &url)
+            .env("COMMAND_API_ADDR", format!("127.0.0.1:{port}"))
+            .env("SOUK_JWT_PUBLIC_KEY", &public_key)
+            .env("SOUK_JWT_PRIVATE_KEY", &private_key)
+            .env("SOUK_DB_MAX_CONNECTIONS", args.pool_size.to_string())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().context("sharing the log file")?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        let mut child = ChildGuard(child);
+        let pid = child.0.id();
+        let base = format!("http://127.0.0.1:{port}");
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(args.concurrency as usize)
+            .timeout(COMMAND_TIMEOUT)
+            .build()
+            .context("building the HTTP client")?;
+
+        eprintln!("{LABEL}: waiting for command-api (pid {pid}) on port {port}");
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        loop {
+            if let Some(status) = child.0.try_wait().context("polling command-api")? {
+                bail!(
+                    "command-api exited ({status}); its log ends with:\n{}",
+                    log_tail(&log_path)
+                );
+            }
+            if let Ok(answer) = client.get(format!("{base}/health")).send().await
+                && answer.status().is_success()
+            {
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "command-api did not become healthy within {STARTUP_TIMEOUT:?}; its log ends with:\n{}",
+                log_tail(&log_path)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let rss_idle_kb = proc_status_kb(pid, "VmRSS").unwrap_or(0);
+        eprintln!(
+            "{LABEL}: command-api ready, VmRSS {} MB",
+            rss_idle_kb / 1024
+        );
+
+        // Wallets: one buyer per task opens that task's wallets.
+        let buyers: Vec<String> = (0..args.concurrency)
+            .map(|_| token(Uuid::now_v7(), "buyer"))
+            .collect::<anyhow::Result<_>>()?;
+        let admin_token: Arc<str> = Arc::from(token(Uuid::now_v7(), "admin")?);
+        let per_task = args.wallets_per_task as usize;
+        eprintln!("{LABEL}: opening {} wallets", args.wallet_count());
+        let opened: Vec<Uuid> = in_parallel(args.wallet_count(), args.concurrency as usize, |i| {
+            let (client, url, buyer) = (
+                client.clone(),
+                format!("{base}/wallets"),
+                buyers[i / per_task].clone(),
+            );
+            async move {
+                let answer = client
+                    .post(url)
+                    .bearer_auth(buyer)
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(r#"{"currency":"EUR"}"#)
+                    .send()
+                    .await
+                    .context("POST /wallets")?;
+                let status = answer.status();
+                let body: serde_json::Value = answer
+                    .json()
+                    .await
+                    .context("reading the POST /wallets answer")?;
+                ensure!(
+                    status.as_u16() == 201,
+                    "POST /wallets answered {status}: {body}"
+                );
+                body["id"]
+                    .as_str()
+                    .and_then(|id| Uuid::parse_str(id).ok())
+                    .with_context(|| format!("no id in {body}"))
+            }
+        })
+        .await?;
+        let tasks = opened
+            .chunks(per_task)
+            .map(|wallets| {
+                wallets
+                    .iter()
+                    .map(|id| Arc::from(format!("{base}/wallets/{id}/deposits")))
+                    .collect()
+            })
+            .collect();
+        Ok(Self {
+            child,
+            pid,
+            log_path,
+            _dir: dir,
+            client,
+            admin_token,
+            tasks,
+            sampler: None,
+            rss_max_sampled_kb: 0,
+        })
+    }
+
+    fn start_slice(&mut self) -> anyhow::Result<Vec<Op>> {
+        let pid = self.pid;
+        let sampling = Arc::new(AtomicBool::new(true));
+        let sampler = {
+            let sampling = sampling.clone();
+            tokio::spawn(async move {
+                let mut max_kb = 0;
+                while sampling.load(Ordering::Relaxed) {
+                    max_kb = max_kb.max(proc_status_kb(pid, "VmRSS").unwrap_or(0));
+                    tokio::time::sleep(RSS_SAMPLE_EVERY).await;
+                }
+                max_kb
+            })
+        };
+        self.sampler = Some((sampling, sampler));
+        Ok(self
+            .tasks
+            .iter()
+            .map(|urls| {
+                let (client, token, urls) =
+                    (self.client.clone(), self.admin_token.clone(), urls.clone());
+                let mut round = RoundRobin::new(urls.len());
+                Box::new(move || {
+                    let request = client
+                        .post(&*urls[round.next()])
+                        .bearer_auth(&*token)
+                        .header(reqwest::header::CONTENT_TYPE, "application/json")
+                        .body(DEPOSIT_BODY);
+                    Box::pin(async move {
+                        let answer = request.send().await.context("POST deposits")?;
+                        let status = answer.status();
+                        // Read the body so the connection is reused.
+                        let body = answer.bytes().await.context("reading the deposit answer")?;
+                        ensure!(
+                            status.as_u16() == 200,
+                            "deposit answered {status}: {}",
+                            String::from_utf8_lossy(&body[..body.len().min(300)])
+                        );
+                        Ok(())
+                    }) as BoxFuture<'static, anyhow::Result<()>>
+                }) as Op
+            })
+            .collect())
+    }
+
+    async fn end_slice(&mut self) -> anyhow::Result<()> {
+        if let Some((sampling, sampler)) = self.sampler.take() {
+            sampling.store(false, Ordering::Relaxed);
+            let max_kb = sampler.await.context("the memory sampler panicked")?;
+            self.rss_max_sampled_kb = self.rss_max_sampled_kb.max(max_kb);
+        }
+        if let Some(status) = self.child.0.try_wait().context("polling command-api")? {
+            bail!(
+                "command-api exited during the load ({status}); its log ends with:\n{}",
+                log_tail(&self.log_path)
+            );
+        }
+        Ok(())
+    }
+
+    /// The memory figures, once every slice ran; stops the command API.
+    fn finish(self, measured: &Measured) -> Memory {
+        let memory = Memory {
+            rss_max_sampled_kb: self.rss_max_sampled_kb,
+            rss_end_kb: proc_status_kb(self.pid, "VmRSS").unwrap_or(0),
+            hwm_kb: proc_status_kb(self.pid, "VmHWM").unwrap_or(0),
+        };
+        if measured.errors > 0 {
+            eprintln!(
+                "Souk over HTTP: command-api log ends with:\n{}",
+                log_tail(&self.log_path)
+            );
+        }
+        memory
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Row 5: a deposit on a large aggregate versus on a new one.
+
+#[derive(Debug, Clone)]
+struct SnapshotRun {
+    events: i64,
+    snapshot_at: Option<i64>,
+    seed_seconds: f64,
+    large_us: Vec<u32>,
+    new_us: Vec<u32>,
+}
+
+async fn snapshot_check(args: &Args, databases: &Databases) -> anyhow::Result<SnapshotRun> {
+    const LABEL: &str = "snapshot";
+    let (url, name) = databases.create().await?;
+    let pool = souk_pool(&url, args).await?;
+    let seeder = EventStore::new(pool.clone(), StoreConfig::default());
+    let large = Uuid::now_v7();
+    let large_id = large.to_string();
+    let admin = Uuid::now_v7();
+    open_souk_wallets(&seeder, &[large], 1).await?;
+    eprintln!(
+        "{LABEL}: seeding one wallet with {} deposits",
+        args.snapshot_events
+    );
+    let seeding = Instant::now();
+    in_parallel(args.snapshot_events as usize, SEED_IN_FLIGHT, |_| {
+        let (seeder, id) = (seeder.clone(), large_id.clone());
+        async move { souk_execute(&seeder, &id, deposit_command(admin)?, admin, "admin").await }
+    })
+    .await
+    .context("seeding the large wallet")?;
+    let seed_seconds = seeding.elapsed().as_secs_f64();
+    eprintln!("{LABEL}: seeded in {seed_seconds:.1}s");
+    let samples = args.snapshot_samples as usize;
+    let fresh: Vec<Uuid> = (0..samples).map(|_| Uuid::now_v7()).collect();
+    open_souk_wallets(&seeder, &fresh, args.concurrency as usize).await?;
+    drop(seeder);
+
+    eprintln!("{LABEL}: timing {samples} deposits on each, through a fresh EventStore each time");
+    let mut large_us = Vec::with_capacity(samples);
+    let mut new_us = Vec::with_capacity(samples);
+    let timed = |id: String| {
+        let pool = pool.clone();
+        async move {
+            // A fresh store: nothing cached, so the state is loaded.
+            let store = EventStore::new(pool, StoreConfig::default());
+            let begun = Instant::now();
+            tokio::time::timeout(
+                COMMAND_TIMEOUT,
+                souk_execute(&store, &id, deposit_command(admin)?, admin, "admin"),
+            )
+            .await
+            .context("a timed deposit did not finish")??;
+            Ok::<_, anyhow::Error>(begun.elapsed().as_micros().min(u128::from(u32::MAX)) as u32)
+        }
+    };
+    for wallet in &fresh {
+        large_us.push(timed(large_id.clone()).await?);
+        new_us.push(timed(wallet.to_string()).await?);
+    }
+    large_us.sort_unstable();
+    new_us.sort_unstable();
+    let events: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE aggregate_type = 'Wallet' AND aggregate_id = $1",
+    )
+    .bind(&large_id)
+    .fetch_one(&pool)
+    .await
+    .context("counting the large wallet's events")?;
+    let snapshot_at: Option<i64> = sqlx::query_scalar(
+        "SELECT last_sequence FROM snapshots WHERE aggregate_type = 'Wallet' AND aggregate_id = $1",
+    )
+    .bind(&large_id)
+    .fetch_optional(&pool)
+    .await
+    .context("reading the large wallet's snapshot")?;
+    pool.close().await;
+    databases.drop_one(&name).await?;
+    Ok(SnapshotRun {
+        events,
+        snapshot_at,
+        seed_seconds,
+        large_us,
+        new_us,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// The report.
+
+#[derive(Debug, Default)]
+struct Report {
+    raw: Option<Measured>,
+    cqrs: Option<Measured>,
+    souk: Option<Measured>,
+    http: Option<HttpRun>,
+    snapshot: Option<SnapshotRun>,
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met { "MET" } else { "MISSED" }
+}
+
+fn mb(kb: u64) -> f64 {
+    kb as f64 / 1024.0
+}
+
+impl Report {
+    fn render(&self, args: &Args, server_version: &str) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "\nSouk write-path benchmark: {} tasks, {} wallets each, pool {} connections, {}s measured per row \
+             in {} interleaved slices (each after {}s warm-up),\n{} CPUs, Postgres {}, load average at the end {}\n",
+            args.concurrency,
+            args.wallets_per_task,
+            args.pool_size,
+            args.seconds,
+            args.rounds,
+            args.warmup_seconds,
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+            server_version,
+            std::fs::read_to_string("/proc/loadavg")
+                .ok()
+                .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+                .unwrap_or_else(|| "?".to_owned()),
+        );
+        let _ = writeln!(
+            out,
+            "{:<30} {:>9} {:>8} {:>11} {:>8} {:>8} {:>7}   slices: min-max /s",
+            "row", "commands", "seconds", "commands/s", "p50 ms", "p99 ms", "errors",
+        );
+        let rows = [
+            ("raw sqlx append", self.raw.as_ref()),
+            ("plain cqrs-es + postgres-es", self.cqrs.as_ref()),
+            ("Souk in process", self.souk.as_ref()),
+            ("Souk over HTTP", self.http.as_ref().map(|h| &h.measured)),
+        ];
+        for (name, row) in rows {
+            if let Some(m) = row {
+                let _ = writeln!(
+                    out,
+                    "{:<30} {:>9} {:>8.2} {:>11.0} {:>8.2} {:>8.2} {:>7}   {:.0}-{:.0}",
+                    name,
+                    m.commands,
+                    m.seconds,
+                    m.per_second(),
+                    m.percentile_ms(50.0),
+                    m.percentile_ms(99.0),
+                    m.errors,
+                    m.slices_per_second
+                        .iter()
+                        .copied()
+                        .fold(f64::INFINITY, f64::min),
+                    m.slices_per_second.iter().copied().fold(0.0, f64::max),
+                );
+            }
+        }
+
+        let _ = writeln!(
+            out,
+            "\nCPU per command in microseconds (bench = this process: the client, and Souk itself in process;\n\
+             postgres = every postgres process), and cores busy: ours, and the whole machine's (more = other load)"
+        );
+        let _ = writeln!(
+            out,
+            "{:<30} {:>9} {:>11} {:>9} {:>9} {:>11} {:>13}",
+            "row", "bench", "command-api", "postgres", "total", "cores: ours", "cores: machine"
+        );
+        for (name, row) in rows {
+            if let Some(m) = row.filter(|m| m.commands > 0 && m.seconds > 0.0) {
+                let per_command = |seconds: f64| seconds * 1e6 / m.commands as f64;
+                let _ = writeln!(
+                    out,
+                    "{:<30} {:>9.0} {:>11} {:>9} {:>9.0} {:>11.2} {:>14.2}",
+                    name,
+                    per_command(m.cpu.bench_s),
+                    m.cpu
+                        .server_s
+                        .map_or("-".to_owned(), |s| format!("{:.0}", per_command(s))),
+                    m.cpu
+                        .postgres_s
+                        .map_or("?".to_owned(), |s| format!("{:.0}", per_command(s))),
+                    per_command(m.cpu.total_s()),
+                    m.cpu.total_s() / m.seconds,
+                    m.cpu.machine_s / m.seconds
+                );
+            }
+        }
+        let disturbed: Vec<String> = rows
+            .iter()
+            .filter_map(|(name, row)| {
+                let m = (*row)?;
+                let other = m.cpu.other_cores(m.seconds);
+                (other > OTHER_LOAD_WARN_CORES).then(|| format!("{name} ({other:.2} cores)"))
+            })
+            .collect();
+        if !disturbed.is_empty() {
+            let _ = writeln!(
+                out,
+                "WARNING: other processes kept the machine busy during: {}.\n\
+                 Those figures and their ratios are not comparable; rerun on an idle machine.",
+                disturbed.join(", ")
+            );
+        }
+
+        let _ = writeln!(out, "\nratios of commands/s");
+        let rate = |m: Option<&Measured>| m.map(Measured::per_second).filter(|r| *r > 0.0);
+        let (raw, cqrs, souk) = (
+            rate(self.raw.as_ref()),
+            rate(self.cqrs.as_ref()),
+            rate(self.souk.as_ref()),
+        );
+        let http = rate(self.http.as_ref().map(|h| &h.measured));
+        let ratios = [
+            (
+                "Souk in process / plain cqrs-es",
+                souk,
+                cqrs,
+                Some(TARGET_IN_PROCESS_VS_CQRS),
+            ),
+            ("Souk in process / raw append", souk, raw, None),
+            ("Souk over HTTP / raw append", http, raw, None),
+            ("Souk over HTTP / Souk in process", http, souk, None),
+            ("plain cqrs-es / raw append", cqrs, raw, None),
+        ];
+        for (name, a, b, target) in ratios {
+            if let (Some(a), Some(b)) = (a, b) {
+                let ratio = a / b;
+                let _ = write!(out, "  {name:<34} {ratio:>6.2}x");
+                if let Some(target) = target {
+                    let _ = write!(
+                        out,
+                        "   target >= {target:.1}x: {}",
+                        verdict(ratio >= target)
+                    );
+                }
+                let _ = writeln!(out);
+            }
+        }
+
+        if let Some(http) = &self.http {
+            let m = &http.measured;
+            let (per_second, p99) = (m.per_second(), m.percentile_ms(99.0));
+            let _ = writeln!(
+                out,
+                "  Souk over HTTP: {per_second:.0} commands/s, p99 {p99:.2} ms   target >= {TARGET_HTTP_COMMANDS_PER_S:.0}/s with p99 <= {TARGET_HTTP_P99_MS:.0} ms: {}",
+                verdict(
+                    per_second >= TARGET_HTTP_COMMANDS_PER_S
+                        && p99 <= TARGET_HTTP_P99_MS
+                        && m.errors == 0
+                )
+            );
+            let memory = http.memory;
+            let _ = writeln!(out, "\ncommand-api resident memory");
+            let _ = writeln!(
+                out,
+                "  VmRSS max sampled during load {:>7.1} MB\n  VmRSS at end of load          {:>7.1} MB\n  VmHWM (peak)                  {:>7.1} MB   target <= {TARGET_RSS_MB:.0} MB: {}",
+                mb(memory.rss_max_sampled_kb),
+                mb(memory.rss_end_kb),
+                mb(memory.hwm_kb),
+                verdict(memory.hwm_kb > 0 && mb(memory.hwm_kb) <= TARGET_RSS_MB)
+            );
+        }
+
+        if let Some(snapshot) = &self.snapshot {
+            let (large50, large99) = (
+                percentile_ms(&snapshot.large_us, 50.0),
+                percentile_ms(&snapshot.large_us, 99.0),
+            );
+            let (new50, new99) = (
+                percentile_ms(&snapshot.new_us, 50.0),
+                percentile_ms(&snapshot.new_us, 99.0),
+            );
+            let _ = writeln!(
+                out,
+                "\none deposit through a fresh EventStore (snapshot + tail), {} samples each",
+                snapshot.large_us.len()
+            );
+            let _ = writeln!(
+                out,
+                "  aggregate of {} events (snapshot at {}, seeded in {:.1}s): p50 {large50:.2} ms, p99 {large99:.2} ms",
+                snapshot.events,
+                snapshot
+                    .snapshot_at
+                    .map_or("none".to_owned(), |at| at.to_string()),
+                snapshot.seed_seconds
+            );
+            let _ = writeln!(
+                out,
+                "  new aggregate (1 event):                               p50 {new50:.2} ms, p99 {new99:.2} ms"
+            );
+            let (ratio50, ratio99) = (large50 / new50, large99 / new99);
+            let _ = writeln!(
+                out,
+                "  large / new: p50 {ratio50:.2}x, p99 {ratio99:.2}x   target p50 within {TARGET_SNAPSHOT_RATIO:.0}x: {}",
+                verdict(ratio50 <= TARGET_SNAPSHOT_RATIO)
+            );
+        }
+        out
+    }
+}
