@@ -250,6 +250,30 @@ souk_ensure_services() {
 	souk_ensure_nats_running
 }
 
+# The test suite runs several command APIs, relays and projectors at once,
+# each with its own bounded pool: it needs more than PostgreSQL's default 100
+# connections. Raises a local cluster's limit (one restart, once).
+SOUK_TEST_MAX_CONNECTIONS=${SOUK_TEST_MAX_CONNECTIONS:-300}
+souk_ensure_postgres_capacity() {
+	local current
+	current=$(souk_psql_admin <<<'SHOW max_connections') || return 0
+	((current >= SOUK_TEST_MAX_CONNECTIONS)) && return 0
+	if ! command -v pg_ctlcluster >/dev/null 2>&1 || [[ ! -d /etc/postgresql ]]; then
+		souk_warn "PostgreSQL allows $current connections; the tests want $SOUK_TEST_MAX_CONNECTIONS"
+		return 0
+	fi
+	souk_info "raising PostgreSQL's max_connections from $current to $SOUK_TEST_MAX_CONNECTIONS (restart)"
+	souk_psql_admin <<<"ALTER SYSTEM SET max_connections = $SOUK_TEST_MAX_CONNECTIONS" >/dev/null
+	local version
+	for version in /etc/postgresql/*/; do
+		version=$(basename "$version")
+		[[ -d "/etc/postgresql/$version/main" ]] || continue
+		souk_as_root pg_ctlcluster --skip-systemctl-redirect "$version" main restart || true
+	done
+	souk_wait_for 30 "PostgreSQL" souk_pg_accepting ||
+		souk_die "PostgreSQL did not come back after raising max_connections"
+}
+
 # A TCP port that is free on 127.0.0.1 right now.
 souk_free_port() {
 	python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'

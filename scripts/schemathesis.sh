@@ -27,7 +27,7 @@ SCHEMATHESIS_ROLES=${SCHEMATHESIS_ROLES:-seller buyer admin}
 SCHEMATHESIS_CHECKS=${SCHEMATHESIS_CHECKS:-not_a_server_error,response_schema_conformance}
 SCHEMATHESIS_TIMEOUT_S=${SCHEMATHESIS_TIMEOUT_S:-900}
 # The services this script knows how to fuzz; each has a fuzz_<name> function.
-ALL_SERVICES=(command-api)
+ALL_SERVICES=(command-api query-api)
 
 BIN_DIR=$SOUK_ROOT/target/debug
 SCHEMATHESIS_STATE_DIR=$SOUK_ROOT/data/schemathesis
@@ -105,10 +105,12 @@ start_service() {
 		souk_die "$binary did not come up"
 }
 
-# Fuzzes the API at BASE_URL once per role. Returns non-zero if any run failed.
-# Usage: run_schemathesis NAME BASE_URL
+# Fuzzes the API at BASE_URL once per role, with any extra Schemathesis
+# arguments. Returns non-zero if any run failed.
+# Usage: run_schemathesis NAME BASE_URL [SCHEMATHESIS_ARG...]
 run_schemathesis() {
 	local name=$1 base_url=$2 role token failed=0
+	shift 2
 	mkdir -p "$SCHEMATHESIS_STATE_DIR"
 	for role in $SCHEMATHESIS_ROLES; do
 		token=$("$BIN_DIR/replay-tool" token --sub "$(cat /proc/sys/kernel/random/uuid)" --role "$role" \
@@ -125,7 +127,7 @@ run_schemathesis() {
 			--max-examples "$SCHEMATHESIS_MAX_EXAMPLES" \
 			--generation-database none \
 			--request-timeout 10 \
-			--no-color) &
+			--no-color "$@") &
 		SCHEMATHESIS_PID=$!
 		if ! wait "$SCHEMATHESIS_PID"; then
 			souk_warn "schemathesis found problems in $name as $role (or ran past ${SCHEMATHESIS_TIMEOUT_S}s)"
@@ -145,6 +147,70 @@ fuzz_command_api() {
 	run_schemathesis command-api "http://127.0.0.1:$port"
 }
 
+# Read-model rows for the query API to answer with, so that its bodies (not
+# only its errors) are checked against the document. Every projection's
+# checkpoints are at the end of time: `?after=` never has to wait, and a 503
+# `not_caught_up` would count as a server error.
+seed_read_models() {
+	psql -w -X -q -v ON_ERROR_STOP=1 "$1" <<'SQL'
+INSERT INTO projection_checkpoints (projection, partition, transaction_id, position,
+                                    caught_up_transaction, caught_up_position, events_applied)
+SELECT projection, partition, 1, 1, 9223372036854775807, 9223372036854775807, 1
+  FROM unnest(ARRAY['listings', 'orders', 'wallets', 'timelines']) AS projection,
+       generate_series(0, 3) AS partition;
+INSERT INTO relay_checkpoints (stream, transaction_id, position, published)
+VALUES ('souk_schemathesis', 1, 1, 1) ON CONFLICT (stream) DO NOTHING;
+INSERT INTO dead_letters (projection, partition, event_id, aggregate_type, aggregate_id, sequence,
+                          event_type, transaction_id, position, error, envelope)
+VALUES ('orders', 0, gen_random_uuid(), 'Order', gen_random_uuid()::text, 1, 'OrderPlaced', 1, 1,
+        'seeded for fuzzing', '{}');
+INSERT INTO rm_listings (listing_id, seller_id, product_id, title, description, category, subcategory,
+                         condition, price_amount, currency, city, country, lat, lon, attributes,
+                         images, status, stock, held, available, created_at, updated_at, version)
+SELECT gen_random_uuid(), gen_random_uuid(), gen_random_uuid(), 'Lamp ' || n, 'Brass, works.',
+       (ARRAY['home', 'phones'])[1 + n % 2], CASE WHEN n % 3 = 0 THEN 'lighting' END,
+       (ARRAY['new', 'like_new', 'good', 'fair', 'poor'])[1 + n % 5], 100 * n,
+       (ARRAY['EUR', 'USD'])[1 + n % 2], 'Lyon', 'FR', CASE WHEN n % 2 = 0 THEN 45.76 END,
+       CASE WHEN n % 2 = 0 THEN 4.83 END, '{"storage_gb": 128, "boxed": true}',
+       '["https://img.example/1.jpg"]', (ARRAY['active', 'paused', 'sold_out', 'deleted'])[1 + n % 4],
+       5, n % 3, 5 - n % 3, now(), now(), n
+  FROM generate_series(1, 30) AS n;
+INSERT INTO rm_orders (order_id, checkout_id, buyer_id, seller_id, status, payment_method, total_amount,
+                       currency, lines, shipping_address, carrier, tracking_number, rating,
+                       review_comment, placed_at, confirmed_at, shipped_at, updated_at, version)
+SELECT gen_random_uuid(), gen_random_uuid(), gen_random_uuid(), gen_random_uuid(), 'delivered',
+       'wallet_escrow', 2500, 'EUR', '[{"listing_id": "0190a6c4-0000-7000-8000-000000000001", "quantity": 1}]',
+       '{"city": "Lyon"}', 'La Poste', 'LP' || n, 4, 'fine', now(), now(), now(), now(), 5
+  FROM generate_series(1, 5) AS n;
+INSERT INTO rm_seller_stats (seller_id, orders_placed, orders_confirmed, orders_delivered, orders_returned,
+                             fulfillment_seconds_sum, rating_sum, rating_count)
+SELECT seller_id, 1, 1, 1, 0, 3600, 4, 1 FROM rm_orders;
+INSERT INTO rm_wallets (wallet_id, owner_id, currency, available, held, pending_incoming, created_at,
+                        updated_at, version)
+SELECT gen_random_uuid(), buyer_id, 'EUR', 1000, 2500, 0, now(), now(), 3 FROM rm_orders;
+INSERT INTO rm_wallet_entries (wallet_id, sequence, kind, amount, available, held, pending_incoming,
+                               reference, recorded_at)
+SELECT wallet_id, 1, 'FundsDeposited', 3500, 3500, 0, 0, 'top-up', now() FROM rm_wallets;
+INSERT INTO rm_products (product_id, owner_id, entries, updated_at)
+SELECT product_id, seller_id, 1, now() FROM rm_listings;
+INSERT INTO rm_timeline (product_id, sequence, kind, data, actor_id, recorded_at)
+SELECT product_id, 1, 'listed', '{"price": {"amount": 100, "currency": "EUR"}}', owner_id, now()
+  FROM rm_products;
+SQL
+}
+
+fuzz_query_api() {
+	local port
+	create_throwaway_database
+	port=$(souk_free_port)
+	start_service query-api "http://127.0.0.1:$port" "$THROWAWAY_DATABASE_URL" \
+		QUERY_API_ADDR="127.0.0.1:$port" SOUK_PARTITIONS=4
+	seed_read_models "$THROWAWAY_DATABASE_URL"
+	# The notification stream never ends: Schemathesis would wait on it
+	# until its request timeout. It is tested end to end in tests/e2e.
+	run_schemathesis query-api "http://127.0.0.1:$port" --exclude-path /notifications/stream
+}
+
 main() {
 	cd "$SOUK_ROOT"
 	local services=("$@") service failed=()
@@ -158,7 +224,11 @@ main() {
 	souk_ensure_services
 	ensure_schemathesis
 	souk_info "building the debug binaries"
-	cargo build --locked -p command-api -p replay-tool
+	local packages=(-p replay-tool)
+	for service in "${services[@]}"; do
+		packages+=(-p "$service")
+	done
+	cargo build --locked "${packages[@]}"
 
 	WORK_DIR=$(mktemp -d -t souk-schemathesis.XXXXXX)
 	trap cleanup EXIT

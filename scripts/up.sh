@@ -3,7 +3,8 @@
 #   1. installs what is missing (PostgreSQL, NATS, build tools, Rust),
 #   2. starts PostgreSQL and NATS JetStream unless they already run,
 #   3. creates the database, builds the release binaries, makes the dev JWT keys,
-#   4. (re)starts command-api in the background and waits for /health,
+#   4. (re)starts command-api, the projector and query-api in the background
+#      and waits for each one's /health,
 #   5. posts demo listings and a funded wallet through the HTTP API,
 #   6. prints tokens and commands to try.
 # Running it again is harmless: the demo users are kept in data/demo/users.env
@@ -20,6 +21,8 @@ cd "$SOUK_ROOT"
 
 export NATS_URL=${NATS_URL:-nats://127.0.0.1:4222}
 export COMMAND_API_ADDR=${COMMAND_API_ADDR:-127.0.0.1:8080}
+export QUERY_API_ADDR=${QUERY_API_ADDR:-127.0.0.1:8081}
+export SOUK_PROJECTOR_METRICS_ADDR=${SOUK_PROJECTOR_METRICS_ADDR:-127.0.0.1:8082}
 export SOUK_JWT_PRIVATE_KEY=${SOUK_JWT_PRIVATE_KEY:-$SOUK_ROOT/data/keys/jwt-private.pem}
 export SOUK_JWT_PUBLIC_KEY=${SOUK_JWT_PUBLIC_KEY:-$SOUK_ROOT/data/keys/jwt-public.pem}
 
@@ -29,6 +32,7 @@ RUN_DIR=$DATA_DIR/run
 DEMO_DIR=$DATA_DIR/demo
 BIN_DIR=$SOUK_ROOT/target/release
 API_URL="http://$COMMAND_API_ADDR"
+QUERY_URL="http://$QUERY_API_ADDR"
 HEALTH_TIMEOUT_S=60
 
 prepare_machine() {
@@ -36,25 +40,34 @@ prepare_machine() {
 }
 
 build() {
-	souk_info "building command-api and replay-tool (release)"
-	cargo build --release --locked -p command-api -p replay-tool
+	souk_info "building command-api, projector, query-api and replay-tool (release)"
+	cargo build --release --locked -p command-api -p projections -p query-api -p replay-tool
 	"$BIN_DIR/replay-tool" keys
 }
 
-start_command_api() {
+# start_service NAME ADDR: (re)starts target/release/NAME, which serves
+# /health on ADDR, and waits for it.
+start_service() {
+	local name=$1 addr=$2
 	mkdir -p "$LOG_DIR" "$RUN_DIR"
-	local pidfile=$RUN_DIR/command-api.pid log=$LOG_DIR/command-api.log
-	souk_stop_pidfile "$pidfile" command-api
-	local host=${COMMAND_API_ADDR%:*} port=${COMMAND_API_ADDR##*:}
+	local pidfile=$RUN_DIR/$name.pid log=$LOG_DIR/$name.log
+	souk_stop_pidfile "$pidfile" "$name"
+	local host=${addr%:*} port=${addr##*:}
 	if souk_port_open "$host" "$port"; then
-		souk_die "$COMMAND_API_ADDR is taken by another process; stop it or set COMMAND_API_ADDR"
+		souk_die "$addr is taken by another process; stop it or change the address of $name"
 	fi
-	souk_info "starting command-api on $COMMAND_API_ADDR (log: ${log#"$SOUK_ROOT"/})"
-	nohup "$BIN_DIR/command-api" >>"$log" 2>&1 </dev/null &
+	souk_info "starting $name on $addr (log: ${log#"$SOUK_ROOT"/})"
+	nohup "$BIN_DIR/$name" >>"$log" 2>&1 </dev/null &
 	local pid=$!
 	echo "$pid" >"$pidfile"
-	souk_wait_for_health "$API_URL/health" "$pid" "$log" "$HEALTH_TIMEOUT_S" ||
-		souk_die "command-api did not come up"
+	souk_wait_for_health "http://$addr/health" "$pid" "$log" "$HEALTH_TIMEOUT_S" ||
+		souk_die "$name did not come up"
+}
+
+start_services() {
+	start_service command-api "$COMMAND_API_ADDR"
+	start_service projector "$SOUK_PROJECTOR_METRICS_ADDR"
+	start_service query-api "$QUERY_API_ADDR"
 }
 
 # The demo users' ids, made once and kept so that a second run reuses them.
@@ -138,7 +151,8 @@ load_demo() {
 print_next_steps() {
 	cat <<-EOF
 
-		Souk's command API is up at $API_URL (pid $(<"$RUN_DIR/command-api.pid"), log data/logs/command-api.log).
+		Souk is up: command API at $API_URL, query API at $QUERY_URL, projector metrics at
+		http://$SOUK_PROJECTOR_METRICS_ADDR/metrics (pids and logs in data/run and data/logs).
 		Demo: 3 listings by a seller (paid out to the seller's EUR wallet), and a buyer's EUR
 		wallet with 500.00 EUR deposited by an admin. Request shapes: curl $API_URL/openapi.json
 		Tokens are valid for 12 hours; make more with target/release/replay-tool token --sub <uuid> --role <role>.
@@ -167,13 +181,20 @@ print_next_steps() {
 		curl -sS -X POST $API_URL/wallets/\$WALLET_ID/deposits -H "Authorization: Bearer \$BUYER_TOKEN" \\
 		  -H 'Content-Type: application/json' -d '{"amount": {"amount": 100, "currency": "EUR"}, "reference": "nope"}'
 
+		# read your write: the wallet as the query API sees it once it includes the deposit
+		curl -sS "$QUERY_URL/wallets/\$WALLET_ID?after=$POSITION" -H "Authorization: Bearer \$BUYER_TOKEN"
+
+		# listings with their available stock; the projections' checkpoints and lag
+		curl -sS "$QUERY_URL/listings?category=home" -H "Authorization: Bearer \$BUYER_TOKEN"
+		curl -sS "$QUERY_URL/projections" -H "Authorization: Bearer \$ADMIN_TOKEN"
+
 		Last position token: $POSITION
-		Stop it with: kill \$(cat data/run/command-api.pid)
+		Stop everything with: kill \$(cat data/run/*.pid)
 	EOF
 }
 
 prepare_machine
 build
-start_command_api
+start_services
 load_demo
 print_next_steps
