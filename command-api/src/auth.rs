@@ -40,7 +40,14 @@ const ALGORITHM_REFUSED: &str = "the token's algorithm is not accepted: only RS2
 pub struct JwtVerifier {
     key: DecodingKey,
     validation: Validation,
+    /// Tokens already verified, by the sha256 of their exact text, with the
+    /// user they speak for and their expiry. An RS256 check costs more CPU
+    /// than the rest of a command; clients reuse a token for many requests.
+    verified: std::sync::Mutex<std::collections::HashMap<[u8; 32], (AuthUser, i64)>>,
 }
+
+/// Most verified tokens remembered; past this the memory is cleared.
+const VERIFIED_CACHE_MAX: usize = 10_000;
 
 impl std::fmt::Debug for JwtVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -57,6 +64,7 @@ impl std::fmt::Debug for JwtVerifier {
 struct Claims {
     sub: Option<String>,
     role: Option<String>,
+    exp: Option<i64>,
 }
 
 impl JwtVerifier {
@@ -89,7 +97,11 @@ impl JwtVerifier {
         }
         validation.set_required_spec_claims(&required);
 
-        Ok(Self { key, validation })
+        Ok(Self {
+            key,
+            validation,
+            verified: std::sync::Mutex::new(std::collections::HashMap::new()),
+        })
     }
 
     /// Reads the public key PEM file at `path`, then [`Self::from_public_pem`].
@@ -106,6 +118,31 @@ impl JwtVerifier {
 
     /// The user a token proves, or why it proves nothing.
     pub fn verify(&self, token: &str) -> Result<AuthUser, ApiError> {
+        use sha2::{Digest, Sha256};
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let now = chrono::Utc::now().timestamp();
+        let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        // The same bytes verified before, and not expired since (no leeway).
+        match verified.get(&digest) {
+            Some((user, exp)) if *exp > now => return Ok(*user),
+            Some(_) => {
+                verified.remove(&digest);
+            }
+            None => {}
+        }
+        drop(verified);
+        let (user, exp) = self.verify_signature(token)?;
+        let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        if verified.len() >= VERIFIED_CACHE_MAX {
+            verified.clear();
+        }
+        verified.insert(digest, (user, exp));
+        Ok(user)
+    }
+
+    /// The full check: header, RS256 signature, expiry, issuer, audience,
+    /// `sub` and `role`.
+    fn verify_signature(&self, token: &str) -> Result<(AuthUser, i64), ApiError> {
         let refuse = |message: &str| {
             tracing::debug!(reason = message, "bearer token refused");
             ApiError::Unauthorized(message.to_owned())
@@ -139,7 +176,11 @@ impl JwtVerifier {
             refuse("the token's `role` claim is not one of buyer, seller, admin, auditor, operator")
         })?;
 
-        Ok(AuthUser { user_id, role })
+        let exp = data
+            .claims
+            .exp
+            .ok_or_else(|| refuse("the token has no `exp` claim"))?;
+        Ok((AuthUser { user_id, role }, exp))
     }
 }
 
