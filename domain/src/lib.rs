@@ -2,11 +2,12 @@
 //! ProductTimeline), their commands and events, the value objects they are
 //! made of, and the pure decision logic of the process managers.
 //!
-//! This crate does no IO. Every aggregate implements [`Decide`]: a pure
-//! `decide(&self, command) -> events` plus cqrs-es's `apply`. The cqrs-es
-//! `Aggregate::handle` of each aggregate is a thin adapter over `decide`, so
-//! the aggregates work with any cqrs-es store, while Souk's own event store
-//! calls `decide` directly. Time enters only through commands (`now` fields),
+//! This crate does no IO and depends on no runtime: not even cqrs-es, whose
+//! 0.5 release pulls in tokio. Every aggregate implements [`Aggregate`]
+//! (state, event type, `apply`) and [`Decide`] (a pure
+//! `decide(&self, command) -> events`). The traits mirror cqrs-es's; the
+//! adapter that runs these aggregates on plain cqrs-es lives in
+//! `event_store::cqrs`. Time enters only through commands (`now` fields),
 //! never through a clock read here.
 //!
 //! Layout: `values` holds ids, money, bounded text and actors; one module per
@@ -26,7 +27,30 @@ pub mod wallet;
 #[cfg(test)]
 mod test_support;
 
-pub use cqrs_es::{Aggregate, DomainEvent};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// An event of an aggregate, stored as JSON under a stable name and version.
+pub trait DomainEvent:
+    Serialize + DeserializeOwned + Clone + PartialEq + std::fmt::Debug + Send + Sync
+{
+    /// The stable name of the event (its variant name); never changes.
+    fn event_type(&self) -> String;
+    /// The version of the event's payload shape.
+    fn event_version(&self) -> String;
+}
+
+/// The state of one aggregate, rebuilt by applying its events in order.
+pub trait Aggregate: Default + Serialize + DeserializeOwned + Send + Sync {
+    /// The aggregate type name stored with every event; never changes.
+    const TYPE: &'static str;
+    type Command;
+    type Event: DomainEvent;
+    type Error: std::error::Error;
+
+    /// Applies one recorded event. Total: never fails, never panics.
+    fn apply(&mut self, event: Self::Event);
+}
 
 /// How a refused command should be understood by a caller, whatever the
 /// aggregate. The command API maps these to HTTP statuses.

@@ -10,15 +10,13 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use cqrs_es::event_sink::EventSink;
-use cqrs_es::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
 
 use crate::values::{
     Actor, Currency, Description, Label, ListingId, Location, Money, ProductId, Role, Title, Url,
     UserId, ValidationError, WalletId,
 };
-use crate::{Decide, DomainError, Refusal};
+use crate::{Aggregate, Decide, DomainError, DomainEvent, Refusal};
 
 /// Most images one listing may show.
 pub const MAX_IMAGES: usize = 20;
@@ -545,20 +543,6 @@ impl Aggregate for Listing {
     type Command = ListingCommand;
     type Event = ListingEvent;
     type Error = ListingError;
-    type Services = ();
-
-    async fn handle(
-        &mut self,
-        command: ListingCommand,
-        _services: &(),
-        sink: &EventSink<Self>,
-    ) -> Result<(), ListingError> {
-        for event in self.decide(command)? {
-            sink.write(event, self).await;
-        }
-        Ok(())
-    }
-
     fn apply(&mut self, event: ListingEvent) {
         match event {
             ListingEvent::ListingCreated {

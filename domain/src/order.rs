@@ -20,15 +20,13 @@ use std::collections::BTreeSet;
 use std::fmt;
 
 use chrono::{DateTime, TimeDelta, Utc};
-use cqrs_es::event_sink::EventSink;
-use cqrs_es::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
 
 use crate::values::{
     Actor, CheckoutId, Comment, CountryCode, Currency, HoldId, Label, ListingId, Money, OrderId,
     ProductId, Reason, Reference, Role, Text, UserId, ValidationError, WalletId,
 };
-use crate::{Decide, DomainError, Refusal};
+use crate::{Aggregate, Decide, DomainError, DomainEvent, Refusal};
 
 /// Escrow goes to the seller this long after shipment if the buyer never
 /// confirms delivery.
@@ -843,20 +841,6 @@ impl Aggregate for Order {
     type Command = OrderCommand;
     type Event = OrderEvent;
     type Error = OrderError;
-    type Services = ();
-
-    async fn handle(
-        &mut self,
-        command: OrderCommand,
-        _services: &(),
-        sink: &EventSink<Self>,
-    ) -> Result<(), OrderError> {
-        for event in self.decide(command)? {
-            sink.write(event, self).await;
-        }
-        Ok(())
-    }
-
     fn apply(&mut self, event: OrderEvent) {
         match event {
             OrderEvent::OrderPlaced {

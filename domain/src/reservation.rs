@@ -12,12 +12,10 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use cqrs_es::event_sink::EventSink;
-use cqrs_es::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
 
 use crate::values::{Actor, HoldId, ListingId, OrderId, Reason, Role, UserId};
-use crate::{Decide, DomainError, Refusal};
+use crate::{Aggregate, Decide, DomainError, DomainEvent, Refusal};
 
 /// Most units one hold may take, so that one buyer cannot lock a pool with
 /// a single command.
@@ -443,20 +441,6 @@ impl Aggregate for Reservation {
     type Command = ReservationCommand;
     type Event = ReservationEvent;
     type Error = ReservationError;
-    type Services = ();
-
-    async fn handle(
-        &mut self,
-        command: ReservationCommand,
-        _services: &(),
-        sink: &EventSink<Self>,
-    ) -> Result<(), ReservationError> {
-        for event in self.decide(command)? {
-            sink.write(event, self).await;
-        }
-        Ok(())
-    }
-
     fn apply(&mut self, event: ReservationEvent) {
         match event {
             ReservationEvent::PoolOpened {

@@ -12,15 +12,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use cqrs_es::event_sink::EventSink;
-use cqrs_es::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
 
 use crate::values::{
     Actor, Comment, CustomizationId, Description, Label, ListingId, Money, OrderId, ProductId,
     Role, StoryBody, StoryId, Title, Url, UserId,
 };
-use crate::{Decide, DomainError, Refusal};
+use crate::{Aggregate, Decide, DomainError, DomainEvent, Refusal};
 
 /// Most media URLs on one story or one completed customization.
 pub const MAX_MEDIA: usize = 10;
@@ -502,20 +500,6 @@ impl Aggregate for ProductTimeline {
     type Command = TimelineCommand;
     type Event = TimelineEvent;
     type Error = TimelineError;
-    type Services = ();
-
-    async fn handle(
-        &mut self,
-        command: TimelineCommand,
-        _services: &(),
-        sink: &EventSink<Self>,
-    ) -> Result<(), TimelineError> {
-        for event in self.decide(command)? {
-            sink.write(event, self).await;
-        }
-        Ok(())
-    }
-
     fn apply(&mut self, event: TimelineEvent) {
         match event {
             TimelineEvent::TimelineStarted { product_id, owner } => {

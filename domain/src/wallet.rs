@@ -16,14 +16,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use cqrs_es::event_sink::EventSink;
-use cqrs_es::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
 
 use crate::values::{
     Actor, Currency, MAX_AMOUNT, Money, OrderId, Reference, Role, UserId, WalletId,
 };
-use crate::{Decide, DomainError, Refusal};
+use crate::{Aggregate, Decide, DomainError, DomainEvent, Refusal};
 
 /// Escrow locked in a buyer's wallet for one order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -593,20 +591,6 @@ impl Aggregate for Wallet {
     type Command = WalletCommand;
     type Event = WalletEvent;
     type Error = WalletError;
-    type Services = ();
-
-    async fn handle(
-        &mut self,
-        command: WalletCommand,
-        _services: &(),
-        sink: &EventSink<Self>,
-    ) -> Result<(), WalletError> {
-        for event in self.decide(command)? {
-            sink.write(event, self).await;
-        }
-        Ok(())
-    }
-
     /// Balances are taken from the events, which `decide` computed with
     /// checked arithmetic: replaying history never recomputes money.
     fn apply(&mut self, event: WalletEvent) {

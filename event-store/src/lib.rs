@@ -8,6 +8,7 @@
 //! - `record`: metadata, positions (and their tokens) and the hash chain.
 //! - `global`: the global order, read without ever skipping a late commit.
 //! - `verify`: recomputes the hash chains (tamper evidence).
+//! - `cqrs`: the adapter that runs the domain's aggregates on plain cqrs-es.
 //! - `fanout`: subjects and partitions of the events published to JetStream.
 //! - `relay`: publishes committed events to JetStream in global order (one
 //!   leader per stream through an advisory lock; checkpoint after the acks).
@@ -17,6 +18,7 @@
 //! Souk's own because postgres-es cannot put an idempotency record in the
 //! transaction of the events, batch a hot aggregate, or keep a hash chain.
 
+pub mod cqrs;
 pub mod fanout;
 pub mod global;
 mod load;

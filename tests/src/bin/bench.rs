@@ -45,7 +45,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail, ensure};
 use clap::{Parser, ValueEnum};
-use cqrs_es::DomainEvent;
+use domain::DomainEvent;
 use domain::values::{Actor, Currency, Money, Reference, Role, UserId, WalletId};
 use domain::wallet::{Wallet, WalletCommand, WalletEvent};
 use event_store::record::{ChainedFields, EventMetadata, GENESIS_HASH};
@@ -986,7 +986,7 @@ impl RawTarget {
 // ---------------------------------------------------------------------------
 // Row 2: plain cqrs-es + postgres-es.
 
-type PlainCqrs = postgres_es::PostgresCqrs<Wallet>;
+type PlainCqrs = postgres_es::PostgresCqrs<event_store::cqrs::CqrsAggregate<Wallet>>;
 
 /// The metadata a cqrs-es user would attach: what Souk records.
 fn plain_metadata(admin: Uuid) -> HashMap<String, String> {
