@@ -3,7 +3,6 @@
 //! serves until SIGTERM or Ctrl-C and drains in-flight requests.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -218,16 +217,27 @@ pub async fn shutdown_signal() {
 }
 
 fn router(state: AppState, config: &Config) -> Router {
-    let request_id = HeaderName::from_static("x-request-id");
-    let in_flight = Arc::new(Semaphore::new(config.max_in_flight));
-    Router::new()
+    let routes = Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
         .merge(crate::routes::routes())
+        .layer(DefaultBodyLimit::max(config.max_body_bytes))
+        .with_state(state);
+    finish_router(routes, config.max_in_flight)
+}
+
+/// What every Souk HTTP API wraps its routes in: JSON 404 and 405 answers,
+/// request metrics, load shedding past `max_in_flight` requests (503 at
+/// once rather than an unbounded queue), a request id set or kept and echoed
+/// (`x-request-id`) and carried on the request's span, and a JSON 500 for a
+/// handler that panics.
+pub fn finish_router(routes: Router, max_in_flight: usize) -> Router {
+    let request_id = HeaderName::from_static("x-request-id");
+    let in_flight = Arc::new(Semaphore::new(max_in_flight));
+    routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(config.max_body_bytes))
         .layer(middleware::from_fn(crate::telemetry::track_http))
         .layer(middleware::from_fn_with_state(in_flight, shed_load))
         .layer(
@@ -252,21 +262,17 @@ fn router(state: AppState, config: &Config) -> Router {
                 ApiError::Internal(anyhow::anyhow!("a handler panicked")).into_response()
             },
         ))
-        .with_state(state)
 }
 
-/// Answers 503 at once when too many requests are in flight, instead of
-/// queueing without bound.
+/// Answers 503 at once when too many requests are in flight.
 async fn shed_load(
     State(in_flight): State<Arc<Semaphore>>,
     request: Request,
     next: Next,
 ) -> Response {
-    static SHED: AtomicUsize = AtomicUsize::new(0);
     match in_flight.try_acquire() {
         Ok(_permit) => next.run(request).await,
         Err(_) => {
-            SHED.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("souk_http_shed_total").increment(1);
             ApiError::Unavailable.into_response()
         }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::extract::{FromRef, Request, State};
-use axum::http::{HeaderName, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -21,9 +21,6 @@ use event_store::PoolConfig;
 use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::trace::TraceLayer;
 
 use crate::catch_up::{CatchUp, Projection};
 use crate::config::Config;
@@ -188,44 +185,17 @@ impl App {
 }
 
 fn router(state: AppState, config: &Config) -> Router {
-    let request_id = HeaderName::from_static("x-request-id");
-    let in_flight = Arc::new(Semaphore::new(config.max_in_flight));
     let max_body_bytes = config.max_body_bytes;
-    Router::new()
+    let routes = Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
         .merge(crate::routes::routes())
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(move |request: Request, next: Next| {
             limit_body(max_body_bytes, request, next)
         }))
-        .layer(middleware::from_fn(command_api::telemetry::track_http))
-        .layer(middleware::from_fn_with_state(in_flight, shed_load))
-        .layer(
-            TraceLayer::new_for_http().make_span_with(|request: &Request| {
-                let request_id = request
-                    .headers()
-                    .get("x-request-id")
-                    .and_then(|value| value.to_str().ok())
-                    .unwrap_or("");
-                tracing::info_span!(
-                    "request",
-                    method = %request.method(),
-                    path = %request.uri().path(),
-                    request_id,
-                )
-            }),
-        )
-        .layer(PropagateRequestIdLayer::new(request_id.clone()))
-        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
-        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
-            |_: Box<dyn std::any::Any + Send>| {
-                ApiError::Internal(anyhow::anyhow!("a handler panicked")).into_response()
-            },
-        ))
-        .with_state(state)
+        .with_state(state);
+    command_api::app::finish_router(routes, config.max_in_flight)
 }
 
 /// Every route is a GET and reads no body; a declared body larger than the
@@ -240,22 +210,6 @@ async fn limit_body(max_body_bytes: usize, request: Request, next: Next) -> Resp
         return ApiError::PayloadTooLarge(max_body_bytes).into_response();
     }
     next.run(request).await
-}
-
-/// Answers 503 at once when too many requests are in flight, instead of
-/// queueing without bound.
-async fn shed_load(
-    State(in_flight): State<Arc<Semaphore>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    match in_flight.try_acquire() {
-        Ok(_permit) => next.run(request).await,
-        Err(_) => {
-            metrics::counter!("souk_http_shed_total").increment(1);
-            ApiError::Unavailable.into_response()
-        }
-    }
 }
 
 async fn health(State(state): State<AppState>) -> Response {
@@ -292,16 +246,4 @@ async fn metrics(State(state): State<AppState>) -> Response {
 
 async fn openapi() -> Json<serde_json::Value> {
     Json(crate::openapi::document())
-}
-
-async fn not_found() -> ApiError {
-    ApiError::NotFound("no such route".into())
-}
-
-async fn method_not_allowed() -> Response {
-    (
-        StatusCode::METHOD_NOT_ALLOWED,
-        Json(serde_json::json!({"error": {"code": "method_not_allowed", "message": "this route does not take that method"}})),
-    )
-        .into_response()
 }
