@@ -70,7 +70,7 @@ const WARN_EVERY: Duration = Duration::from_secs(10);
 /// How often an idle leader checks that its lock connection is alive.
 const LOCK_CHECK_EVERY: Duration = Duration::from_secs(2);
 /// How often a relay held back by the horizon looks again.
-const HORIZON_RECHECK: Duration = Duration::from_millis(50);
+const HORIZON_RECHECK: Duration = Duration::from_millis(10);
 /// The lag metric counts at most this many events.
 const LAG_COUNT_MAX: i64 = 1_000_000;
 
@@ -405,9 +405,15 @@ impl Relay {
     }
 
     async fn connect_lock_session(&self) -> Result<PgConnection, RelayError> {
+        // The checkpoint is written on this session. It need not wait for the
+        // WAL flush: a checkpoint a Postgres crash loses only makes the relay
+        // publish those events again, which JetStream drops as duplicates of
+        // their `Nats-Msg-Id` and projectors skip by position.
         bounded(
             "connecting the lock session",
-            self.connect_options().connect(),
+            self.connect_options()
+                .options([("synchronous_commit", "off")])
+                .connect(),
         )
         .await
     }

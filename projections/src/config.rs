@@ -51,8 +51,10 @@ pub struct ProjectorConfig {
     pub batch_max: usize,
 
     /// How long an idle partition waits for a message before it looks at the
-    /// relay's checkpoint again (the idle watermark's refresh period).
-    #[arg(long, env = "SOUK_PROJECTOR_FETCH_WAIT_MS", default_value_t = 100)]
+    /// relay's checkpoint again (the idle watermark's refresh period: the
+    /// longest a read-your-writes request waits on a partition that received
+    /// nothing).
+    #[arg(long, env = "SOUK_PROJECTOR_FETCH_WAIT_MS", default_value_t = 25)]
     pub fetch_wait_ms: u64,
 
     /// How often a partition held by another projector process tries to
@@ -83,7 +85,7 @@ impl ProjectorConfig {
             partitions: DEFAULT_PARTITIONS,
             projections: Vec::new(),
             batch_max: 500,
-            fetch_wait_ms: 100,
+            fetch_wait_ms: 25,
             standby_retry_ms: 2_000,
             backoff_max_ms: 5_000,
             metrics_addr: None,
@@ -135,6 +137,6 @@ mod tests {
         assert!(ProjectorConfig::try_parse_from(["projector", "--partitions", "0"]).is_err());
         let defaults = ProjectorConfig::new("postgres://x", "souk");
         assert_eq!(defaults.partitions(), DEFAULT_PARTITIONS);
-        assert_eq!(defaults.fetch_wait(), Duration::from_millis(100));
+        assert_eq!(defaults.fetch_wait(), Duration::from_millis(25));
     }
 }

@@ -21,6 +21,7 @@
 use std::fmt;
 
 use domain::DomainEvent;
+use event_store::fanout;
 use event_store::global::RecordedEvent;
 use serde::de::DeserializeOwned;
 use sqlx::PgConnection;
@@ -55,14 +56,30 @@ impl Kind {
         }
     }
 
+    /// The aggregate types whose events change this projection.
+    pub fn aggregate_types(self) -> &'static [&'static str] {
+        match self {
+            Kind::Listings => &["Listing", "Reservation"],
+            Kind::Orders => &["Order"],
+            Kind::Wallets => &["Wallet"],
+            Kind::Timelines => &["ProductTimeline"],
+        }
+    }
+
     /// Whether events of `aggregate_type` change this projection. The others
     /// only move its checkpoint.
     pub fn handles(self, aggregate_type: &str) -> bool {
-        match self {
-            Kind::Listings => matches!(aggregate_type, "Listing" | "Reservation"),
-            Kind::Orders => aggregate_type == "Order",
-            Kind::Wallets => aggregate_type == "Wallet",
-            Kind::Timelines => aggregate_type == "ProductTimeline",
+        self.aggregate_types().contains(&aggregate_type)
+    }
+
+    /// The subjects the consumer of `partition` reads: only its aggregate
+    /// type's when the projection reads one type, so that it is not handed
+    /// every other event of the partition; the whole partition otherwise (a
+    /// consumer has a single filter on nats-server 2.9).
+    pub fn subject_filter(self, stream: &str, partition: u32) -> String {
+        match self.aggregate_types() {
+            [only] => fanout::event_subject(stream, only, partition),
+            _ => fanout::partition_filter(stream, partition),
         }
     }
 
@@ -240,5 +257,21 @@ mod tests {
         }
         assert_eq!(Kind::parse("search"), None);
         assert_eq!(Kind::ALL.len(), PROJECTIONS.len());
+    }
+
+    #[test]
+    fn a_projection_of_one_aggregate_type_reads_only_that_types_subject() {
+        // The relay's subjects are `<stream>.events.<Type>.<partition>`.
+        assert_eq!(
+            Kind::Wallets.subject_filter("souk", 3),
+            fanout::event_subject("souk", "Wallet", 3)
+        );
+        assert_eq!(Kind::Orders.subject_filter("s", 0), "s.events.Order.0");
+        assert_eq!(
+            Kind::Timelines.subject_filter("s", 1),
+            "s.events.ProductTimeline.1"
+        );
+        assert_eq!(Kind::Listings.subject_filter("s", 2), "s.events.*.2");
+        assert!(Kind::Listings.handles("Reservation") && !Kind::Listings.handles("Order"));
     }
 }

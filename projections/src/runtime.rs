@@ -10,7 +10,9 @@
 //!    connection, so a session that lost its lock (its connection died)
 //!    cannot commit anything.
 //! 2. It points the durable consumer `<projection>_p<partition>` (filter
-//!    `<stream>.events.*.<partition>`, explicit acks) at its checkpoint: the
+//!    `<stream>.events.<Type>.<partition>` for a projection of one aggregate
+//!    type, `<stream>.events.*.<partition>` for listings; explicit acks) at
+//!    its checkpoint: the
 //!    consumer is deleted and created again to start after the stream
 //!    sequence of the last message the partition committed. Postgres holds
 //!    the truth about what was applied; the consumer only says where to
@@ -36,14 +38,19 @@
 //! caught up, or read-your-writes would wait on it forever.
 //! `caught_up_transaction/position` is the position up to which the
 //! partition has applied every event of its own. After a batch it is the
-//! batch's last position. When a fetch finds nothing, the partition raises it
-//! to the relay's checkpoint, read from `relay_checkpoints` *before* the
-//! fetch, provided the consumer then reports nothing pending and nothing
-//! unacknowledged. That is correct because the relay stores its checkpoint
-//! only after JetStream acknowledged every publish up to it: every event up
-//! to that checkpoint was in the stream before the fetch, the consumer has
-//! delivered all of this partition's, and each delivered message was
-//! committed before it was acknowledged.
+//! batch's last position. When a fetch or a wait finds nothing, the
+//! partition raises it to the relay's checkpoint, provided the consumer,
+//! asked *after* that checkpoint was read, reports nothing pending and
+//! nothing unacknowledged. That is correct because the relay stores its
+//! checkpoint only after JetStream acknowledged every publish up to it: every
+//! event up to that checkpoint was in the stream before the consumer was
+//! asked, the consumer has delivered all of this partition's, and each
+//! delivered message was committed before it was acknowledged.
+//!
+//! One task per projector process ([`watch_relay`]) reads the relay's
+//! checkpoint every [`RELAY_MARK_POLL`] for all partitions, so an idle
+//! partition costs one long-poll request per `fetch_wait` and nothing else;
+//! it waits instead of fetching again after a wait that found nothing.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -56,7 +63,6 @@ use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pu
 use async_nats::jetstream::{self, Message};
 use chrono::{DateTime, Utc};
 use event_store::Position;
-use event_store::fanout;
 use event_store::global::RecordedEvent;
 use futures::StreamExt;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -76,6 +82,8 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 const ACK_WAIT: Duration = Duration::from_secs(60);
 /// How long a stopping projector lets its partitions finish their batch.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// How often the relay's checkpoint is read for the idle watermark.
+const RELAY_MARK_POLL: Duration = Duration::from_millis(10);
 /// The first delay after a failed session.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 
@@ -113,6 +121,8 @@ struct Shared {
     config: ProjectorConfig,
     connect_options: PgConnectOptions,
     jetstream: jetstream::Context,
+    /// The relay's checkpoint, as [`watch_relay`] last read it.
+    relay_mark: watch::Sender<Option<Position>>,
 }
 
 /// A projector ready to run: connected, migrated, its stream ensured.
@@ -137,9 +147,15 @@ impl std::fmt::Debug for Projector {
 pub async fn build(config: ProjectorConfig) -> anyhow::Result<Projector> {
     event_store::relay::validate_stream_name(&config.stream)?;
     let kinds = selected(&config.projections)?;
+    // Read models are derived data: a batch whose commit a Postgres crash
+    // loses is lost together with its checkpoint, and the partition's next
+    // session consumes it again from the stream. So commits need not wait
+    // for the WAL flush, which would otherwise bound every partition to one
+    // fsync per batch.
     let connect_options = PgConnectOptions::from_str(&config.database_url)
         .context("parsing DATABASE_URL")?
-        .application_name("souk-projector");
+        .application_name("souk-projector")
+        .options([("synchronous_commit", "off")]);
     // Migrations and the projector's own few queries; each partition has a
     // connection of its own besides.
     let pool = PgPoolOptions::new()
@@ -184,6 +200,7 @@ pub async fn build(config: ProjectorConfig) -> anyhow::Result<Projector> {
             config,
             connect_options,
             jetstream,
+            relay_mark: watch::Sender::new(None),
         }),
         pool,
         kinds,
@@ -221,6 +238,11 @@ impl Projector {
     /// (a bug) is logged and started again.
     pub async fn run_until(self, signal: impl Future<Output = ()>) -> anyhow::Result<()> {
         let (stop, stopped) = watch::channel(false);
+        let watcher = tokio::spawn(watch_relay(
+            self.shared.clone(),
+            self.pool.clone(),
+            stopped.clone(),
+        ));
         let mut tasks = JoinSet::new();
         let mut specs = HashMap::new();
         let partitions = self.shared.config.partitions();
@@ -268,6 +290,7 @@ impl Projector {
             tracing::warn!("partitions did not stop in time; aborting them");
             tasks.abort_all();
         }
+        watcher.abort();
         tracing::info!("projector stopped");
         Ok(())
     }
@@ -356,6 +379,19 @@ fn decode(message: &Message, stream_sequence: u64) -> Delivered {
         stream_sequence,
         body,
     }
+}
+
+/// Where an event's time went before this partition got it: from its
+/// commit (`recorded_at`, taken in its transaction) to the relay's publish,
+/// and from the publish to this delivery.
+fn observe_delivery(kind: Kind, event: &RecordedEvent, published_unix_ns: i128) {
+    let now_ns = i128::from(Utc::now().timestamp_nanos_opt().unwrap_or(0));
+    let recorded_ns = i128::from(event.recorded_at.timestamp_nanos_opt().unwrap_or(0));
+    let seconds = |ns: i128| (ns.max(0) as f64) / 1e9;
+    metrics::histogram!("souk_projection_publish_delay_seconds", "projection" => kind.name())
+        .record(seconds(published_unix_ns - recorded_ns));
+    metrics::histogram!("souk_projection_delivery_delay_seconds", "projection" => kind.name())
+        .record(seconds(now_ns - published_unix_ns));
 }
 
 struct Partition {
@@ -471,18 +507,11 @@ impl Partition {
         let batch_max = config.batch_max();
         let mut next_consumer_sequence = 1;
         let mut caught_up = checkpoint.caught_up;
-        let mut waiting: Option<Message> = None;
-        let mut full = false;
+        let mut relay_moved = self.shared.relay_mark.subscribe();
         while !self.stopping() {
             // Read before the fetch: see "The idle watermark".
-            let relay_mark = if full || waiting.is_some() {
-                None
-            } else {
-                self.relay_checkpoint(&mut conn).await?
-            };
-            let mut messages: Vec<Message> = waiting.take().into_iter().collect();
-            messages.extend(fetch(&consumer, batch_max - messages.len()).await?);
-            full = messages.len() >= batch_max;
+            let relay_mark = *relay_moved.borrow_and_update();
+            let messages = fetch(&consumer, batch_max).await?;
             if messages.is_empty() {
                 if let Some(mark) = relay_mark
                     && mark > caught_up
@@ -495,14 +524,21 @@ impl Partition {
                         caught_up = self.raise_watermark(&mut conn, mark).await?;
                     }
                 }
+                // Nothing waits: fetch again once the relay has published
+                // more, or after `fetch_wait` (a relay of another database
+                // session may publish before this process reads its mark).
                 let stopped = self.stopped();
                 tokio::select! {
                     () = stopped => return Ok(()),
-                    next = long_poll(&consumer, config.fetch_wait()) => waiting = next?,
+                    _ = relay_moved.changed() => {}
+                    () = tokio::time::sleep(config.fetch_wait()) => {}
                 }
                 continue;
             }
             let mut delivered = Vec::with_capacity(messages.len());
+            // Whether the server had nothing more for this consumer when it
+            // delivered the batch's last message.
+            let mut drained = false;
             for message in &messages {
                 let info = message
                     .info()
@@ -515,9 +551,17 @@ impl Partition {
                     );
                 }
                 next_consumer_sequence += 1;
-                delivered.push(decode(message, info.stream_sequence));
+                drained = info.pending == 0;
+                let one = decode(message, info.stream_sequence);
+                if let Ok(event) = &one.body {
+                    observe_delivery(self.kind, event, info.published.unix_timestamp_nanos());
+                }
+                delivered.push(one);
             }
-            caught_up = caught_up.max(self.apply(&mut conn, &delivered).await?);
+            // Drained: every event up to the mark read before the fetch was in
+            // the stream then, so it is in this batch or was applied before.
+            let raise_to = relay_mark.filter(|_| drained);
+            caught_up = caught_up.max(self.apply(&mut conn, &delivered, raise_to).await?);
             for message in &messages {
                 message
                     .ack()
@@ -581,24 +625,13 @@ impl Partition {
                 deliver_policy,
                 ack_policy: AckPolicy::Explicit,
                 ack_wait: ACK_WAIT,
-                filter_subject: fanout::partition_filter(&config.stream, self.partition),
+                filter_subject: self.kind.subject_filter(&config.stream, self.partition),
                 max_ack_pending: (2 * config.batch_max()) as i64,
                 ..Default::default()
             })
             .await
             .with_context(|| format!("creating the consumer {name}"))?;
         Ok(consumer)
-    }
-
-    async fn relay_checkpoint(&self, conn: &mut PgConnection) -> anyhow::Result<Option<Position>> {
-        let row: Option<(i64, i64)> = sqlx::query_as(
-            "SELECT transaction_id, position FROM relay_checkpoints WHERE stream = $1",
-        )
-        .bind(&self.shared.config.stream)
-        .fetch_optional(conn)
-        .await
-        .context("reading the relay's checkpoint")?;
-        Ok(row.map(|(transaction_id, at)| position(transaction_id, at)))
     }
 
     /// Raises the partition's caught-up position to `mark` (never lowers it).
@@ -629,10 +662,14 @@ impl Partition {
 
     /// Applies one batch in one transaction (see the module doc) and returns
     /// the partition's caught-up position after it.
+    /// `raise_to`, when given, is a position up to which every event of the
+    /// partition is known to be in this batch or applied before it: the
+    /// caught-up position rises to it too.
     async fn apply(
         &self,
         conn: &mut PgConnection,
         delivered: &[Delivered],
+        raise_to: Option<Position>,
     ) -> anyhow::Result<Position> {
         let started = Instant::now();
         let kind = self.kind;
@@ -683,14 +720,15 @@ impl Partition {
                 .context("parking a poison event")?;
         }
         let applied = (handled.len() - refused.len()) as i64;
+        let caught_up = raise_to.map_or(last, |mark| mark.max(last));
         let (caught_up_transaction, caught_up_position): (i64, i64) = sqlx::query_as(
             "UPDATE projection_checkpoints
                 SET transaction_id = $3,
                     position = $4,
-                    caught_up_transaction = CASE WHEN (caught_up_transaction, caught_up_position) < ($3, $4)
-                                                 THEN $3 ELSE caught_up_transaction END,
-                    caught_up_position = CASE WHEN (caught_up_transaction, caught_up_position) < ($3, $4)
-                                              THEN $4 ELSE caught_up_position END,
+                    caught_up_transaction = CASE WHEN (caught_up_transaction, caught_up_position) < ($8, $9)
+                                                 THEN $8 ELSE caught_up_transaction END,
+                    caught_up_position = CASE WHEN (caught_up_transaction, caught_up_position) < ($8, $9)
+                                              THEN $9 ELSE caught_up_position END,
                     events_applied = events_applied + $5,
                     last_event_recorded_at = COALESCE($6, last_event_recorded_at),
                     stream_sequence = GREATEST(stream_sequence, $7),
@@ -705,6 +743,8 @@ impl Partition {
         .bind(applied)
         .bind(last_recorded_at)
         .bind(last_sequence as i64)
+        .bind(caught_up.transaction_id as i64)
+        .bind(caught_up.position)
         .fetch_one(&mut *tx)
         .await
         .context("moving the checkpoint")?;
@@ -726,6 +766,52 @@ impl Partition {
         metrics::gauge!("souk_projection_checkpoint_position", "projection" => kind.name(), "partition" => self.partition.to_string())
             .set(last.position as f64);
         Ok(position(caught_up_transaction, caught_up_position))
+    }
+}
+
+/// Keeps `shared.relay_mark` at the relay's checkpoint, read every
+/// [`RELAY_MARK_POLL`] for all partitions at once, until the projector
+/// stops. A failed read keeps the last mark (an old mark is always safe to
+/// use, only less useful).
+async fn watch_relay(shared: Arc<Shared>, pool: PgPool, mut stop: watch::Receiver<bool>) {
+    let mut failing_since: Option<Instant> = None;
+    while !*stop.borrow() {
+        let read = sqlx::query_as::<_, (i64, i64)>(
+            "SELECT transaction_id, position FROM relay_checkpoints WHERE stream = $1",
+        )
+        .bind(&shared.config.stream)
+        .fetch_optional(&pool);
+        match tokio::time::timeout(CONNECT_TIMEOUT, read).await {
+            Ok(Ok(row)) => {
+                failing_since = None;
+                let mark = row.map(|(transaction_id, at)| position(transaction_id, at));
+                shared.relay_mark.send_if_modified(|current| {
+                    let newer = mark > *current;
+                    if newer {
+                        *current = mark;
+                    }
+                    newer
+                });
+            }
+            outcome => {
+                let error = match outcome {
+                    Ok(Err(error)) => error.to_string(),
+                    _ => "timed out".to_owned(),
+                };
+                let since = *failing_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > Duration::from_secs(10) {
+                    tracing::warn!(
+                        %error,
+                        "cannot read the relay's checkpoint; idle partitions keep their watermark"
+                    );
+                    failing_since = Some(Instant::now());
+                }
+            }
+        }
+        tokio::select! {
+            _ = stop.changed() => {}
+            () = tokio::time::sleep(RELAY_MARK_POLL) => {}
+        }
     }
 }
 
@@ -794,26 +880,17 @@ async fn fetch(consumer: &PullConsumer, max: usize) -> anyhow::Result<Vec<Messag
     }
 }
 
-/// Waits up to `wait` for one message.
-async fn long_poll(consumer: &PullConsumer, wait: Duration) -> anyhow::Result<Option<Message>> {
-    let mut batch = consumer
-        .batch()
-        .max_messages(1)
-        .expires(wait)
-        .messages()
-        .await
-        .map_err(|error| anyhow::anyhow!("waiting for messages: {error}"))?;
-    match tokio::time::timeout(wait + FETCH_TIMEOUT, batch.next()).await {
-        Ok(Some(Ok(message))) => Ok(Some(message)),
-        Ok(Some(Err(error))) => anyhow::bail!("waiting for messages: {error}"),
-        Ok(None) => Ok(None),
-        Err(_) => anyhow::bail!("waiting for messages timed out"),
-    }
-}
-
 fn describe_metrics() {
     static DESCRIBED: std::sync::Once = std::sync::Once::new();
     DESCRIBED.call_once(|| {
+        metrics::describe_histogram!(
+            "souk_projection_publish_delay_seconds",
+            "From an event's recorded time to the relay's publish of it, by projection."
+        );
+        metrics::describe_histogram!(
+            "souk_projection_delivery_delay_seconds",
+            "From the relay's publish of an event to its delivery to a partition, by projection."
+        );
         metrics::describe_counter!(
             "souk_projection_dead_letters_total",
             "Poison events parked in dead_letters, by projection."

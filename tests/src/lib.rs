@@ -14,6 +14,7 @@ use serde_json::Value;
 use sqlx::postgres::PgPool;
 use uuid::Uuid;
 
+pub mod bench_kit;
 pub mod nats;
 pub mod pg_cluster;
 

@@ -36,9 +36,8 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -50,9 +49,12 @@ use domain::values::{Actor, Currency, Money, Reference, Role, UserId, WalletId};
 use domain::wallet::{Wallet, WalletCommand, WalletEvent};
 use event_store::record::{ChainedFields, EventMetadata, GENESIS_HASH};
 use event_store::{CommandContext, EventStore, PoolConfig, Reply, StoreConfig};
-use futures::StreamExt;
 use futures::future::BoxFuture;
 use sqlx::postgres::{PgPool, PgPoolOptions};
+use tests::bench_kit::{
+    ChildGuard, Databases, TempDir, free_port, in_parallel, log_tail, percentile_ms, proc_status_kb,
+    service_binaries, verdict, wait_healthy,
+};
 use uuid::Uuid;
 
 /// The body every HTTP deposit sends.
@@ -65,10 +67,6 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 /// Cores busy with other work during a row above which its figures are
 /// flagged as disturbed.
 const OTHER_LOAD_WARN_CORES: f64 = 0.25;
-/// Longest build of the command API binary.
-const BUILD_TIMEOUT: Duration = Duration::from_secs(1800);
-/// Longest wait for the command API to answer its health check.
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(120);
 /// How often the command API's memory is sampled during its load.
 const RSS_SAMPLE_EVERY: Duration = Duration::from_millis(200);
 /// Most deposits in flight while seeding the large aggregate (its lane
@@ -344,160 +342,6 @@ impl Target {
 }
 
 // ---------------------------------------------------------------------------
-// Databases and processes, cleaned up whatever happens.
-
-/// The databases created by this run; every one is dropped by
-/// [`Databases::drop_all`], or by `Drop` if the run panicked.
-struct Databases {
-    admin: PgPool,
-    admin_url: String,
-    created: std::sync::Mutex<Vec<String>>,
-}
-
-impl Databases {
-    async fn connect(admin_url: &str) -> anyhow::Result<Self> {
-        let admin = PgPoolOptions::new()
-            .max_connections(2)
-            .acquire_timeout(Duration::from_secs(10))
-            .connect(admin_url)
-            .await
-            .context(
-                "connecting to the admin database (set --admin-url or SOUK_BENCH_ADMIN_URL)",
-            )?;
-        Ok(Self {
-            admin,
-            admin_url: admin_url.to_owned(),
-            created: std::sync::Mutex::new(Vec::new()),
-        })
-    }
-
-    /// Creates an empty database and returns its URL and name.
-    async fn create(&self) -> anyhow::Result<(String, String)> {
-        let name = format!("souk_bench_{}", Uuid::new_v4().simple());
-        self.created
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(name.clone());
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&self.admin)
-            .await
-            .with_context(|| format!("creating database {name}"))?;
-        Ok((tests::with_database(&self.admin_url, &name), name))
-    }
-
-    async fn drop_one(&self, name: &str) -> anyhow::Result<()> {
-        sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            .execute(&self.admin)
-            .await
-            .with_context(|| format!("dropping database {name}"))?;
-        self.created
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|created| created != name);
-        Ok(())
-    }
-
-    async fn drop_all(&self) -> anyhow::Result<()> {
-        let names = self
-            .created
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let mut failed = None;
-        for name in names {
-            if let Err(error) = self.drop_one(&name).await {
-                eprintln!("{error:#}");
-                failed = Some(error);
-            }
-        }
-        failed.map_or(Ok(()), Err)
-    }
-}
-
-impl Drop for Databases {
-    fn drop(&mut self) {
-        let names = std::mem::take(&mut *self.created.lock().unwrap_or_else(|e| e.into_inner()));
-        if names.is_empty() {
-            return;
-        }
-        let admin_url = self.admin_url.clone();
-        // Drop may run inside the runtime: do the async work on a thread with
-        // a runtime of its own.
-        let dropped = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            runtime.block_on(async move {
-                let admin = PgPool::connect(&admin_url).await?;
-                for name in &names {
-                    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .execute(&admin)
-                        .await?;
-                }
-                Ok::<_, anyhow::Error>(())
-            })
-        })
-        .join();
-        if !matches!(dropped, Ok(Ok(()))) {
-            eprintln!("could not drop every benchmark database (souk_bench_*)");
-        }
-    }
-}
-
-/// A command-api child process, killed when dropped, with the JetStream
-/// stream its relay published to (deleted then: it belongs to this run).
-struct ChildGuard(Child, Option<String>);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-        let Some(stream) = self.1.clone() else {
-            return;
-        };
-        let stream_name = stream.clone();
-        let nats_url =
-            std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned());
-        let deleted = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            runtime.block_on(async move {
-                let client = tokio::time::timeout(
-                    Duration::from_secs(5),
-                    async_nats::connect(nats_url.as_str()),
-                )
-                .await??;
-                let jetstream = async_nats::jetstream::new(client);
-                jetstream.delete_stream(stream.as_str()).await?;
-                Ok::<_, anyhow::Error>(())
-            })
-        })
-        .join();
-        if !matches!(deleted, Ok(Ok(()))) {
-            eprintln!("could not delete the benchmark's JetStream stream {stream_name}");
-        }
-    }
-}
-
-/// A directory removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> anyhow::Result<Self> {
-        let path = std::env::temp_dir().join(format!("souk-bench-{}", Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(Self(path))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-// ---------------------------------------------------------------------------
 // The load driver.
 
 type Op = Box<dyn FnMut() -> BoxFuture<'static, anyhow::Result<()>> + Send>;
@@ -683,14 +527,6 @@ impl Measured {
     }
 }
 
-fn percentile_ms(sorted_us: &[u32], percent: f64) -> f64 {
-    if sorted_us.is_empty() {
-        return f64::NAN;
-    }
-    let rank = (percent / 100.0 * (sorted_us.len() - 1) as f64).round() as usize;
-    f64::from(sorted_us[rank.min(sorted_us.len() - 1)]) / 1000.0
-}
-
 /// Runs one op per task, in a loop, for the warm-up then one slice of
 /// measured time (or until `max_commands` measured commands were started).
 async fn drive(
@@ -763,27 +599,6 @@ async fn drive(
         Cpu::now(server_pid).since(cpu_at_start.await.context("the CPU sampler panicked")?);
     result.finish();
     Ok(result)
-}
-
-/// Runs `make(i)` for `0..count` with at most `in_flight` at once and
-/// returns the results in order.
-async fn in_parallel<T, F, Fut>(count: usize, in_flight: usize, make: F) -> anyhow::Result<Vec<T>>
-where
-    F: Fn(usize) -> Fut,
-    Fut: Future<Output = anyhow::Result<T>>,
-{
-    let mut results: Vec<(usize, T)> = futures::stream::iter(0..count)
-        .map(|i| {
-            let future = make(i);
-            async move { future.await.map(|value| (i, value)) }
-        })
-        .buffer_unordered(in_flight.max(1))
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<anyhow::Result<_>>()?;
-    results.sort_by_key(|(i, _)| *i);
-    Ok(results.into_iter().map(|(_, value)| value).collect())
 }
 
 // ---------------------------------------------------------------------------
@@ -1234,95 +1049,6 @@ struct HttpRun {
 }
 
 /// A value in kB of `/proc/<pid>/status`.
-fn proc_status_kb(pid: u32, key: &str) -> Option<u64> {
-    let file = std::fs::File::open(format!("/proc/{pid}/status")).ok()?;
-    BufReader::new(file)
-        .lines()
-        .map_while(Result::ok)
-        .find_map(|line| {
-            let rest = line.strip_prefix(key)?.strip_prefix(':')?;
-            rest.split_whitespace().next()?.parse().ok()
-        })
-}
-
-/// Builds the `command-api` binary with the profile of this benchmark and
-/// returns its path (next to this executable).
-async fn command_api_binary(args: &Args) -> anyhow::Result<PathBuf> {
-    if let Some(path) = &args.command_api {
-        ensure!(
-            path.is_file(),
-            "--command-api {} is not a file",
-            path.display()
-        );
-        return Ok(path.clone());
-    }
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut build = Command::new(cargo);
-    build.args([
-        "build",
-        "--quiet",
-        "-p",
-        "command-api",
-        "--bin",
-        "command-api",
-    ]);
-    if !cfg!(debug_assertions) {
-        build.arg("--release");
-    }
-    if let Some(manifest_dir) = option_env!("CARGO_MANIFEST_DIR") {
-        build.current_dir(manifest_dir);
-    }
-    eprintln!("Souk over HTTP: building command-api ({:?})", build);
-    // Waited for without blocking the runtime, so that Ctrl-C still cleans
-    // up; the guard stops the build if the run is abandoned.
-    let mut cargo = ChildGuard(
-        build
-            .spawn()
-            .context("running cargo build -p command-api (or pass --command-api <path>)")?,
-        None,
-    );
-    let deadline = Instant::now() + BUILD_TIMEOUT;
-    let status = loop {
-        if let Some(status) = cargo.0.try_wait().context("waiting for cargo build")? {
-            break status;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "cargo build -p command-api took longer than {BUILD_TIMEOUT:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    ensure!(
-        status.success(),
-        "cargo build -p command-api failed: {status}"
-    );
-    let exe = std::env::current_exe().context("locating the bench executable")?;
-    let path = exe
-        .parent()
-        .context("the bench executable has no directory")?
-        .join("command-api");
-    ensure!(
-        path.is_file(),
-        "{} is missing after the build; pass --command-api <path>",
-        path.display()
-    );
-    Ok(path)
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(listener
-        .local_addr()
-        .context("reading the free port")?
-        .port())
-}
-
-fn log_tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(20)..].join("\n")
-}
-
 /// The HTTP row: the command API process (running for the whole run, idle
 /// between its slices), its wallets and tokens, and its memory samples.
 struct HttpTarget {
@@ -1341,7 +1067,15 @@ struct HttpTarget {
 impl HttpTarget {
     async fn set_up(args: &Args, databases: &Databases) -> anyhow::Result<Self> {
         const LABEL: &str = "Souk over HTTP";
-        let binary = command_api_binary(args).await?;
+        let binary = match &args.command_api {
+            Some(path) => {
+                ensure!(path.is_file(), "--command-api {} is not a file", path.display());
+                path.clone()
+            }
+            None => service_binaries(&[("command-api", "command-api")], None)
+                .await?
+                .join("command-api"),
+        };
         let (url, _) = databases.create().await?;
         let dir = TempDir::new()?;
         let private_key = dir.0.join("jwt-private.pem");
@@ -1387,26 +1121,7 @@ impl HttpTarget {
             .context("building the HTTP client")?;
 
         eprintln!("{LABEL}: waiting for command-api (pid {pid}) on port {port}");
-        let deadline = Instant::now() + STARTUP_TIMEOUT;
-        loop {
-            if let Some(status) = child.0.try_wait().context("polling command-api")? {
-                bail!(
-                    "command-api exited ({status}); its log ends with:\n{}",
-                    log_tail(&log_path)
-                );
-            }
-            if let Ok(answer) = client.get(format!("{base}/health")).send().await
-                && answer.status().is_success()
-            {
-                break;
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "command-api did not become healthy within {STARTUP_TIMEOUT:?}; its log ends with:\n{}",
-                log_tail(&log_path)
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_healthy(&mut child, &client, &format!("{base}/health"), &log_path).await?;
         let rss_idle_kb = proc_status_kb(pid, "VmRSS").unwrap_or(0);
         eprintln!(
             "{LABEL}: command-api ready, VmRSS {} MB",
@@ -1648,10 +1363,6 @@ struct Report {
     souk: Option<Measured>,
     http: Option<HttpRun>,
     snapshot: Option<SnapshotRun>,
-}
-
-fn verdict(met: bool) -> &'static str {
-    if met { "MET" } else { "MISSED" }
 }
 
 fn mb(kb: u64) -> f64 {

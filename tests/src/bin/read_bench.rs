@@ -1,0 +1,904 @@
+//! Souk's read-side benchmark: the whole system as separate processes, one
+//! run, one table.
+//!
+//! ```sh
+//! cargo run --release -p tests --bin read-bench            # all three phases
+//! cargo run --release -p tests --bin read-bench -- --help  # flags
+//! ```
+//!
+//! It builds `command-api` (with its relay), `projector` and `query-api`
+//! with its own profile, starts each as a process of its own on a database
+//! created for the run and on a private `nats-server` (so that NATS can be
+//! stopped without disturbing anything else on the machine), seeds listings
+//! and wallets over HTTP, then measures:
+//!
+//! 1. **lag**: `--rate` commands per second (open loop: each command is sent
+//!    at its scheduled time whether or not earlier ones finished) for
+//!    `--seconds`, alternating a listing price change and a wallet deposit.
+//!    After each command's answer it asks the query API for the changed
+//!    resource with `?after=<position>` and checks that the answer holds the
+//!    write (its version is at least the command's). The lag of one command
+//!    is the time from its answer (the commit happened before) to the query
+//!    API's answer showing it.
+//! 2. **get**: `GET /listings/{id}` at `--get-rate` requests per second
+//!    (open loop) for `--get-seconds`; latencies count from each request's
+//!    scheduled time, so a stalled server cannot hide its queue.
+//! 3. **catch-up**: NATS is killed, `--outage-events` deposits are committed
+//!    over HTTP (commands keep succeeding), NATS is started again, and the
+//!    time is measured until the relay has published every event and every
+//!    partition of every projection has applied them.
+//!
+//! The database, the NATS store and the processes are removed at the end,
+//! also on error or Ctrl-C. Progress goes to stderr, the table to stdout.
+//! Targets are printed as MET or MISSED; they never fail the run.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail, ensure};
+use clap::{Parser, ValueEnum};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use tests::bench_kit::{
+    ChildGuard, Databases, TempDir, free_port, in_parallel, log_tail, percentile_ms, verdict,
+    wait_healthy,
+};
+use tests::nats::NatsServer;
+use tokio::sync::Semaphore;
+use uuid::Uuid;
+
+/// Longest wait for one request before it counts as an error.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most requests of an open-loop phase in flight; a request that would
+/// exceed it counts as an error (the system fell behind).
+const MAX_IN_FLIGHT: usize = 4_096;
+/// Concurrent connections that write the outage's events.
+const OUTAGE_WRITERS: usize = 64;
+/// Longest wait for the system to catch up after the outage.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(600);
+/// How often catch-up progress is read from the database.
+const CATCH_UP_POLL: Duration = Duration::from_millis(10);
+const STREAM: &str = "souk_read_bench";
+
+// The targets of the issue, printed beside the figures.
+const TARGET_LAG_P99_MS: f64 = 200.0;
+const TARGET_CATCH_UP_PER_S: f64 = 10_000.0;
+const TARGET_GET_P99_MS: f64 = 10.0;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Phase {
+    Lag,
+    Get,
+    CatchUp,
+}
+
+/// Souk's read-side benchmark (see the docs of `tests/src/bin/read_bench.rs`).
+#[derive(Debug, Parser)]
+#[command(
+    name = "read-bench",
+    about = "Souk's read-side benchmark: prints one table"
+)]
+struct Args {
+    /// Commands per second of the lag phase.
+    #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..=20_000))]
+    rate: u64,
+
+    /// Measured seconds of the lag phase.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3_600))]
+    seconds: u64,
+
+    /// Requests per second of the GET phase.
+    #[arg(long, default_value_t = 2_000, value_parser = clap::value_parser!(u64).range(1..=50_000))]
+    get_rate: u64,
+
+    /// Measured seconds of the GET phase.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3_600))]
+    get_seconds: u64,
+
+    /// Unmeasured seconds before each open-loop phase.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(0..=60))]
+    warmup_seconds: u64,
+
+    /// Events committed while NATS is down.
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=2_000_000))]
+    outage_events: u64,
+
+    /// Listings (and wallets) the load spreads over.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    aggregates: u64,
+
+    /// Phases to run, comma-separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "lag,get,catch-up"
+    )]
+    phases: Vec<Phase>,
+
+    /// Maintenance database the benchmark creates its database from.
+    #[arg(
+        long,
+        env = "SOUK_BENCH_ADMIN_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres",
+        hide_env_values = true
+    )]
+    admin_url: String,
+
+    /// Keep the services' logs in this directory (by default they go with
+    /// the run's temporary directory).
+    #[arg(long)]
+    log_dir: Option<PathBuf>,
+
+    /// A directory holding `command-api`, `projector` and `query-api`
+    /// binaries to use instead of building them.
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let databases = Databases::connect(&args.admin_url).await?;
+    let outcome = tokio::select! {
+        outcome = run(&args, &databases) => outcome,
+        signal = tokio::signal::ctrl_c() => {
+            signal.context("listening for Ctrl-C")?;
+            Err(anyhow!("interrupted"))
+        }
+    };
+    // The run's future is gone by now, and with it the child processes.
+    let dropped = databases.drop_all().await;
+    outcome?;
+    dropped
+}
+
+async fn run(args: &Args, databases: &Databases) -> anyhow::Result<()> {
+    if cfg!(debug_assertions) {
+        eprintln!("warning: this is a debug build; run with --release for meaningful figures");
+    }
+    let bins = tests::bench_kit::service_binaries(
+        &[
+            ("command-api", "command-api"),
+            ("projections", "projector"),
+            ("query-api", "query-api"),
+        ],
+        args.bin_dir.as_deref(),
+    )
+    .await?;
+    let mut system = System::start(&bins, databases, args.log_dir.as_deref()).await?;
+    let seeded = system.seed(args).await?;
+    let mut report = Report::default();
+    for phase in &args.phases {
+        match phase {
+            Phase::Lag => report.lag = Some(system.lag(args, &seeded).await?),
+            Phase::Get => report.get = Some(system.get(args, &seeded).await?),
+            Phase::CatchUp => report.catch_up = Some(system.catch_up(args, &seeded).await?),
+        }
+        system.check_alive()?;
+    }
+    system.save_metrics().await;
+    print!("{}", report.render(args));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// The system under test.
+
+/// One service process, its log and its Prometheus metrics.
+struct Service {
+    name: &'static str,
+    child: ChildGuard,
+    log: PathBuf,
+    metrics_url: String,
+}
+
+/// The three services, their private NATS and their database.
+struct System {
+    // Dropped in this order: the services first, then NATS and the files.
+    services: Vec<Service>,
+    nats: NatsServer,
+    pool: PgPool,
+    client: reqwest::Client,
+    command_base: String,
+    query_base: String,
+    private_pem: Vec<u8>,
+    log_dir: PathBuf,
+    _dir: TempDir,
+}
+
+impl System {
+    async fn start(
+        bins: &Path,
+        databases: &Databases,
+        log_dir: Option<&Path>,
+    ) -> anyhow::Result<Self> {
+        let nats = NatsServer::start().context("starting a private nats-server")?;
+        let (database_url, _) = databases.create().await?;
+        let dir = TempDir::new()?;
+        let private_key = dir.0.join("jwt-private.pem");
+        let public_key = dir.0.join("jwt-public.pem");
+        command_api::auth::ensure_dev_key_pair(&private_key, &public_key)
+            .context("generating a key pair")?;
+        let private_pem = std::fs::read(&private_key).context("reading the private key")?;
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(MAX_IN_FLIGHT)
+            .timeout(REQUEST_TIMEOUT)
+            .build()
+            .context("building the HTTP client")?;
+        let (command_port, query_port, metrics_port) = (free_port()?, free_port()?, free_port()?);
+        let nats_url = nats.url();
+        let common = |command: &mut Command| {
+            command
+                .env("DATABASE_URL", &database_url)
+                .env("NATS_URL", &nats_url)
+                .env("SOUK_STREAM", STREAM)
+                .env("SOUK_JWT_PUBLIC_KEY", &public_key)
+                .env("SOUK_JWT_PRIVATE_KEY", &private_key)
+                .env("RUST_LOG", std::env::var("SOUK_BENCH_LOG").unwrap_or_else(|_| "info".into()));
+        };
+        let mut system = Self {
+            services: Vec::new(),
+            nats,
+            pool: PgPoolOptions::new()
+                .max_connections(4)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect(&database_url)
+                .await
+                .context("connecting to the benchmark's database")?,
+            client,
+            command_base: format!("http://127.0.0.1:{command_port}"),
+            query_base: format!("http://127.0.0.1:{query_port}"),
+            private_pem,
+            log_dir: match log_dir {
+                Some(log_dir) => {
+                    std::fs::create_dir_all(log_dir)
+                        .with_context(|| format!("creating {}", log_dir.display()))?;
+                    log_dir.to_path_buf()
+                }
+                None => dir.0.clone(),
+            },
+            _dir: dir,
+        };
+        // The command API first: it applies the migrations and its relay
+        // creates the stream.
+        let mut command_api = Command::new(bins.join("command-api"));
+        common(&mut command_api);
+        command_api.env("COMMAND_API_ADDR", format!("127.0.0.1:{command_port}"));
+        let health = format!("{}/health", system.command_base);
+        system.spawn("command-api", command_api, &health).await?;
+        let mut projector = Command::new(bins.join("projector"));
+        common(&mut projector);
+        projector.env(
+            "SOUK_PROJECTOR_METRICS_ADDR",
+            format!("127.0.0.1:{metrics_port}"),
+        );
+        let health = format!("http://127.0.0.1:{metrics_port}/health");
+        system.spawn("projector", projector, &health).await?;
+        let mut query_api = Command::new(bins.join("query-api"));
+        common(&mut query_api);
+        query_api.env("QUERY_API_ADDR", format!("127.0.0.1:{query_port}"));
+        let health = format!("{}/health", system.query_base);
+        system.spawn("query-api", query_api, &health).await?;
+        Ok(system)
+    }
+
+    async fn spawn(
+        &mut self,
+        name: &'static str,
+        mut command: Command,
+        health_url: &str,
+    ) -> anyhow::Result<()> {
+        let log = self.log_dir.join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).with_context(|| format!("creating {name}.log"))?;
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().context("sharing the log file")?)
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        let mut child = ChildGuard(child, None);
+        eprintln!("waiting for {name} (pid {})", child.0.id());
+        wait_healthy(&mut child, &self.client, health_url, &log).await?;
+        let metrics_url = health_url.replace("/health", "/metrics");
+        self.services.push(Service {
+            name,
+            child,
+            log,
+            metrics_url,
+        });
+        Ok(())
+    }
+
+    /// Saves each service's metrics beside its log, for a look at where the
+    /// time went.
+    async fn save_metrics(&self) {
+        for service in &self.services {
+            let path = self.log_dir.join(format!("{}.metrics", service.name));
+            if let Ok(answer) = self.client.get(&service.metrics_url).send().await
+                && let Ok(text) = answer.text().await
+            {
+                let _ = std::fs::write(path, text);
+            }
+        }
+    }
+
+    /// Fails with the end of its log if a service exited.
+    fn check_alive(&mut self) -> anyhow::Result<()> {
+        for service in &mut self.services {
+            if let Some(status) = service.child.0.try_wait().context("polling a service")? {
+                bail!(
+                    "{} exited ({status}); its log ends with:\n{}",
+                    service.name,
+                    log_tail(&service.log)
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn token(&self, sub: Uuid, role: &str) -> anyhow::Result<Arc<str>> {
+        let token = command_api::auth::mint_token(
+            &self.private_pem,
+            sub,
+            role,
+            chrono::Duration::hours(4),
+            None,
+            None,
+        )
+        .context("minting a token")?;
+        Ok(Arc::from(token))
+    }
+
+    /// Listings of one seller and wallets of one buyer, `--aggregates` each.
+    async fn seed(&self, args: &Args) -> anyhow::Result<Seeded> {
+        let count = args.aggregates as usize;
+        let seeded = Seeded {
+            seller: self.token(Uuid::now_v7(), "seller")?,
+            buyer: self.token(Uuid::now_v7(), "buyer")?,
+            admin: self.token(Uuid::now_v7(), "admin")?,
+            listings: Vec::new(),
+            wallets: Vec::new(),
+        };
+        eprintln!("seeding {count} listings and {count} wallets");
+        let listings = in_parallel(count, 32, |i| {
+            let body = json!({
+                "title": format!("Benchmark item {i}"),
+                "description": "A thing to sell.",
+                "category": "home",
+                "condition": "good",
+                "price": {"amount": 1_000, "currency": "EUR"},
+                "quantity": 10,
+                "location": {"city": "Lyon", "country": "FR"},
+            });
+            self.post_id("/listings", &seeded.seller, body, 201)
+        })
+        .await?;
+        let wallets = in_parallel(count, 32, |_| {
+            self.post_id("/wallets", &seeded.buyer, json!({"currency": "EUR"}), 201)
+        })
+        .await?;
+        Ok(Seeded {
+            listings,
+            wallets,
+            ..seeded
+        })
+    }
+
+    async fn post_id(
+        &self,
+        path: &str,
+        token: &str,
+        body: Value,
+        status: u16,
+    ) -> anyhow::Result<Uuid> {
+        let answer = post(
+            &self.client,
+            &format!("{}{path}", self.command_base),
+            token,
+            &body,
+        )
+        .await?;
+        ensure!(
+            answer.status == status,
+            "POST {path} answered {}: {}",
+            answer.status,
+            answer.body
+        );
+        answer.body["id"]
+            .as_str()
+            .and_then(|id| Uuid::parse_str(id).ok())
+            .with_context(|| format!("no id in {}", answer.body))
+    }
+
+    /// Phase 1: commit-to-visible lag at a fixed command rate.
+    async fn lag(&self, args: &Args, seeded: &Seeded) -> anyhow::Result<Measured> {
+        eprintln!(
+            "lag: {} commands/s for {} s (+{} s warm-up), each read back with ?after=",
+            args.rate, args.seconds, args.warmup_seconds
+        );
+        let counter = Arc::new(AtomicU64::new(0));
+        let op = {
+            let (client, command_base, query_base) = (
+                self.client.clone(),
+                self.command_base.clone(),
+                self.query_base.clone(),
+            );
+            let (seller, buyer, admin) = (
+                seeded.seller.clone(),
+                seeded.buyer.clone(),
+                seeded.admin.clone(),
+            );
+            let (listings, wallets) = (
+                Arc::new(seeded.listings.clone()),
+                Arc::new(seeded.wallets.clone()),
+            );
+            move |_scheduled: Instant| {
+                let n = counter.fetch_add(1, Ordering::Relaxed);
+                let (client, command_base, query_base) =
+                    (client.clone(), command_base.clone(), query_base.clone());
+                let (seller, buyer, admin) = (seller.clone(), buyer.clone(), admin.clone());
+                let (listings, wallets) = (listings.clone(), wallets.clone());
+                async move {
+                    let index = (n / 2) as usize;
+                    let (command, command_token, read, read_token, body) = if n % 2 == 0 {
+                        let id = listings[index % listings.len()];
+                        (
+                            format!("{command_base}/listings/{id}/price"),
+                            seller,
+                            format!("{query_base}/listings/{id}"),
+                            buyer.clone(),
+                            json!({"price": {"amount": 1_000 + n as i64 % 100_000, "currency": "EUR"}}),
+                        )
+                    } else {
+                        let id = wallets[index % wallets.len()];
+                        (
+                            format!("{command_base}/wallets/{id}/deposits"),
+                            admin,
+                            format!("{query_base}/wallets/{id}"),
+                            buyer.clone(),
+                            json!({"amount": {"amount": 1, "currency": "EUR"}, "reference": "bench"}),
+                        )
+                    };
+                    let answer = post(&client, &command, &command_token, &body).await?;
+                    ensure!(
+                        answer.status == 200,
+                        "POST {command} answered {}: {}",
+                        answer.status,
+                        answer.body
+                    );
+                    let committed = Instant::now();
+                    let version = answer.body["version"].as_i64().context("no version")?;
+                    let position = answer.body["position"].as_str().context("no position")?;
+                    let seen = get(&client, &format!("{read}?after={position}"), &read_token).await?;
+                    let visible = committed.elapsed();
+                    ensure!(
+                        seen.status == 200,
+                        "GET {read}?after= answered {}: {}",
+                        seen.status,
+                        seen.body
+                    );
+                    let seen_version = seen.body["version"].as_i64().unwrap_or(-1);
+                    ensure!(
+                        seen_version >= version,
+                        "GET {read}?after={position} answered version {seen_version}, before the write's {version}"
+                    );
+                    Ok(visible)
+                }
+            }
+        };
+        open_loop(args.rate, args.warmup_seconds, args.seconds, op).await
+    }
+
+    /// Phase 2: `GET /listings/{id}` latency at a fixed request rate.
+    async fn get(&self, args: &Args, seeded: &Seeded) -> anyhow::Result<Measured> {
+        eprintln!(
+            "get: GET /listings/{{id}} at {}/s for {} s (+{} s warm-up)",
+            args.get_rate, args.get_seconds, args.warmup_seconds
+        );
+        let counter = Arc::new(AtomicU64::new(0));
+        let client = self.client.clone();
+        let buyer = seeded.buyer.clone();
+        let urls: Arc<Vec<String>> = Arc::new(
+            seeded
+                .listings
+                .iter()
+                .map(|id| format!("{}/listings/{id}", self.query_base))
+                .collect(),
+        );
+        let op = move |scheduled: Instant| {
+            let n = counter.fetch_add(1, Ordering::Relaxed) as usize;
+            let (client, buyer, urls) = (client.clone(), buyer.clone(), urls.clone());
+            async move {
+                // Spread over the listings, not in creation order.
+                let url = &urls[n.wrapping_mul(7_919) % urls.len()];
+                let seen = get(&client, url, &buyer).await?;
+                ensure!(
+                    seen.status == 200,
+                    "GET {url} answered {}: {}",
+                    seen.status,
+                    seen.body
+                );
+                Ok(scheduled.elapsed())
+            }
+        };
+        open_loop(args.get_rate, args.warmup_seconds, args.get_seconds, op).await
+    }
+
+    /// Phase 3: catch-up after a NATS outage.
+    async fn catch_up(&mut self, args: &Args, seeded: &Seeded) -> anyhow::Result<CatchUp> {
+        eprintln!("catch-up: waiting until the projections are current");
+        let current = self.last_position().await?;
+        self.wait_caught_up(current).await?;
+        eprintln!("catch-up: NATS stopped; committing {} deposits", args.outage_events);
+        self.nats.stop()?;
+        let before = self.event_count().await?;
+        let written = Instant::now();
+        let deposits: Arc<Vec<String>> = Arc::new(
+            seeded
+                .wallets
+                .iter()
+                .map(|id| format!("{}/wallets/{id}/deposits", self.command_base))
+                .collect(),
+        );
+        let body = json!({"amount": {"amount": 1, "currency": "EUR"}, "reference": "outage"});
+        in_parallel(args.outage_events as usize, OUTAGE_WRITERS, |i| {
+            let (client, url, admin, body) = (
+                self.client.clone(),
+                deposits[i % deposits.len()].clone(),
+                seeded.admin.clone(),
+                body.clone(),
+            );
+            async move {
+                let answer = post(&client, &url, &admin, &body).await?;
+                ensure!(
+                    answer.status == 200,
+                    "a deposit during the outage answered {}: {}",
+                    answer.status,
+                    answer.body
+                );
+                Ok(())
+            }
+        })
+        .await?;
+        let write_seconds = written.elapsed().as_secs_f64();
+        let events = self.event_count().await? - before;
+        let target = self.last_position().await?;
+        eprintln!(
+            "catch-up: {events} events committed in {write_seconds:.1} s with NATS down; starting NATS"
+        );
+        self.nats.start_again()?;
+        let restarted = Instant::now();
+        let mut relay_seconds = None;
+        loop {
+            if relay_seconds.is_none() && self.relay_at(target).await? {
+                relay_seconds = Some(restarted.elapsed().as_secs_f64());
+            }
+            if relay_seconds.is_some() && self.projections_at(target).await? {
+                break;
+            }
+            ensure!(
+                restarted.elapsed() < CATCH_UP_TIMEOUT,
+                "the projections did not catch up within {CATCH_UP_TIMEOUT:?}"
+            );
+            tokio::time::sleep(CATCH_UP_POLL).await;
+        }
+        Ok(CatchUp {
+            events,
+            write_seconds,
+            relay_seconds: relay_seconds.unwrap_or(f64::NAN),
+            total_seconds: restarted.elapsed().as_secs_f64(),
+        })
+    }
+
+    async fn event_count(&self) -> anyhow::Result<u64> {
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+            .fetch_one(&self.pool)
+            .await
+            .context("counting events")?;
+        Ok(count as u64)
+    }
+
+    /// The global position of the last committed event.
+    async fn last_position(&self) -> anyhow::Result<(i64, i64)> {
+        sqlx::query_as(
+            "SELECT transaction_id::text::bigint, position FROM events
+              ORDER BY transaction_id DESC, position DESC LIMIT 1",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .context("reading the last position")
+    }
+
+    async fn relay_at(&self, target: (i64, i64)) -> anyhow::Result<bool> {
+        sqlx::query_scalar(
+            "SELECT COALESCE(bool_and((transaction_id, position) >= ($1, $2)), false)
+               FROM relay_checkpoints WHERE stream = $3",
+        )
+        .bind(target.0)
+        .bind(target.1)
+        .bind(STREAM)
+        .fetch_one(&self.pool)
+        .await
+        .context("reading the relay's checkpoint")
+    }
+
+    /// Whether every partition of every projection has applied everything
+    /// up to `target`.
+    async fn projections_at(&self, target: (i64, i64)) -> anyhow::Result<bool> {
+        sqlx::query_scalar(
+            "SELECT COALESCE(bool_and((caught_up_transaction, caught_up_position) >= ($1, $2)), false)
+               FROM projection_checkpoints",
+        )
+        .bind(target.0)
+        .bind(target.1)
+        .fetch_one(&self.pool)
+        .await
+        .context("reading the projections' checkpoints")
+    }
+
+    async fn wait_caught_up(&self, target: (i64, i64)) -> anyhow::Result<()> {
+        let started = Instant::now();
+        while !(self.relay_at(target).await? && self.projections_at(target).await?) {
+            ensure!(
+                started.elapsed() < CATCH_UP_TIMEOUT,
+                "the projections did not catch up within {CATCH_UP_TIMEOUT:?}"
+            );
+            tokio::time::sleep(CATCH_UP_POLL).await;
+        }
+        Ok(())
+    }
+}
+
+/// What the load runs on.
+struct Seeded {
+    seller: Arc<str>,
+    buyer: Arc<str>,
+    admin: Arc<str>,
+    listings: Vec<Uuid>,
+    wallets: Vec<Uuid>,
+}
+
+struct Answer {
+    status: u16,
+    body: Value,
+}
+
+async fn post(
+    client: &reqwest::Client,
+    url: &str,
+    token: &str,
+    body: &Value,
+) -> anyhow::Result<Answer> {
+    let response = client
+        .post(url)
+        .bearer_auth(token)
+        .json(body)
+        .send()
+        .await
+        .with_context(|| format!("POST {url}"))?;
+    answer(response).await
+}
+
+async fn get(client: &reqwest::Client, url: &str, token: &str) -> anyhow::Result<Answer> {
+    let response = client
+        .get(url)
+        .bearer_auth(token)
+        .send()
+        .await
+        .with_context(|| format!("GET {url}"))?;
+    answer(response).await
+}
+
+async fn answer(response: reqwest::Response) -> anyhow::Result<Answer> {
+    let status = response.status().as_u16();
+    let bytes = response.bytes().await.context("reading an answer")?;
+    Ok(Answer {
+        status,
+        body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    })
+}
+
+// ---------------------------------------------------------------------------
+// The open-loop driver.
+
+/// What an open-loop phase measured.
+#[derive(Debug, Default)]
+struct Measured {
+    /// Operations scheduled in the measured time.
+    scheduled: u64,
+    errors: u64,
+    first_error: Option<String>,
+    seconds: f64,
+    /// Sorted latencies of the successful measured operations.
+    latencies_us: Vec<u32>,
+}
+
+impl Measured {
+    fn per_second(&self) -> f64 {
+        self.latencies_us.len() as f64 / self.seconds
+    }
+
+    fn p(&self, percent: f64) -> f64 {
+        percentile_ms(&self.latencies_us, percent)
+    }
+}
+
+/// Starts `op(scheduled)` at `rate` per second for the warm-up, then for
+/// `seconds` measured, each at its scheduled time whether or not earlier
+/// ones finished; waits for them all. `op` returns the latency to record.
+async fn open_loop<F, Fut>(
+    rate: u64,
+    warmup_seconds: u64,
+    seconds: u64,
+    op: F,
+) -> anyhow::Result<Measured>
+where
+    F: Fn(Instant) -> Fut,
+    Fut: Future<Output = anyhow::Result<Duration>> + Send + 'static,
+{
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let warmup = rate * warmup_seconds;
+    let total = warmup + rate * seconds;
+    let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let mut running = tokio::task::JoinSet::new();
+    let mut measured = Measured::default();
+    let mut overflow = 0_u64;
+    let start = Instant::now() + Duration::from_millis(10);
+    let measured_start = start + interval * warmup as u32;
+    for n in 0..total {
+        let scheduled = start + interval * n as u32;
+        tokio::time::sleep_until(scheduled.into()).await;
+        let counted = n >= warmup;
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            if counted {
+                overflow += 1;
+            }
+            continue;
+        };
+        let future = op(scheduled);
+        running.spawn(async move {
+            let outcome = future.await;
+            drop(slot);
+            (counted, outcome)
+        });
+        // Collect what finished, so the set stays small.
+        while let Some(done) = running.try_join_next() {
+            record(&mut measured, done.context("a request task panicked")?);
+        }
+    }
+    while let Some(done) = running.join_next().await {
+        record(&mut measured, done.context("a request task panicked")?);
+    }
+    measured.scheduled = total - warmup;
+    measured.seconds = (start + interval * total as u32)
+        .duration_since(measured_start)
+        .as_secs_f64();
+    if overflow > 0 {
+        measured.errors += overflow;
+        measured
+            .first_error
+            .get_or_insert_with(|| format!("{overflow} requests not sent: {MAX_IN_FLIGHT} in flight"));
+    }
+    measured.latencies_us.sort_unstable();
+    eprintln!(
+        "  {} ok, {} errors, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        measured.latencies_us.len(),
+        measured.errors,
+        measured.p(50.0),
+        measured.p(99.0),
+        measured.p(100.0)
+    );
+    if let Some(error) = &measured.first_error {
+        eprintln!("  first error: {error}");
+    }
+    Ok(measured)
+}
+
+fn record(measured: &mut Measured, (counted, outcome): (bool, anyhow::Result<Duration>)) {
+    if !counted {
+        return;
+    }
+    match outcome {
+        Ok(latency) => measured
+            .latencies_us
+            .push(latency.as_micros().min(u128::from(u32::MAX)) as u32),
+        Err(error) => {
+            measured.errors += 1;
+            measured.first_error.get_or_insert_with(|| format!("{error:#}"));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The report.
+
+#[derive(Debug)]
+struct CatchUp {
+    events: u64,
+    write_seconds: f64,
+    relay_seconds: f64,
+    total_seconds: f64,
+}
+
+#[derive(Debug, Default)]
+struct Report {
+    lag: Option<Measured>,
+    get: Option<Measured>,
+    catch_up: Option<CatchUp>,
+}
+
+impl Report {
+    fn render(&self, args: &Args) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "\nSouk read-side benchmark: command-api + relay, projector, query-api as processes; \
+             {} cores; {} listings and {} wallets",
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+            args.aggregates,
+            args.aggregates
+        );
+        let _ = writeln!(
+            out,
+            "| phase | load | achieved/s | p50 ms | p99 ms | max ms | errors | target | verdict |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
+        if let Some(m) = &self.lag {
+            let met = m.errors == 0 && m.p(99.0) <= TARGET_LAG_P99_MS;
+            let _ = writeln!(
+                out,
+                "| commit → visible (?after=) | {} cmd/s × {} s | {:.0} | {:.2} | {:.2} | {:.2} | {} | p99 ≤ {TARGET_LAG_P99_MS} ms | {} |",
+                args.rate,
+                args.seconds,
+                m.per_second(),
+                m.p(50.0),
+                m.p(99.0),
+                m.p(100.0),
+                m.errors,
+                verdict(met)
+            );
+        }
+        if let Some(m) = &self.get {
+            let met = m.errors == 0 && m.p(99.0) <= TARGET_GET_P99_MS;
+            let _ = writeln!(
+                out,
+                "| GET /listings/{{id}} | {} req/s × {} s | {:.0} | {:.2} | {:.2} | {:.2} | {} | p99 ≤ {TARGET_GET_P99_MS} ms | {} |",
+                args.get_rate,
+                args.get_seconds,
+                m.per_second(),
+                m.p(50.0),
+                m.p(99.0),
+                m.p(100.0),
+                m.errors,
+                verdict(met)
+            );
+        }
+        if let Some(c) = &self.catch_up {
+            let rate = c.events as f64 / c.total_seconds;
+            let _ = writeln!(
+                out,
+                "\nCatch-up after a NATS outage: {} events committed while NATS was down ({:.1} s, {:.0} commands/s).",
+                c.events,
+                c.write_seconds,
+                c.events as f64 / c.write_seconds
+            );
+            let _ = writeln!(
+                out,
+                "From NATS back up: relay published all in {:.2} s ({:.0} events/s); every projection \
+                 applied all in {:.2} s: **{:.0} events/s** (target ≥ {TARGET_CATCH_UP_PER_S}: {}).",
+                c.relay_seconds,
+                c.events as f64 / c.relay_seconds,
+                c.total_seconds,
+                rate,
+                verdict(rate >= TARGET_CATCH_UP_PER_S)
+            );
+        }
+        out
+    }
+}
