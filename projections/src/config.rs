@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use event_store::fanout::{DEFAULT_PARTITIONS, MAX_PARTITIONS};
 
+use crate::search::SearchConfig;
+
 /// Largest batch one partition applies in one transaction.
 pub const MAX_BATCH: usize = 5_000;
 
@@ -71,6 +73,10 @@ pub struct ProjectorConfig {
     /// Log as JSON lines.
     #[arg(long, env = "SOUK_LOG_JSON", default_value_t = false)]
     pub log_json: bool,
+
+    /// The search index the projector feeds (when it runs "listings").
+    #[command(flatten)]
+    pub search: SearchConfig,
 }
 
 impl ProjectorConfig {
@@ -88,6 +94,7 @@ impl ProjectorConfig {
             backoff_max_ms: 5_000,
             metrics_addr: None,
             log_json: false,
+            search: SearchConfig::embedded("./data/search"),
         }
     }
 
@@ -136,5 +143,20 @@ mod tests {
         let defaults = ProjectorConfig::new("postgres://x", "souk");
         assert_eq!(defaults.partitions(), DEFAULT_PARTITIONS);
         assert_eq!(defaults.fetch_wait(), Duration::from_millis(100));
+        let meili = ProjectorConfig::try_parse_from([
+            "projector",
+            "--search-backend",
+            "meilisearch",
+            "--meili-url",
+            "http://127.0.0.1:7700",
+        ])
+        .expect("parses");
+        assert_eq!(
+            meili.search.backend,
+            crate::search::SearchBackend::Meilisearch
+        );
+        assert!(
+            ProjectorConfig::try_parse_from(["projector", "--search-backend", "solr"]).is_err()
+        );
     }
 }

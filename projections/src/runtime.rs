@@ -136,6 +136,7 @@ impl std::fmt::Debug for Projector {
 /// stream and a checkpoint row for every projection and partition.
 pub async fn build(config: ProjectorConfig) -> anyhow::Result<Projector> {
     event_store::relay::validate_stream_name(&config.stream)?;
+    config.search.validate()?;
     let kinds = selected(&config.projections)?;
     let connect_options = PgConnectOptions::from_str(&config.database_url)
         .context("parsing DATABASE_URL")?
@@ -231,6 +232,12 @@ impl Projector {
                 specs.insert(id, spec);
             }
         }
+        let indexer = crate::search::spawn_indexer(
+            &self.shared.config.search,
+            &self.shared.connect_options,
+            &self.kinds,
+            stopped.clone(),
+        );
         tracing::info!(
             stream = %self.shared.config.stream,
             partitions,
@@ -262,6 +269,9 @@ impl Projector {
         let _ = stop.send(true);
         let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
             while tasks.join_next().await.is_some() {}
+            if let Some(indexer) = indexer {
+                let _ = indexer.await;
+            }
         })
         .await;
         if drained.is_err() {
