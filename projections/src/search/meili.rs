@@ -147,8 +147,10 @@ impl Meili {
                 "price",
             ])
             .with_sortable_attributes(["price", "created_at"])
+            // The deepest page: offset at most MAX_OFFSET, then one page
+            // (the query API's largest is 100 listings).
             .with_pagination(PaginationSetting {
-                max_total_hits: MAX_OFFSET + crate::search::MAX_FACET_VALUES,
+                max_total_hits: MAX_OFFSET + 100,
             });
         let task = self.index.set_settings(&settings).await.map_err(failed)?;
         self.finish(task).await
