@@ -206,6 +206,14 @@ fuzz_query_api() {
 	start_service query-api "http://127.0.0.1:$port" "$THROWAWAY_DATABASE_URL" \
 		QUERY_API_ADDR="127.0.0.1:$port" SOUK_PARTITIONS=4
 	seed_read_models "$THROWAWAY_DATABASE_URL"
+	# A projector running "listings" only (on an empty stream of its own)
+	# indexes the seeded listings for /search at start, into the directory
+	# query-api reads; without it `?after=` would wait for an empty index.
+	local projector_port
+	projector_port=$(souk_free_port)
+	start_service projector "http://127.0.0.1:$projector_port" "$THROWAWAY_DATABASE_URL" \
+		SOUK_PROJECTOR_METRICS_ADDR="127.0.0.1:$projector_port" SOUK_PARTITIONS=4 \
+		SOUK_PROJECTIONS=listings SOUK_STREAM=souk_schemathesis_search
 	# The notification stream never ends: Schemathesis would wait on it
 	# until its request timeout. It is tested end to end in tests/e2e.
 	run_schemathesis query-api "http://127.0.0.1:$port" --exclude-path /notifications/stream
@@ -227,6 +235,8 @@ main() {
 	local packages=(-p replay-tool)
 	for service in "${services[@]}"; do
 		packages+=(-p "$service")
+		# query-api's fuzzing runs a projector to fill the search index.
+		[[ $service == query-api ]] && packages+=(-p projections)
 	done
 	cargo build --locked "${packages[@]}"
 

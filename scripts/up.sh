@@ -12,7 +12,8 @@
 #
 # Configuration (environment): DATABASE_URL, NATS_URL, SOUK_STREAM,
 # COMMAND_API_ADDR, SOUK_JWT_PUBLIC_KEY, SOUK_JWT_PRIVATE_KEY, SOUK_JWT_ISSUER,
-# SOUK_JWT_AUDIENCE, as in README.md.
+# SOUK_JWT_AUDIENCE, SEARCH_BACKEND, SEARCH_INDEX_DIR, MEILI_URL, MEILI_API_KEY, as in
+# README.md.
 set -euo pipefail
 
 # shellcheck source=scripts/lib.sh
@@ -25,6 +26,8 @@ export QUERY_API_ADDR=${QUERY_API_ADDR:-127.0.0.1:8081}
 export SOUK_PROJECTOR_METRICS_ADDR=${SOUK_PROJECTOR_METRICS_ADDR:-127.0.0.1:8082}
 export SOUK_JWT_PRIVATE_KEY=${SOUK_JWT_PRIVATE_KEY:-$SOUK_ROOT/data/keys/jwt-private.pem}
 export SOUK_JWT_PUBLIC_KEY=${SOUK_JWT_PUBLIC_KEY:-$SOUK_ROOT/data/keys/jwt-public.pem}
+# The projector writes the embedded search index, query-api reads it: one directory.
+export SEARCH_INDEX_DIR=${SEARCH_INDEX_DIR:-$SOUK_ROOT/data/search}
 
 DATA_DIR=$SOUK_ROOT/data
 LOG_DIR=$DATA_DIR/logs
@@ -186,6 +189,8 @@ print_next_steps() {
 
 		# listings with their available stock; the projections' checkpoints and lag
 		curl -sS "$QUERY_URL/listings?category=home" -H "Authorization: Bearer \$BUYER_TOKEN"
+		# full-text search, typo tolerant, with facet counts, cheapest first
+		curl -sS "$QUERY_URL/search?q=iphne&sort=price_asc&after=$POSITION" -H "Authorization: Bearer \$BUYER_TOKEN"
 		curl -sS "$QUERY_URL/projections" -H "Authorization: Bearer \$ADMIN_TOKEN"
 
 		Last position token: $POSITION

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use event_store::fanout::{DEFAULT_PARTITIONS, MAX_PARTITIONS};
 
+use crate::search::SearchConfig;
+
 /// Largest batch one partition applies in one transaction.
 pub const MAX_BATCH: usize = 5_000;
 
@@ -50,10 +52,8 @@ pub struct ProjectorConfig {
     #[arg(long, env = "SOUK_PROJECTOR_BATCH_MAX", default_value_t = 500)]
     pub batch_max: usize,
 
-    /// How long an idle partition waits for a message before it looks at the
-    /// relay's checkpoint again (the idle watermark's refresh period: the
-    /// longest a read-your-writes request waits on a partition that received
-    /// nothing).
+    /// The longest an idle partition sleeps before it fetches again when the
+    /// relay's checkpoint does not move (it wakes as soon as that moves).
     #[arg(long, env = "SOUK_PROJECTOR_FETCH_WAIT_MS", default_value_t = 25)]
     pub fetch_wait_ms: u64,
 
@@ -73,6 +73,10 @@ pub struct ProjectorConfig {
     /// Log as JSON lines.
     #[arg(long, env = "SOUK_LOG_JSON", default_value_t = false)]
     pub log_json: bool,
+
+    /// The search index the projector feeds (when it runs "listings").
+    #[command(flatten)]
+    pub search: SearchConfig,
 }
 
 impl ProjectorConfig {
@@ -90,6 +94,7 @@ impl ProjectorConfig {
             backoff_max_ms: 5_000,
             metrics_addr: None,
             log_json: false,
+            search: SearchConfig::embedded("./data/search"),
         }
     }
 
@@ -138,5 +143,20 @@ mod tests {
         let defaults = ProjectorConfig::new("postgres://x", "souk");
         assert_eq!(defaults.partitions(), DEFAULT_PARTITIONS);
         assert_eq!(defaults.fetch_wait(), Duration::from_millis(25));
+        let meili = ProjectorConfig::try_parse_from([
+            "projector",
+            "--search-backend",
+            "meilisearch",
+            "--meili-url",
+            "http://127.0.0.1:7700",
+        ])
+        .expect("parses");
+        assert_eq!(
+            meili.search.backend,
+            crate::search::SearchBackend::Meilisearch
+        );
+        assert!(
+            ProjectorConfig::try_parse_from(["projector", "--search-backend", "solr"]).is_err()
+        );
     }
 }

@@ -13,6 +13,9 @@
 //!   projection, turning domain events into rows (`rows` moves rows in bulk).
 //! - `rebuild`: a projection rebuilt from the global order into a schema of
 //!   its own ([`rebuild_into`]) and swapped in atomically ([`rebuild`]).
+//! - `search`: the listings' search index (embedded tantivy or Meilisearch
+//!   behind [`search::SearchIndex`]), fed from `search_pending` by an indexer
+//!   task of the projector, and queried by the query API's `/search`.
 //! - `config`: [`ProjectorConfig`], the `projector` binary's flags and
 //!   environment; `telemetry`: its logs and optional `/metrics`.
 //!
@@ -27,6 +30,7 @@ mod park;
 mod rebuild;
 mod rows;
 mod runtime;
+pub mod search;
 pub mod telemetry;
 mod timelines;
 mod wallets;

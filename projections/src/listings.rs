@@ -214,9 +214,15 @@ pub(crate) async fn apply(
             .collect(),
         ..Rows::default()
     };
+    // The listings whose search document changes (Reservation events only
+    // move stock, which the index does not hold).
+    let mut searched = Vec::new();
     for (index, event, listing_id, payload) in parsed {
-        if let Err(why) = state.apply(listing_id, event, payload) {
-            refused.push((index, why));
+        let listing_event = matches!(payload, Payload::Listing(_));
+        match state.apply(listing_id, event, payload) {
+            Err(why) => refused.push((index, why)),
+            Ok(()) if listing_event => searched.push((listing_id, event.position)),
+            Ok(()) => {}
         }
     }
     let Rows {
@@ -239,6 +245,11 @@ pub(crate) async fn apply(
         .collect();
     rows::upsert(conn, schema, &LISTINGS, &listing_rows).await?;
     rows::upsert(conn, schema, &RESERVATIONS, &hold_rows).await?;
+    // Live batches only: a rebuild builds aside, and its swap queues every
+    // listing for the index.
+    if schema == "public" {
+        crate::search::enqueue(conn, &searched).await?;
+    }
     Ok(refused)
 }
 

@@ -27,7 +27,8 @@
 //! leaves the live projection as it was.
 //!
 //! Readers see either the old tables or the new ones, never a mix: the swap
-//! is one transaction. Dead letters found by a rebuild go to
+//! is one transaction. A swap of "listings" also queues every listing for
+//! the search index (`search::enqueue_all`) in that transaction. Dead letters found by a rebuild go to
 //! `public.dead_letters` like live ones (a letter already parked stays as
 //! it was).
 
@@ -250,6 +251,13 @@ pub async fn rebuild(
     .execute(&mut *tx)
     .await
     .context("moving the checkpoints")?;
+    if kind == Kind::Listings {
+        // The search index follows the rows it was fed from; they were just
+        // replaced, so every listing is indexed again.
+        crate::search::enqueue_all(&mut tx, at)
+            .await
+            .context("queueing the listings for the search index")?;
+    }
     tx.commit().await.context("committing the swap")?;
     let _ = guard.close().await;
     report.swapped = true;

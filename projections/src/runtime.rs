@@ -38,19 +38,24 @@
 //! caught up, or read-your-writes would wait on it forever.
 //! `caught_up_transaction/position` is the position up to which the
 //! partition has applied every event of its own. After a batch it is the
-//! batch's last position. When a fetch or a wait finds nothing, the
-//! partition raises it to the relay's checkpoint, provided the consumer,
-//! asked *after* that checkpoint was read, reports nothing pending and
-//! nothing unacknowledged. That is correct because the relay stores its
-//! checkpoint only after JetStream acknowledged every publish up to it: every
-//! event up to that checkpoint was in the stream before the consumer was
-//! asked, the consumer has delivered all of this partition's, and each
-//! delivered message was committed before it was acknowledged.
+//! batch's last position. When a fetch finds nothing, the partition raises
+//! it to the relay's checkpoint read before the fetch, provided the
+//! consumer, asked after that, reports nothing pending and nothing
+//! unacknowledged; and when the server says it had nothing more pending as
+//! it delivered a batch's last message, the batch's commit raises it to
+//! that checkpoint too. That is correct because the relay stores its
+//! checkpoint only after JetStream acknowledged every publish up to it:
+//! every event up to that checkpoint was in the stream before the fetch,
+//! the consumer has delivered all of this partition's, and each delivered
+//! message was committed before it was acknowledged.
 //!
 //! One task per projector process ([`watch_relay`]) reads the relay's
-//! checkpoint every [`RELAY_MARK_POLL`] for all partitions, so an idle
-//! partition costs one long-poll request per `fetch_wait` and nothing else;
-//! it waits instead of fetching again after a wait that found nothing.
+//! checkpoint every [`RELAY_MARK_POLL`] for all partitions. A partition
+//! never leaves a pull request waiting on the server (nats-server 2.9 can
+//! answer an expired one seconds late, and a request given up by the client
+//! could still be served, into a gap): it fetches only what already waits,
+//! and when nothing does it sleeps until that checkpoint moves, or
+//! `fetch_wait` at the latest.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -146,6 +151,7 @@ impl std::fmt::Debug for Projector {
 /// stream and a checkpoint row for every projection and partition.
 pub async fn build(config: ProjectorConfig) -> anyhow::Result<Projector> {
     event_store::relay::validate_stream_name(&config.stream)?;
+    config.search.validate()?;
     let kinds = selected(&config.projections)?;
     // Read models are derived data: a batch whose commit a Postgres crash
     // loses is lost together with its checkpoint, and the partition's next
@@ -253,6 +259,12 @@ impl Projector {
                 specs.insert(id, spec);
             }
         }
+        let indexer = crate::search::spawn_indexer(
+            &self.shared.config.search,
+            &self.shared.connect_options,
+            &self.kinds,
+            stopped.clone(),
+        );
         tracing::info!(
             stream = %self.shared.config.stream,
             partitions,
@@ -284,6 +296,9 @@ impl Projector {
         let _ = stop.send(true);
         let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
             while tasks.join_next().await.is_some() {}
+            if let Some(indexer) = indexer {
+                let _ = indexer.await;
+            }
         })
         .await;
         if drained.is_err() {
@@ -525,8 +540,8 @@ impl Partition {
                     }
                 }
                 // Nothing waits: fetch again once the relay has published
-                // more, or after `fetch_wait` (a relay of another database
-                // session may publish before this process reads its mark).
+                // more, or after `fetch_wait` at the latest (the mark is only
+                // polled).
                 let stopped = self.stopped();
                 tokio::select! {
                     () = stopped => return Ok(()),

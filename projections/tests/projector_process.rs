@@ -89,6 +89,7 @@ impl Fixture {
             .env("SOUK_STREAM", &self.stream)
             .env("SOUK_PARTITIONS", PARTITIONS.to_string())
             .env("SOUK_PROJECTOR_BATCH_MAX", "100")
+            .env("SEARCH_BACKEND", "off")
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

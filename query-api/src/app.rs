@@ -25,6 +25,7 @@ use tokio::net::TcpListener;
 use crate::catch_up::{CatchUp, Projection};
 use crate::config::Config;
 use crate::notifications::Notifications;
+use projections::search::SearchIndex;
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -36,6 +37,8 @@ pub struct AppState {
     pub notifications: Notifications,
     /// The JetStream stream whose relay checkpoint `/projections` shows.
     pub stream: String,
+    /// The search index of `/search`; `None` when search is off.
+    pub search: Option<Arc<dyn SearchIndex>>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -112,7 +115,12 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
     )
     .context("loading the token public key")?;
 
+    let search = config
+        .search
+        .open_reader()
+        .context("configuring the search index")?;
     let state = AppState {
+        search,
         catch_up: CatchUp::new(
             pool.clone(),
             config.partitions,

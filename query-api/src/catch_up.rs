@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use command_api::error::ApiError;
 use event_store::Position;
+use projections::search::SearchIndex;
 use sqlx::PgPool;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
@@ -266,6 +267,55 @@ impl CatchUp {
             );
         }
         outcome
+    }
+
+    /// Returns once `index` includes every listing change at or before
+    /// `target`, or answers 503 `not_caught_up` after the configured
+    /// timeout. Call it after [`CatchUp::wait`] for the listings: then every
+    /// such change is either indexed or pending, so the index has caught up
+    /// when no pending row is at or before `target` and it has been
+    /// refreshed. One case is not in `search_pending`: an index lost or new
+    /// (empty) while listings exist, until the indexer's start-up check
+    /// queues them; that is not caught up either. Each waiting request polls
+    /// on its own, every `poll`: search waits are short (one indexer commit).
+    pub async fn wait_search(
+        &self,
+        target: Position,
+        index: &dyn SearchIndex,
+    ) -> Result<(), ApiError> {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            if self.search_caught_up(target, index).await? {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                tracing::info!(position = %target, "the search index did not catch up in time");
+                return Err(ApiError::NotCaughtUp(target.token()));
+            }
+            tokio::time::sleep(self.poll).await;
+        }
+    }
+
+    async fn search_caught_up(
+        &self,
+        target: Position,
+        index: &dyn SearchIndex,
+    ) -> Result<bool, ApiError> {
+        let (pending, listings): (bool, bool) = sqlx::query_as(
+            "SELECT EXISTS (SELECT 1 FROM search_pending
+                             WHERE (transaction_id, position) <= ($1, $2)),
+                    EXISTS (SELECT 1 FROM rm_listings)",
+        )
+        .bind(target.transaction_id as i64)
+        .bind(target.position)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(crate::routes::db_error)?;
+        if pending {
+            return Ok(false);
+        }
+        index.refresh().await.map_err(crate::routes::search_error)?;
+        Ok(!listings || index.count().await.map_err(crate::routes::search_error)? > 0)
     }
 
     async fn read(&self) -> Result<CaughtUp, sqlx::Error> {

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use event_store::fanout::{DEFAULT_PARTITIONS, MAX_PARTITIONS};
+use projections::search::SearchConfig;
 
 /// The query API's configuration.
 #[derive(Debug, Clone, clap::Parser)]
@@ -129,6 +130,10 @@ pub struct Config {
     /// Log as JSON lines instead of text.
     #[arg(long, env = "SOUK_LOG_JSON", default_value_t = false)]
     pub log_json: bool,
+
+    /// The search index `/search` reads (the one the projector feeds).
+    #[command(flatten)]
+    pub search: SearchConfig,
 }
 
 impl Config {
@@ -157,6 +162,7 @@ impl Config {
             notification_buffer: 64,
             notification_keep_alive_s: 15,
             log_json: false,
+            search: SearchConfig::embedded("./data/search"),
         }
     }
 }

@@ -334,8 +334,81 @@ fn wallet_paths() -> Value {
     })
 }
 
+/// The filters `/listings` and `/search` share.
+fn listing_filters() -> Vec<Value> {
+    vec![
+        query(
+            "category",
+            json!({"type": "string", "minLength": 1, "maxLength": 64}),
+            "Exact category (surrounding whitespace is trimmed; 1 to 64 characters, no \
+            control characters).",
+        ),
+        query(
+            "condition",
+            json!({"type": "string", "enum": CONDITIONS}),
+            "Item condition.",
+        ),
+        query(
+            "seller_id",
+            json!({"type": "string", "format": "uuid"}),
+            "The seller.",
+        ),
+        query(
+            "currency",
+            schema("Currency"),
+            "Only prices in this currency.",
+        ),
+        query(
+            "min_price",
+            json!({"type": "integer", "minimum": 0, "maximum": domain::values::MAX_AMOUNT}),
+            "Lowest price, in minor units, inclusive. Above `max_price`: 400.",
+        ),
+        query(
+            "max_price",
+            json!({"type": "integer", "minimum": 0, "maximum": domain::values::MAX_AMOUNT}),
+            "Highest price, in minor units, inclusive.",
+        ),
+        query(
+            "status",
+            json!({"type": "string", "enum": STATUSES}),
+            "Listing status.",
+        ),
+    ]
+}
+
 fn listing_paths() -> Value {
     json!({
+        "/search": Read {
+            operation_id: "searchListings",
+            tag: "listings",
+            summary: "Listings by free text, typo tolerant, with facet counts",
+            description: "`q` matches titles and descriptions: a word of 5 to 8 characters \
+                tolerates one typo, a longer one two, and the last word also matches as a prefix \
+                (`iphne` finds \"iPhone\"). Without `q`, every listing the filters let through \
+                matches. The filters are those of `/listings` (same rules, same 403 for \
+                `status=deleted`). `sort`: `relevance` (the default with `q`), `price_asc`, \
+                `price_desc` or `newest` (the default without `q`). `facets` counts the matches \
+                by category and by condition (up to 100 values each), `total` the matches. \
+                Pages reach the first 1,000 matches. With `after`, the answer also waits for \
+                the search index to include that write.",
+            parameters: [
+                paging(CursorKind::Search),
+                vec![
+                    query("q", json!({"type": "string", "maxLength": projections::search::MAX_QUERY_CHARS}),
+                        "Free text: at most 200 characters and 8 words, no control characters \
+                        (else 400 `invalid_parameter`)."),
+                    query("sort", json!({"type": "string", "enum": projections::search::Sort::NAMES}),
+                        "The order of the results."),
+                ],
+                listing_filters(),
+            ].concat(),
+            success: schema("SearchPage"),
+            forbidden: true,
+            not_found: false,
+        }.build_linked(&[
+            id_links("items/0/id", &["getListing"]),
+            id_links("items/0/seller_id", &["getSellerStats"]),
+        ].concat()),
         "/listings": Read {
             operation_id: "listListings",
             tag: "listings",
@@ -344,22 +417,7 @@ fn listing_paths() -> Value {
                 deleted listings are left out; `status=deleted` is for admins, auditors and a \
                 seller naming themselves in `seller_id` (else 403). A filter value out of its rules \
                 is 400 `invalid_parameter`.",
-            parameters: [
-                paging(CursorKind::Listings),
-                vec![
-                    query("category", json!({"type": "string", "minLength": 1, "maxLength": 64}),
-                        "Exact category (surrounding whitespace is trimmed; 1 to 64 characters, no \
-                        control characters)."),
-                    query("condition", json!({"type": "string", "enum": CONDITIONS}), "Item condition."),
-                    query("seller_id", json!({"type": "string", "format": "uuid"}), "The seller."),
-                    query("currency", schema("Currency"), "Only prices in this currency."),
-                    query("min_price", json!({"type": "integer", "minimum": 0, "maximum": domain::values::MAX_AMOUNT}),
-                        "Lowest price, in minor units, inclusive. Above `max_price`: 400."),
-                    query("max_price", json!({"type": "integer", "minimum": 0, "maximum": domain::values::MAX_AMOUNT}),
-                        "Highest price, in minor units, inclusive."),
-                    query("status", json!({"type": "string", "enum": STATUSES}), "Listing status."),
-                ],
-            ].concat(),
+            parameters: [paging(CursorKind::Listings), listing_filters()].concat(),
             success: page_of("Listing"),
             forbidden: true,
             not_found: false,
@@ -648,7 +706,21 @@ fn wallet_schemas() -> Value {
 }
 
 fn listing_schemas() -> Value {
+    let counts = json!({
+        "type": "object",
+        "description": "Matches by value.",
+        "additionalProperties": {"type": "integer", "minimum": 0},
+    });
     json!({
+        "SearchPage": object(json!({
+            "items": {"type": "array", "maxItems": MAX_LIMIT, "items": schema("Listing")},
+            "next_cursor": nullable(json!({
+                "type": "string",
+                "description": "Pass as `cursor` for the next page; null on the last page.",
+            })),
+            "total": count("How many listings match (Meilisearch: its estimate)."),
+            "facets": object(json!({"category": counts, "condition": counts})),
+        })),
         "Listing": object(json!({
             "id": uuid("The listing."),
             "seller_id": uuid("Its seller."),

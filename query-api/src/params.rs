@@ -180,6 +180,8 @@ pub enum CursorKind {
     Orders,
     WalletEntries,
     Timeline,
+    /// `/search`: the offset of the next page.
+    Search,
 }
 
 impl CursorKind {
@@ -189,6 +191,7 @@ impl CursorKind {
             Self::Orders => b'O',
             Self::WalletEntries => b'W',
             Self::Timeline => b'T',
+            Self::Search => b'S',
         }
     }
 
@@ -208,7 +211,7 @@ impl CursorKind {
         let key = match self {
             Self::Listings | Self::Orders => "[0-9a-fA-F]{32}",
             // A big-endian i64 that is not negative.
-            Self::WalletEntries | Self::Timeline => "[0-7][0-9a-fA-F]{15}",
+            Self::WalletEntries | Self::Timeline | Self::Search => "[0-7][0-9a-fA-F]{15}",
         };
         format!("^{tag}{key}$")
     }

@@ -10,4 +10,5 @@ mod projections;
 mod query_api;
 mod relay;
 mod reliability;
+mod search;
 mod smoke;

@@ -57,6 +57,7 @@ impl ReadSide {
         assert!(self.projector.is_none());
         let mut config = projections::ProjectorConfig::new(&self.database_url, &self.stream);
         config.nats_url = self.nats_url.clone();
+        config.search = projections::search::SearchConfig::off();
         config.partitions = PARTITIONS;
         let projector = projections::build(config)
             .await

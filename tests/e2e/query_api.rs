@@ -9,6 +9,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use event_store::Position;
+use projections::search::SearchConfig;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tests::{Answer, TestApp, TestDb, User, keys, spawn_app_on};
@@ -16,14 +17,14 @@ use uuid::Uuid;
 
 const PARTITIONS: u32 = event_store::fanout::DEFAULT_PARTITIONS;
 
-fn nats_url() -> String {
+pub(crate) fn nats_url() -> String {
     std::env::var("SOUK_TEST_NATS_URL")
         .or_else(|_| std::env::var("NATS_URL"))
         .unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
 }
 
 /// A query API serving a test's database, on a free port.
-struct QueryApi {
+pub(crate) struct QueryApi {
     address: String,
     client: reqwest::Client,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
@@ -34,7 +35,7 @@ async fn spawn_query_api(db: &TestDb) -> QueryApi {
     spawn_query_api_with(db, |_| {}).await
 }
 
-async fn spawn_query_api_with(
+pub(crate) async fn spawn_query_api_with(
     db: &TestDb,
     adjust: impl FnOnce(&mut query_api::Config),
 ) -> QueryApi {
@@ -58,7 +59,7 @@ async fn spawn_query_api_with(
 }
 
 impl QueryApi {
-    async fn get(&self, path: &str, user: Option<&User>) -> Answer {
+    pub(crate) async fn get(&self, path: &str, user: Option<&User>) -> Answer {
         let mut request = self.client.get(format!("{}{path}", self.address));
         if let Some(user) = user {
             request = request.bearer_auth(&user.token);
@@ -75,7 +76,7 @@ impl QueryApi {
     }
 
     /// GETs `path` and expects a 200.
-    async fn ok(&self, path: &str, user: &User) -> Value {
+    pub(crate) async fn ok(&self, path: &str, user: &User) -> Value {
         let answer = self.get(path, Some(user)).await;
         assert_eq!(answer.status, 200, "GET {path}: {:?}", answer.body);
         answer.body
@@ -1033,22 +1034,26 @@ async fn notification_streams_are_limited_per_user_and_end_at_shutdown() {
 
 /// A command API running its relay on a stream of the test's own, a
 /// projector on that stream, and a query API on the same database.
-struct FullPath {
-    app: TestApp,
-    api: QueryApi,
-    projector: ProjectorTask,
+pub(crate) struct FullPath {
+    pub(crate) app: TestApp,
+    pub(crate) api: QueryApi,
+    pub(crate) projector: ProjectorTask,
+    /// The search configuration of the projector and the query API.
+    pub(crate) search: SearchConfig,
+    stream: String,
     _stream: StreamGuard,
 }
 
 /// A projector running in the test's runtime; aborted if the test fails.
-struct ProjectorTask {
+pub(crate) struct ProjectorTask {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     running: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
 impl ProjectorTask {
-    async fn start(database_url: &str, stream: &str) -> Self {
+    pub(crate) async fn start(database_url: &str, stream: &str, search: &SearchConfig) -> Self {
         let mut config = projections::ProjectorConfig::new(database_url, stream);
+        config.search = search.clone();
         config.nats_url = nats_url();
         config.partitions = PARTITIONS;
         config.fetch_wait_ms = 20;
@@ -1065,7 +1070,7 @@ impl ProjectorTask {
         }
     }
 
-    async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -1111,7 +1116,13 @@ impl Drop for StreamGuard {
 }
 
 impl FullPath {
+    /// The full path without search.
     async fn start(catch_up_timeout_ms: u64) -> Self {
+        Self::start_with(catch_up_timeout_ms, SearchConfig::off()).await
+    }
+
+    /// The full path; the projector feeds and the query API reads `search`.
+    pub(crate) async fn start_with(catch_up_timeout_ms: u64, search: SearchConfig) -> Self {
         let stream = format!("souk_test_{}", Uuid::new_v4().simple());
         let relay_stream = stream.clone();
         let app = spawn_app_on(TestDb::empty().await, move |config| {
@@ -1120,19 +1131,35 @@ impl FullPath {
             config.relay_poll_ms = 20;
         })
         .await;
-        let projector = ProjectorTask::start(&app.db.url, &stream).await;
+        let projector = ProjectorTask::start(&app.db.url, &stream, &search).await;
         let query_stream = stream.clone();
+        let query_search = search.clone();
         let api = spawn_query_api_with(&app.db, move |config| {
             config.stream = query_stream;
             config.catch_up_timeout_ms = catch_up_timeout_ms;
+            config.search = query_search;
         })
         .await;
         Self {
             app,
             api,
             projector,
+            search,
+            stream: stream.clone(),
             _stream: StreamGuard(stream),
         }
+    }
+
+    /// Stops the projector, runs `while_stopped`, and starts a new one on
+    /// the same database, stream and search index.
+    pub(crate) async fn restart_projector(&mut self, while_stopped: impl FnOnce()) {
+        let stopped = ProjectorTask {
+            stop: None,
+            running: None,
+        };
+        std::mem::replace(&mut self.projector, stopped).stop().await;
+        while_stopped();
+        self.projector = ProjectorTask::start(&self.app.db.url, &self.stream, &self.search).await;
     }
 
     /// Waits (bounded) until the query API's notification consumer reads
@@ -1148,14 +1175,14 @@ impl FullPath {
         }
     }
 
-    async fn stop(self) {
+    pub(crate) async fn stop(self) {
         self.api.stop().await;
         self.projector.stop().await;
         self.app.stop().await;
     }
 }
 
-fn position_of(answer: &Answer) -> String {
+pub(crate) fn position_of(answer: &Answer) -> String {
     answer.body["position"]
         .as_str()
         .unwrap_or_else(|| panic!("no position in {} {}", answer.status, answer.body))

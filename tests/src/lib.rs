@@ -391,3 +391,26 @@ async fn answer(response: reqwest::Response) -> Answer {
         headers,
     }
 }
+
+/// A directory of a test's own under the system's temporary directory,
+/// removed when dropped.
+#[derive(Debug)]
+pub struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(label: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("souk-{label}-{}", Uuid::now_v7().simple()));
+        std::fs::create_dir_all(&path).expect("creating a temporary directory");
+        Self(path)
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -20,7 +20,7 @@ use uuid::Uuid;
 use super::{db_error, list, money, not_found, sees_everything, time};
 use crate::app::AppState;
 use crate::catch_up::Projection;
-use crate::params::{CursorKind, QueryParams, invalid_parameter, page};
+use crate::params::{CursorKind, Params, QueryParams, invalid_parameter, page};
 
 /// `domain::listing::Condition::as_str` of every condition.
 pub const CONDITIONS: &[&str] = &["new", "like_new", "good", "fair", "poor"];
@@ -33,13 +33,13 @@ pub fn routes() -> axum::Router<AppState> {
         .route("/listings/{id}", get(listing))
 }
 
-const COLUMNS: &str = "listing_id, seller_id, product_id, title, description, category, \
+pub(super) const COLUMNS: &str = "listing_id, seller_id, product_id, title, description, category, \
     subcategory, condition, price_amount, currency, city, country, lat, lon, attributes, images, \
     status, payout_wallet_id, stock, held, available, created_at, updated_at, version";
 
 #[derive(Debug, sqlx::FromRow)]
-struct ListingRow {
-    listing_id: Uuid,
+pub(super) struct ListingRow {
+    pub listing_id: Uuid,
     seller_id: Uuid,
     product_id: Uuid,
     title: String,
@@ -55,7 +55,7 @@ struct ListingRow {
     lon: Option<f64>,
     attributes: Value,
     images: Value,
-    status: String,
+    pub status: String,
     payout_wallet_id: Option<Uuid>,
     stock: i32,
     held: i32,
@@ -66,7 +66,7 @@ struct ListingRow {
 }
 
 impl ListingRow {
-    fn to_json(&self) -> Value {
+    pub fn to_json(&self) -> Value {
         json!({
             "id": self.listing_id,
             "seller_id": self.seller_id,
@@ -126,16 +126,76 @@ async fn listing(
     }
 }
 
-/// The filters of `/listings`, validated.
+/// The parameters of [`Filters`].
+pub(super) const FILTER_PARAMS: &[&str] = &[
+    "category",
+    "condition",
+    "seller_id",
+    "currency",
+    "min_price",
+    "max_price",
+    "status",
+];
+
+/// The filters of `/listings` (and `/search`), validated.
 #[derive(Debug, Default)]
-struct Filters {
-    category: Option<String>,
-    condition: Option<&'static str>,
-    seller_id: Option<Uuid>,
-    currency: Option<String>,
-    min_price: Option<i64>,
-    max_price: Option<i64>,
-    status: Option<&'static str>,
+pub(super) struct Filters {
+    pub category: Option<String>,
+    pub condition: Option<&'static str>,
+    pub seller_id: Option<Uuid>,
+    pub currency: Option<String>,
+    pub min_price: Option<i64>,
+    pub max_price: Option<i64>,
+    pub status: Option<&'static str>,
+}
+
+impl Filters {
+    /// Reads [`FILTER_PARAMS`]; `status=deleted` is for those who may see
+    /// the deleted listings asked for (else 403).
+    pub fn parse(params: &Params, user: &AuthUser) -> Result<Self, ApiError> {
+        let filters = Filters {
+            category: params
+                .get("category")
+                .map(|text| {
+                    Label::parse("category", text)
+                        .map(|label| label.as_str().to_owned())
+                        .map_err(|error| invalid_parameter(error.message))
+                })
+                .transpose()?,
+            condition: params.choice("condition", CONDITIONS)?,
+            seller_id: params.uuid("seller_id")?,
+            currency: params
+                .get("currency")
+                .map(|text| {
+                    Currency::parse(text)
+                        .map(|currency| currency.as_str().to_owned())
+                        .map_err(|error| invalid_parameter(format!("currency: {}", error.message)))
+                })
+                .transpose()?,
+            min_price: params.integer("min_price", 0, MAX_AMOUNT)?,
+            max_price: params.integer("max_price", 0, MAX_AMOUNT)?,
+            status: params.choice("status", STATUSES)?,
+        };
+        if let (Some(min), Some(max)) = (filters.min_price, filters.max_price)
+            && min > max
+        {
+            return Err(invalid_parameter("min_price must not be above max_price"));
+        }
+        if filters.status == Some("deleted") && !sees_deleted(user, filters.seller_id) {
+            return Err(ApiError::forbidden(
+                "deleted listings are shown only to their seller (with seller_id), admins and auditors",
+            ));
+        }
+        Ok(filters)
+    }
+
+    /// Whether a listing of `status` passes the status filter.
+    pub fn admits(&self, status: &str) -> bool {
+        match self.status {
+            Some(wanted) => status == wanted,
+            None => status != "deleted",
+        }
+    }
 }
 
 async fn listings(
@@ -143,54 +203,11 @@ async fn listings(
     user: AuthUser,
     query: QueryParams,
 ) -> Result<Json<Value>, ApiError> {
-    let params = query.accept(&[
-        "after",
-        "limit",
-        "cursor",
-        "category",
-        "condition",
-        "seller_id",
-        "currency",
-        "min_price",
-        "max_price",
-        "status",
-    ])?;
+    let params = query.accept(&[&["after", "limit", "cursor"], FILTER_PARAMS].concat())?;
     let after = params.after()?;
     let limit = params.limit()?;
     let before: Option<Uuid> = params.cursor(CursorKind::Listings)?;
-    let filters = Filters {
-        category: params
-            .get("category")
-            .map(|text| {
-                Label::parse("category", text)
-                    .map(|label| label.as_str().to_owned())
-                    .map_err(|error| invalid_parameter(error.message))
-            })
-            .transpose()?,
-        condition: params.choice("condition", CONDITIONS)?,
-        seller_id: params.uuid("seller_id")?,
-        currency: params
-            .get("currency")
-            .map(|text| {
-                Currency::parse(text)
-                    .map(|currency| currency.as_str().to_owned())
-                    .map_err(|error| invalid_parameter(format!("currency: {}", error.message)))
-            })
-            .transpose()?,
-        min_price: params.integer("min_price", 0, MAX_AMOUNT)?,
-        max_price: params.integer("max_price", 0, MAX_AMOUNT)?,
-        status: params.choice("status", STATUSES)?,
-    };
-    if let (Some(min), Some(max)) = (filters.min_price, filters.max_price)
-        && min > max
-    {
-        return Err(invalid_parameter("min_price must not be above max_price"));
-    }
-    if filters.status == Some("deleted") && !sees_deleted(&user, filters.seller_id) {
-        return Err(ApiError::forbidden(
-            "deleted listings are shown only to their seller (with seller_id), admins and auditors",
-        ));
-    }
+    let filters = Filters::parse(&params, &user)?;
     state.read_after(after, &[Projection::Listings]).await?;
 
     let mut sql =

@@ -9,11 +9,13 @@ mod notifications;
 mod orders;
 mod products;
 mod projections;
+mod search;
 mod sellers;
 mod wallets;
 
 pub(crate) use listings::{CONDITIONS, STATUSES};
 pub(crate) use projections::LAG_EVENTS_CAP;
+pub(crate) use search::search_error;
 
 use axum::Router;
 use chrono::{DateTime, Utc};
@@ -28,6 +30,7 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .merge(wallets::routes())
         .merge(listings::routes())
+        .merge(search::routes())
         .merge(orders::routes())
         .merge(products::routes())
         .merge(sellers::routes())

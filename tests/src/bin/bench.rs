@@ -52,8 +52,8 @@ use event_store::{CommandContext, EventStore, PoolConfig, Reply, StoreConfig};
 use futures::future::BoxFuture;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use tests::bench_kit::{
-    ChildGuard, Databases, TempDir, free_port, in_parallel, log_tail, percentile_ms, proc_status_kb,
-    service_binaries, verdict, wait_healthy,
+    ChildGuard, Databases, TempDir, free_port, in_parallel, log_tail, percentile_ms,
+    proc_status_kb, service_binaries, verdict, wait_healthy,
 };
 use uuid::Uuid;
 
@@ -1069,7 +1069,11 @@ impl HttpTarget {
         const LABEL: &str = "Souk over HTTP";
         let binary = match &args.command_api {
             Some(path) => {
-                ensure!(path.is_file(), "--command-api {} is not a file", path.display());
+                ensure!(
+                    path.is_file(),
+                    "--command-api {} is not a file",
+                    path.display()
+                );
                 path.clone()
             }
             None => service_binaries(&[("command-api", "command-api")], None)

@@ -240,7 +240,10 @@ impl System {
                 .env("SOUK_STREAM", STREAM)
                 .env("SOUK_JWT_PUBLIC_KEY", &public_key)
                 .env("SOUK_JWT_PRIVATE_KEY", &private_key)
-                .env("RUST_LOG", std::env::var("SOUK_BENCH_LOG").unwrap_or_else(|_| "info".into()));
+                .env(
+                    "RUST_LOG",
+                    std::env::var("SOUK_BENCH_LOG").unwrap_or_else(|_| "info".into()),
+                );
         };
         let mut system = Self {
             services: Vec::new(),
@@ -446,7 +449,7 @@ impl System {
                 let (listings, wallets) = (listings.clone(), wallets.clone());
                 async move {
                     let index = (n / 2) as usize;
-                    let (command, command_token, read, read_token, body) = if n % 2 == 0 {
+                    let (command, command_token, read, read_token, body) = if n.is_multiple_of(2) {
                         let id = listings[index % listings.len()];
                         (
                             format!("{command_base}/listings/{id}/price"),
@@ -475,7 +478,8 @@ impl System {
                     let committed = Instant::now();
                     let version = answer.body["version"].as_i64().context("no version")?;
                     let position = answer.body["position"].as_str().context("no position")?;
-                    let seen = get(&client, &format!("{read}?after={position}"), &read_token).await?;
+                    let seen =
+                        get(&client, &format!("{read}?after={position}"), &read_token).await?;
                     let visible = committed.elapsed();
                     ensure!(
                         seen.status == 200,
@@ -535,7 +539,10 @@ impl System {
         eprintln!("catch-up: waiting until the projections are current");
         let current = self.last_position().await?;
         self.wait_caught_up(current).await?;
-        eprintln!("catch-up: NATS stopped; committing {} deposits", args.outage_events);
+        eprintln!(
+            "catch-up: NATS stopped; committing {} deposits",
+            args.outage_events
+        );
         self.nats.stop()?;
         let before = self.event_count().await?;
         let written = Instant::now();
@@ -781,9 +788,9 @@ where
         .as_secs_f64();
     if overflow > 0 {
         measured.errors += overflow;
-        measured
-            .first_error
-            .get_or_insert_with(|| format!("{overflow} requests not sent: {MAX_IN_FLIGHT} in flight"));
+        measured.first_error.get_or_insert_with(|| {
+            format!("{overflow} requests not sent: {MAX_IN_FLIGHT} in flight")
+        });
     }
     measured.latencies_us.sort_unstable();
     eprintln!(
@@ -810,7 +817,9 @@ fn record(measured: &mut Measured, (counted, outcome): (bool, anyhow::Result<Dur
             .push(latency.as_micros().min(u128::from(u32::MAX)) as u32),
         Err(error) => {
             measured.errors += 1;
-            measured.first_error.get_or_insert_with(|| format!("{error:#}"));
+            measured
+                .first_error
+                .get_or_insert_with(|| format!("{error:#}"));
         }
     }
 }

@@ -1,0 +1,328 @@
+//! Feeding the search index from `rm_listings`, exactly.
+//!
+//! - The live listings projection calls [`enqueue`] in the transaction of
+//!   each batch with the listings whose Listing events it applied: their row
+//!   in `search_pending` is created, or gets a new `seq`, and keeps the
+//!   earliest position not yet indexed. So a committed change is either in
+//!   the index or pending, never neither. A rebuild's swap calls
+//!   [`enqueue_all`] (the rebuilt rows replace the indexed ones).
+//! - The [`Indexer`] (a task of the projector process, when it runs the
+//!   listings projection) reads up to [`DRAIN_BATCH`] pending rows with their
+//!   `rm_listings` row in one snapshot, writes those documents (a listing
+//!   without a row is removed), waits until the index has made them durable,
+//!   and then deletes the rows whose `seq` it read. A crash anywhere leaves
+//!   the rows to be indexed again, which is harmless: a write replaces a
+//!   document by id. It wakes on a notification sent by [`enqueue`] (and
+//!   polls every [`IDLE_POLL`] in case one was lost).
+//! - At start, an index that misses listings (fewer documents than listings
+//!   neither indexed nor pending, e.g. a new index directory or document
+//!   version) is refilled by [`enqueue_all`]; one holding more documents
+//!   than there are listings is cleared first.
+//! - A read that must include position P waits until no pending row is at
+//!   or before P (the query API's `CatchUp::wait_search`).
+//!
+//! Only one indexer per database writes at a time (a session advisory lock;
+//! the embedded index also has tantivy's writer lock): two indexers draining
+//! the same rows could write an older document after a newer one. Other
+//! projector processes stand by and retry. The embedded index lives on one
+//! machine, so with it exactly one projector process should run listings;
+//! several need Meilisearch.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use chrono::{DateTime, Utc};
+use event_store::Position;
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
+use sqlx::{Connection as _, PgConnection};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+use super::{ListingDoc, SearchBackend, SearchConfig, SearchIndex};
+use crate::engine::Kind;
+
+/// Most pending rows indexed in one write.
+pub const DRAIN_BATCH: i64 = 500;
+/// How often an idle indexer looks for pending rows without a notification.
+pub const IDLE_POLL: Duration = Duration::from_secs(1);
+/// The notification channel [`enqueue`] signals.
+const CHANNEL: &str = "souk_search_pending";
+/// The longest pause after a failed indexer session.
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Bound on connecting to Postgres.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+const UPSERT: &str = "ON CONFLICT (listing_id) DO UPDATE
+     SET transaction_id = CASE WHEN (EXCLUDED.transaction_id, EXCLUDED.position)
+                                    < (search_pending.transaction_id, search_pending.position)
+                               THEN EXCLUDED.transaction_id ELSE search_pending.transaction_id END,
+         position = CASE WHEN (EXCLUDED.transaction_id, EXCLUDED.position)
+                              < (search_pending.transaction_id, search_pending.position)
+                         THEN EXCLUDED.position ELSE search_pending.position END,
+         seq = nextval('search_pending_seq')";
+
+/// Records that the listings of `changes` changed at these positions, in the
+/// caller's transaction.
+pub(crate) async fn enqueue(
+    conn: &mut PgConnection,
+    changes: &[(Uuid, Position)],
+) -> Result<(), sqlx::Error> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    // One row per listing: its earliest change.
+    let mut earliest: Vec<(Uuid, Position)> = changes.to_vec();
+    earliest.sort_unstable();
+    earliest.dedup_by_key(|(id, _)| *id);
+    let ids: Vec<Uuid> = earliest.iter().map(|(id, _)| *id).collect();
+    let transactions: Vec<i64> = earliest
+        .iter()
+        .map(|(_, at)| at.transaction_id as i64)
+        .collect();
+    let positions: Vec<i64> = earliest.iter().map(|(_, at)| at.position).collect();
+    sqlx::query(&format!(
+        "INSERT INTO public.search_pending (listing_id, transaction_id, position)
+         SELECT * FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[]) {UPSERT}"
+    ))
+    .bind(&ids)
+    .bind(&transactions)
+    .bind(&positions)
+    .execute(&mut *conn)
+    .await?;
+    notify(conn).await
+}
+
+/// Wakes the indexer when the caller's transaction commits.
+async fn notify(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(CHANNEL)
+        .execute(conn)
+        .await
+        .map(drop)
+}
+
+/// Marks every listing as pending at `at` (a full reindex), in the caller's
+/// transaction.
+pub async fn enqueue_all(conn: &mut PgConnection, at: Position) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query(&format!(
+        "INSERT INTO public.search_pending (listing_id, transaction_id, position)
+         SELECT listing_id, $1, $2 FROM public.rm_listings {UPSERT}"
+    ))
+    .bind(at.transaction_id as i64)
+    .bind(at.position)
+    .execute(&mut *conn)
+    .await?;
+    notify(conn).await?;
+    Ok(done.rows_affected())
+}
+
+/// A pending row with its listing, if it still has one.
+#[derive(sqlx::FromRow)]
+struct Pending {
+    listing_id: Uuid,
+    seq: i64,
+    title: Option<String>,
+    description: Option<String>,
+    category: Option<String>,
+    condition: Option<String>,
+    seller_id: Option<Uuid>,
+    status: Option<String>,
+    currency: Option<String>,
+    price_amount: Option<i64>,
+    created_at: Option<DateTime<Utc>>,
+}
+
+impl Pending {
+    /// The document, or `None` when the listing has no row.
+    fn document(self) -> Option<ListingDoc> {
+        Some(ListingDoc {
+            id: self.listing_id,
+            title: self.title?,
+            description: self.description?,
+            category: self.category?,
+            condition: self.condition?,
+            seller_id: self.seller_id?,
+            status: self.status?,
+            currency: self.currency?,
+            price: self.price_amount?,
+            created_at: self.created_at?.timestamp_micros(),
+        })
+    }
+}
+
+/// The task that drains `search_pending` into the index (see the module doc).
+#[derive(Debug)]
+pub struct Indexer {
+    search: SearchConfig,
+    connect_options: PgConnectOptions,
+}
+
+/// Starts the indexer when this projector runs the listings projection and
+/// search is on.
+pub(crate) fn spawn_indexer(
+    search: &SearchConfig,
+    connect_options: &PgConnectOptions,
+    kinds: &[Kind],
+    stop: watch::Receiver<bool>,
+) -> Option<JoinHandle<()>> {
+    if search.backend == SearchBackend::Off || !kinds.contains(&Kind::Listings) {
+        return None;
+    }
+    let indexer = Indexer {
+        search: search.clone(),
+        connect_options: connect_options.clone(),
+    };
+    Some(tokio::spawn(indexer.run(stop)))
+}
+
+impl Indexer {
+    /// Runs sessions until `stop` turns true; a failed session is logged and
+    /// started again after a backoff.
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let mut backoff = Duration::from_millis(100);
+        while !*stop.borrow() {
+            match self.session(&mut stop).await {
+                Ok(()) => break,
+                Err(error) => {
+                    metrics::counter!("souk_search_indexer_errors_total").increment(1);
+                    tracing::warn!(
+                        error = format!("{error:#}"),
+                        "search indexer session failed; starting again"
+                    );
+                    tokio::select! {
+                        _ = stop.wait_for(|stop| *stop) => {}
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    async fn session(&self, stop: &mut watch::Receiver<bool>) -> anyhow::Result<()> {
+        let pool = PgPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(CONNECT_TIMEOUT)
+            .connect_with(self.connect_options.clone())
+            .await
+            .context("connecting to Postgres")?;
+        // Held for the session on a connection of its own (see the module doc).
+        let mut lock = PgConnection::connect_with(&self.connect_options)
+            .await
+            .context("connecting to Postgres")?;
+        let alone: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(crate::runtime::fnv("souk-search-indexer"))
+            .fetch_one(&mut lock)
+            .await
+            .context("taking the indexer lock")?;
+        anyhow::ensure!(alone, "another search indexer runs on this database");
+        let index = self
+            .search
+            .open_writer()
+            .await
+            .context("opening the search index")?
+            .context("search is off")?;
+        let mut listener = PgListener::connect_with(&pool)
+            .await
+            .context("listening for pending listings")?;
+        listener.listen(CHANNEL).await?;
+        reconcile(&pool, &*index).await?;
+        tracing::info!(backend = ?self.search.backend, "search indexer running");
+        loop {
+            if *stop.borrow() {
+                return Ok(());
+            }
+            if drain(&pool, &*index).await? > 0 {
+                continue;
+            }
+            tokio::select! {
+                _ = stop.wait_for(|stop| *stop) => return Ok(()),
+                notified = listener.recv() => { notified.context("waiting for pending listings")?; }
+                () = tokio::time::sleep(IDLE_POLL) => {}
+            }
+        }
+    }
+}
+
+/// Makes sure every listing is indexed or pending (see the module doc).
+async fn reconcile(pool: &PgPool, index: &dyn SearchIndex) -> anyhow::Result<()> {
+    let indexed = index.count().await.context("counting indexed listings")?;
+    let (listings, pending): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM rm_listings), (SELECT count(*) FROM search_pending)",
+    )
+    .fetch_one(pool)
+    .await
+    .context("counting listings")?;
+    let (listings, pending) = (listings.max(0) as u64, pending.max(0) as u64);
+    if indexed > listings {
+        tracing::warn!(
+            indexed,
+            listings,
+            "the search index holds listings the read model does not: clearing it"
+        );
+        index.clear().await.context("clearing the search index")?;
+    } else if indexed + pending >= listings {
+        return Ok(());
+    }
+    let mut conn = pool.acquire().await.context("connecting to Postgres")?;
+    let mut tx = conn.begin().await?;
+    let queued = enqueue_all(&mut tx, Position::START)
+        .await
+        .context("queueing every listing")?;
+    tx.commit().await?;
+    tracing::info!(
+        indexed,
+        listings,
+        queued,
+        "search index incomplete: every listing queued"
+    );
+    Ok(())
+}
+
+/// Indexes one batch of pending rows; returns how many it took.
+async fn drain(pool: &PgPool, index: &dyn SearchIndex) -> anyhow::Result<usize> {
+    let rows: Vec<Pending> = sqlx::query_as(
+        "SELECT p.listing_id, p.seq, l.title, l.description, l.category, l.condition,
+                l.seller_id, l.status, l.currency, l.price_amount, l.created_at
+           FROM search_pending p
+           LEFT JOIN rm_listings l ON l.listing_id = p.listing_id
+          ORDER BY p.transaction_id, p.position
+          LIMIT $1",
+    )
+    .bind(DRAIN_BATCH)
+    .fetch_all(pool)
+    .await
+    .context("reading pending listings")?;
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let taken = rows.len();
+    let ids: Vec<Uuid> = rows.iter().map(|row| row.listing_id).collect();
+    let seqs: Vec<i64> = rows.iter().map(|row| row.seq).collect();
+    let mut upserts = Vec::with_capacity(taken);
+    let mut deletes = Vec::new();
+    for row in rows {
+        let id = row.listing_id;
+        match row.document() {
+            Some(document) => upserts.push(document),
+            None => deletes.push(id),
+        }
+    }
+    index
+        .write(upserts, deletes)
+        .await
+        .context("writing to the search index")?;
+    sqlx::query(
+        "DELETE FROM search_pending p
+          USING UNNEST($1::uuid[], $2::bigint[]) AS done(listing_id, seq)
+          WHERE p.listing_id = done.listing_id AND p.seq = done.seq",
+    )
+    .bind(&ids)
+    .bind(&seqs)
+    .execute(pool)
+    .await
+    .context("deleting indexed pending rows")?;
+    metrics::counter!("souk_search_indexed_total").increment(taken as u64);
+    Ok(taken)
+}

@@ -1,0 +1,280 @@
+//! The Meilisearch backend (`SEARCH_BACKEND=meilisearch`): one index,
+//! `souk_listings_v<DOCUMENT_VERSION>`, primary key `id`, the same documents
+//! and the same query as the embedded index. Typo tolerance and prefix
+//! search on the last word are Meilisearch's own (its defaults are the ones
+//! the embedded index copies). [`Meili::configure`] creates the index and
+//! sets its searchable, filterable and sortable attributes and the paging
+//! bound; a write returns once Meilisearch reports its task done.
+//!
+//! Untested against a real server here (none can be installed from the
+//! registries this project builds from); the filter expression is unit
+//! tested.
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use meilisearch_sdk::client::Client;
+use meilisearch_sdk::indexes::Index;
+use meilisearch_sdk::search::Selectors;
+use meilisearch_sdk::settings::{PaginationSetting, Settings};
+use meilisearch_sdk::task_info::TaskInfo;
+use serde::Deserialize;
+use uuid::Uuid;
+
+use super::{
+    DOCUMENT_VERSION, FACETS, ListingDoc, MAX_OFFSET, SearchError, SearchFilters, SearchIndex,
+    SearchPage, SearchQuery, Sort,
+};
+
+/// How long a write waits for its Meilisearch task.
+const TASK_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a waiting write asks about its task.
+const TASK_POLL: Duration = Duration::from_millis(20);
+
+/// A Meilisearch index of listings.
+#[derive(Clone)]
+pub struct Meili {
+    client: Client,
+    index: Index,
+}
+
+impl std::fmt::Debug for Meili {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The client holds the API key: only the index is shown.
+        f.debug_struct("Meili")
+            .field("index", &self.index.uid)
+            .finish_non_exhaustive()
+    }
+}
+
+fn failed(error: meilisearch_sdk::errors::Error) -> SearchError {
+    match error {
+        meilisearch_sdk::errors::Error::HttpError(error) => {
+            SearchError::Unavailable(error.to_string())
+        }
+        error => SearchError::Backend(error.to_string()),
+    }
+}
+
+/// A filter value, quoted for Meilisearch's filter syntax.
+fn quoted(value: &str) -> String {
+    format!("\"{}\"", value.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// `filters` in Meilisearch's filter syntax (the attributes are filterable
+/// per [`Meili::configure`]).
+pub fn filter_expression(filters: &SearchFilters) -> String {
+    let mut parts = Vec::new();
+    let seller = filters.seller_id.map(|id| id.to_string());
+    for (attribute, value) in [
+        ("category", filters.category.as_deref()),
+        ("condition", filters.condition.as_deref()),
+        ("seller_id", seller.as_deref()),
+        ("currency", filters.currency.as_deref()),
+        ("status", filters.status.as_deref()),
+    ] {
+        if let Some(value) = value {
+            parts.push(format!("{attribute} = {}", quoted(value)));
+        }
+    }
+    if filters.status.is_none() {
+        parts.push("status != \"deleted\"".to_owned());
+    }
+    if let Some(min) = filters.min_price {
+        parts.push(format!("price >= {min}"));
+    }
+    if let Some(max) = filters.max_price {
+        parts.push(format!("price <= {max}"));
+    }
+    parts.join(" AND ")
+}
+
+fn sort_expression(sort: Sort) -> &'static [&'static str] {
+    match sort {
+        Sort::Relevance => &[],
+        Sort::PriceAsc => &["price:asc"],
+        Sort::PriceDesc => &["price:desc"],
+        Sort::Newest => &["created_at:desc"],
+    }
+}
+
+#[derive(Deserialize)]
+struct Hit {
+    id: Uuid,
+}
+
+impl Meili {
+    /// A client of the server at `url` (no request is made yet).
+    pub fn new(url: &str, api_key: Option<&str>) -> Result<Self, SearchError> {
+        let client = Client::new(url, api_key)
+            .map_err(|error| SearchError::Config(format!("MEILI_URL: {error}")))?;
+        let index = client.index(format!("souk_listings_v{DOCUMENT_VERSION}"));
+        Ok(Self { client, index })
+    }
+
+    async fn finish(&self, task: TaskInfo) -> Result<(), SearchError> {
+        let task = task
+            .wait_for_completion(&self.client, Some(TASK_POLL), Some(TASK_TIMEOUT))
+            .await
+            .map_err(failed)?;
+        if task.is_failure() {
+            return Err(SearchError::Backend(format!(
+                "a Meilisearch task failed: {task:?}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Creates the index if it is missing and sets its attributes.
+    pub async fn configure(&self) -> Result<(), SearchError> {
+        if self.client.get_index(&self.index.uid).await.is_err() {
+            let created = self
+                .client
+                .create_index(&self.index.uid, Some("id"))
+                .await
+                .map_err(failed)?;
+            // Created by another process meanwhile is fine too.
+            let _ = self.finish(created).await;
+        }
+        let settings = Settings::new()
+            .with_searchable_attributes(["title", "description"])
+            .with_filterable_attributes([
+                "category",
+                "condition",
+                "seller_id",
+                "currency",
+                "status",
+                "price",
+            ])
+            .with_sortable_attributes(["price", "created_at"])
+            // The deepest page: offset at most MAX_OFFSET, then one page
+            // (the query API's largest is 100 listings).
+            .with_pagination(PaginationSetting {
+                max_total_hits: MAX_OFFSET + 100,
+            });
+        let task = self.index.set_settings(&settings).await.map_err(failed)?;
+        self.finish(task).await
+    }
+}
+
+impl SearchIndex for Meili {
+    fn search(&self, query: SearchQuery) -> BoxFuture<'_, Result<SearchPage, SearchError>> {
+        Box::pin(async move {
+            let filter = filter_expression(&query.filters);
+            let mut search = self.index.search();
+            search
+                .with_query(&query.text)
+                .with_filter(&filter)
+                .with_facets(Selectors::Some(FACETS))
+                .with_offset(query.offset)
+                .with_limit(query.limit.max(1))
+                .with_attributes_to_retrieve(Selectors::Some(&["id"]));
+            let sort = sort_expression(query.sort);
+            if !sort.is_empty() {
+                search.with_sort(sort);
+            }
+            let results = search.execute::<Hit>().await.map_err(failed)?;
+            let mut page = SearchPage {
+                ids: results.hits.into_iter().map(|hit| hit.result.id).collect(),
+                total: results.estimated_total_hits.unwrap_or(0) as u64,
+                ..SearchPage::empty()
+            };
+            let distribution = results.facet_distribution.unwrap_or_default();
+            for facet in FACETS {
+                let counts = page.facets.entry((*facet).to_owned()).or_default();
+                if let Some(values) = distribution.get(*facet) {
+                    for (value, count) in values {
+                        counts.insert(value.clone(), *count as u64);
+                    }
+                }
+            }
+            Ok(page)
+        })
+    }
+
+    fn write(
+        &self,
+        upserts: Vec<ListingDoc>,
+        deletes: Vec<Uuid>,
+    ) -> BoxFuture<'_, Result<(), SearchError>> {
+        Box::pin(async move {
+            if !upserts.is_empty() {
+                let task = self
+                    .index
+                    .add_or_replace(&upserts, Some("id"))
+                    .await
+                    .map_err(failed)?;
+                self.finish(task).await?;
+            }
+            if !deletes.is_empty() {
+                let ids: Vec<String> = deletes.iter().map(Uuid::to_string).collect();
+                let task = self.index.delete_documents(&ids).await.map_err(failed)?;
+                self.finish(task).await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn clear(&self) -> BoxFuture<'_, Result<(), SearchError>> {
+        Box::pin(async move {
+            let task = self.index.delete_all_documents().await.map_err(failed)?;
+            self.finish(task).await
+        })
+    }
+
+    fn count(&self) -> BoxFuture<'_, Result<u64, SearchError>> {
+        Box::pin(async move {
+            match self.index.get_stats().await {
+                Ok(stats) => Ok(stats.number_of_documents as u64),
+                Err(meilisearch_sdk::errors::Error::Meilisearch(error))
+                    if error.error_code == meilisearch_sdk::errors::ErrorCode::IndexNotFound =>
+                {
+                    Ok(0)
+                }
+                Err(error) => Err(failed(error)),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_become_one_meilisearch_expression_with_quoted_values() {
+        assert_eq!(
+            filter_expression(&SearchFilters::default()),
+            "status != \"deleted\""
+        );
+        let seller = Uuid::nil();
+        let filters = SearchFilters {
+            category: Some("say \"hi\"".to_owned()),
+            condition: Some("like_new".to_owned()),
+            seller_id: Some(seller),
+            currency: None,
+            min_price: Some(100),
+            max_price: Some(2_000),
+            status: Some("deleted".to_owned()),
+        };
+        assert_eq!(
+            filter_expression(&filters),
+            format!(
+                "category = \"say \\\"hi\\\"\" AND condition = \"like_new\" AND seller_id = \
+                 \"{seller}\" AND status = \"deleted\" AND price >= 100 AND price <= 2000"
+            )
+        );
+    }
+
+    #[test]
+    fn sorts_name_sortable_attributes() {
+        assert!(sort_expression(Sort::Relevance).is_empty());
+        assert_eq!(sort_expression(Sort::Newest), ["created_at:desc"]);
+    }
+
+    #[test]
+    fn the_client_is_built_without_a_request_and_hides_its_key() {
+        let meili = Meili::new("http://127.0.0.1:7700", Some("secret")).unwrap();
+        assert!(!format!("{meili:?}").contains("secret"));
+    }
+}
