@@ -4,13 +4,32 @@
 //! only at COMMIT, so position 11 can become visible after position 12 has
 //! been read: a reader that just followed positions would skip 11 forever.
 //! Souk orders events by `(transaction_id, position)` instead, and a reader
-//! only takes events of transactions older than the oldest transaction still
-//! running (`pg_snapshot_xmin(pg_current_snapshot())`). Every transaction
-//! below that horizon has ended, so nothing can appear behind what was read.
+//! only takes events of transactions older than a *horizon* below which no
+//! event can still appear.
 //!
-//! The price: a long-running writing transaction anywhere in the cluster
-//! holds the horizon back and the reader waits (it never skips). Callers
-//! watch [`horizon_lag`] to make such a stall visible.
+//! The classic horizon is `pg_snapshot_xmin`, the oldest transaction still
+//! running anywhere in the cluster; but then every writing transaction (a
+//! projector's batch, a report in another database) holds readers back for
+//! as long as it runs. Souk's horizon only waits for *event writers*.
+//! Migration 0006 makes every transaction that inserts events take the shared
+//! advisory lock [`WRITER_LOCK`] before it has a transaction id, and hold it
+//! until it ends. [`horizon`] then computes, in one statement whose snapshot
+//! S is taken before it looks at the locks:
+//!
+//! `H = min(xmax(S), the ids in xip(S) of the lock's holders)`
+//!
+//! and [`read_after`] reads, in a *later* statement, the events of
+//! transactions below H. Why nothing below H can appear afterwards: take a
+//! writer X with id x < H ≤ xmax(S). X got its id before S (ids handed out
+//! later are at least xmax(S)), and took the lock before that. If X had
+//! ended by S, the read sees all it committed. If it was running at S, x is
+//! in xip(S), and when the statement read the lock table X either still held
+//! the lock (then H ≤ x, a contradiction) or had ended: again before the
+//! read, which sees all it committed.
+//!
+//! The price: a long-running *event-writing* transaction holds the horizon
+//! back and the reader waits (it never skips). Callers watch
+//! [`horizon_lag`] to make such a stall visible.
 
 use chrono::{DateTime, Utc};
 use sqlx::postgres::PgPool;
@@ -48,6 +67,50 @@ type Row = (
     Uuid,
 );
 
+/// The shared advisory lock every event-writing transaction holds (two-key
+/// form), taken by the `events_join_writers` trigger of migration 0006.
+pub const WRITER_LOCK: (i32, i32) = (1_399_813_483, 1);
+
+/// The backends of this database that hold [`WRITER_LOCK`], as a subquery
+/// of `pid`s. The keys are literals: they must match migration 0006.
+pub(crate) const WRITER_PIDS: &str = "SELECT pid FROM pg_locks
+     WHERE locktype = 'advisory' AND granted
+       AND classid = 1399813483 AND objid = 1 AND objsubid = 2
+       AND database = (SELECT oid FROM pg_database WHERE datname = current_database())";
+
+/// The query behind [`horizon`]. One statement, so its snapshot is taken
+/// before pg_locks is read; the lock table is read once (MATERIALIZED), so a
+/// writer's advisory lock and its transaction id lock come from one instant.
+const HORIZON: &str = "WITH locks AS MATERIALIZED (
+                SELECT locktype, database, classid, objid, objsubid, granted,
+                       virtualtransaction, transactionid, mode
+                  FROM pg_locks),
+              snapshot AS MATERIALIZED (SELECT pg_current_snapshot() AS s)
+         SELECT least(pg_snapshot_xmax(s),
+                      (SELECT min(x) FROM pg_snapshot_xip(s) AS x
+                        WHERE xid(x) IN (
+                              SELECT held.transactionid
+                                FROM locks writer JOIN locks held USING (virtualtransaction)
+                               WHERE writer.locktype = 'advisory' AND writer.granted
+                                 AND writer.classid = 1399813483 AND writer.objid = 1
+                                 AND writer.objsubid = 2
+                                 AND writer.database = (SELECT oid FROM pg_database
+                                                         WHERE datname = current_database())
+                                 AND held.locktype = 'transactionid'
+                                 AND held.mode = 'ExclusiveLock' AND held.granted)))::text
+           FROM snapshot";
+
+/// The horizon H of the module doc: every event of a transaction below it
+/// that will ever commit has committed by the time this returns.
+pub async fn horizon(pool: &PgPool) -> Result<u64, sqlx::Error> {
+    let horizon: String = sqlx::query_scalar(HORIZON).fetch_one(pool).await?;
+    horizon.parse().map_err(|error| {
+        sqlx::Error::Decode(
+            format!("the horizon `{horizon}` is not a transaction id: {error}").into(),
+        )
+    })
+}
+
 /// Up to `limit` committed events after `after`, in global order. Never
 /// returns an event while an earlier one (in that order) may still commit.
 pub async fn read_after(
@@ -55,12 +118,16 @@ pub async fn read_after(
     after: Position,
     limit: i64,
 ) -> Result<Vec<RecordedEvent>, sqlx::Error> {
+    let horizon = horizon(pool).await?;
+    if horizon <= after.transaction_id {
+        return Ok(Vec::new());
+    }
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT transaction_id::text::bigint, position, aggregate_type, aggregate_id, sequence,
                 event_type, event_version, payload::jsonb, metadata::jsonb, recorded_at, event_id
            FROM events
           WHERE (transaction_id, position) > ($1::text::xid8, $2)
-            AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+            AND transaction_id < $4::text::xid8
           -- Qualified: the output column of the same name is a cast, and
           -- ordering by it would sort the whole table instead of using the
           -- (transaction_id, position) index.
@@ -70,6 +137,7 @@ pub async fn read_after(
     .bind(after.transaction_id.to_string())
     .bind(after.position)
     .bind(limit.clamp(1, 10_000))
+    .bind(horizon.to_string())
     .fetch_all(pool)
     .await?;
     Ok(rows
@@ -108,16 +176,36 @@ pub async fn read_after(
         .collect())
 }
 
-/// How far the visibility horizon lags: the age in seconds of the oldest
-/// transaction that holds it back, or 0 when none does. A large value means
+/// How far the horizon lags: the age in seconds of the oldest event-writing
+/// transaction still running, or 0 when none runs. A large value means
 /// readers of the global order are waiting on that transaction.
 pub async fn horizon_lag(pool: &PgPool) -> Result<f64, sqlx::Error> {
-    let age: Option<f64> = sqlx::query_scalar(
+    let age: Option<f64> = sqlx::query_scalar(&format!(
         "SELECT EXTRACT(EPOCH FROM now() - min(xact_start))::float8
            FROM pg_stat_activity
-          WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid()",
-    )
+          WHERE pid IN ({WRITER_PIDS})"
+    ))
     .fetch_one(pool)
     .await?;
     Ok(age.unwrap_or(0.0).max(0.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_writer_lock_is_the_one_migration_0006_takes() {
+        let migration = include_str!("../../migrations/sql/0006_event_writers.sql");
+        let (high, low) = WRITER_LOCK;
+        let taken = format!("pg_advisory_xact_lock_shared({high}, {low})");
+        assert!(migration.contains(&taken), "migration 0006 takes {taken}");
+        let looked_up = format!("classid = {high} AND objid = {low} AND objsubid = 2");
+        assert!(
+            WRITER_PIDS.contains(&looked_up),
+            "WRITER_PIDS looks for {looked_up}"
+        );
+        let joined = format!("writer.classid = {high} AND writer.objid = {low}");
+        assert!(HORIZON.contains(&joined), "HORIZON looks for {joined}");
+    }
 }

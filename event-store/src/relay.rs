@@ -19,8 +19,8 @@
 //! The relay is woken by `NOTIFY souk_events` (written by a trigger on
 //! `events`) and polls as a fallback. Postgres or NATS going away ends
 //! nothing: the relay retries with a bounded backoff, and commands never wait
-//! on it. A long-running transaction anywhere in the cluster holds the
-//! visibility horizon back, and with it the relay; `souk_relay_horizon_age_seconds`
+//! on it. A long-running event-writing transaction holds the horizon back (see
+//! [`global`]), and with it the relay; `souk_relay_horizon_age_seconds`
 //! and a warning naming that transaction make such a stall visible.
 //!
 //! Metrics (label `stream`): `souk_relay_published_total`,
@@ -281,7 +281,7 @@ pub struct RelayStatus {
     pub duplicates: u64,
     /// Committed events after the checkpoint, at the last measure.
     pub lag_events: i64,
-    /// Age of the transaction holding the visibility horizon back.
+    /// Age of the event-writing transaction holding the horizon back.
     pub horizon_age_seconds: f64,
 }
 
@@ -666,7 +666,7 @@ impl Relay {
                             database = %holder.database,
                             application = %holder.application,
                             state = %holder.state,
-                            "a long-running transaction holds the relay back: events committed after it began wait until it ends"
+                            "a long-running event-writing transaction holds the relay back: events committed after it began wait until it ends"
                         );
                     }
                     StallNews::Cleared(seconds) => {
@@ -771,13 +771,19 @@ async fn store_checkpoint(
 
 /// Whether any committed event follows `after`, visible or behind the horizon.
 async fn committed_after(pool: &PgPool, after: Position) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM events WHERE (transaction_id, position) > ($1::text::xid8, $2))",
+    // Not `SELECT EXISTS (...)`: for an EXISTS the planner expects a match
+    // early in a sequential scan and reads every event already published
+    // (the ORDER BY is dropped inside EXISTS). ORDER BY ... LIMIT 1 walks the
+    // (transaction_id, position) index from the checkpoint.
+    let next: Option<i32> = sqlx::query_scalar(
+        "SELECT 1 FROM events WHERE (transaction_id, position) > ($1::text::xid8, $2)
+          ORDER BY transaction_id, position LIMIT 1",
     )
     .bind(after.transaction_id.to_string())
     .bind(after.position)
-    .fetch_one(pool)
-    .await
+    .fetch_optional(pool)
+    .await?;
+    Ok(next.is_some())
 }
 
 /// Committed events after `after`, counted up to [`LAG_COUNT_MAX`].
@@ -794,7 +800,7 @@ async fn lag_events(pool: &PgPool, after: Position) -> Result<i64, sqlx::Error> 
     .await
 }
 
-/// The transaction holding the visibility horizon back, for the stall log.
+/// The event-writing transaction holding the horizon back, for the stall log.
 #[derive(Debug, Default)]
 struct Holder {
     pid: i32,
@@ -806,14 +812,16 @@ struct Holder {
 /// `pg_stat_activity`'s pid, datname, application_name and state.
 type HolderRow = (i32, Option<String>, Option<String>, Option<String>);
 
+/// The oldest event-writing transaction still running.
 async fn oldest_transaction(pool: &PgPool) -> Result<Option<Holder>, sqlx::Error> {
-    let row: Option<HolderRow> = sqlx::query_as(
+    let row: Option<HolderRow> = sqlx::query_as(&format!(
         "SELECT pid, datname::text, application_name, state
            FROM pg_stat_activity
-          WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid()
+          WHERE pid IN ({})
           ORDER BY xact_start
           LIMIT 1",
-    )
+        global::WRITER_PIDS
+    ))
     .fetch_optional(pool)
     .await?;
     Ok(row.map(|(pid, database, application, state)| Holder {

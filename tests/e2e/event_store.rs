@@ -1,5 +1,6 @@
 //! The event store's guarantees, against real Postgres: the global order
-//! never skips a late commit, events are append-only, the hash chain catches
+//! never skips a late commit and waits only for event writers, events are
+//! append-only, the hash chain catches
 //! tampering, snapshots hold the same state as a full replay, and two
 //! processes writing one aggregate never lose an update.
 
@@ -134,6 +135,93 @@ async fn the_global_order_never_skips_a_transaction_that_commits_late() {
     // Reading on from the last position finds nothing more.
     let last = events.last().unwrap().position;
     assert!(read_after(&pool, last, 100).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn the_global_order_waits_only_for_transactions_that_write_events() {
+    let db = TestDb::migrated().await;
+    let (store, pool) = store_on(&db).await;
+
+    // A long transaction that writes, but no events: it has a transaction
+    // id older than every event below, and stays open throughout.
+    let mut other = pool.begin().await.unwrap();
+    write_scratch(&mut other).await;
+    let other_id: i64 = sqlx::query_scalar("SELECT pg_current_xact_id()::text::bigint")
+        .fetch_one(&mut *other)
+        .await
+        .unwrap();
+
+    let wallet = open_wallet(&store).await;
+    let deposited = deposit(&store, wallet, 500).await;
+    assert!(deposited.transaction_id as i64 > other_id);
+
+    let seen = read_after(&pool, Position::START, 100).await.unwrap();
+    assert_eq!(
+        seen.iter().map(|event| event.sequence).collect::<Vec<_>>(),
+        vec![1, 2],
+        "both events are read while the other transaction is still open"
+    );
+    other.rollback().await.unwrap();
+}
+
+/// Inserts event `sequence` of the `Probe` aggregate `id` in `tx`.
+async fn insert_probe(
+    tx: &mut sqlx::PgConnection,
+    id: &str,
+    sequence: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
+                             payload, metadata, prev_hash, hash)
+         VALUES ('Probe', $1, $2, 'Probed', '1', '{}', '{}', '\\x00', '\\x00')",
+    )
+    .bind(id)
+    .bind(sequence)
+    .execute(tx)
+    .await
+    .map(drop)
+}
+
+/// Writes something else than events in `tx` (which gives it an id).
+async fn write_scratch(tx: &mut sqlx::PgConnection) {
+    sqlx::query("CREATE TEMPORARY TABLE scratch (n int)")
+        .execute(tx)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn an_event_inserted_after_another_write_of_its_transaction_is_refused() {
+    let db = TestDb::migrated().await;
+    let pool = db.pool().await;
+
+    // The transaction got its id from another write, before it could
+    // announce itself as an event writer: readers could not wait for it.
+    let mut tx = pool.begin().await.unwrap();
+    write_scratch(&mut tx).await;
+    let error = insert_probe(&mut tx, "second", 1)
+        .await
+        .expect_err("an event after another write is refused");
+    let error = error.as_database_error().expect("a database error");
+    assert_eq!(error.code().as_deref(), Some("55000"));
+    assert!(
+        error.message().contains("first write"),
+        "{}",
+        error.message()
+    );
+    tx.rollback().await.unwrap();
+
+    // Events first, anything after: accepted.
+    let mut tx = pool.begin().await.unwrap();
+    insert_probe(&mut tx, "first", 1).await.unwrap();
+    write_scratch(&mut tx).await;
+    insert_probe(&mut tx, "first", 2).await.unwrap();
+    tx.commit().await.unwrap();
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(count, 2);
 }
 
 #[tokio::test]

@@ -65,7 +65,9 @@ async fn pending_events(
            FROM events
           WHERE ($1::text[] IS NULL OR aggregate_type = ANY($1))
             AND (transaction_id, position) > ($2::text::xid8, $3)
-          ORDER BY transaction_id, position
+          -- Qualified: unqualified, it names the bigint output column, and a
+          -- lagging projection would sort every pending event.
+          ORDER BY events.transaction_id, events.position
           LIMIT $4",
     )
     .bind(aggregate_types.map(|types| types.iter().map(|t| (*t).to_owned()).collect::<Vec<_>>()))
