@@ -86,8 +86,8 @@ const HORIZON: &str = "WITH locks AS MATERIALIZED (
                        virtualtransaction, transactionid, mode
                   FROM pg_locks),
               snapshot AS MATERIALIZED (SELECT pg_current_snapshot() AS s)
-         SELECT least(pg_snapshot_xmax(s),
-                      (SELECT min(x) FROM pg_snapshot_xip(s) AS x
+         SELECT pg_snapshot_xmax(s)::text,
+                (SELECT min(x) FROM pg_snapshot_xip(s) AS x
                         WHERE xid(x) IN (
                               SELECT held.transactionid
                                 FROM locks writer JOIN locks held USING (virtualtransaction)
@@ -97,17 +97,38 @@ const HORIZON: &str = "WITH locks AS MATERIALIZED (
                                  AND writer.database = (SELECT oid FROM pg_database
                                                          WHERE datname = current_database())
                                  AND held.locktype = 'transactionid'
-                                 AND held.mode = 'ExclusiveLock' AND held.granted)))::text
+                                 AND held.mode = 'ExclusiveLock' AND held.granted))::text
            FROM snapshot";
 
-/// The horizon H of the module doc: every event of a transaction below it
-/// that will ever commit has committed by the time this returns.
-pub async fn horizon(pool: &PgPool) -> Result<u64, sqlx::Error> {
-    let horizon: String = sqlx::query_scalar(HORIZON).fetch_one(pool).await?;
-    horizon.parse().map_err(|error| {
-        sqlx::Error::Decode(
-            format!("the horizon `{horizon}` is not a transaction id: {error}").into(),
-        )
+/// Where readers of the global order stop (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Horizon {
+    /// H: every event of a transaction below it that will ever commit has
+    /// committed.
+    pub below: u64,
+    /// Whether an event writer was running (H is its transaction id): its
+    /// events, and those of every writer that commits after it, wait.
+    pub writer_running: bool,
+}
+
+/// The horizon H of the module doc, read now.
+pub async fn horizon(pool: &PgPool) -> Result<Horizon, sqlx::Error> {
+    let (xmax, writer): (String, Option<String>) = sqlx::query_as(HORIZON).fetch_one(pool).await?;
+    let parse = |text: &str| {
+        text.parse::<u64>().map_err(|error| {
+            sqlx::Error::Decode(format!("`{text}` is not a transaction id: {error}").into())
+        })
+    };
+    let xmax = parse(&xmax)?;
+    Ok(match writer {
+        Some(writer) => Horizon {
+            below: parse(&writer)?.min(xmax),
+            writer_running: true,
+        },
+        None => Horizon {
+            below: xmax,
+            writer_running: false,
+        },
     })
 }
 
@@ -119,7 +140,18 @@ pub async fn read_after(
     limit: i64,
 ) -> Result<Vec<RecordedEvent>, sqlx::Error> {
     let horizon = horizon(pool).await?;
-    if horizon <= after.transaction_id {
+    read_below(pool, after, horizon, limit).await
+}
+
+/// Up to `limit` events after `after` and below `horizon`, in global order.
+/// `horizon` must have been read (with [`horizon`]) before this is called.
+pub async fn read_below(
+    pool: &PgPool,
+    after: Position,
+    horizon: Horizon,
+    limit: i64,
+) -> Result<Vec<RecordedEvent>, sqlx::Error> {
+    if horizon.below <= after.transaction_id {
         return Ok(Vec::new());
     }
     let rows: Vec<Row> = sqlx::query_as(
@@ -137,7 +169,7 @@ pub async fn read_after(
     .bind(after.transaction_id.to_string())
     .bind(after.position)
     .bind(limit.clamp(1, 10_000))
-    .bind(horizon.to_string())
+    .bind(horizon.below.to_string())
     .fetch_all(pool)
     .await?;
     Ok(rows

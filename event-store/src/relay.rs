@@ -498,13 +498,15 @@ impl Relay {
                 stream_ready = true;
             }
 
-            let batch = match bounded(
-                "reading the global order",
-                global::read_after(&self.pool, checkpoint, config.batch_max as i64),
-            )
-            .await
-            {
-                Ok(batch) => batch,
+            let read = async {
+                let horizon = global::horizon(&self.pool).await?;
+                let events =
+                    global::read_below(&self.pool, checkpoint, horizon, config.batch_max as i64)
+                        .await?;
+                Ok::<_, sqlx::Error>((horizon, events))
+            };
+            let (horizon, batch) = match bounded("reading the global order", read).await {
+                Ok(read) => read,
                 Err(error) => {
                     if failing.ready() {
                         tracing::warn!(stream, %error, "relay cannot read events; retrying");
@@ -514,7 +516,7 @@ impl Relay {
                 }
             };
             if batch.is_empty() {
-                self.idle(&wake, checkpoint).await;
+                self.idle(&wake, horizon).await;
                 continue;
             }
 
@@ -551,7 +553,7 @@ impl Relay {
                 status.duplicates += duplicates;
             });
             if batch.len() < config.batch_max {
-                self.idle(&wake, checkpoint).await;
+                self.idle(&wake, horizon).await;
             }
         }
     }
@@ -624,21 +626,16 @@ impl Relay {
             .unwrap_or(Err(PublishFailure::TimedOut))
     }
 
-    /// Waits for a notification or the poll interval. When committed events
-    /// wait behind the horizon, a notification cannot help (the transaction
-    /// holding it back may write nothing): look again soon instead.
-    async fn idle(&self, wake: &Notify, checkpoint: Position) {
-        let behind_horizon = bounded(
-            "looking past the horizon",
-            committed_after(&self.pool, checkpoint),
-        )
-        .await
-        .unwrap_or(false);
-        if behind_horizon {
-            tokio::time::sleep(self.config.poll_interval.min(HORIZON_RECHECK)).await;
+    /// Waits for a notification or the poll interval. While an event writer
+    /// holds the horizon back, look again soon instead: a writer that
+    /// commits notifies, but one that rolls back does not.
+    async fn idle(&self, wake: &Notify, horizon: global::Horizon) {
+        let wait = if horizon.writer_running {
+            self.config.poll_interval.min(HORIZON_RECHECK)
         } else {
-            let _ = tokio::time::timeout(self.config.poll_interval, wake.notified()).await;
-        }
+            self.config.poll_interval
+        };
+        let _ = tokio::time::timeout(wait, wake.notified()).await;
     }
 
     /// Refreshes the lag and horizon metrics, and logs a stall.
@@ -767,23 +764,6 @@ async fn store_checkpoint(
     )
     .await?;
     Ok(())
-}
-
-/// Whether any committed event follows `after`, visible or behind the horizon.
-async fn committed_after(pool: &PgPool, after: Position) -> Result<bool, sqlx::Error> {
-    // Not `SELECT EXISTS (...)`: for an EXISTS the planner expects a match
-    // early in a sequential scan and reads every event already published
-    // (the ORDER BY is dropped inside EXISTS). ORDER BY ... LIMIT 1 walks the
-    // (transaction_id, position) index from the checkpoint.
-    let next: Option<i32> = sqlx::query_scalar(
-        "SELECT 1 FROM events WHERE (transaction_id, position) > ($1::text::xid8, $2)
-          ORDER BY transaction_id, position LIMIT 1",
-    )
-    .bind(after.transaction_id.to_string())
-    .bind(after.position)
-    .fetch_optional(pool)
-    .await?;
-    Ok(next.is_some())
 }
 
 /// Committed events after `after`, counted up to [`LAG_COUNT_MAX`].

@@ -192,6 +192,23 @@ async fn execute(conn: &mut PgConnection, sql: &str) -> Result<(), sqlx::Error> 
 }
 
 /// Applies `events` to `kind`'s tables in `schema`, inside the caller's
+/// transaction, without a savepoint: the cheap path for a batch expected to
+/// pass. Returns every event refused before writing, by index, sorted. When
+/// Postgres refuses the batch ([`is_data_error`]), the caller's transaction
+/// is aborted: roll it back and apply the batch again with
+/// [`apply_isolated`]. `events` should not be empty (that costs a query).
+pub(crate) async fn apply_unguarded(
+    conn: &mut PgConnection,
+    kind: Kind,
+    schema: &str,
+    events: &[&RecordedEvent],
+) -> Result<Vec<Refused>, sqlx::Error> {
+    let mut refused = kind.apply(conn, schema, events).await?;
+    refused.sort_by_key(|(index, _)| *index);
+    Ok(refused)
+}
+
+/// Applies `events` to `kind`'s tables in `schema`, inside the caller's
 /// transaction, isolating the events Postgres refuses (see the module doc).
 /// Returns every refused event by index, sorted.
 pub(crate) async fn apply_isolated(
@@ -204,10 +221,9 @@ pub(crate) async fn apply_isolated(
         return Ok(Vec::new());
     }
     execute(conn, "SAVEPOINT souk_batch").await?;
-    match kind.apply(conn, schema, events).await {
-        Ok(mut refused) => {
+    match apply_unguarded(conn, kind, schema, events).await {
+        Ok(refused) => {
             execute(conn, "RELEASE SAVEPOINT souk_batch").await?;
-            refused.sort_by_key(|(index, _)| *index);
             Ok(refused)
         }
         Err(error) if is_data_error(&error) => {

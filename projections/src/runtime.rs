@@ -11,20 +11,23 @@
 //!    cannot commit anything.
 //! 2. It points the durable consumer `<projection>_p<partition>` (filter
 //!    `<stream>.events.<Type>.<partition>` for a projection of one aggregate
-//!    type, `<stream>.events.*.<partition>` for listings; explicit acks) at
-//!    its checkpoint: the
+//!    type, `<stream>.events.*.<partition>` for listings; "ack all", so one
+//!    ack per batch) at its checkpoint: the
 //!    consumer is deleted and created again to start after the stream
 //!    sequence of the last message the partition committed. Postgres holds
 //!    the truth about what was applied; the consumer only says where to
 //!    resume, so a consumer left with unacknowledged messages by a killed
 //!    process can never deliver newer messages before older ones.
 //! 3. It fetches up to `batch_max` messages and applies them in one
-//!    transaction: the projection's shared advisory lock (see `rebuild`),
-//!    the checkpoint row `FOR UPDATE`, every message after the checkpoint's
+//!    transaction: the projection's shared advisory lock (see `rebuild`) and
+//!    the checkpoint row `FOR UPDATE` (one statement), every message after the checkpoint's
 //!    position applied in order (those at or before it are redeliveries and
 //!    are skipped; events of aggregate types the projection does not read
 //!    only move the checkpoint), refused events parked in `dead_letters`,
-//!    the checkpoint moved, COMMIT, and only then the acks. A crash before
+//!    the checkpoint moved, COMMIT, and only then the ack of the last
+//!    message. The events are written without a savepoint; a batch Postgres
+//!    refuses rolls back and is applied again with each event under its own
+//!    savepoint, so the poison is parked and the rest applied. A crash before
 //!    the commit loses nothing (the messages are delivered again); a crash
 //!    after it only redelivers messages that are then skipped.
 //! 4. Every message carries its consumer sequence. A gap (a message the
@@ -76,7 +79,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::config::ProjectorConfig;
-use crate::engine::{Kind, apply_isolated};
+use crate::engine::{Kind, apply_isolated, apply_unguarded, is_data_error};
 use crate::park::{DeadLetter, park};
 
 /// Bound on connecting to Postgres or NATS.
@@ -577,11 +580,12 @@ impl Partition {
             // the stream then, so it is in this batch or was applied before.
             let raise_to = relay_mark.filter(|_| drained);
             caught_up = caught_up.max(self.apply(&mut conn, &delivered, raise_to).await?);
-            for message in &messages {
-                message
-                    .ack()
+            // The consumer acknowledges all: the last message acknowledges
+            // the batch.
+            if let Some(last) = messages.last() {
+                last.ack()
                     .await
-                    .map_err(|error| anyhow::anyhow!("acknowledging a message: {error}"))?;
+                    .map_err(|error| anyhow::anyhow!("acknowledging a batch: {error}"))?;
             }
         }
         Ok(())
@@ -638,7 +642,7 @@ impl Partition {
                     self.partition
                 )),
                 deliver_policy,
-                ack_policy: AckPolicy::Explicit,
+                ack_policy: AckPolicy::All,
                 ack_wait: ACK_WAIT,
                 filter_subject: self.kind.subject_filter(&config.stream, self.partition),
                 max_ack_pending: (2 * config.batch_max()) as i64,
@@ -686,23 +690,52 @@ impl Partition {
         delivered: &[Delivered],
         raise_to: Option<Position>,
     ) -> anyhow::Result<Position> {
+        match self.apply_batch(conn, delivered, raise_to, false).await {
+            Err(BatchError::Refused(error)) => {
+                tracing::warn!(
+                    projection = self.kind.name(),
+                    partition = self.partition,
+                    events = delivered.len(),
+                    %error,
+                    "Postgres refused a batch; applying it again with each event isolated"
+                );
+                self.apply_batch(conn, delivered, raise_to, true)
+                    .await
+                    .map_err(BatchError::into_anyhow)
+            }
+            outcome => outcome.map_err(BatchError::into_anyhow),
+        }
+    }
+
+    /// One attempt at [`Partition::apply`]. Without `isolated`, the events
+    /// are written without savepoints (the common case, two round trips
+    /// fewer); a batch Postgres refuses then rolls back whole, as
+    /// [`BatchError::Refused`], for an isolated attempt.
+    async fn apply_batch(
+        &self,
+        conn: &mut PgConnection,
+        delivered: &[Delivered],
+        raise_to: Option<Position>,
+        isolated: bool,
+    ) -> Result<Position, BatchError> {
         let started = Instant::now();
         let kind = self.kind;
         let mut tx = conn.begin().await.context("beginning a batch")?;
-        sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
-            .bind(projection_lock_key(kind))
-            .execute(&mut *tx)
-            .await
-            .context("taking the projection's shared lock")?;
+        // The projection's shared lock first, then the row (see `rebuild`):
+        // the MATERIALIZED CTE runs before the row is read and locked.
         let (transaction_id, at, stream_sequence): (i64, i64, i64) = sqlx::query_as(
-            "SELECT transaction_id, position, stream_sequence FROM projection_checkpoints
-              WHERE projection = $1 AND partition = $2 FOR UPDATE",
+            "WITH shared_lock AS MATERIALIZED (SELECT pg_advisory_xact_lock_shared($3))
+             SELECT c.transaction_id, c.position, c.stream_sequence
+               FROM projection_checkpoints c, shared_lock
+              WHERE c.projection = $1 AND c.partition = $2
+                FOR UPDATE OF c",
         )
         .bind(kind.name())
         .bind(self.partition as i32)
+        .bind(projection_lock_key(kind))
         .fetch_one(&mut *tx)
         .await
-        .context("locking the checkpoint")?;
+        .context("locking the projection and the checkpoint")?;
         let mut last = position(transaction_id, at);
         let mut last_sequence = stream_sequence.max(0) as u64;
         let mut last_recorded_at: Option<DateTime<Utc>> = None;
@@ -723,9 +756,24 @@ impl Partition {
                 Err(letter) => letters.push(letter.clone()),
             }
         }
-        let refused = apply_isolated(&mut tx, kind, "public", &handled)
-            .await
-            .context("applying the batch")?;
+        let refused = if handled.is_empty() {
+            Ok(Vec::new())
+        } else if isolated {
+            apply_isolated(&mut tx, kind, "public", &handled).await
+        } else {
+            apply_unguarded(&mut tx, kind, "public", &handled).await
+        };
+        let refused = match refused {
+            Ok(refused) => refused,
+            Err(error) if !isolated && is_data_error(&error) => {
+                return Err(BatchError::Refused(error));
+            }
+            Err(error) => {
+                return Err(anyhow::Error::new(error)
+                    .context("applying the batch")
+                    .into());
+            }
+        };
         for (index, why) in &refused {
             letters.push(DeadLetter::event(handled[*index], why.0.clone()));
         }
@@ -781,6 +829,31 @@ impl Partition {
         metrics::gauge!("souk_projection_checkpoint_position", "projection" => kind.name(), "partition" => self.partition.to_string())
             .set(last.position as f64);
         Ok(position(caught_up_transaction, caught_up_position))
+    }
+}
+
+/// Why one attempt at applying a batch failed.
+#[derive(Debug)]
+enum BatchError {
+    /// Postgres refused the batch's writes because of their data; the
+    /// transaction rolled back, and an isolated attempt finds the culprits.
+    Refused(sqlx::Error),
+    /// Anything else: the session ends and resumes from the checkpoint.
+    Failed(anyhow::Error),
+}
+
+impl From<anyhow::Error> for BatchError {
+    fn from(error: anyhow::Error) -> Self {
+        Self::Failed(error)
+    }
+}
+
+impl BatchError {
+    fn into_anyhow(self) -> anyhow::Error {
+        match self {
+            Self::Refused(error) => anyhow::Error::new(error).context("applying the batch"),
+            Self::Failed(error) => error,
+        }
     }
 }
 

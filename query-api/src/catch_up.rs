@@ -8,11 +8,13 @@
 //! partition is idle). A partition without a row has applied nothing. Events
 //! are ordered by `(transaction_id, position)`, so is the comparison.
 //!
-//! A waiting request first reads the checkpoints itself (most requests need
-//! no wait at all). If that is not enough, it registers as a waiter and
-//! watches a snapshot that one poller task ([`CatchUp::run`]) refreshes every
-//! `poll` while anyone waits, so a thousand waiting requests cost one query
-//! per interval, not a thousand. After `timeout` the request is answered 503
+//! A request first checks the checkpoints: it reads them itself, unless
+//! other requests are waiting, in which case the poller below refreshes a
+//! snapshot every `poll` and that snapshot is enough (under load this saves
+//! a read per request). If they do not cover its position, it registers as a
+//! waiter and watches that snapshot, which one poller task
+//! ([`CatchUp::run`]) refreshes every `poll` while anyone waits, so a
+//! thousand waiting requests cost one query per interval, not a thousand. After `timeout` the request is answered 503
 //! `not_caught_up` with `Retry-After`.
 
 use std::sync::Arc;
@@ -227,11 +229,19 @@ impl CatchUp {
     /// 503 `not_caught_up` after the configured timeout.
     pub async fn wait(&self, projections: &[Projection], target: Position) -> Result<(), ApiError> {
         let started = Instant::now();
-        // Subscribed before the first read, so no later snapshot is missed.
+        // Subscribed before any read, so no later snapshot is missed.
         let mut snapshots = self.shared.snapshot.subscribe();
-        let now = self.read().await.map_err(crate::routes::db_error)?;
-        self.publish(now);
-        let outcome = if now.covers(projections, target) {
+        // While others wait, the poller refreshes the snapshot every `poll`:
+        // it is fresh enough, and under load this saves a read per request.
+        // Otherwise it may be old: read now.
+        let covered = if self.shared.waiters.load(Ordering::SeqCst) > 0 {
+            snapshots.borrow_and_update().covers(projections, target)
+        } else {
+            let now = self.read().await.map_err(crate::routes::db_error)?;
+            self.publish(now);
+            now.covers(projections, target)
+        };
+        let outcome = if covered {
             Ok(())
         } else {
             let _waiting = Waiting::new(&self.shared);

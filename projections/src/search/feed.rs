@@ -13,7 +13,9 @@
 //!   and then deletes the rows whose `seq` it read. A crash anywhere leaves
 //!   the rows to be indexed again, which is harmless: a write replaces a
 //!   document by id. It wakes on a notification sent by [`enqueue`] (and
-//!   polls every [`IDLE_POLL`] in case one was lost).
+//!   polls every [`IDLE_POLL`] in case one was lost), and after a commit
+//!   pauses [`COMMIT_INTERVAL_MIN`] so changes arriving meanwhile share the
+//!   next one.
 //! - At start, an index that misses listings (fewer documents than listings
 //!   neither indexed nor pending, e.g. a new index directory or document
 //!   version) is refilled by [`enqueue_all`]; one holding more documents
@@ -44,6 +46,10 @@ use crate::engine::Kind;
 
 /// Most pending rows indexed in one write.
 pub const DRAIN_BATCH: i64 = 500;
+/// The shortest pause between two index commits that did not empty a full
+/// batch: it bounds the commits (and fsyncs) per second under load, at the
+/// cost of this much staleness for `/search`.
+pub const COMMIT_INTERVAL_MIN: Duration = Duration::from_millis(100);
 /// How often an idle indexer looks for pending rows without a notification.
 pub const IDLE_POLL: Duration = Duration::from_secs(1);
 /// The notification channel [`enqueue`] signals.
@@ -233,7 +239,18 @@ impl Indexer {
             if *stop.borrow() {
                 return Ok(());
             }
-            if drain(&pool, &*index).await? > 0 {
+            let taken = drain(&pool, &*index).await?;
+            if taken as i64 >= DRAIN_BATCH {
+                continue;
+            }
+            if taken > 0 {
+                // Each drain ends in a durable index commit: under a steady
+                // stream of changes, gather them for a moment instead of
+                // committing for every listings batch.
+                tokio::select! {
+                    _ = stop.wait_for(|stop| *stop) => return Ok(()),
+                    () = tokio::time::sleep(COMMIT_INTERVAL_MIN) => {}
+                }
                 continue;
             }
             tokio::select! {
