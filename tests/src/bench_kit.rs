@@ -91,28 +91,7 @@ impl Databases {
 impl Drop for Databases {
     fn drop(&mut self) {
         let names = std::mem::take(&mut *self.created.lock().unwrap_or_else(|e| e.into_inner()));
-        if names.is_empty() {
-            return;
-        }
-        let admin_url = self.admin_url.clone();
-        // Drop may run inside the runtime: do the async work on a thread with
-        // a runtime of its own.
-        let dropped = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            runtime.block_on(async move {
-                let admin = PgPool::connect(&admin_url).await?;
-                for name in &names {
-                    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .execute(&admin)
-                        .await?;
-                }
-                Ok::<_, anyhow::Error>(())
-            })
-        })
-        .join();
-        if !matches!(dropped, Ok(Ok(()))) {
+        if !names.is_empty() && crate::drop_databases_blocking(&self.admin_url, &names).is_err() {
             eprintln!("could not drop every benchmark database (souk_bench_*)");
         }
     }
@@ -332,4 +311,29 @@ where
 /// Met or missed, as the benchmarks print their targets.
 pub fn verdict(met: bool) -> &'static str {
     if met { "MET" } else { "MISSED" }
+}
+
+/// A benchmark binary's `main` after parsing its flags: warns on a debug
+/// build, connects to
+/// `admin_url`, runs `run` with the run's databases until it ends or Ctrl-C,
+/// then drops every database it created (its child processes went with its
+/// future), and returns the run's outcome first, the clean-up's second.
+pub async fn run_with_databases(
+    admin_url: &str,
+    run: impl AsyncFnOnce(&Databases) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    if cfg!(debug_assertions) {
+        eprintln!("warning: this is a debug build; run with --release for meaningful figures");
+    }
+    let databases = Databases::connect(admin_url).await?;
+    let outcome = tokio::select! {
+        outcome = run(&databases) => outcome,
+        signal = tokio::signal::ctrl_c() => {
+            signal.context("listening for Ctrl-C")?;
+            Err(anyhow::anyhow!("interrupted"))
+        }
+    };
+    let dropped = databases.drop_all().await;
+    outcome?;
+    dropped
 }

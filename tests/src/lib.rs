@@ -94,28 +94,35 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        let admin_url = self.admin_url.clone();
-        let name = self.name.clone();
-        // Drop runs inside the test's runtime: do the async work on a thread
-        // with a runtime of its own and wait for it.
-        let dropped = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            runtime.block_on(async move {
-                let admin = PgPool::connect(&admin_url).await?;
-                sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                    .execute(&admin)
-                    .await?;
-                admin.close().await;
-                Ok::<_, anyhow::Error>(())
-            })
-        })
-        .join();
-        if !matches!(dropped, Ok(Ok(()))) {
+        if drop_databases_blocking(&self.admin_url, std::slice::from_ref(&self.name)).is_err() {
             eprintln!("could not drop test database {}", self.name);
         }
     }
+}
+
+/// Drops the databases `names` through `admin_url`, from synchronous code
+/// that may run inside a runtime (a `Drop`): the async work runs on a thread
+/// with a runtime of its own, and this waits for it.
+pub fn drop_databases_blocking(admin_url: &str, names: &[String]) -> anyhow::Result<()> {
+    let admin_url = admin_url.to_owned();
+    let names = names.to_vec();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(async move {
+            let admin = PgPool::connect(&admin_url).await?;
+            for name in &names {
+                sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .execute(&admin)
+                    .await?;
+            }
+            admin.close().await;
+            Ok(())
+        })
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the thread dropping databases panicked"))?
 }
 
 /// The dev key pair shared by every test of this process.

@@ -200,24 +200,13 @@ impl Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let databases = Databases::connect(&args.admin_url).await?;
-    let outcome = tokio::select! {
-        outcome = run(&args, &databases) => outcome,
-        signal = tokio::signal::ctrl_c() => {
-            signal.context("listening for Ctrl-C")?;
-            Err(anyhow!("interrupted"))
-        }
-    };
-    // The run's future is gone by now, and with it the command API child.
-    let dropped = databases.drop_all().await;
-    outcome?;
-    dropped
+    tests::bench_kit::run_with_databases(&args.admin_url, async |databases| {
+        run(&args, databases).await
+    })
+    .await
 }
 
 async fn run(args: &Args, databases: &Databases) -> anyhow::Result<()> {
-    if cfg!(debug_assertions) {
-        eprintln!("warning: this is a debug build; run with --release for meaningful figures");
-    }
     let server_version: String = sqlx::query_scalar("SHOW server_version")
         .fetch_one(&databases.admin)
         .await
