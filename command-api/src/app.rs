@@ -13,7 +13,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use event_store::relay::RelayConfig;
+use event_store::relay::{Relay, RelayConfig};
 use event_store::{EventStore, PoolConfig, StoreConfig};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
@@ -162,8 +162,9 @@ impl App {
         // Dropping `stop_relay` (this future dropped) stops it too.
         let relay = self.relay.map(|config| {
             let (stop_relay, relay_stopped) = tokio::sync::oneshot::channel::<()>();
-            let pool = self.state.store.pool().clone();
-            let running = tokio::spawn(event_store::relay::run(pool, config, async move {
+            let store = &self.state.store;
+            let relay = Relay::new(store.pool().clone(), config).woken_by(store.commit_signal());
+            let running = tokio::spawn(relay.run_until(async move {
                 let _ = relay_stopped.await;
             }));
             (stop_relay, running)

@@ -12,6 +12,8 @@
 //! - `fanout`: subjects and partitions of the events published to JetStream.
 //! - `relay`: publishes committed events to JetStream in global order (one
 //!   leader per stream through an advisory lock; checkpoint after the acks).
+//! - `signal`: wake-ups after a commit (in process, or a `NOTIFY` sent
+//!   outside the writing transaction).
 //!
 //! The table layout is postgres-es's plus Souk's columns (see
 //! `migrations/sql`), so cqrs-es tooling can still read it; the write path is
@@ -24,6 +26,7 @@ pub mod global;
 mod load;
 pub mod record;
 pub mod relay;
+pub mod signal;
 pub mod store;
 pub mod verify;
 

@@ -16,8 +16,11 @@
 //! lock lost with its connection) keep the stream in order: each publishes in
 //! order, and the stream keeps the first copy of each event.
 //!
-//! The relay is woken by `NOTIFY souk_events` (written by a trigger on
-//! `events`) and polls as a fallback. Postgres or NATS going away ends
+//! The relay is woken after each commit of events: in process by the
+//! writer's [`CommitSignal`] ([`Relay::woken_by`]), across processes by
+//! `NOTIFY souk_events`, which that signal sends outside the writing
+//! transaction while no relay leads in the writer's process. It polls as a
+//! fallback. Postgres or NATS going away ends
 //! nothing: the relay retries with a bounded backoff, and commands never wait
 //! on it. A long-running event-writing transaction holds the horizon back (see
 //! [`global`]), and with it the relay; `souk_relay_horizon_age_seconds`
@@ -25,6 +28,7 @@
 //!
 //! Metrics (label `stream`): `souk_relay_published_total`,
 //! `souk_relay_duplicates_total`, `souk_relay_checkpoint_position`,
+//! `souk_relay_step_seconds` (label `step`), `souk_relay_batch_events`,
 //! `souk_relay_lag_events`, `souk_relay_horizon_age_seconds`,
 //! `souk_relay_connected`, `souk_relay_leader`.
 
@@ -41,8 +45,9 @@ use tokio::sync::{Notify, watch};
 use crate::fanout;
 use crate::global::{self, RecordedEvent};
 use crate::record::Position;
+use crate::signal::CommitSignal;
 
-/// The channel the `events` trigger notifies after each insert.
+/// The channel writers notify after committing events (see [`CommitSignal`]).
 pub const NOTIFY_CHANNEL: &str = "souk_events";
 
 /// How long JetStream remembers a `Nats-Msg-Id`: a re-publish within this
@@ -292,6 +297,10 @@ pub struct Relay {
     pool: PgPool,
     config: RelayConfig,
     status: watch::Sender<RelayStatus>,
+    /// Woken by commits (notifications, and this process's writers).
+    wake: Arc<Notify>,
+    /// This process's writers, told while this relay leads.
+    writers: Option<CommitSignal>,
 }
 
 /// Runs a relay on `pool` with `config` until `shutdown` completes.
@@ -306,7 +315,24 @@ impl Relay {
             pool,
             config: config.bounded(),
             status: watch::Sender::new(RelayStatus::default()),
+            wake: Arc::new(Notify::new()),
+            writers: None,
         }
+    }
+
+    /// The same relay, woken at once by the commits of `writers` (the event
+    /// store of this process), which stop sending `NOTIFY` while it leads.
+    pub fn woken_by(mut self, writers: &CommitSignal) -> Self {
+        self.wake = writers.local();
+        self.writers = Some(writers.clone());
+        self
+    }
+
+    fn set_leading(&self, leading: bool) {
+        if let Some(writers) = &self.writers {
+            writers.set_consumer_here(leading);
+        }
+        metrics::gauge!("souk_relay_leader", &self.labels()).set(f64::from(u8::from(leading)));
     }
 
     /// Follows this relay's state.
@@ -332,7 +358,7 @@ impl Relay {
             () = self.run_forever() => {}
         }
         if self.status.borrow().role == Role::Leader {
-            metrics::gauge!("souk_relay_leader", &self.labels()).set(0.0);
+            self.set_leading(false);
             metrics::gauge!("souk_relay_connected", &self.labels()).set(0.0);
         }
         self.status.send_modify(|status| {
@@ -344,6 +370,12 @@ impl Relay {
 
     fn labels(&self) -> [(&'static str, String); 1] {
         [("stream", self.config.stream.clone())]
+    }
+
+    /// Records how long a step of a batch took since `started`.
+    fn step_done(&self, step: &'static str, started: Instant) {
+        metrics::histogram!("souk_relay_step_seconds", "stream" => self.config.stream.clone(), "step" => step)
+            .record(started.elapsed().as_secs_f64());
     }
 
     async fn run_forever(&self) {
@@ -369,7 +401,7 @@ impl Relay {
                     backoff.reset();
                     tracing::info!(stream = %self.config.stream, instance = %self.config.instance, "relay took the lead");
                     let ended = self.lead(lock).await;
-                    metrics::gauge!("souk_relay_leader", &self.labels()).set(0.0);
+                    self.set_leading(false);
                     metrics::gauge!("souk_relay_connected", &self.labels()).set(0.0);
                     self.status.send_modify(|status| {
                         status.role = Role::Starting;
@@ -422,11 +454,11 @@ impl Relay {
     async fn lead(&self, mut lock: PgConnection) -> RelayError {
         let config = &self.config;
         let stream = config.stream.as_str();
-        metrics::gauge!("souk_relay_leader", &self.labels()).set(1.0);
+        self.set_leading(true);
         metrics::gauge!("souk_relay_connected", &self.labels()).set(0.0);
         self.status.send_modify(|status| status.role = Role::Leader);
 
-        let wake = Arc::new(Notify::new());
+        let wake = self.wake.clone();
         let _listener = AbortOnDrop(tokio::spawn(listen(self.connect_options(), wake.clone())));
 
         let mut checkpoint = match load_checkpoint(&mut lock, stream).await {
@@ -498,6 +530,7 @@ impl Relay {
                 stream_ready = true;
             }
 
+            let read_at = Instant::now();
             let read = async {
                 let horizon = global::horizon(&self.pool).await?;
                 let events =
@@ -519,7 +552,9 @@ impl Relay {
                 self.idle(&wake, horizon).await;
                 continue;
             }
+            self.step_done("read", read_at);
 
+            let publish_at = Instant::now();
             let duplicates = match self.publish(js, &batch).await {
                 Ok(duplicates) => duplicates,
                 Err(error) => {
@@ -535,10 +570,15 @@ impl Relay {
                 }
             };
 
+            self.step_done("publish", publish_at);
             let last = batch.last().map_or(checkpoint, |event| event.position);
+            let checkpoint_at = Instant::now();
             if let Err(error) = store_checkpoint(&mut lock, stream, last, batch.len()).await {
                 return error;
             }
+            self.step_done("checkpoint", checkpoint_at);
+            metrics::histogram!("souk_relay_batch_events", &self.labels())
+                .record(batch.len() as f64);
             lock_used_at = Instant::now();
             checkpoint = last;
             backoff.reset();
@@ -626,9 +666,9 @@ impl Relay {
             .unwrap_or(Err(PublishFailure::TimedOut))
     }
 
-    /// Waits for a notification or the poll interval. While an event writer
-    /// holds the horizon back, look again soon instead: a writer that
-    /// commits notifies, but one that rolls back does not.
+    /// Waits for a wake-up or the poll interval. While an event writer holds
+    /// the horizon back, look again soon instead: a writer that commits
+    /// wakes the relay, but one that rolls back does not.
     async fn idle(&self, wake: &Notify, horizon: global::Horizon) {
         let wait = if horizon.writer_running {
             self.config.poll_interval.min(HORIZON_RECHECK)
@@ -965,6 +1005,15 @@ fn describe_metrics() {
         metrics::describe_counter!(
             "souk_relay_duplicates_total",
             "Publishes JetStream acknowledged as duplicates (a re-publish after a failure)."
+        );
+        metrics::describe_histogram!(
+            "souk_relay_step_seconds",
+            metrics::Unit::Seconds,
+            "Time of each step of a published batch: `read` (horizon and events), `publish` (until every ack), `checkpoint`."
+        );
+        metrics::describe_histogram!(
+            "souk_relay_batch_events",
+            "Events per published batch."
         );
         metrics::describe_gauge!(
             "souk_relay_checkpoint_position",

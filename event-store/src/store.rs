@@ -42,6 +42,7 @@ use uuid::Uuid;
 use crate::record::{
     ChainedFields, CommandContext, EventMetadata, GENESIS_HASH, Position, now_micros,
 };
+use crate::signal::CommitSignal;
 
 /// Limits of the command executor. Every queue, batch and retry is bounded.
 #[derive(Debug, Clone)]
@@ -381,6 +382,8 @@ struct Inner {
     pool: PgPool,
     config: StoreConfig,
     lanes: Mutex<HashMap<LaneKey, Arc<Lane>>>,
+    /// Wakes the relay after each commit that appended events.
+    commits: CommitSignal,
 }
 
 type StoredResponse = ([u8; 32], u16, Value);
@@ -389,6 +392,7 @@ impl EventStore {
     pub fn new(pool: PgPool, config: StoreConfig) -> Self {
         Self {
             inner: Arc::new(Inner {
+                commits: CommitSignal::new(pool.clone(), crate::relay::NOTIFY_CHANNEL),
                 pool,
                 config,
                 lanes: Mutex::new(HashMap::new()),
@@ -402,6 +406,12 @@ impl EventStore {
 
     pub fn config(&self) -> &StoreConfig {
         &self.inner.config
+    }
+
+    /// Signalled after every commit that appended events: a relay in this
+    /// process should be woken by it (see [`crate::relay::Relay::woken_by`]).
+    pub fn commit_signal(&self) -> &CommitSignal {
+        &self.inner.commits
     }
 
     fn lane(&self, key: &LaneKey) -> Arc<Lane> {
@@ -551,12 +561,18 @@ impl EventStore {
     ) -> Result<Vec<Result<Accepted, ExecError>>, ExecError> {
         let pool = &self.inner.pool;
         let original = take_cached::<A>(slot, pool, id).await?;
-        let mut tx = pool.begin().await.map_err(db_error)?;
         let keys: Vec<&IdempotencyKey> = batch
             .iter()
             .filter_map(|p| p.idempotency.as_ref())
             .collect();
-        let stored = stored_responses(&mut tx, &keys).await?;
+        // A transaction only when there is more than the events to write
+        // (see below); idempotency keys are read in it.
+        let mut tx = None;
+        let mut stored = HashMap::new();
+        if !keys.is_empty() {
+            let tx = tx.insert(pool.begin().await.map_err(db_error)?);
+            stored = stored_responses(tx, &keys).await?;
+        }
 
         enum Plan {
             Done(Result<Accepted, ExecError>),
@@ -614,9 +630,25 @@ impl EventStore {
             drop(tx);
             *slot = Some(Box::new(original));
         } else {
-            let positions = insert_rows(&mut tx, &rows).await?;
+            let timers: Vec<Timer> = plans
+                .iter()
+                .enumerate()
+                .filter(|(_, plan)| matches!(plan, Plan::Write { .. }))
+                .flat_map(|(index, _)| batch[index].reply_with.timers.iter().cloned())
+                .collect();
+            let snapshot_due = self.snapshot_due(original.version, working.version);
+            // The events alone are one INSERT statement, atomic on its own:
+            // without idempotency records, timers or a snapshot, it runs
+            // outside an explicit transaction, one round trip instead of
+            // three (BEGIN and COMMIT were most of the write path's).
+            if tx.is_none() && (!timers.is_empty() || snapshot_due) {
+                tx = Some(pool.begin().await.map_err(db_error)?);
+            }
+            let positions = match tx.as_mut() {
+                Some(tx) => insert_rows(&mut **tx, &rows).await?,
+                None => insert_rows(pool, &rows).await?,
+            };
             let mut records = Vec::new();
-            let mut timers = Vec::new();
             for (index, plan) in plans.iter_mut().enumerate() {
                 if let Plan::Write { last_row } = *plan {
                     let row = &rows[last_row];
@@ -629,15 +661,17 @@ impl EventStore {
                     if let Some(key) = &batch[index].idempotency {
                         records.push((key.clone(), accepted.status, accepted.body.clone()));
                     }
-                    timers.extend(reply_with.timers.iter().cloned());
                     *plan = Plan::Done(Ok(accepted));
                 }
             }
-            insert_idempotency(&mut tx, &records).await?;
-            insert_timers(&mut tx, &timers).await?;
-            self.maybe_snapshot(&mut tx, A::TYPE, id, original.version, &working)
-                .await?;
-            tx.commit().await.map_err(db_error)?;
+            if let Some(mut tx) = tx {
+                insert_idempotency(&mut tx, &records).await?;
+                insert_timers(&mut tx, &timers).await?;
+                self.maybe_snapshot(&mut tx, A::TYPE, id, original.version, &working)
+                    .await?;
+                tx.commit().await.map_err(db_error)?;
+            }
+            self.inner.commits.committed();
             metrics::counter!("souk_events_appended_total", "aggregate" => A::TYPE)
                 .increment(rows.len() as u64);
             *slot = Some(Box::new(working));
@@ -661,6 +695,13 @@ impl EventStore {
         Ok(results)
     }
 
+    /// Whether going from `from_version` to `to_version` passes a multiple
+    /// of `snapshot_every`, so a snapshot is written.
+    fn snapshot_due(&self, from_version: i64, to_version: i64) -> bool {
+        let every = self.inner.config.snapshot_every.max(1);
+        to_version / every != from_version / every
+    }
+
     async fn maybe_snapshot<A: Decide>(
         &self,
         tx: &mut Transaction<'static, Postgres>,
@@ -669,8 +710,7 @@ impl EventStore {
         from_version: i64,
         cached: &Cached<A>,
     ) -> Result<(), ExecError> {
-        let every = self.inner.config.snapshot_every.max(1);
-        if cached.version / every == from_version / every {
+        if !self.snapshot_due(from_version, cached.version) {
             return Ok(());
         }
         let payload = serde_json::to_value(&cached.state)
@@ -792,7 +832,7 @@ impl EventStore {
                 let positions = if rows.is_empty() {
                     Vec::new()
                 } else {
-                    insert_rows(&mut tx, &rows).await?
+                    insert_rows(&mut *tx, &rows).await?
                 };
                 let mut committed = Committed::default();
                 for (row, position) in rows.iter().zip(&positions) {
@@ -831,6 +871,7 @@ impl EventStore {
                         **guard = Some(entry.working);
                     }
                     if !rows.is_empty() {
+                        self.inner.commits.committed();
                         metrics::counter!("souk_events_appended_total", "aggregate" => "multi")
                             .increment(rows.len() as u64);
                     }
@@ -992,7 +1033,7 @@ async fn insert_idempotency(
 
 /// Inserts `rows` and returns the position of each, in order.
 async fn insert_rows(
-    tx: &mut Transaction<'static, Postgres>,
+    executor: impl sqlx::PgExecutor<'_>,
     rows: &[NewRow],
 ) -> Result<Vec<Position>, ExecError> {
     let types: Vec<&str> = rows.iter().map(|r| r.aggregate_type).collect();
@@ -1029,7 +1070,7 @@ async fn insert_rows(
     .bind(&event_ids)
     .bind(&prev_hashes)
     .bind(&hashes)
-    .fetch_all(&mut **tx)
+    .fetch_all(executor)
     .await
     .map_err(db_error)?;
     let by_row: HashMap<(String, String, i64), Position> = inserted

@@ -259,6 +259,12 @@ pub async fn rebuild(
             .context("queueing the listings for the search index")?;
     }
     tx.commit().await.context("committing the swap")?;
+    if kind == Kind::Listings
+        && let Err(error) = crate::search::notify_pending(pool).await
+    {
+        // The indexer also polls: it only starts later.
+        tracing::warn!(%error, "cannot wake the search indexer");
+    }
     let _ = guard.close().await;
     report.swapped = true;
     tracing::info!(

@@ -72,6 +72,7 @@ use async_nats::jetstream::{self, Message};
 use chrono::{DateTime, Utc};
 use event_store::Position;
 use event_store::global::RecordedEvent;
+use event_store::signal::CommitSignal;
 use futures::StreamExt;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Connection, PgConnection};
@@ -131,6 +132,9 @@ struct Shared {
     jetstream: jetstream::Context,
     /// The relay's checkpoint, as [`watch_relay`] last read it.
     relay_mark: watch::Sender<Option<Position>>,
+    /// Signalled after each listings batch that applied events: the search
+    /// indexer has listings to index.
+    search_pending: CommitSignal,
 }
 
 /// A projector ready to run: connected, migrated, its stream ensured.
@@ -210,6 +214,7 @@ pub async fn build(config: ProjectorConfig) -> anyhow::Result<Projector> {
             connect_options,
             jetstream,
             relay_mark: watch::Sender::new(None),
+            search_pending: CommitSignal::new(pool.clone(), crate::search::CHANNEL),
         }),
         pool,
         kinds,
@@ -266,6 +271,7 @@ impl Projector {
             &self.shared.config.search,
             &self.shared.connect_options,
             &self.kinds,
+            &self.shared.search_pending,
             stopped.clone(),
         );
         tracing::info!(
@@ -812,6 +818,9 @@ impl Partition {
         .await
         .context("moving the checkpoint")?;
         tx.commit().await.context("committing the batch")?;
+        if kind == Kind::Listings && applied > 0 {
+            self.shared.search_pending.committed();
+        }
 
         let labels = self.labels();
         let now = Utc::now();

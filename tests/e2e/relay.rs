@@ -2,7 +2,8 @@
 //! JetStream in global order on their type and partition subjects; a
 //! transaction held open holds the relay back (visibly) without making it
 //! skip; a NATS outage loses and duplicates nothing; two relays on one stream
-//! publish through one leader and hand over.
+//! publish through one leader and hand over; a commit wakes the relay, in
+//! its process or another.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -384,4 +385,66 @@ async fn two_relays_on_one_stream_publish_through_one_leader_that_hands_over() {
 
     stop_second.send(()).unwrap();
     second_running.await.unwrap();
+}
+
+/// The fallback poll of the relays of the two tests below: far longer than
+/// their waits, so only a wake-up can publish in time.
+const POLL_NEVER_MS: u64 = 60_000;
+/// How long those tests give a woken relay.
+const WOKEN_WITHIN: Duration = Duration::from_secs(20);
+
+/// Opens a wallet through `app`, then waits (at most [`WOKEN_WITHIN`]) until
+/// `stream` holds every event committed so far.
+async fn open_wallet_and_wait_for_the_stream(app: &TestApp, stream: &str) {
+    let opened = app
+        .post(
+            "/wallets",
+            Some(&User::new("buyer")),
+            &json!({"currency": "EUR"}),
+        )
+        .await;
+    assert_eq!(opened.status, 201, "{:?}", opened.body);
+    let committed: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&app.db.pool().await)
+        .await
+        .unwrap();
+    wait_for_messages(&app.nats_url, stream, committed as usize, WOKEN_WITHIN)
+        .await
+        .expect("the relay was woken by the commit");
+}
+
+#[tokio::test]
+async fn a_commit_wakes_the_relay_of_its_own_process_without_waiting_for_the_poll() {
+    let app = spawn_app_on(TestDb::empty().await, |config| {
+        config.relay_poll_ms = POLL_NEVER_MS;
+    })
+    .await;
+    // The first wallet may be published by the relay's first read; the
+    // second commits while the relay idles.
+    open_wallet_and_wait_for_the_stream(&app, &app.stream).await;
+    open_wallet_and_wait_for_the_stream(&app, &app.stream).await;
+}
+
+#[tokio::test]
+async fn a_commit_wakes_a_relay_of_another_process_through_a_notification() {
+    let stream = TestStream::new(&nats_url());
+    let app = spawn_app_on(TestDb::empty().await, |config| {
+        config.relay = false;
+    })
+    .await;
+    // Not given the command API's commit signal, as in another process: it
+    // hears of commits only through `NOTIFY souk_events`.
+    let mut config = RelayConfig::new(nats_url(), &stream.name);
+    config.poll_interval = Duration::from_millis(POLL_NEVER_MS);
+    let relay = Relay::new(app.db.pool().await, config);
+    let mut status = relay.status();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let running = tokio::spawn(relay.run_until(async move {
+        let _ = stopped.await;
+    }));
+    wait_for_role(&mut status, Role::Leader).await;
+    open_wallet_and_wait_for_the_stream(&app, &stream.name).await;
+    open_wallet_and_wait_for_the_stream(&app, &stream.name).await;
+    let _ = stop.send(());
+    running.await.unwrap();
 }

@@ -12,8 +12,11 @@
 //!   without a row is removed), waits until the index has made them durable,
 //!   and then deletes the rows whose `seq` it read. A crash anywhere leaves
 //!   the rows to be indexed again, which is harmless: a write replaces a
-//!   document by id. It wakes on a notification sent by [`enqueue`] (and
-//!   polls every [`IDLE_POLL`] in case one was lost), and after a commit
+//!   document by id. It wakes when a listings batch has committed (in
+//!   process through a [`CommitSignal`], from other processes on
+//!   `NOTIFY souk_search_pending`, sent outside the writing transaction; see
+//!   `event_store::signal`), polls every [`IDLE_POLL`] in case a wake-up was
+//!   lost, and after a commit
 //!   pauses [`COMMIT_INTERVAL_MIN`] so changes arriving meanwhile share the
 //!   next one.
 //! - At start, an index that misses listings (fewer documents than listings
@@ -35,6 +38,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use event_store::Position;
+use event_store::signal::CommitSignal;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::{Connection as _, PgConnection};
 use tokio::sync::watch;
@@ -52,8 +56,8 @@ pub const DRAIN_BATCH: i64 = 500;
 pub const COMMIT_INTERVAL_MIN: Duration = Duration::from_millis(100);
 /// How often an idle indexer looks for pending rows without a notification.
 pub const IDLE_POLL: Duration = Duration::from_secs(1);
-/// The notification channel [`enqueue`] signals.
-const CHANNEL: &str = "souk_search_pending";
+/// The notification channel that wakes the indexer.
+pub const CHANNEL: &str = "souk_search_pending";
 /// The longest pause after a failed indexer session.
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Bound on connecting to Postgres.
@@ -95,21 +99,22 @@ pub(crate) async fn enqueue(
     .bind(&transactions)
     .bind(&positions)
     .execute(&mut *conn)
-    .await?;
-    notify(conn).await
+    .await
+    .map(drop)
 }
 
-/// Wakes the indexer when the caller's transaction commits.
-async fn notify(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+/// Wakes the indexer, wherever it runs. Call it after the transaction that
+/// queued listings committed, not in it (see `event_store::signal`).
+pub async fn notify_pending(pool: &PgPool) -> Result<(), sqlx::Error> {
     sqlx::query("SELECT pg_notify($1, '')")
         .bind(CHANNEL)
-        .execute(conn)
+        .execute(pool)
         .await
         .map(drop)
 }
 
 /// Marks every listing as pending at `at` (a full reindex), in the caller's
-/// transaction.
+/// transaction; [`notify_pending`] after it commits wakes the indexer.
 pub async fn enqueue_all(conn: &mut PgConnection, at: Position) -> Result<u64, sqlx::Error> {
     let done = sqlx::query(&format!(
         "INSERT INTO public.search_pending (listing_id, transaction_id, position)
@@ -119,7 +124,6 @@ pub async fn enqueue_all(conn: &mut PgConnection, at: Position) -> Result<u64, s
     .bind(at.position)
     .execute(&mut *conn)
     .await?;
-    notify(conn).await?;
     Ok(done.rows_affected())
 }
 
@@ -162,6 +166,8 @@ impl Pending {
 pub struct Indexer {
     search: SearchConfig,
     connect_options: PgConnectOptions,
+    /// Signalled by this process's listings batches.
+    pending: CommitSignal,
 }
 
 /// Starts the indexer when this projector runs the listings projection and
@@ -170,6 +176,7 @@ pub(crate) fn spawn_indexer(
     search: &SearchConfig,
     connect_options: &PgConnectOptions,
     kinds: &[Kind],
+    pending: &CommitSignal,
     stop: watch::Receiver<bool>,
 ) -> Option<JoinHandle<()>> {
     if search.backend == SearchBackend::Off || !kinds.contains(&Kind::Listings) {
@@ -178,6 +185,7 @@ pub(crate) fn spawn_indexer(
     let indexer = Indexer {
         search: search.clone(),
         connect_options: connect_options.clone(),
+        pending: pending.clone(),
     };
     Some(tokio::spawn(indexer.run(stop)))
 }
@@ -188,7 +196,9 @@ impl Indexer {
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let mut backoff = Duration::from_millis(100);
         while !*stop.borrow() {
-            match self.session(&mut stop).await {
+            let session = self.session(&mut stop).await;
+            self.pending.set_consumer_here(false);
+            match session {
                 Ok(()) => break,
                 Err(error) => {
                     metrics::counter!("souk_search_indexer_errors_total").increment(1);
@@ -233,6 +243,10 @@ impl Indexer {
             .await
             .context("listening for pending listings")?;
         listener.listen(CHANNEL).await?;
+        // This process's listings batches need not notify while this
+        // session indexes: they wake it directly.
+        self.pending.set_consumer_here(true);
+        let woken = self.pending.local();
         reconcile(&pool, &*index).await?;
         tracing::info!(backend = ?self.search.backend, "search indexer running");
         loop {
@@ -256,6 +270,7 @@ impl Indexer {
             tokio::select! {
                 _ = stop.wait_for(|stop| *stop) => return Ok(()),
                 notified = listener.recv() => { notified.context("waiting for pending listings")?; }
+                () = woken.notified() => {}
                 () = tokio::time::sleep(IDLE_POLL) => {}
             }
         }
