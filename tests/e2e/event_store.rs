@@ -484,3 +484,61 @@ async fn a_refused_command_writes_nothing_and_keeps_the_cache_right() {
     assert_eq!(count, 3);
     assert!(state.exists());
 }
+
+/// Writers the test below runs at once, and events each commits (one per
+/// statement, outside an explicit transaction, like a plain command).
+const RACING_WRITERS: usize = 6;
+const EVENTS_PER_WRITER: i64 = 400;
+
+#[tokio::test]
+async fn a_reader_racing_many_committing_writers_reads_every_event_once_in_order() {
+    let db = TestDb::migrated().await;
+    let pool = db.pool().await;
+    let writers: Vec<_> = (0..RACING_WRITERS)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let id = Uuid::now_v7().to_string();
+                let mut conn = pool.acquire().await.unwrap();
+                for sequence in 1..=EVENTS_PER_WRITER {
+                    insert_probe(&mut conn, &id, sequence).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    // The reader reads as fast as it can while they commit: each read is a
+    // chance to pass an event that commits a moment later. Once they are
+    // done it reads what is left.
+    let mut read = Vec::new();
+    let mut after = Position::START;
+    loop {
+        let writing = !writers.iter().all(|writer| writer.is_finished());
+        let events = read_after(&pool, after, 500).await.unwrap();
+        if events.is_empty() && !writing {
+            break;
+        }
+        if let Some(last) = events.last() {
+            after = last.position;
+        }
+        read.extend(events.into_iter().map(|event| event.position));
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let committed: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT transaction_id::text::bigint, position FROM events
+          ORDER BY transaction_id, position",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let committed: Vec<Position> = committed
+        .into_iter()
+        .map(|(transaction_id, position)| Position {
+            transaction_id: transaction_id as u64,
+            position,
+        })
+        .collect();
+    assert_eq!(read.len(), committed.len(), "every event read once");
+    assert_eq!(read, committed, "in the global order, none skipped");
+}
