@@ -85,8 +85,13 @@ use crate::park::{DeadLetter, park};
 
 /// Bound on connecting to Postgres or NATS.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Bound on one fetch of messages that are already waiting.
-const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on one fetch of messages that are already waiting. Such a fetch
+/// answers in milliseconds, but nats-server 2.9 now and then never ends one
+/// (read-bench saw two partitions hang at once at the end of a burst); the
+/// partition then starts a new session from its checkpoint. Kept well under
+/// the query API's read-your-writes timeout, so a hung fetch costs a delay,
+/// not a 503.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long JetStream waits for an ack before delivering a message again.
 const ACK_WAIT: Duration = Duration::from_secs(60);
 /// How long a stopping projector lets its partitions finish their batch.
