@@ -82,6 +82,7 @@ use tokio::task::JoinSet;
 use crate::config::ProjectorConfig;
 use crate::engine::{Kind, apply_isolated, apply_unguarded, is_data_error};
 use crate::park::{DeadLetter, park};
+use crate::search::SearchBackend;
 
 /// Bound on connecting to Postgres or NATS.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -823,7 +824,10 @@ impl Partition {
         .await
         .context("moving the checkpoint")?;
         tx.commit().await.context("committing the batch")?;
-        if kind == Kind::Listings && applied > 0 {
+        if kind == Kind::Listings
+            && applied > 0
+            && self.shared.config.search.backend != SearchBackend::Off
+        {
             self.shared.search_pending.committed();
         }
 
