@@ -303,11 +303,6 @@ pub struct Relay {
     writers: Option<CommitSignal>,
 }
 
-/// Runs a relay on `pool` with `config` until `shutdown` completes.
-pub async fn run(pool: PgPool, config: RelayConfig, shutdown: impl Future<Output = ()>) {
-    Relay::new(pool, config).run_until(shutdown).await;
-}
-
 impl Relay {
     pub fn new(pool: PgPool, config: RelayConfig) -> Self {
         describe_metrics();

@@ -109,18 +109,21 @@ impl CommitSignal {
     }
 }
 
-/// Sends one `NOTIFY` per wake-up until every sender is gone. The statement
-/// runs in a transaction of its own that writes nothing, so it neither waits
-/// on nor adds a WAL flush.
+/// Sends `NOTIFY channel` on `pool`, in a transaction of its own that writes
+/// nothing, so it neither waits on nor adds a WAL flush. Call it after the
+/// commit the consumers should hear of, never inside that transaction.
+pub async fn notify(pool: &PgPool, channel: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(channel)
+        .execute(pool)
+        .await
+        .map(drop)
+}
+
+/// Sends one `NOTIFY` per wake-up until every sender is gone.
 async fn send_notifications(pool: PgPool, channel: &'static str, mut due: mpsc::Receiver<()>) {
     while due.recv().await.is_some() {
-        let sent = tokio::time::timeout(
-            NOTIFY_TIMEOUT,
-            sqlx::query("SELECT pg_notify($1, '')")
-                .bind(channel)
-                .execute(&pool),
-        )
-        .await;
+        let sent = tokio::time::timeout(NOTIFY_TIMEOUT, notify(&pool, channel)).await;
         match sent {
             Ok(Ok(_)) => {}
             Ok(Err(error)) => tracing::debug!(channel, %error, "cannot send a commit notification"),

@@ -260,7 +260,7 @@ pub async fn rebuild(
     }
     tx.commit().await.context("committing the swap")?;
     if kind == Kind::Listings
-        && let Err(error) = crate::search::notify_pending(pool).await
+        && let Err(error) = event_store::signal::notify(pool, crate::search::CHANNEL).await
     {
         // The indexer also polls: it only starts later.
         tracing::warn!(%error, "cannot wake the search indexer");

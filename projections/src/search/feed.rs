@@ -16,9 +16,8 @@
 //!   process through a [`CommitSignal`], from other processes on
 //!   `NOTIFY souk_search_pending`, sent outside the writing transaction; see
 //!   `event_store::signal`), polls every [`IDLE_POLL`] in case a wake-up was
-//!   lost, and after a commit
-//!   pauses [`COMMIT_INTERVAL_MIN`] so changes arriving meanwhile share the
-//!   next one.
+//!   lost, and after a commit pauses [`COMMIT_INTERVAL_MIN`] so changes
+//!   arriving meanwhile share the next one.
 //! - At start, an index that misses listings (fewer documents than listings
 //!   neither indexed nor pending, e.g. a new index directory or document
 //!   version) is refilled by [`enqueue_all`]; one holding more documents
@@ -103,18 +102,9 @@ pub(crate) async fn enqueue(
     .map(drop)
 }
 
-/// Wakes the indexer, wherever it runs. Call it after the transaction that
-/// queued listings committed, not in it (see `event_store::signal`).
-pub async fn notify_pending(pool: &PgPool) -> Result<(), sqlx::Error> {
-    sqlx::query("SELECT pg_notify($1, '')")
-        .bind(CHANNEL)
-        .execute(pool)
-        .await
-        .map(drop)
-}
-
 /// Marks every listing as pending at `at` (a full reindex), in the caller's
-/// transaction; [`notify_pending`] after it commits wakes the indexer.
+/// transaction; `event_store::signal::notify` on [`CHANNEL`] after it commits
+/// wakes the indexer.
 pub async fn enqueue_all(conn: &mut PgConnection, at: Position) -> Result<u64, sqlx::Error> {
     let done = sqlx::query(&format!(
         "INSERT INTO public.search_pending (listing_id, transaction_id, position)

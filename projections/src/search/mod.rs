@@ -26,7 +26,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 pub use embedded::Embedded;
-pub use feed::{CHANNEL, Indexer, enqueue_all, notify_pending};
+pub use feed::{CHANNEL, Indexer, enqueue_all};
 pub(crate) use feed::{enqueue, spawn_indexer};
 pub use meili::{Meili, filter_expression};
 
