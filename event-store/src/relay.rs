@@ -473,6 +473,7 @@ impl Relay {
         let mut stall = Stall::new(config.stall_warn_after);
         let mut observed_at: Option<Instant> = None;
         let mut lock_used_at = Instant::now();
+        let mut prefetched = None;
 
         loop {
             if observed_at.is_none_or(|at| at.elapsed() >= config.metrics_interval) {
@@ -525,15 +526,14 @@ impl Relay {
                 stream_ready = true;
             }
 
-            let read_at = Instant::now();
-            let read = async {
-                let horizon = global::horizon(&self.pool).await?;
-                let events =
-                    global::read_below(&self.pool, checkpoint, horizon, config.batch_max as i64)
-                        .await?;
-                Ok::<_, sqlx::Error>((horizon, events))
+            // A batch read while the previous one was being published
+            // starts right after the checkpoint just stored, as a read now
+            // would.
+            let read = match prefetched.take() {
+                Some(read) => Ok(read),
+                None => self.read_after(checkpoint).await,
             };
-            let (horizon, batch) = match bounded("reading the global order", read).await {
+            let (horizon, batch) = match read {
                 Ok(read) => read,
                 Err(error) => {
                     if failing.ready() {
@@ -547,10 +547,22 @@ impl Relay {
                 self.idle(&wake, horizon).await;
                 continue;
             }
-            self.step_done("read", read_at);
 
+            // A full batch says more events wait: read the next batch while
+            // this one's acks come back. It is only used once this batch's
+            // checkpoint is stored; a failure on the way drops it.
+            let last = batch.last().map_or(checkpoint, |event| event.position);
+            let full = batch.len() >= config.batch_max;
+            let read_ahead = async {
+                if full {
+                    self.read_after(last).await.ok()
+                } else {
+                    None
+                }
+            };
             let publish_at = Instant::now();
-            let duplicates = match self.publish(js, &batch).await {
+            let (published, read_ahead) = tokio::join!(self.publish(js, &batch), read_ahead);
+            let duplicates = match published {
                 Ok(duplicates) => duplicates,
                 Err(error) => {
                     if matches!(&error, PublishFailure::Nats(kind, _) if *kind == PublishErrorKind::StreamNotFound)
@@ -566,7 +578,6 @@ impl Relay {
             };
 
             self.step_done("publish", publish_at);
-            let last = batch.last().map_or(checkpoint, |event| event.position);
             let checkpoint_at = Instant::now();
             if let Err(error) = store_checkpoint(&mut lock, stream, last, batch.len()).await {
                 return error;
@@ -587,10 +598,31 @@ impl Relay {
                 status.published += batch.len() as u64;
                 status.duplicates += duplicates;
             });
-            if batch.len() < config.batch_max {
+            prefetched = read_ahead;
+            if !full {
                 self.idle(&wake, horizon).await;
             }
         }
+    }
+
+    /// The next batch of the global order after `after`, below the horizon.
+    async fn read_after(
+        &self,
+        after: Position,
+    ) -> Result<(global::Horizon, Vec<RecordedEvent>), RelayError> {
+        let read_at = Instant::now();
+        let read = async {
+            let horizon = global::horizon(&self.pool).await?;
+            let events =
+                global::read_below(&self.pool, after, horizon, self.config.batch_max as i64)
+                    .await?;
+            Ok::<_, sqlx::Error>((horizon, events))
+        };
+        let read = bounded("reading the global order", read).await?;
+        if !read.1.is_empty() {
+            self.step_done("read", read_at);
+        }
+        Ok(read)
     }
 
     async fn connect_nats(&self) -> Result<(async_nats::Client, jetstream::Context), RelayError> {
