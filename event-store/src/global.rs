@@ -43,6 +43,38 @@ use uuid::Uuid;
 
 use crate::record::Position;
 
+/// A JSON document kept as the text it was stored as (the `json` columns
+/// `payload` and `metadata` keep their text verbatim). The relay passes it
+/// to JetStream without parsing it, and each reader parses it into what it
+/// needs ([`StoredJson::parse`]). Two documents are equal when their texts
+/// are.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct StoredJson(Box<serde_json::value::RawValue>);
+
+impl StoredJson {
+    /// Checks that `text` is one JSON document and keeps it as it is.
+    pub fn from_text(text: String) -> Result<Self, serde_json::Error> {
+        serde_json::value::RawValue::from_string(text).map(Self)
+    }
+
+    /// The document's text.
+    pub fn text(&self) -> &str {
+        self.0.get()
+    }
+
+    /// The document parsed as `T`.
+    pub fn parse<'a, T: serde::Deserialize<'a>>(&'a self) -> Result<T, serde_json::Error> {
+        serde_json::from_str(self.0.get())
+    }
+}
+
+impl PartialEq for StoredJson {
+    fn eq(&self, other: &Self) -> bool {
+        self.text() == other.text()
+    }
+}
+
 /// An event as read from the global order. Serialized as JSON, it is also
 /// the body of the message the relay publishes to JetStream.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -53,8 +85,8 @@ pub struct RecordedEvent {
     pub sequence: i64,
     pub event_type: String,
     pub event_version: String,
-    pub payload: serde_json::Value,
-    pub metadata: serde_json::Value,
+    pub payload: StoredJson,
+    pub metadata: StoredJson,
     pub recorded_at: DateTime<Utc>,
     pub event_id: Uuid,
 }
@@ -67,8 +99,8 @@ type Row = (
     i64,
     String,
     String,
-    serde_json::Value,
-    serde_json::Value,
+    String,
+    String,
     DateTime<Utc>,
     Uuid,
 );
@@ -169,7 +201,7 @@ pub async fn read_below(
     }
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT transaction_id::text::bigint, position, aggregate_type, aggregate_id, sequence,
-                event_type, event_version, payload::jsonb, metadata::jsonb, recorded_at, event_id
+                event_type, event_version, payload::text, metadata::text, recorded_at, event_id
            FROM events
           WHERE (transaction_id, position) > ($1::text::xid8, $2)
             AND transaction_id < $4::text::xid8
@@ -185,8 +217,7 @@ pub async fn read_below(
     .bind(horizon.below.to_string())
     .fetch_all(pool)
     .await?;
-    Ok(rows
-        .into_iter()
+    rows.into_iter()
         .map(
             |(
                 xid,
@@ -201,7 +232,11 @@ pub async fn read_below(
                 recorded_at,
                 event_id,
             )| {
-                RecordedEvent {
+                let json = |text| {
+                    StoredJson::from_text(text)
+                        .map_err(|error| sqlx::Error::Decode(Box::new(error)))
+                };
+                Ok(RecordedEvent {
                     position: Position {
                         transaction_id: xid as u64,
                         position,
@@ -211,14 +246,14 @@ pub async fn read_below(
                     sequence,
                     event_type,
                     event_version,
-                    payload,
-                    metadata,
+                    payload: json(payload)?,
+                    metadata: json(metadata)?,
                     recorded_at,
                     event_id,
-                }
+                })
             },
         )
-        .collect())
+        .collect()
 }
 
 /// How far the horizon lags: the age in seconds of the oldest event-writing

@@ -141,7 +141,7 @@ pub(crate) type Refused = (usize, ApplyError);
 pub(crate) fn parse_event<E: DeserializeOwned + DomainEvent>(
     event: &RecordedEvent,
 ) -> Result<E, ApplyError> {
-    let parsed = E::deserialize(&event.payload).map_err(|error| {
+    let parsed = event.payload.parse::<E>().map_err(|error| {
         ApplyError::new(format!(
             "the payload of {} {} is not a {} event: {error}",
             event.aggregate_type, event.event_type, event.aggregate_type

@@ -174,8 +174,8 @@ fn entry_of(payload: TimelineEvent) -> Result<(String, Value), ApplyError> {
 
 /// The actor recorded in an event's metadata, when it is a user.
 fn actor_of(event: &RecordedEvent) -> Option<Uuid> {
-    event
-        .metadata
+    let metadata: Value = event.metadata.parse().ok()?;
+    metadata
         .get("actor_id")
         .and_then(Value::as_str)
         .and_then(|id| Uuid::parse_str(id).ok())

@@ -515,8 +515,9 @@ impl Recipients {
         // `{"<EventType>": {...}}`.
         let body = event
             .payload
-            .get(&event.event_type)
-            .cloned()
+            .parse::<Value>()
+            .ok()
+            .and_then(|mut payload| payload.get_mut(&event.event_type).map(Value::take))
             .unwrap_or(Value::Null);
         let result = match aggregate_type {
             "Order" => {

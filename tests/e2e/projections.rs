@@ -684,7 +684,7 @@ async fn a_poison_event_is_parked_and_visible_and_the_projection_goes_on() {
     let wallet = app.funded_wallet(&seller, "EUR", 1_000).await;
     let listing = app.listing(&seller, 2_500, 3, Some(wallet)).await;
 
-    // Three events no projection can apply: a deposit into a wallet that was
+    // Events no projection can apply: a deposit into a wallet that was
     // never opened, an event type nobody knows, and a stock Postgres cannot
     // store (beyond `integer`), which only the database refuses.
     let unknown_wallet = insert_raw_event(
@@ -709,6 +709,17 @@ async fn a_poison_event_is_parked_and_visible_and_the_projection_goes_on() {
         listing,
         "StockSet",
         json!({"StockSet": {"quantity": 3_000_000_000u32, "available": 3_000_000_000u32}}),
+    )
+    .await;
+    // A payload Postgres stores as `json` but cannot turn into `jsonb` (it
+    // holds a NUL character): the relay passes it through as it is, and the
+    // projection parks it with the NUL made storable.
+    let nul = insert_raw_event(
+        &side.pool,
+        "Wallet",
+        Uuid::now_v7(),
+        "FundsDeposited",
+        json!({"FundsDeposited": {"amount": 5, "reference": "nul \u{0} byte", "available": 5}}),
     )
     .await;
     // And a message on the stream that is not an event at all.
@@ -753,6 +764,16 @@ async fn a_poison_event_is_parked_and_visible_and_the_projection_goes_on() {
             .clone()
     };
     assert!(letter("wallets", unknown_wallet).3.contains("never opened"));
+    assert!(letter("wallets", nul).3.contains("never opened"));
+    let parked: Value = sqlx::query_scalar("SELECT envelope FROM dead_letters WHERE event_id = $1")
+        .bind(nul)
+        .fetch_one(&side.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        parked["payload"]["FundsDeposited"]["reference"],
+        "nul \u{FFFD} byte"
+    );
     let (_, _, event_type, error) = letter("wallets", unknown_type);
     assert_eq!(event_type, "WalletExploded");
     assert!(error.contains("is not a Wallet event"), "{error}");
@@ -774,7 +795,7 @@ async fn a_poison_event_is_parked_and_visible_and_the_projection_goes_on() {
          (listings reads the whole partition; orders and timelines only their own type)"
     );
     assert_eq!(malformed[0].1["body"], "this is not an event");
-    assert_eq!(letters.len(), 3 + 2);
+    assert_eq!(letters.len(), 4 + 2);
     // Counted in metrics (the process-wide recorder the command API installs;
     // other tests may count more).
     let rendered = command_api::telemetry::metrics_handle().render();
@@ -789,7 +810,7 @@ async fn a_poison_event_is_parked_and_visible_and_the_projection_goes_on() {
             .and_then(|value| value.parse().ok())
             .unwrap_or(0.0)
     };
-    assert!(counted("wallets") >= 3.0, "{rendered}");
+    assert!(counted("wallets") >= 4.0, "{rendered}");
     assert!(counted("listings") >= 2.0, "{rendered}");
 
     let (available, stock): (i64, i32) = sqlx::query_as(
@@ -810,7 +831,7 @@ async fn a_poison_event_is_parked_and_visible_and_the_projection_goes_on() {
         .fetch_one(&side.pool)
         .await
         .unwrap();
-    assert_eq!(parked_again, 5);
+    assert_eq!(parked_again, 6);
     side.stop().await;
 }
 
