@@ -21,8 +21,9 @@ use event_store::PoolConfig;
 use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
+use uuid::Uuid;
 
-use crate::catch_up::{CatchUp, Projection};
+use crate::catch_up::{CatchUp, Projection, Scope};
 use crate::config::Config;
 use crate::notifications::Notifications;
 use projections::search::SearchIndex;
@@ -56,15 +57,39 @@ impl FromRef<AppState> for Arc<JwtVerifier> {
 }
 
 impl AppState {
-    /// Waits for `projections` to include `after`, when the request names a
-    /// position (see `catch_up`).
+    /// Waits for every partition of `projections` to include `after`, when
+    /// the request names a position (see `catch_up`): for reads that span
+    /// aggregates.
     pub async fn read_after(
         &self,
         after: Option<event_store::Position>,
         projections: &[Projection],
     ) -> Result<(), ApiError> {
         match after {
-            Some(position) => self.catch_up.wait(projections, position).await,
+            Some(position) => self.catch_up.wait(projections, Scope::All, position).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Waits for the partition of `aggregate_id` in `projections` to include
+    /// `after`: for reads of rows that only that aggregate's events write
+    /// (see [`Scope::Partition`]).
+    pub async fn read_after_of(
+        &self,
+        after: Option<event_store::Position>,
+        projections: &[Projection],
+        aggregate_id: Uuid,
+    ) -> Result<(), ApiError> {
+        match after {
+            Some(position) => {
+                let partition = event_store::fanout::partition_of(
+                    &aggregate_id.to_string(),
+                    self.catch_up.partitions(),
+                );
+                self.catch_up
+                    .wait(projections, Scope::Partition(partition), position)
+                    .await
+            }
             None => Ok(()),
         }
     }

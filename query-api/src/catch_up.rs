@@ -8,6 +8,13 @@
 //! partition is idle). A partition without a row has applied nothing. Events
 //! are ordered by `(transaction_id, position)`, so is the comparison.
 //!
+//! A read of one aggregate's rows (`/listings/{id}`, `/orders/{id}`,
+//! `/wallets/{id}`, `/products/{id}/timeline`) waits only for the partition
+//! of that aggregate ([`Scope::Partition`]); the projector applies a
+//! partition's events in order, so those rows then hold the write. Reads
+//! that span aggregates wait for every partition ([`Scope::All`]), which can
+//! take a moment longer: an idle partition first has to raise its watermark.
+//!
 //! A request first checks the checkpoints: it reads them itself, unless
 //! other requests are waiting, in which case the poller below refreshes a
 //! snapshot every `poll` and that snapshot is enough (under load this saves
@@ -83,21 +90,60 @@ impl Projection {
     }
 }
 
-/// How far each projection has caught up: the least caught-up position over
-/// its partitions, `None` while a partition has no checkpoint.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct CaughtUp([Option<Position>; 4]);
+/// Which partitions of a projection a read depends on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Every partition: reads that span aggregates (lists, filters, stats,
+    /// search, notifications).
+    All,
+    /// One partition: a read of rows that only the events of one aggregate
+    /// (or of aggregates sharing its id, as a listing and its stock pool do)
+    /// write. Every event of an aggregate goes to its partition, in order, so
+    /// that partition having caught up with a position means the rows
+    /// include every write of that aggregate up to it, whatever the other
+    /// partitions are doing.
+    Partition(u32),
+}
+
+/// How far each partition of each projection has caught up; `None` for a
+/// partition without a checkpoint row (it has applied nothing).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CaughtUp([Vec<Option<Position>>; 4]);
 
 impl CaughtUp {
+    /// The least caught-up position over the projection's partitions,
+    /// `None` while a partition has no checkpoint.
     pub fn of(&self, projection: Projection) -> Option<Position> {
-        self.0[projection.index()]
+        let marks = &self.0[projection.index()];
+        if marks.is_empty() {
+            return None;
+        }
+        marks
+            .iter()
+            .copied()
+            .try_fold(None, |least: Option<Position>, mark| {
+                mark.map(|mark| Some(least.map_or(mark, |least| least.min(mark))))
+            })
+            .flatten()
     }
 
-    /// Whether every one of `projections` includes `target`.
-    pub fn covers(&self, projections: &[Projection], target: Position) -> bool {
-        projections
-            .iter()
-            .all(|projection| self.of(*projection).is_some_and(|caught| caught >= target))
+    /// How far `scope` of `projection` has caught up.
+    pub fn of_scope(&self, projection: Projection, scope: Scope) -> Option<Position> {
+        match scope {
+            Scope::All => self.of(projection),
+            Scope::Partition(partition) => self.0[projection.index()]
+                .get(partition as usize)
+                .copied()
+                .flatten(),
+        }
+    }
+
+    /// Whether `scope` of every one of `projections` includes `target`.
+    pub fn covers(&self, projections: &[Projection], scope: Scope, target: Position) -> bool {
+        projections.iter().all(|projection| {
+            self.of_scope(*projection, scope)
+                .is_some_and(|caught| caught >= target)
+        })
     }
 }
 
@@ -153,21 +199,24 @@ pub async fn checkpoints(
     .await
 }
 
-/// What the checkpoint rows say about each projection.
+/// What the checkpoint rows of partitions `0..partitions` say about each
+/// projection.
 pub fn caught_up(rows: &[CheckpointRow], partitions: u32) -> CaughtUp {
     let mut result = CaughtUp::default();
     for projection in Projection::ALL {
-        let mut seen = 0_u32;
-        let mut least: Option<Position> = None;
+        let marks = &mut result.0[projection.index()];
+        *marks = vec![None; partitions as usize];
         for row in rows
             .iter()
             .filter(|row| row.projection == projection.name())
         {
-            seen += 1;
-            let caught = row.caught_up();
-            least = Some(least.map_or(caught, |least| least.min(caught)));
+            if let Some(mark) = usize::try_from(row.partition)
+                .ok()
+                .and_then(|partition| marks.get_mut(partition))
+            {
+                *mark = Some(row.caught_up());
+            }
         }
-        result.0[projection.index()] = if seen >= partitions { least } else { None };
     }
     result
 }
@@ -225,9 +274,14 @@ impl CatchUp {
         self.partitions
     }
 
-    /// Returns once every one of `projections` includes `target`, or answers
-    /// 503 `not_caught_up` after the configured timeout.
-    pub async fn wait(&self, projections: &[Projection], target: Position) -> Result<(), ApiError> {
+    /// Returns once `scope` of every one of `projections` includes `target`,
+    /// or answers 503 `not_caught_up` after the configured timeout.
+    pub async fn wait(
+        &self,
+        projections: &[Projection],
+        scope: Scope,
+        target: Position,
+    ) -> Result<(), ApiError> {
         let started = Instant::now();
         // Subscribed before any read, so no later snapshot is missed.
         let mut snapshots = self.shared.snapshot.subscribe();
@@ -235,11 +289,14 @@ impl CatchUp {
         // it is fresh enough, and under load this saves a read per request.
         // Otherwise it may be old: read now.
         let covered = if self.shared.waiters.load(Ordering::SeqCst) > 0 {
-            snapshots.borrow_and_update().covers(projections, target)
+            snapshots
+                .borrow_and_update()
+                .covers(projections, scope, target)
         } else {
             let now = self.read().await.map_err(crate::routes::db_error)?;
+            let covered = now.covers(projections, scope, target);
             self.publish(now);
-            now.covers(projections, target)
+            covered
         };
         let outcome = if covered {
             Ok(())
@@ -252,7 +309,7 @@ impl CatchUp {
                         if changed.is_err() {
                             break Err(ApiError::Unavailable);
                         }
-                        if snapshots.borrow_and_update().covers(projections, target) {
+                        if snapshots.borrow_and_update().covers(projections, scope, target) {
                             break Ok(());
                         }
                     }
@@ -411,14 +468,43 @@ mod tests {
             None,
             "partition 1 has no row"
         );
-        assert!(caught.covers(&[Projection::Orders], at(9, 7)));
-        assert!(!caught.covers(&[Projection::Orders], at(9, 8)));
-        assert!(!caught.covers(&[Projection::Orders, Projection::Wallets], at(1, 1)));
+        assert!(caught.covers(&[Projection::Orders], Scope::All, at(9, 7)));
+        assert!(!caught.covers(&[Projection::Orders], Scope::All, at(9, 8)));
+        assert!(!caught.covers(
+            &[Projection::Orders, Projection::Wallets],
+            Scope::All,
+            at(1, 1)
+        ));
         let caught = caught_up(&rows, 1);
         assert_eq!(
             caught.of(Projection::Wallets),
             Some(at(4, 2)),
             "the applied event counts"
+        );
+    }
+
+    #[test]
+    fn a_read_of_one_aggregate_waits_only_for_its_partition() {
+        let rows = vec![
+            row("orders", 0, (10, 5), (0, 0)),
+            row("orders", 1, (9, 7), (0, 0)),
+            row("orders", 7, (99, 99), (0, 0)),
+            row("wallets", 1, (3, 1), (4, 2)),
+        ];
+        let caught = caught_up(&rows, 2);
+        let orders = [Projection::Orders];
+        assert!(caught.covers(&orders, Scope::Partition(0), at(10, 5)));
+        assert!(!caught.covers(&orders, Scope::All, at(10, 5)));
+        assert!(!caught.covers(&orders, Scope::Partition(1), at(10, 5)));
+        assert!(
+            !caught.covers(&orders, Scope::Partition(7), at(1, 1)),
+            "a partition beyond the configured count is not read"
+        );
+        let wallets = [Projection::Wallets];
+        assert!(caught.covers(&wallets, Scope::Partition(1), at(4, 2)));
+        assert!(
+            !caught.covers(&wallets, Scope::Partition(0), at(0, 1)),
+            "partition 0 has no row"
         );
     }
 }

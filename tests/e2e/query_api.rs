@@ -781,11 +781,45 @@ async fn bad_query_strings_are_refused_with_a_code_that_names_the_problem() {
 
 // ------------------------------------------------------------ read your writes
 
+/// Sets the caught-up mark of one partition of `projection`.
+async fn set_partition_caught_up(pool: &PgPool, projection: &str, partition: u32, to: Position) {
+    let updated = sqlx::query(
+        "UPDATE projection_checkpoints
+            SET caught_up_transaction = $3, caught_up_position = $4, updated_at = now()
+          WHERE projection = $1 AND partition = $2",
+    )
+    .bind(projection)
+    .bind(partition as i32)
+    .bind(to.transaction_id as i64)
+    .bind(to.position)
+    .execute(pool)
+    .await
+    .unwrap();
+    assert_eq!(updated.rows_affected(), 1);
+}
+
+fn partition_of(id: Uuid) -> u32 {
+    event_store::fanout::partition_of(&id.to_string(), PARTITIONS)
+}
+
+/// Starts `GET path` as `user` and returns the pending answer.
+fn get_later(
+    api: &QueryApi,
+    path: &str,
+    user: &User,
+) -> tokio::task::JoinHandle<reqwest::Response> {
+    let client = api.client.clone();
+    let url = format!("{}{path}", api.address);
+    let token = user.token.clone();
+    tokio::spawn(async move { client.get(url).bearer_auth(token).send().await.unwrap() })
+}
+
 #[tokio::test]
-async fn after_waits_until_every_partition_has_caught_up_then_answers() {
+async fn after_on_one_aggregate_waits_for_its_partition_only_then_answers() {
     let (db, pool) = migrated().await;
     let owner = User::new("buyer");
     let wallet = insert_wallet(&pool, owner.id, 700).await;
+    let own = partition_of(wallet);
     set_caught_up(&pool, "wallets", PARTITIONS, at(100, 10)).await;
     let api = spawn_query_api_with(&db, |config| config.catch_up_timeout_ms = 30_000).await;
 
@@ -797,36 +831,27 @@ async fn after_waits_until_every_partition_has_caught_up_then_answers() {
     .await;
 
     let target = at(200, 3);
-    let path = format!("/wallets/{wallet}?after={}", target.token());
-    let client = api.client.clone();
-    let url = format!("{}{path}", api.address);
-    let token = owner.token.clone();
-    let waiting =
-        tokio::spawn(async move { client.get(url).bearer_auth(token).send().await.unwrap() });
-
-    // Every partition but the last catches up: still waiting.
-    for partition in 0..PARTITIONS as i32 - 1 {
-        sqlx::query(
-            "UPDATE projection_checkpoints SET caught_up_transaction = 200, caught_up_position = 3
-              WHERE projection = 'wallets' AND partition = $1",
-        )
-        .bind(partition)
-        .execute(&pool)
-        .await
-        .unwrap();
+    let waiting = get_later(
+        &api,
+        &format!("/wallets/{wallet}?after={}", target.token()),
+        &owner,
+    );
+    // Every other partition catches up: the wallet's rows are not theirs.
+    for partition in (0..PARTITIONS).filter(|partition| *partition != own) {
+        set_partition_caught_up(&pool, "wallets", partition, target).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
         !waiting.is_finished(),
-        "it answered before the last partition caught up"
+        "it answered before the wallet's partition caught up"
     );
 
-    // The last partition applies an event beyond the position.
+    // The wallet's partition applies an event beyond the position.
     sqlx::query(
         "UPDATE projection_checkpoints SET transaction_id = 201, position = 1
           WHERE projection = 'wallets' AND partition = $1",
     )
-    .bind(PARTITIONS as i32 - 1)
+    .bind(own as i32)
     .execute(&pool)
     .await
     .unwrap();
@@ -847,6 +872,50 @@ async fn after_waits_until_every_partition_has_caught_up_then_answers() {
         "listings has no checkpoint: {:?}",
         listings.body
     );
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn after_on_a_list_waits_until_every_partition_has_caught_up() {
+    let (db, pool) = migrated().await;
+    let seller = User::new("seller");
+    let listing = insert_listing(&pool, seller.id, json!({})).await;
+    let own = partition_of(listing);
+    set_caught_up(&pool, "listings", PARTITIONS, at(100, 10)).await;
+    let api = spawn_query_api_with(&db, |config| config.catch_up_timeout_ms = 30_000).await;
+
+    let target = at(200, 3);
+    let list = get_later(
+        &api,
+        &format!("/listings?after={}", target.token()),
+        &seller,
+    );
+    let one = get_later(
+        &api,
+        &format!("/listings/{listing}?after={}", target.token()),
+        &seller,
+    );
+    // The listing's own partition catches up: the read of the listing
+    // answers, the list still waits for the others.
+    set_partition_caught_up(&pool, "listings", own, target).await;
+    let response = one.await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["id"], listing.to_string());
+    let others: Vec<u32> = (0..PARTITIONS).filter(|p| *p != own).collect();
+    for partition in &others[..others.len() - 1] {
+        set_partition_caught_up(&pool, "listings", *partition, target).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !list.is_finished(),
+        "the list answered before every partition caught up"
+    );
+    set_partition_caught_up(&pool, "listings", others[others.len() - 1], target).await;
+    let response = list.await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["items"].as_array().map(Vec::len), Some(1), "{body}");
     api.stop().await;
 }
 
@@ -874,7 +943,8 @@ async fn after_answers_503_not_caught_up_when_the_read_models_stay_behind() {
         Some("1")
     );
     // A partition without any checkpoint has applied nothing.
-    sqlx::query("DELETE FROM projection_checkpoints WHERE partition = 0")
+    sqlx::query("DELETE FROM projection_checkpoints WHERE partition = $1")
+        .bind(partition_of(order) as i32)
         .execute(&pool)
         .await
         .unwrap();

@@ -110,7 +110,9 @@ async fn listing(
 ) -> Result<Json<Value>, ApiError> {
     let params = query.accept(&["after"])?;
     let after = params.after()?;
-    state.read_after(after, &[Projection::Listings]).await?;
+    state
+        .read_after_of(after, &[Projection::Listings], id)
+        .await?;
     let row: Option<ListingRow> = sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM rm_listings WHERE listing_id = $1"
     ))

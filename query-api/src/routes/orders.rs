@@ -114,7 +114,9 @@ async fn order(
 ) -> Result<Json<Value>, ApiError> {
     let params = query.accept(&["after"])?;
     let after = params.after()?;
-    state.read_after(after, &[Projection::Orders]).await?;
+    state
+        .read_after_of(after, &[Projection::Orders], id)
+        .await?;
     let row: Option<OrderRow> = sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM rm_orders WHERE order_id = $1"
     ))

@@ -59,7 +59,9 @@ async fn timeline(
     let after = params.after()?;
     let limit = params.limit()?;
     let since: Option<i64> = params.cursor(CursorKind::Timeline)?;
-    state.read_after(after, &[Projection::Timelines]).await?;
+    state
+        .read_after_of(after, &[Projection::Timelines], id)
+        .await?;
     let product: Option<ProductRow> = sqlx::query_as(
         "SELECT product_id, owner_id, entries, updated_at FROM rm_products WHERE product_id = $1",
     )

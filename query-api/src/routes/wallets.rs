@@ -115,7 +115,9 @@ async fn wallet(
 ) -> Result<Json<Value>, ApiError> {
     let params = query.accept(&["after"])?;
     let after = params.after()?;
-    state.read_after(after, &[Projection::Wallets]).await?;
+    state
+        .read_after_of(after, &[Projection::Wallets], id)
+        .await?;
     Ok(Json(visible_wallet(&state, &user, id).await?.to_json()))
 }
 
@@ -129,7 +131,9 @@ async fn entries(
     let after = params.after()?;
     let limit = params.limit()?;
     let before: Option<i64> = params.cursor(CursorKind::WalletEntries)?;
-    state.read_after(after, &[Projection::Wallets]).await?;
+    state
+        .read_after_of(after, &[Projection::Wallets], id)
+        .await?;
     visible_wallet(&state, &user, id).await?;
     let rows: Vec<EntryRow> = sqlx::query_as(
         "SELECT sequence, kind, amount, available, held, pending_incoming, order_id, reference,
