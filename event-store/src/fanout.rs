@@ -8,6 +8,23 @@
 //! always go to one partition, in global order; events of different
 //! aggregates may be consumed in parallel.
 
+use std::time::Duration;
+
+/// Longest pause between two attempts of a NATS client of Souk to reconnect
+/// (async-nats' own default grows to 4 s): after an outage, publishing and
+/// consuming resume within about this long of the server's return.
+pub const RECONNECT_DELAY_MAX: Duration = Duration::from_secs(1);
+
+/// The pause before reconnect attempt number `attempts` (1 for the first):
+/// none for the first, then 100 ms more per attempt up to
+/// [`RECONNECT_DELAY_MAX`]. For `ConnectOptions::reconnect_delay_callback`.
+pub fn reconnect_delay(attempts: usize) -> Duration {
+    let steps = u32::try_from(attempts.saturating_sub(1)).unwrap_or(u32::MAX);
+    Duration::from_millis(100)
+        .saturating_mul(steps)
+        .min(RECONNECT_DELAY_MAX)
+}
+
 /// Default number of partitions.
 pub const DEFAULT_PARTITIONS: u32 = 4;
 
@@ -55,6 +72,14 @@ mod tests {
         }
         assert!(counts.iter().all(|count| *count > 800), "{counts:?}");
         assert_eq!(partition_of("anything", 0), 0);
+    }
+
+    #[test]
+    fn reconnecting_starts_at_once_and_never_waits_long() {
+        assert_eq!(reconnect_delay(1), Duration::ZERO);
+        assert_eq!(reconnect_delay(3), Duration::from_millis(200));
+        assert_eq!(reconnect_delay(500), RECONNECT_DELAY_MAX);
+        assert_eq!(reconnect_delay(usize::MAX), RECONNECT_DELAY_MAX);
     }
 
     #[test]

@@ -70,6 +70,9 @@ const DB_TIMEOUT: Duration = Duration::from_secs(30);
 const NATS_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// The first delay of every backoff.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// How often a leader whose NATS connection is down looks whether the
+/// client has reconnected.
+const NATS_STATE_POLL: Duration = Duration::from_millis(50);
 /// Repeated warnings (NATS down, stall) are logged at most this often.
 const WARN_EVERY: Duration = Duration::from_secs(10);
 /// How often an idle leader checks that its lock connection is alive.
@@ -498,7 +501,7 @@ impl Relay {
                         if nats_down.ready() {
                             tracing::warn!(stream, url = %redacted(&config.nats_url), %error, "NATS is unreachable; events wait in Postgres");
                         }
-                        tokio::time::sleep(backoff.next()).await;
+                        tokio::time::sleep(backoff.next().min(fanout::RECONNECT_DELAY_MAX)).await;
                         continue;
                     }
                 },
@@ -512,7 +515,9 @@ impl Relay {
                 if nats_down.ready() {
                     tracing::warn!(stream, url = %redacted(&config.nats_url), "NATS connection lost; events wait in Postgres");
                 }
-                tokio::time::sleep(backoff.next()).await;
+                // The client reconnects by itself; looking at its state costs
+                // nothing, so publishing resumes as soon as it is back.
+                tokio::time::sleep(NATS_STATE_POLL).await;
                 continue;
             }
             if !stream_ready {
@@ -635,7 +640,7 @@ impl Relay {
                 .request_timeout(Some(config.ack_timeout))
                 .ping_interval(Duration::from_secs(10))
                 .reconnect_delay_callback(move |attempts| {
-                    (BACKOFF_MIN * attempts.min(100) as u32).min(backoff_max)
+                    fanout::reconnect_delay(attempts).min(backoff_max)
                 })
                 .connect(config.nats_url.as_str())
                 .await

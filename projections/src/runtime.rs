@@ -101,6 +101,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 const RELAY_MARK_POLL: Duration = Duration::from_millis(10);
 /// The first delay after a failed session.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// How often a partition waiting for NATS to come back looks at the client.
+const NATS_STATE_POLL: Duration = Duration::from_millis(50);
 
 /// The advisory lock a projection's live batches take shared and a rebuild's
 /// swap takes exclusive.
@@ -191,6 +193,7 @@ pub async fn build(config: ProjectorConfig) -> anyhow::Result<Projector> {
         async_nats::ConnectOptions::new()
             .name("souk-projector")
             .connection_timeout(CONNECT_TIMEOUT)
+            .reconnect_delay_callback(event_store::fanout::reconnect_delay)
             .connect(config.nats_url.as_str()),
     )
     .await
@@ -465,6 +468,14 @@ impl Partition {
                     if started.elapsed() > self.shared.config.backoff_max() * 2 {
                         backoff = BACKOFF_MIN;
                     }
+                    // NATS is away: start again as soon as the client has
+                    // reconnected, not after a backoff grown during the outage.
+                    if !self.nats_connected() {
+                        if !self.until_nats_connected().await {
+                            return;
+                        }
+                        backoff = BACKOFF_MIN;
+                    }
                     let stopped = self.stopped();
                     tokio::select! {
                         () = stopped => {}
@@ -472,6 +483,30 @@ impl Partition {
                     }
                     backoff = (backoff * 2).min(self.shared.config.backoff_max());
                 }
+            }
+        }
+    }
+
+    fn nats_connected(&self) -> bool {
+        self.shared.jetstream.client().connection_state()
+            == async_nats::connection::State::Connected
+    }
+
+    /// Waits until the NATS client has reconnected (`true`) or the projector
+    /// stops (`false`). The client reconnects by itself; its state is only
+    /// looked at, every [`NATS_STATE_POLL`].
+    async fn until_nats_connected(&self) -> bool {
+        loop {
+            if self.stopping() {
+                return false;
+            }
+            if self.nats_connected() {
+                return true;
+            }
+            let stopped = self.stopped();
+            tokio::select! {
+                () = stopped => return false,
+                () = tokio::time::sleep(NATS_STATE_POLL) => {}
             }
         }
     }

@@ -270,6 +270,7 @@ impl Notifications {
         let config = &self.hub.config;
         let client = async_nats::ConnectOptions::new()
             .connection_timeout(Duration::from_secs(2))
+            .reconnect_delay_callback(event_store::fanout::reconnect_delay)
             .connect(config.nats_url.as_str())
             .await
             .context("connecting to NATS")?;
