@@ -222,8 +222,12 @@ impl System {
             .context("building the HTTP client")?;
         let (command_port, query_port, metrics_port) = (free_port()?, free_port()?, free_port()?);
         let nats_url = nats.url();
+        // The run's own search index: the default (./data/search) is the
+        // local system's, which the run's projector would clear.
+        let search_dir = dir.0.join("search");
         let common = |command: &mut Command| {
             command
+                .env("SEARCH_INDEX_DIR", &search_dir)
                 .env("DATABASE_URL", &database_url)
                 .env("NATS_URL", &nats_url)
                 .env("SOUK_STREAM", STREAM)
