@@ -115,16 +115,10 @@ impl CaughtUp {
     /// `None` while a partition has no checkpoint.
     pub fn of(&self, projection: Projection) -> Option<Position> {
         let marks = &self.0[projection.index()];
-        if marks.is_empty() {
+        if marks.iter().any(Option::is_none) {
             return None;
         }
-        marks
-            .iter()
-            .copied()
-            .try_fold(None, |least: Option<Position>, mark| {
-                mark.map(|mark| Some(least.map_or(mark, |least| least.min(mark))))
-            })
-            .flatten()
+        marks.iter().flatten().min().copied()
     }
 
     /// How far `scope` of `projection` has caught up.
