@@ -38,15 +38,22 @@ pub const DEFAULT_PARTITIONS: u32 = 2;
 /// Largest number of partitions accepted from configuration.
 pub const MAX_PARTITIONS: u32 = 256;
 
-/// The partition of `aggregate_id`: FNV-1a (64-bit) of its text, modulo
-/// `partitions`. Stable across processes, versions and machines.
-pub fn partition_of(aggregate_id: &str, partitions: u32) -> u32 {
+/// FNV-1a (64-bit) of `bytes`: stable across processes, versions and
+/// machines. Partitions and advisory lock keys are derived from it, so it
+/// must never change.
+pub fn stable_hash(bytes: &[u8]) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in aggregate_id.as_bytes() {
+    for byte in bytes {
         hash ^= u64::from(*byte);
         hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
     }
-    (hash % u64::from(partitions.max(1))) as u32
+    hash
+}
+
+/// The partition of `aggregate_id`: the [`stable_hash`] of its text, modulo
+/// `partitions`.
+pub fn partition_of(aggregate_id: &str, partitions: u32) -> u32 {
+    (stable_hash(aggregate_id.as_bytes()) % u64::from(partitions.max(1))) as u32
 }
 
 /// The subject an event of `aggregate_type` in `partition` is published on.

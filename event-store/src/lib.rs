@@ -12,6 +12,9 @@
 //! - `fanout`: subjects and partitions of the events published to JetStream.
 //! - `relay`: publishes committed events to JetStream in global order (one
 //!   leader per stream through an advisory lock; checkpoint after the acks).
+//! - `backoff`: the delays between retries every retry loop uses.
+//! - `leader`: session advisory locks, the single-writer points' election
+//!   (the relay, projector partitions, the search indexer).
 //! - `signal`: wake-ups after a commit (in process, or a `NOTIFY` sent
 //!   outside the writing transaction).
 //!
@@ -20,9 +23,11 @@
 //! Souk's own because postgres-es cannot put an idempotency record in the
 //! transaction of the events, batch a hot aggregate, or keep a hash chain.
 
+pub mod backoff;
 pub mod cqrs;
 pub mod fanout;
 pub mod global;
+pub mod leader;
 mod load;
 pub mod record;
 pub mod relay;

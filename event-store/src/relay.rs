@@ -42,8 +42,10 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolO
 use sqlx::{ConnectOptions, Connection};
 use tokio::sync::{Notify, watch};
 
+use crate::backoff::Backoff;
 use crate::fanout;
 use crate::global::{self, RecordedEvent};
+use crate::leader;
 use crate::record::Position;
 use crate::signal::CommitSignal;
 
@@ -68,8 +70,6 @@ pub const MAX_BATCH: usize = 5_000;
 const DB_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bound on connecting to NATS.
 const NATS_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-/// The first delay of every backoff.
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// How often a leader whose NATS connection is down looks whether the
 /// client has reconnected.
 const NATS_STATE_POLL: Duration = Duration::from_millis(50);
@@ -222,15 +222,10 @@ pub async fn ensure_stream(
         .map_err(|error| RelayError::nats("creating the stream", error))
 }
 
-/// The advisory lock key of the relay of `stream`: FNV-1a (64-bit) of
-/// `souk-relay:<stream>`, stable across processes and versions.
+/// The advisory lock key of the relay of `stream`: that of the name
+/// `souk-relay:<stream>`.
 pub fn lock_key(stream: &str) -> i64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in "souk-relay:".bytes().chain(stream.bytes()) {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    hash as i64
+    leader::lock_key(&format!("souk-relay:{stream}"))
 }
 
 /// The subject token of an aggregate type. Souk's types are plain words; a
@@ -389,7 +384,7 @@ impl Relay {
                         if unreachable.ready() {
                             tracing::warn!(stream = %self.config.stream, %error, "relay cannot reach Postgres; retrying");
                         }
-                        tokio::time::sleep(backoff.next()).await;
+                        tokio::time::sleep(backoff.next_delay()).await;
                         continue;
                     }
                 },
@@ -406,7 +401,7 @@ impl Relay {
                         status.nats_connected = false;
                     });
                     tracing::warn!(stream = %self.config.stream, error = %ended, "relay lost its lead; taking the lock again");
-                    tokio::time::sleep(backoff.next()).await;
+                    tokio::time::sleep(backoff.next_delay()).await;
                 }
                 Ok(Err(connection)) => {
                     if self.status.borrow().role != Role::Standby {
@@ -421,7 +416,7 @@ impl Relay {
                     if unreachable.ready() {
                         tracing::warn!(stream = %self.config.stream, %error, "relay cannot take its lock; retrying");
                     }
-                    tokio::time::sleep(backoff.next()).await;
+                    tokio::time::sleep(backoff.next_delay()).await;
                 }
             }
         }
@@ -501,7 +496,8 @@ impl Relay {
                         if nats_down.ready() {
                             tracing::warn!(stream, url = %redacted(&config.nats_url), %error, "NATS is unreachable; events wait in Postgres");
                         }
-                        tokio::time::sleep(backoff.next().min(fanout::RECONNECT_DELAY_MAX)).await;
+                        tokio::time::sleep(backoff.next_delay().min(fanout::RECONNECT_DELAY_MAX))
+                            .await;
                         continue;
                     }
                 },
@@ -525,7 +521,7 @@ impl Relay {
                     if failing.ready() {
                         tracing::warn!(stream, %error, "relay cannot create its stream; retrying");
                     }
-                    tokio::time::sleep(backoff.next()).await;
+                    tokio::time::sleep(backoff.next_delay()).await;
                     continue;
                 }
                 stream_ready = true;
@@ -544,7 +540,7 @@ impl Relay {
                     if failing.ready() {
                         tracing::warn!(stream, %error, "relay cannot read events; retrying");
                     }
-                    tokio::time::sleep(backoff.next()).await;
+                    tokio::time::sleep(backoff.next_delay()).await;
                     continue;
                 }
             };
@@ -577,7 +573,7 @@ impl Relay {
                     if failing.ready() {
                         tracing::warn!(stream, %error, at = %checkpoint, "relay publish failed; publishing again from the checkpoint");
                     }
-                    tokio::time::sleep(backoff.next()).await;
+                    tokio::time::sleep(backoff.next_delay()).await;
                     continue;
                 }
             };
@@ -777,11 +773,9 @@ async fn try_lock(
     mut connection: PgConnection,
     stream: &str,
 ) -> Result<Result<PgConnection, PgConnection>, RelayError> {
-    let locked: bool = bounded(
+    let locked = bounded(
         "taking the relay lock",
-        sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(lock_key(stream))
-            .fetch_one(&mut connection),
+        leader::try_lead(&mut connection, lock_key(stream)),
     )
     .await?;
     Ok(if locked {
@@ -925,32 +919,6 @@ async fn bounded<T, E: Into<RelayError>>(
     match tokio::time::timeout(DB_TIMEOUT, future).await {
         Ok(result) => result.map_err(Into::into),
         Err(_) => Err(RelayError::TimedOut(what)),
-    }
-}
-
-/// Exponential delays from [`BACKOFF_MIN`] up to a ceiling.
-#[derive(Debug)]
-struct Backoff {
-    next: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    fn new(max: Duration) -> Self {
-        Self {
-            next: BACKOFF_MIN,
-            max,
-        }
-    }
-
-    fn next(&mut self) -> Duration {
-        let delay = self.next;
-        self.next = (self.next * 2).min(self.max);
-        delay
-    }
-
-    fn reset(&mut self) {
-        self.next = BACKOFF_MIN;
     }
 }
 
@@ -1098,12 +1066,8 @@ mod tests {
         // Pinned: a change would let an old and a new relay lead together.
         assert_eq!(lock_key("souk"), lock_key("souk"));
         assert_ne!(lock_key("souk"), lock_key("souk2"));
-        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-        for byte in b"souk-relay:souk" {
-            hash ^= u64::from(*byte);
-            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        assert_eq!(lock_key("souk"), hash as i64);
+        // FNV-1a of `souk-relay:souk`, computed independently.
+        assert_eq!(lock_key("souk"), 5440779838616120125);
     }
 
     #[test]
@@ -1133,15 +1097,6 @@ mod tests {
         assert_eq!(config.partitions, 1);
         assert_eq!(config.batch_max, MAX_BATCH);
         assert!(config.poll_interval >= Duration::from_millis(10));
-    }
-
-    #[test]
-    fn backoff_doubles_up_to_its_ceiling_and_resets() {
-        let mut backoff = Backoff::new(Duration::from_millis(500));
-        let delays: Vec<u128> = (0..5).map(|_| backoff.next().as_millis()).collect();
-        assert_eq!(delays, vec![100, 200, 400, 500, 500]);
-        backoff.reset();
-        assert_eq!(backoff.next(), BACKOFF_MIN);
     }
 
     #[test]

@@ -30,7 +30,6 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use domain::{Decide, DomainError, DomainEvent, Refusal};
 use serde_json::{Value, json};
@@ -39,6 +38,7 @@ use sqlx::{Postgres, Transaction};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
+use crate::backoff::Backoff;
 use crate::record::{
     ChainedFields, CommandContext, EventMetadata, GENESIS_HASH, Position, now_micros,
 };
@@ -529,6 +529,7 @@ impl EventStore {
         batch: &[Pending<A>],
     ) -> Vec<Result<Accepted, ExecError>> {
         let max_attempts = self.inner.config.max_attempts;
+        let mut backoff = Backoff::conflict();
         for attempt in 1..=max_attempts {
             match self.try_batch::<A>(id, slot, batch).await {
                 Ok(results) => return results,
@@ -537,7 +538,7 @@ impl EventStore {
                     metrics::counter!("souk_command_conflicts_total", "aggregate" => A::TYPE)
                         .increment(1);
                     tracing::debug!(aggregate = A::TYPE, id, attempt, "concurrency conflict");
-                    backoff(attempt).await;
+                    backoff.wait().await;
                 }
                 Err(error) => {
                     *slot = None;
@@ -787,7 +788,8 @@ impl EventStore {
         }
         let pool = &self.inner.pool;
         let max_attempts = self.inner.config.max_attempts;
-        for attempt in 1..=max_attempts {
+        let mut backoff = Backoff::conflict();
+        for _ in 1..=max_attempts {
             // Load what the cache does not hold.
             for (stream, guard) in streams.iter().zip(guards.iter_mut()) {
                 if guard.is_none() {
@@ -883,7 +885,7 @@ impl EventStore {
                     }
                     metrics::counter!("souk_command_conflicts_total", "aggregate" => "multi")
                         .increment(1);
-                    backoff(attempt).await;
+                    backoff.wait().await;
                 }
                 Err(error) => {
                     for guard in guards.iter_mut() {
@@ -913,14 +915,6 @@ fn replay(
     } else {
         Err(ExecError::IdempotencyKeyReused)
     }
-}
-
-async fn backoff(attempt: u32) {
-    // A few milliseconds, growing, with jitter from the clock's low bits so
-    // that competing processes do not retry in lockstep.
-    let jitter = u64::from(chrono::Utc::now().timestamp_subsec_micros() % 1000);
-    let micros = 500 * u64::from(attempt.min(10)) + jitter * u64::from(attempt.min(10));
-    tokio::time::sleep(Duration::from_micros(micros)).await;
 }
 
 /// Takes the cached state out of `slot`, or loads it.

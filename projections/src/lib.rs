@@ -17,7 +17,10 @@
 //!   behind [`search::SearchIndex`]), fed from `search_pending` by an indexer
 //!   task of the projector, and queried by the query API's `/search`.
 //! - `config`: [`ProjectorConfig`], the `projector` binary's flags and
-//!   environment; `telemetry`: its logs and optional `/metrics`.
+//!   environment. The binary (feature `server`, on by default) logs and
+//!   serves its optional `/health` and `/metrics` through `http-kit`; the
+//!   library links no web framework, so `replay-tool` and `query-api` take
+//!   it without default features.
 //!
 //! Every read-model table belongs to exactly one projection and can be
 //! rebuilt from the event store; none is a source of truth.
@@ -31,7 +34,6 @@ mod rebuild;
 mod rows;
 mod runtime;
 pub mod search;
-pub mod telemetry;
 mod timelines;
 mod wallets;
 

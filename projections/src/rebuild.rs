@@ -38,12 +38,13 @@ use anyhow::Context as _;
 use event_store::Position;
 use event_store::fanout::partition_of;
 use event_store::global::{RecordedEvent, read_after};
+use event_store::leader;
 use sqlx::{Connection, PgConnection, PgPool};
 
 use crate::engine::{Kind, apply_isolated};
 use crate::park::{DeadLetter, park};
 use crate::rows::valid_schema;
-use crate::runtime::{fnv, projection_lock_key};
+use crate::runtime::projection_lock_key;
 
 /// Events read from the global order at once.
 const READ_BATCH: i64 = 2_000;
@@ -52,7 +53,7 @@ pub const LOCKED_CATCH_UP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The session lock held by the one rebuild of `kind` that may run.
 fn rebuild_lock_key(kind: Kind) -> i64 {
-    fnv(&format!("souk-projection-rebuild:{}", kind.name()))
+    leader::lock_key(&format!("souk-projection-rebuild:{}", kind.name()))
 }
 
 /// What a rebuild did.
@@ -154,9 +155,7 @@ pub async fn rebuild(
         .await
         .context("connecting to Postgres")?
         .detach();
-    let alone: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-        .bind(rebuild_lock_key(kind))
-        .fetch_one(&mut guard)
+    let alone = leader::try_lead(&mut guard, rebuild_lock_key(kind))
         .await
         .context("taking the rebuild lock")?;
     anyhow::ensure!(alone, "another rebuild of {} is running", kind.name());

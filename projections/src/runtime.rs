@@ -71,7 +71,9 @@ use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PullConsumer, pu
 use async_nats::jetstream::{self, Message};
 use chrono::{DateTime, Utc};
 use event_store::Position;
+use event_store::backoff::{self, Backoff};
 use event_store::global::RecordedEvent;
+use event_store::leader;
 use event_store::signal::CommitSignal;
 use futures::StreamExt;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -99,32 +101,21 @@ const ACK_WAIT: Duration = Duration::from_secs(60);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// How often the relay's checkpoint is read for the idle watermark.
 const RELAY_MARK_POLL: Duration = Duration::from_millis(10);
-/// The first delay after a failed session.
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// How often a partition waiting for NATS to come back looks at the client.
 const NATS_STATE_POLL: Duration = Duration::from_millis(50);
 
 /// The advisory lock a projection's live batches take shared and a rebuild's
 /// swap takes exclusive.
 pub(crate) fn projection_lock_key(kind: Kind) -> i64 {
-    fnv(&format!("souk-projection:{}", kind.name()))
+    leader::lock_key(&format!("souk-projection:{}", kind.name()))
 }
 
 /// The advisory lock of one partition of one projection: one holder at a time.
 pub(crate) fn partition_lock_key(kind: Kind, partition: u32) -> i64 {
-    fnv(&format!(
+    leader::lock_key(&format!(
         "souk-projection-partition:{}:{partition}",
         kind.name()
     ))
-}
-
-pub(crate) fn fnv(text: &str) -> i64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in text.bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    hash as i64
 }
 
 /// The durable consumer of one projection's partition.
@@ -305,7 +296,7 @@ impl Projector {
                         outcome = ?ended.err(),
                         "a partition task ended before shutdown; starting it again"
                     );
-                    tokio::time::sleep(BACKOFF_MIN).await;
+                    tokio::time::sleep(backoff::FIRST_DELAY).await;
                     let id = tasks.spawn(self.partition(spec, stopped.clone())).id();
                     specs.insert(id, spec);
                 }
@@ -328,11 +319,6 @@ impl Projector {
         Ok(())
     }
 
-    /// Runs until SIGTERM or Ctrl-C.
-    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        self.run_until(shutdown_signal()).await
-    }
-
     fn partition(
         &self,
         (kind, partition): (Kind, u32),
@@ -346,29 +332,6 @@ impl Projector {
             standing_by: false,
         }
         .run()
-    }
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = terminate => {}
     }
 }
 
@@ -449,7 +412,7 @@ impl Partition {
     }
 
     async fn run(mut self) {
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = Backoff::new(self.shared.config.backoff_max());
         while !self.stopping() {
             let started = Instant::now();
             match self.session().await {
@@ -466,7 +429,7 @@ impl Partition {
                     // A session that ran a while before failing starts the
                     // backoff over.
                     if started.elapsed() > self.shared.config.backoff_max() * 2 {
-                        backoff = BACKOFF_MIN;
+                        backoff.reset();
                     }
                     // NATS is away: start again as soon as the client has
                     // reconnected, not after a backoff grown during the outage.
@@ -474,14 +437,13 @@ impl Partition {
                         if !self.until_nats_connected().await {
                             return;
                         }
-                        backoff = BACKOFF_MIN;
+                        backoff.reset();
                     }
                     let stopped = self.stopped();
                     tokio::select! {
                         () = stopped => {}
-                        () = tokio::time::sleep(backoff) => {}
+                        () = tokio::time::sleep(backoff.next_delay()) => {}
                     }
-                    backoff = (backoff * 2).min(self.shared.config.backoff_max());
                 }
             }
         }
@@ -527,28 +489,30 @@ impl Partition {
         .await
         .context("connecting to Postgres timed out")?
         .context("connecting to Postgres")?;
-        loop {
-            let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-                .bind(partition_lock_key(self.kind, self.partition))
-                .fetch_one(&mut conn)
-                .await
-                .context("taking the partition's lock")?;
-            if locked {
-                break;
-            }
-            if !self.standing_by {
-                self.standing_by = true;
-                tracing::info!(
-                    projection = self.kind.name(),
-                    partition = self.partition,
-                    "another projector holds this partition; standing by"
-                );
-            }
-            let stopped = self.stopped();
-            tokio::select! {
-                () = stopped => return Ok(()),
-                () = tokio::time::sleep(config.standby_retry()) => {}
-            }
+        let (kind, partition) = (self.kind, self.partition);
+        let stopped = self.stopped();
+        let standing_by = &mut self.standing_by;
+        let leads = leader::lead(
+            &mut conn,
+            partition_lock_key(kind, partition),
+            config.standby_retry(),
+            stopped,
+            || {
+                // Said once per stand-by, not once per session.
+                if !*standing_by {
+                    *standing_by = true;
+                    tracing::info!(
+                        projection = kind.name(),
+                        partition,
+                        "another projector holds this partition; standing by"
+                    );
+                }
+            },
+        )
+        .await
+        .context("taking the partition's lock")?;
+        if !leads {
+            return Ok(());
         }
         self.standing_by = false;
         sqlx::query(

@@ -1,8 +1,9 @@
 //! Building and running the query API: `build(config)` connects, migrates,
 //! binds the listener and assembles the router; `App::run_until_stopped`
 //! serves until SIGTERM or Ctrl-C, ends the notification streams and drains
-//! in-flight requests. The layers are the command API's: request ids, a body
-//! limit, metrics, load shedding, catch-panic, JSON 404 and 405.
+//! in-flight requests. The layers are `http_kit::finish_router`'s (request
+//! ids, metrics, load shedding, catch-panic, JSON 404 and 405) and a limit on
+//! the declared body.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -10,15 +11,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::extract::{FromRef, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::header;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use command_api::auth::JwtVerifier;
-use command_api::error::ApiError;
-use event_store::PoolConfig;
-use metrics_exporter_prometheus::PrometheusHandle;
+use http_kit::ApiError;
+use identity::JwtVerifier;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use uuid::Uuid;
@@ -33,7 +32,6 @@ use projections::search::SearchIndex;
 pub struct AppState {
     pub pool: PgPool,
     pub verifier: Arc<JwtVerifier>,
-    pub metrics: PrometheusHandle,
     pub catch_up: CatchUp,
     pub notifications: Notifications,
     /// The JetStream stream whose relay checkpoint `/projections` shows.
@@ -113,32 +111,8 @@ impl std::fmt::Debug for App {
 /// the listener. NATS is connected to when the app runs, in the background:
 /// reads do not need it.
 pub async fn build(config: Config) -> anyhow::Result<App> {
-    let pool = event_store::pool(
-        &config.database_url,
-        &PoolConfig {
-            max_connections: config.db_max_connections,
-            acquire_timeout: Duration::from_millis(config.db_acquire_timeout_ms),
-        },
-    )
-    .context("parsing DATABASE_URL")?;
-    event_store::migrate(&pool)
-        .await
-        .context("applying database migrations")?;
-
-    if !config.jwt_public_key.exists() && !config.jwt_private_key.exists() {
-        command_api::auth::ensure_dev_key_pair(&config.jwt_private_key, &config.jwt_public_key)
-            .context("generating a dev key pair")?;
-        tracing::warn!(
-            public_key = %config.jwt_public_key.display(),
-            "no token key configured: generated a dev key pair"
-        );
-    }
-    let verifier = JwtVerifier::from_public_pem_file(
-        &config.jwt_public_key,
-        config.jwt_issuer.clone(),
-        config.jwt_audience.clone(),
-    )
-    .context("loading the token public key")?;
+    let pool = config.server.connect().await?;
+    let verifier = config.server.verifier()?;
 
     let search = config
         .search
@@ -158,17 +132,10 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
         ),
         pool,
         verifier: Arc::new(verifier),
-        metrics: command_api::telemetry::metrics_handle(),
         stream: config.stream.clone(),
     };
     let router = router(state.clone(), &config);
-    let listener = TcpListener::bind(config.addr)
-        .await
-        .with_context(|| format!("binding {}", config.addr))?;
-    let port = listener
-        .local_addr()
-        .context("reading the bound port")?
-        .port();
+    let (listener, port) = http_kit::bind(config.addr).await?;
     Ok(App {
         listener,
         router,
@@ -188,7 +155,7 @@ impl App {
 
     /// Serves until SIGTERM or Ctrl-C, then finishes in-flight requests.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        self.run_until(command_api::app::shutdown_signal()).await
+        self.run_until(http_kit::shutdown_signal()).await
     }
 
     /// Serves until `signal` completes, then ends the notification streams
@@ -218,17 +185,17 @@ impl App {
 }
 
 fn router(state: AppState, config: &Config) -> Router {
-    let max_body_bytes = config.max_body_bytes;
+    let max_body_bytes = config.server.max_body_bytes;
     let routes = Router::new()
         .route("/health", get(health))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(http_kit::telemetry::metrics))
         .route("/openapi.json", get(openapi))
         .merge(crate::routes::routes())
         .layer(middleware::from_fn(move |request: Request, next: Next| {
             limit_body(max_body_bytes, request, next)
         }))
         .with_state(state);
-    command_api::app::finish_router(routes, config.max_in_flight)
+    http_kit::finish_router(routes, config.server.max_in_flight)
 }
 
 /// Every route is a GET and reads no body; a declared body larger than the
@@ -246,35 +213,12 @@ async fn limit_body(max_body_bytes: usize, request: Request, next: Next) -> Resp
 }
 
 async fn health(State(state): State<AppState>) -> Response {
-    let database = sqlx::query_scalar::<_, i32>("SELECT 1")
-        .fetch_one(&state.pool)
-        .await
-        .is_ok();
-    let status = if database {
-        StatusCode::OK
+    let notifications = if state.notifications.is_live() {
+        "live"
     } else {
-        StatusCode::SERVICE_UNAVAILABLE
+        "connecting"
     };
-    (
-        status,
-        Json(serde_json::json!({
-            "status": if database { "ok" } else { "degraded" },
-            "database": if database { "up" } else { "down" },
-            "notifications": if state.notifications.is_live() { "live" } else { "connecting" },
-        })),
-    )
-        .into_response()
-}
-
-async fn metrics(State(state): State<AppState>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        state.metrics.render(),
-    )
-        .into_response()
+    http_kit::router::health(&state.pool, &[("notifications", notifications)]).await
 }
 
 async fn openapi() -> Json<serde_json::Value> {

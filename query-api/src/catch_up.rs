@@ -28,8 +28,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use command_api::error::ApiError;
 use event_store::Position;
+use http_kit::ApiError;
 use projections::search::SearchIndex;
 use sqlx::PgPool;
 use tokio::sync::{Notify, watch};

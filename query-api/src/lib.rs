@@ -3,8 +3,8 @@
 //! Every route is a GET that reads the read models the projectors keep in
 //! Postgres (`migrations/sql/0003_read_models.sql`), one module per resource
 //! in `routes`. A request is authenticated with the command API's bearer
-//! tokens (`command_api::auth`) and refused with its one error type
-//! (`command_api::error::ApiError`). Query strings are read strictly
+//! tokens (`http_kit::AuthUser`) and refused with the one error type of
+//! Souk's HTTP services (`http_kit::ApiError`). Query strings are read strictly
 //! (`params`: no unknown or repeated parameter, every value bounded, opaque
 //! cursors). `?after=<position token>` makes a request wait, bounded, until
 //! the projections it reads have caught up with that write (`catch_up`: one

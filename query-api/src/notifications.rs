@@ -24,9 +24,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::response::sse::Event;
-use command_api::error::ApiError;
 use event_store::global::RecordedEvent;
 use futures::{Stream, StreamExt};
+use http_kit::ApiError;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};

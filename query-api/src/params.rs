@@ -12,8 +12,8 @@ use std::collections::BTreeMap;
 
 use axum::extract::{FromRequestParts, Query};
 use axum::http::request::Parts;
-use command_api::error::ApiError;
 use event_store::Position;
+use http_kit::ApiError;
 use uuid::Uuid;
 
 /// Page size when `limit` is absent.

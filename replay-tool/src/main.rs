@@ -9,8 +9,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use command_api::auth::{ensure_dev_key_pair, mint_token};
 use domain::values::Role;
+use identity::{ensure_dev_key_pair, mint_token};
 use uuid::Uuid;
 
 #[derive(Debug, Parser)]

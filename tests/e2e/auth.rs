@@ -43,11 +43,11 @@ fn signed(claims: &Value) -> String {
 fn signed_by_another_key(role: &str) -> String {
     let dir = std::env::temp_dir().join(format!("souk-other-key-{}", Uuid::now_v7()));
     let private_path = dir.join("jwt-private.pem");
-    command_api::auth::generate_dev_key_pair(&private_path, &dir.join("jwt-public.pem"))
+    identity::generate_dev_key_pair(&private_path, &dir.join("jwt-public.pem"))
         .expect("generating another key pair");
     let private_pem = std::fs::read(&private_path).expect("reading the other key");
     let _ = std::fs::remove_dir_all(&dir);
-    command_api::auth::mint_token(
+    identity::mint_token(
         &private_pem,
         Uuid::now_v7(),
         role,
@@ -63,7 +63,7 @@ fn signed_by_another_key(role: &str) -> String {
 fn bad_authorizations(role: &str) -> Vec<(&'static str, String)> {
     let sub = Uuid::now_v7().to_string();
     let valid = User::new("buyer").token;
-    let expired = command_api::auth::mint_token(
+    let expired = identity::mint_token(
         &tests::keys().private_pem,
         Uuid::now_v7(),
         role,

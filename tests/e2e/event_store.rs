@@ -542,3 +542,62 @@ async fn a_reader_racing_many_committing_writers_reads_every_event_once_in_order
     assert_eq!(read.len(), committed.len(), "every event read once");
     assert_eq!(read, committed, "in the global order, none skipped");
 }
+
+#[tokio::test]
+async fn one_session_leads_and_the_others_stand_by_until_its_connection_ends() {
+    use event_store::leader;
+    use sqlx::Connection as _;
+
+    let db = TestDb::migrated().await;
+    let key = leader::lock_key("souk-test-leader");
+    let mut first = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let mut second = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    assert!(leader::try_lead(&mut first, key).await.unwrap());
+    assert!(
+        leader::try_lead(&mut first, key).await.unwrap(),
+        "the leader's own session takes its lock again"
+    );
+    assert!(!leader::try_lead(&mut second, key).await.unwrap());
+    assert!(
+        leader::try_lead(&mut second, leader::lock_key("souk-test-other"))
+            .await
+            .unwrap(),
+        "another name is another lock"
+    );
+
+    // Standing by ends when told to stop, and says so once.
+    let mut told = 0;
+    let led = leader::lead(
+        &mut second,
+        key,
+        Duration::from_millis(20),
+        tokio::time::sleep(Duration::from_millis(200)),
+        || told += 1,
+    )
+    .await
+    .unwrap();
+    assert!(!led);
+    assert_eq!(told, 1);
+
+    // The leader's connection ends: a session standing by takes the lead.
+    let standby = tokio::spawn(async move {
+        let led = leader::lead(
+            &mut second,
+            key,
+            Duration::from_millis(20),
+            std::future::pending(),
+            || {},
+        )
+        .await;
+        (led, second)
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!standby.is_finished(), "two sessions lead at once");
+    first.close().await.unwrap();
+    let (led, second) = tokio::time::timeout(Duration::from_secs(30), standby)
+        .await
+        .expect("the stand-by takes over")
+        .unwrap();
+    assert!(led.unwrap());
+    second.close().await.unwrap();
+}

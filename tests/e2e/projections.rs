@@ -798,7 +798,7 @@ async fn a_poison_event_is_parked_and_visible_and_the_projection_goes_on() {
     assert_eq!(letters.len(), 4 + 2);
     // Counted in metrics (the process-wide recorder the command API installs;
     // other tests may count more).
-    let rendered = command_api::telemetry::metrics_handle().render();
+    let rendered = http_kit::telemetry::metrics_handle().render();
     let counted = |projection: &str| -> f64 {
         rendered
             .lines()

@@ -302,7 +302,7 @@ async fn a_postgres_restart_under_load_answers_503_then_recovers() {
     let cluster = PgCluster::start().expect("starting a private Postgres");
     let db = TestDb::empty_on(&cluster.admin_url()).await;
     let app = spawn_app_on(db, |config| {
-        config.db_acquire_timeout_ms = 500;
+        config.server.db_acquire_timeout_ms = 500;
     })
     .await;
     let owner = User::new("buyer");

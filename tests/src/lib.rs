@@ -139,8 +139,7 @@ pub fn keys() -> &'static Keys {
         let dir = std::env::temp_dir().join(format!("souk-test-keys-{}", std::process::id()));
         let private_path = dir.join("jwt-private.pem");
         let public_path = dir.join("jwt-public.pem");
-        command_api::auth::ensure_dev_key_pair(&private_path, &public_path)
-            .expect("generating test keys");
+        identity::ensure_dev_key_pair(&private_path, &public_path).expect("generating test keys");
         Keys {
             private_pem: std::fs::read(&private_path).expect("reading the test private key"),
             public_path,
@@ -160,7 +159,7 @@ pub struct User {
 impl User {
     pub fn new(role: &'static str) -> Self {
         let id = Uuid::now_v7();
-        let token = command_api::auth::mint_token(
+        let token = identity::mint_token(
             &keys().private_pem,
             id,
             role,

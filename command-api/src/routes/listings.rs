@@ -15,6 +15,7 @@ use domain::values::{
 use domain::wallet::Wallet;
 use domain::{Decide, Refusal};
 use event_store::{ExecError, StreamRef};
+use http_kit::{ApiError, AuthUser, IdPath, JsonBody, RequestMeta};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -23,9 +24,6 @@ use super::{
     single,
 };
 use crate::app::AppState;
-use crate::auth::AuthUser;
-use crate::error::ApiError;
-use crate::extract::{IdPath, JsonBody, RequestMeta};
 
 /// Most units a seller can put in one listing's stock.
 pub const MAX_STOCK: u32 = 1_000_000;

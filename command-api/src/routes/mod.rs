@@ -16,13 +16,11 @@ use axum::response::{IntoResponse, Response};
 use domain::Decide;
 use domain::values::{Currency, Money, ValidationError};
 use event_store::{Accepted, ExecError, Reply};
+use http_kit::{ApiError, AuthUser, RequestMeta};
 use serde::Deserialize;
 use uuid::Uuid;
 
 use crate::app::AppState;
-use crate::auth::AuthUser;
-use crate::error::ApiError;
-use crate::extract::RequestMeta;
 
 /// Steps the timer worker fires.
 pub(crate) use orders::{cancel_with as cancel_unpaid_with, release_escrow_with as release_escrow};

@@ -29,6 +29,7 @@ use domain::values::{
 use domain::wallet::{Wallet, WalletCommand};
 use domain::{Decide, Refusal};
 use event_store::{ExecError, Plan, StreamRef, Timer};
+use http_kit::{ApiError, AuthUser, IdPath, JsonBody, RequestMeta};
 use serde::Deserialize;
 use serde_json::json;
 use uuid::Uuid;
@@ -36,9 +37,6 @@ use uuid::Uuid;
 use super::listings::{refused, single_body};
 use super::{EMPTY_BODY_SHA256, bounded, exec_error, field, ok_reply, respond, single};
 use crate::app::AppState;
-use crate::auth::AuthUser;
-use crate::error::ApiError;
-use crate::extract::{IdPath, JsonBody, RequestMeta};
 
 /// How long the stock of an order awaiting a bank transfer stays held.
 pub const BANK_TRANSFER_HOLD: TimeDelta = TimeDelta::days(3);

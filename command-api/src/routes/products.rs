@@ -10,14 +10,12 @@ use domain::timeline::{ProductTimeline, TimelineCommand};
 use domain::values::{
     Comment, CustomizationId, Description, StoryBody, StoryId, Title, Url, UserId,
 };
+use http_kit::{ApiError, AuthUser, IdPair, IdPath, JsonBody, RequestMeta};
 use serde::Deserialize;
 use uuid::Uuid;
 
 use super::{EMPTY_BODY_SHA256, bounded, created_reply, field, ok_reply, single};
 use crate::app::AppState;
-use crate::auth::AuthUser;
-use crate::error::ApiError;
-use crate::extract::{IdPair, IdPath, JsonBody, RequestMeta};
 
 /// Most media URLs on one story or customization.
 pub const MAX_MEDIA: usize = 10;

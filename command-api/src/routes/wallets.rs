@@ -6,13 +6,11 @@ use axum::response::Response;
 use axum::routing::post;
 use domain::values::{Currency, Reference, WalletId};
 use domain::wallet::{Wallet, WalletCommand};
+use http_kit::{ApiError, AuthUser, IdPath, JsonBody, RequestMeta};
 use serde::Deserialize;
 
 use super::{MoneyBody, created_reply, field, ok_reply, single};
 use crate::app::AppState;
-use crate::auth::AuthUser;
-use crate::error::ApiError;
-use crate::extract::{IdPath, JsonBody, RequestMeta};
 
 pub fn routes() -> Router<AppState> {
     Router::new()

@@ -37,6 +37,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use event_store::Position;
+use event_store::backoff::Backoff;
+use event_store::leader;
 use event_store::signal::CommitSignal;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::{Connection as _, PgConnection};
@@ -59,6 +61,8 @@ pub const IDLE_POLL: Duration = Duration::from_secs(1);
 pub const CHANNEL: &str = "souk_search_pending";
 /// The longest pause after a failed indexer session.
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How often an indexer standing by tries to take the lead.
+const STANDBY_RETRY: Duration = Duration::from_secs(2);
 /// Bound on connecting to Postgres.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -184,7 +188,7 @@ impl Indexer {
     /// Runs sessions until `stop` turns true; a failed session is logged and
     /// started again after a backoff.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(BACKOFF_MAX);
         while !*stop.borrow() {
             let session = self.session(&mut stop).await;
             self.pending.set_consumer_here(false);
@@ -198,31 +202,39 @@ impl Indexer {
                     );
                     tokio::select! {
                         _ = stop.wait_for(|stop| *stop) => {}
-                        () = tokio::time::sleep(backoff) => {}
+                        () = tokio::time::sleep(backoff.next_delay()) => {}
                     }
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
             }
         }
     }
 
     async fn session(&self, stop: &mut watch::Receiver<bool>) -> anyhow::Result<()> {
+        // Held for the session on a connection of its own (see the module doc).
+        let mut lock = PgConnection::connect_with(&self.connect_options)
+            .await
+            .context("connecting to Postgres")?;
+        let mut stopped = stop.clone();
+        let leads = leader::lead(
+            &mut lock,
+            leader::lock_key("souk-search-indexer"),
+            STANDBY_RETRY,
+            async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            },
+            || tracing::info!("another search indexer runs on this database; standing by"),
+        )
+        .await
+        .context("taking the indexer lock")?;
+        if !leads {
+            return Ok(());
+        }
         let pool = PgPoolOptions::new()
             .max_connections(2)
             .acquire_timeout(CONNECT_TIMEOUT)
             .connect_with(self.connect_options.clone())
             .await
             .context("connecting to Postgres")?;
-        // Held for the session on a connection of its own (see the module doc).
-        let mut lock = PgConnection::connect_with(&self.connect_options)
-            .await
-            .context("connecting to Postgres")?;
-        let alone: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(crate::runtime::fnv("souk-search-indexer"))
-            .fetch_one(&mut lock)
-            .await
-            .context("taking the indexer lock")?;
-        anyhow::ensure!(alone, "another search indexer runs on this database");
         let index = self
             .search
             .open_writer()

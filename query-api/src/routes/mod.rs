@@ -19,9 +19,9 @@ pub(crate) use search::search_error;
 
 use axum::Router;
 use chrono::{DateTime, Utc};
-use command_api::auth::AuthUser;
-use command_api::error::ApiError;
 use domain::values::Role;
+use http_kit::ApiError;
+use http_kit::AuthUser;
 use serde_json::{Value, json};
 
 use crate::app::AppState;

@@ -6,8 +6,8 @@ use axum::extract::State;
 use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use command_api::auth::AuthUser;
-use command_api::error::ApiError;
+use http_kit::ApiError;
+use http_kit::AuthUser;
 
 use crate::app::AppState;
 use crate::catch_up::Projection;

@@ -7,9 +7,9 @@ use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
-use command_api::auth::AuthUser;
-use command_api::error::ApiError;
-use command_api::extract::IdPath;
+use http_kit::ApiError;
+use http_kit::AuthUser;
+use http_kit::IdPath;
 use serde_json::{Value, json};
 use uuid::Uuid;
 

@@ -16,11 +16,11 @@ use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
-use command_api::auth::AuthUser;
-use command_api::error::ApiError;
 use domain::values::Role;
 use event_store::Position;
 use event_store::fanout::partition_of;
+use http_kit::ApiError;
+use http_kit::AuthUser;
 use serde_json::{Value, json};
 
 use super::{db_error, optional_time, time};

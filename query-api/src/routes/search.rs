@@ -11,8 +11,8 @@
 use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
-use command_api::auth::AuthUser;
-use command_api::error::ApiError;
+use http_kit::ApiError;
+use http_kit::AuthUser;
 use projections::search::{
     MAX_OFFSET, MAX_QUERY_CHARS, MAX_QUERY_WORDS, SearchError, SearchFilters, SearchQuery, Sort,
     words,

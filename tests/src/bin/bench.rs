@@ -1073,11 +1073,11 @@ impl HttpTarget {
         let dir = TempDir::new()?;
         let private_key = dir.0.join("jwt-private.pem");
         let public_key = dir.0.join("jwt-public.pem");
-        command_api::auth::ensure_dev_key_pair(&private_key, &public_key)
+        identity::ensure_dev_key_pair(&private_key, &public_key)
             .context("generating a key pair")?;
         let private_pem = std::fs::read(&private_key).context("reading the private key")?;
         let token = |sub: Uuid, role: &str| {
-            command_api::auth::mint_token(
+            identity::mint_token(
                 &private_pem,
                 sub,
                 role,

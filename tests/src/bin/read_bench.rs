@@ -212,7 +212,7 @@ impl System {
         let dir = TempDir::new()?;
         let private_key = dir.0.join("jwt-private.pem");
         let public_key = dir.0.join("jwt-public.pem");
-        command_api::auth::ensure_dev_key_pair(&private_key, &public_key)
+        identity::ensure_dev_key_pair(&private_key, &public_key)
             .context("generating a key pair")?;
         let private_pem = std::fs::read(&private_key).context("reading the private key")?;
         let client = reqwest::Client::builder()
@@ -339,7 +339,7 @@ impl System {
     }
 
     fn token(&self, sub: Uuid, role: &str) -> anyhow::Result<Arc<str>> {
-        let token = command_api::auth::mint_token(
+        let token = identity::mint_token(
             &self.private_pem,
             sub,
             role,

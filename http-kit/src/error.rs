@@ -1,4 +1,4 @@
-//! The one error type of the HTTP layer. Every refusal becomes
+//! The one error type of Souk's HTTP services. Every refusal becomes
 //! `{"error": {"code": "...", "message": "..."}}` with a 4xx status; database
 //! and internal failures are logged in full here and reach the client as a
 //! generic message.
@@ -25,7 +25,8 @@ pub enum ApiError {
         #[source]
         source: ValidationError,
     },
-    /// 400: a path segment or header is not what the route takes.
+    /// 400: a path segment, query string or header is not what the route
+    /// takes.
     #[error("{message}")]
     BadRequest { code: &'static str, message: String },
     /// 401: no bearer token, or one that does not verify.
@@ -43,7 +44,8 @@ pub enum ApiError {
     /// 415: the body is not declared as JSON.
     #[error("{0}")]
     UnsupportedMediaType(String),
-    /// The aggregate refused the command; status from its [`Refusal`].
+    /// The aggregate refused the command; status from its [`Refusal`]
+    /// (422, 403, 404 or 409).
     #[error("{message}")]
     Domain {
         code: &'static str,
@@ -56,7 +58,8 @@ pub enum ApiError {
     /// 422: an Idempotency-Key reused with a different request.
     #[error("this Idempotency-Key was used for a different request")]
     IdempotencyKeyReused,
-    /// 503: the database cannot be reached right now.
+    /// 503: the database cannot be reached right now, or too many requests
+    /// are in flight.
     #[error("the service is temporarily unavailable; retry later")]
     Unavailable,
     /// 503: the read models did not catch up with the position a query waits
@@ -163,5 +166,11 @@ impl IntoResponse for ApiError {
 impl From<anyhow::Error> for ApiError {
     fn from(error: anyhow::Error) -> Self {
         Self::Internal(error)
+    }
+}
+
+impl From<identity::TokenRefused> for ApiError {
+    fn from(refused: identity::TokenRefused) -> Self {
+        Self::Unauthorized(refused.0.to_owned())
     }
 }

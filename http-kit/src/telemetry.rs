@@ -1,16 +1,21 @@
 //! Logs and metrics. Logs are `tracing` events with structured fields; the
-//! request id of each request is on its span. Metrics are Prometheus text
-//! served at `/metrics`.
+//! request id of each request is on its span. Metrics are the process-wide
+//! Prometheus recorder ([`metrics_handle`]), rendered as text at `/metrics`.
 
+use std::net::SocketAddr;
 use std::sync::OnceLock;
 use std::time::Instant;
 
+use anyhow::Context as _;
+use axum::Router;
 use axum::extract::{MatchedPath, Request};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Installs the global tracing subscriber (once; later calls do nothing).
+/// `RUST_LOG` filters, `info` by default.
 pub fn init_tracing(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -51,6 +56,18 @@ pub fn metrics_handle() -> PrometheusHandle {
         .clone()
 }
 
+/// `/metrics`: the Prometheus text of this process's metrics.
+pub async fn metrics() -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        metrics_handle().render(),
+    )
+        .into_response()
+}
+
 /// Counts requests and measures their latency by route and status.
 pub async fn track_http(request: Request, next: Next) -> Response {
     let started = Instant::now();
@@ -67,4 +84,27 @@ pub async fn track_http(request: Request, next: Next) -> Response {
     metrics::histogram!("souk_http_request_duration_seconds", "route" => route, "method" => method)
         .record(elapsed);
     response
+}
+
+/// Serves `/metrics` and `/health` (200 `ok` while the process runs) on
+/// `addr` in the background, for a process that has no API of its own (the
+/// projector). Returns the bound address.
+pub async fn serve_metrics(addr: SocketAddr) -> anyhow::Result<SocketAddr> {
+    metrics_handle();
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/health", get(|| std::future::ready("ok")));
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the metrics address {addr}"))?;
+    let bound = listener
+        .local_addr()
+        .context("reading the metrics address")?;
+    tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, app).await {
+            tracing::error!(%error, "the metrics server stopped");
+        }
+    });
+    tracing::info!(%bound, "serving metrics");
+    Ok(bound)
 }

@@ -1,8 +1,13 @@
 //! Extractors that turn every kind of bad input into an [`ApiError`] with a
-//! stable code, instead of axum's plain-text rejections.
+//! stable code, instead of axum's plain-text rejections: a strict JSON body
+//! ([`JsonBody`]), UUID path segments ([`IdPath`], [`IdPair`]) and the
+//! request's own facts ([`RequestMeta`]: idempotency key, correlation and
+//! request ids).
+
+use std::sync::OnceLock;
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{Method, header};
 use event_store::{CommandContext, IdempotencyKey};
@@ -57,9 +62,19 @@ where
     }
 }
 
+static BODY_LIMIT: OnceLock<usize> = OnceLock::new();
+
+/// The layer that limits the bodies [`JsonBody`] reads to `max_body_bytes`
+/// (413 `payload_too_large` past it). The first limit a process sets is the
+/// one its error messages name.
+pub fn body_limit(max_body_bytes: usize) -> DefaultBodyLimit {
+    let _ = BODY_LIMIT.set(max_body_bytes);
+    DefaultBodyLimit::max(max_body_bytes)
+}
+
 /// The body limit, for messages (the real limit is the router's layer).
 fn body_limit_hint() -> usize {
-    crate::app::body_limit()
+    BODY_LIMIT.get().copied().unwrap_or(64 * 1024)
 }
 
 /// Parses `bytes` strictly: anything that is not one JSON value is

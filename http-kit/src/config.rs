@@ -1,0 +1,130 @@
+//! The flags every Souk HTTP service takes (environment variables,
+//! overridable by flags, with the defaults of shared/BRIEF.md), flattened
+//! into each service's own configuration.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use event_store::PoolConfig;
+use identity::JwtVerifier;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+
+/// The database, the token keys, the limits and the log format.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServerConfig {
+    /// Postgres connection string (never logged).
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/souk",
+        hide_env_values = true
+    )]
+    pub database_url: String,
+
+    /// PEM file of the RS256 public key that verifies bearer tokens.
+    #[arg(
+        long,
+        env = "SOUK_JWT_PUBLIC_KEY",
+        default_value = "./data/keys/jwt-public.pem"
+    )]
+    pub jwt_public_key: PathBuf,
+
+    /// PEM file of the matching private key. When neither file exists, a dev
+    /// key pair is generated at start.
+    #[arg(
+        long,
+        env = "SOUK_JWT_PRIVATE_KEY",
+        default_value = "./data/keys/jwt-private.pem"
+    )]
+    pub jwt_private_key: PathBuf,
+
+    /// Required `iss` claim, when set.
+    #[arg(long, env = "SOUK_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// Required `aud` claim, when set.
+    #[arg(long, env = "SOUK_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// Largest request body accepted, in bytes.
+    #[arg(long, env = "SOUK_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Most Postgres connections of this process.
+    #[arg(long, env = "SOUK_DB_MAX_CONNECTIONS", default_value_t = 32)]
+    pub db_max_connections: u32,
+
+    /// How long a request waits for a database connection before a 503.
+    #[arg(long, env = "SOUK_DB_ACQUIRE_TIMEOUT_MS", default_value_t = 3000)]
+    pub db_acquire_timeout_ms: u64,
+
+    /// Most requests handled at once; more are answered 503 at once.
+    #[arg(long, env = "SOUK_MAX_IN_FLIGHT", default_value_t = 4096)]
+    pub max_in_flight: usize,
+
+    /// Log as JSON lines instead of text.
+    #[arg(long, env = "SOUK_LOG_JSON", default_value_t = false)]
+    pub log_json: bool,
+}
+
+impl ServerConfig {
+    /// A configuration for tests: the given database and public key (no
+    /// private key: nothing is generated), smaller pools.
+    pub fn for_tests(database_url: &str, jwt_public_key: PathBuf) -> Self {
+        Self {
+            database_url: database_url.to_owned(),
+            jwt_private_key: jwt_public_key.with_extension("private-unused"),
+            jwt_public_key,
+            jwt_issuer: None,
+            jwt_audience: None,
+            max_body_bytes: 64 * 1024,
+            db_max_connections: 16,
+            db_acquire_timeout_ms: 2000,
+            max_in_flight: 4096,
+            log_json: false,
+        }
+    }
+
+    /// A lazily connecting pool on the database, after the pending
+    /// migrations are applied.
+    pub async fn connect(&self) -> anyhow::Result<PgPool> {
+        let pool = event_store::pool(
+            &self.database_url,
+            &PoolConfig {
+                max_connections: self.db_max_connections,
+                acquire_timeout: Duration::from_millis(self.db_acquire_timeout_ms),
+            },
+        )
+        .context("parsing DATABASE_URL")?;
+        event_store::migrate(&pool)
+            .await
+            .context("applying database migrations")?;
+        Ok(pool)
+    }
+
+    /// The token verifier (a dev key pair is generated when neither key file
+    /// exists).
+    pub fn verifier(&self) -> anyhow::Result<JwtVerifier> {
+        identity::load_verifier(
+            &self.jwt_public_key,
+            &self.jwt_private_key,
+            self.jwt_issuer.clone(),
+            self.jwt_audience.clone(),
+        )
+    }
+}
+
+/// Binds the listener of a service; port 0 picks a free port, returned.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<(TcpListener, u16)> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    let port = listener
+        .local_addr()
+        .context("reading the bound port")?
+        .port();
+    Ok((listener, port))
+}
