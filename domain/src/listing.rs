@@ -40,6 +40,9 @@ pub enum Condition {
 }
 
 impl Condition {
+    /// Every condition, best first.
+    pub const ALL: [Self; 5] = [Self::New, Self::LikeNew, Self::Good, Self::Fair, Self::Poor];
+
     pub fn parse(text: &str) -> Result<Self, ValidationError> {
         match text {
             "new" => Ok(Self::New),
@@ -77,6 +80,9 @@ pub enum ListingStatus {
 }
 
 impl ListingStatus {
+    /// Every status.
+    pub const ALL: [Self; 4] = [Self::Active, Self::Paused, Self::SoldOut, Self::Deleted];
+
     pub fn as_str(&self) -> &'static str {
         match self {
             Self::Active => "active",

@@ -53,6 +53,9 @@ pub enum PaymentMethod {
 }
 
 impl PaymentMethod {
+    /// Every payment method.
+    pub const ALL: [Self; 3] = [Self::WalletEscrow, Self::BankTransfer, Self::Cod];
+
     pub fn parse(text: &str) -> Result<Self, ValidationError> {
         match text {
             "wallet_escrow" => Ok(Self::WalletEscrow),
@@ -92,6 +95,21 @@ pub enum OrderStatus {
 }
 
 impl OrderStatus {
+    /// Every status, in life-cycle order.
+    pub const ALL: [Self; 11] = [
+        Self::Placed,
+        Self::AwaitingPayment,
+        Self::Confirmed,
+        Self::Rejected,
+        Self::Shipped,
+        Self::Delivered,
+        Self::Completed,
+        Self::Cancelled,
+        Self::ReturnRequested,
+        Self::Returned,
+        Self::Refunded,
+    ];
+
     pub fn as_str(&self) -> &'static str {
         match self {
             Self::Placed => "placed",

@@ -100,7 +100,7 @@ typed_id!(CustomizationId);
 pub const MAX_AMOUNT: i64 = 1_000_000_000_000_000;
 
 /// ISO 4217 codes Souk accepts.
-const CURRENCIES: &[&str] = &[
+pub const CURRENCIES: &[&str] = &[
     "AED", "AUD", "BGN", "BRL", "CAD", "CHF", "CNY", "CZK", "DKK", "EGP", "EUR", "GBP", "HKD",
     "HUF", "IDR", "ILS", "INR", "JPY", "KRW", "MAD", "MXN", "NOK", "NZD", "PLN", "RON", "SAR",
     "SEK", "SGD", "THB", "TND", "TRY", "UAH", "USD", "ZAR",
@@ -224,6 +224,11 @@ impl fmt::Display for Money {
 pub struct Text<const MIN: usize, const MAX: usize>(String);
 
 impl<const MIN: usize, const MAX: usize> Text<MIN, MAX> {
+    /// The fewest characters accepted (after trimming).
+    pub const MIN_CHARS: usize = MIN;
+    /// The most characters accepted.
+    pub const MAX_CHARS: usize = MAX;
+
     pub fn parse(field: &str, text: &str) -> Result<Self, ValidationError> {
         let text = text.trim();
         let chars = text.chars().count();

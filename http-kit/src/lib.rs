@@ -12,6 +12,11 @@
 //! - `telemetry`: tracing, the Prometheus recorder, `/metrics`, and the
 //!   metrics server of a process without an API (the projector).
 //! - `shutdown`: [`shutdown_signal`] (SIGTERM or Ctrl-C).
+//! - `openapi`: what both OpenAPI documents share (utoipa): the error body,
+//!   money, the accepted-command answer, the bearer scheme, request ids and
+//!   standard refusals on every operation, closed response objects, and
+//!   [`openapi::Routes`] with [`openapi::undocumented`], the check that a
+//!   router serves exactly what its document describes.
 //! - `config`: [`ServerConfig`], the flags every service takes (database,
 //!   token keys, limits, log format), and [`bind`].
 //!
@@ -21,6 +26,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod extract;
+pub mod openapi;
 pub mod router;
 pub mod shutdown;
 mod strict_json;

@@ -14,9 +14,9 @@ use axum::extract::{FromRef, Request, State};
 use axum::http::header;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use axum::{Json, Router};
 use http_kit::ApiError;
+use http_kit::openapi::{ErrorBody, Routes};
 use identity::JwtVerifier;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -184,13 +184,19 @@ impl App {
     }
 }
 
+/// Every route this API serves: the service routes and the reads.
+pub(crate) fn routes() -> Routes<AppState> {
+    Routes::new()
+        .get("/health", health)
+        .get("/metrics", metrics)
+        .get("/openapi.json", openapi)
+        .merge(crate::routes::routes())
+}
+
 fn router(state: AppState, config: &Config) -> Router {
     let max_body_bytes = config.server.max_body_bytes;
-    let routes = Router::new()
-        .route("/health", get(health))
-        .route("/metrics", get(http_kit::telemetry::metrics))
-        .route("/openapi.json", get(openapi))
-        .merge(crate::routes::routes())
+    let routes = routes()
+        .into_router()
         .layer(middleware::from_fn(move |request: Request, next: Next| {
             limit_body(max_body_bytes, request, next)
         }))
@@ -212,7 +218,23 @@ async fn limit_body(max_body_bytes: usize, request: Request, next: Next) -> Resp
     next.run(request).await
 }
 
-async fn health(State(state): State<AppState>) -> Response {
+/// Whether the API and its database are up
+#[utoipa::path(
+    get,
+    path = "/health",
+    operation_id = "health",
+    tag = "service",
+    security(()),
+    responses(
+        (status = 200, description = "Up, database reachable.", body = crate::openapi::Health),
+        (status = 413, description = "A request body larger than the limit (`payload_too_large`).", body = ErrorBody),
+        (status = 500, description = "A bug; details are in the server log (`internal`).", body = ErrorBody),
+        (status = 503, description = "The database is unreachable (a `Health` body), or the API is shedding load (an `Error` body).",
+            body = crate::openapi::HealthOrError,
+            headers(("Retry-After" = i32, description = "Seconds to wait before retrying."))),
+    ),
+)]
+pub(crate) async fn health(State(state): State<AppState>) -> Response {
     let notifications = if state.notifications.is_live() {
         "live"
     } else {
@@ -221,6 +243,40 @@ async fn health(State(state): State<AppState>) -> Response {
     http_kit::router::health(&state.pool, &[("notifications", notifications)]).await
 }
 
-async fn openapi() -> Json<serde_json::Value> {
-    Json(crate::openapi::document())
+/// Prometheus metrics
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    operation_id = "metrics",
+    tag = "service",
+    security(()),
+    responses(
+        (status = 200, description = "Prometheus metrics", content_type = "text/plain", body = String),
+        (status = 413, description = "A request body larger than the limit (`payload_too_large`).", body = ErrorBody),
+        (status = 500, description = "A bug; details are in the server log (`internal`).", body = ErrorBody),
+        (status = 503, description = "The API is shedding load (`unavailable`).", body = ErrorBody,
+            headers(("Retry-After" = i32, description = "Seconds to wait before retrying."))),
+    ),
+)]
+pub(crate) async fn metrics() -> Response {
+    http_kit::telemetry::metrics().await
+}
+
+/// This document
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    operation_id = "openapi",
+    tag = "service",
+    security(()),
+    responses(
+        (status = 200, description = "This document", body = serde_json::Value),
+        (status = 413, description = "A request body larger than the limit (`payload_too_large`).", body = ErrorBody),
+        (status = 500, description = "A bug; details are in the server log (`internal`).", body = ErrorBody),
+        (status = 503, description = "The API is shedding load (`unavailable`).", body = ErrorBody,
+            headers(("Retry-After" = i32, description = "Seconds to wait before retrying."))),
+    ),
+)]
+pub(crate) async fn openapi() -> Json<&'static serde_json::Value> {
+    Json(crate::openapi::document_json())
 }

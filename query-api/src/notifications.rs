@@ -589,7 +589,7 @@ impl Recipients {
                     "event_type": event.event_type,
                     "role": role,
                     "position": event.position.token(),
-                    "recorded_at": crate::routes::time(event.recorded_at),
+                    "recorded_at": crate::routes::time_text(event.recorded_at),
                 });
                 (
                     user,
@@ -651,7 +651,7 @@ impl Recipients {
             "currency": owner.currency,
             "event_type": event.event_type,
             "position": event.position.token(),
-            "recorded_at": crate::routes::time(event.recorded_at),
+            "recorded_at": crate::routes::time_text(event.recorded_at),
         });
         Ok(vec![(
             owner.owner,

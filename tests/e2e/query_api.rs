@@ -1053,7 +1053,7 @@ async fn health_metrics_and_the_openapi_document_need_no_token_and_name_every_ro
     assert_eq!(api.get("/metrics", None).await.status, 200);
     let document = api.get("/openapi.json", None).await;
     assert_eq!(document.status, 200);
-    assert_eq!(document.body["openapi"], "3.0.3");
+    assert_eq!(document.body["openapi"], "3.1.0");
     for path in [
         "/wallets/{id}",
         "/wallets/{id}/entries",

@@ -5,32 +5,118 @@
 //! their seller, an admin or an auditor sees them (`?status=deleted` in the
 //! list, or by id); for anyone else they do not exist.
 
+use std::sync::LazyLock;
+
+use axum::Json;
 use axum::extract::State;
-use axum::routing::get;
-use axum::{Json, Router};
 use chrono::{DateTime, Utc};
+use domain::listing::{Condition, ListingStatus};
 use domain::values::{Currency, Label, MAX_AMOUNT};
-use http_kit::ApiError;
-use http_kit::AuthUser;
-use http_kit::IdPath;
+use http_kit::openapi::{ErrorBody, MoneyBody, Routes, string_enum};
+use http_kit::{ApiError, AuthUser, IdPath};
+use serde::Serialize;
 use serde_json::{Value, json};
 use sqlx::{Postgres, QueryBuilder};
+use utoipa::ToSchema;
+use utoipa::openapi::schema::Object;
 use uuid::Uuid;
 
-use super::{db_error, list, money, not_found, sees_everything, time};
+use super::{db_error, not_found, page_items, sees_everything, time};
 use crate::app::AppState;
 use crate::catch_up::Projection;
+use crate::openapi::{After, ListingFilters, ListingPaging};
 use crate::params::{CursorKind, Params, QueryParams, invalid_parameter, page};
 
 /// `domain::listing::Condition::as_str` of every condition.
-pub const CONDITIONS: &[&str] = &["new", "like_new", "good", "fair", "poor"];
+pub static CONDITIONS: LazyLock<Vec<&'static str>> =
+    LazyLock::new(|| Condition::ALL.iter().map(Condition::as_str).collect());
 /// `domain::listing::ListingStatus::as_str` of every status.
-pub const STATUSES: &[&str] = &["active", "paused", "sold_out", "deleted"];
+pub static STATUSES: LazyLock<Vec<&'static str>> = LazyLock::new(|| {
+    ListingStatus::ALL
+        .iter()
+        .map(ListingStatus::as_str)
+        .collect()
+});
 
-pub fn routes() -> axum::Router<AppState> {
-    Router::new()
-        .route("/listings", get(listings))
-        .route("/listings/{id}", get(listing))
+pub fn routes() -> Routes<AppState> {
+    Routes::new()
+        .get("/listings", listings)
+        .get("/listings/{id}", listing)
+}
+
+/// A listing's condition.
+pub(crate) fn condition_schema() -> Object {
+    string_enum(CONDITIONS.iter().copied()).build()
+}
+
+/// A listing's status.
+pub(crate) fn status_schema() -> Object {
+    string_enum(STATUSES.iter().copied()).build()
+}
+
+/// A listing with its stock.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Listing)]
+pub(crate) struct ListingView {
+    /// The listing.
+    id: Uuid,
+    /// Its seller.
+    seller_id: Uuid,
+    /// The product whose timeline tells its story.
+    product_id: Uuid,
+    title: String,
+    description: String,
+    category: String,
+    subcategory: Option<String>,
+    #[schema(schema_with = condition_schema)]
+    condition: String,
+    price: MoneyBody,
+    location: Location,
+    /// Free-form attributes: JSON scalars by name.
+    #[schema(value_type = Object)]
+    attributes: Value,
+    #[schema(value_type = Vec<String>)]
+    images: Value,
+    #[schema(schema_with = status_schema)]
+    status: String,
+    /// Where the seller is paid, for wallet escrow.
+    payout_wallet_id: Option<Uuid>,
+    /// Units the seller put in stock.
+    #[schema(minimum = 0)]
+    stock: i32,
+    /// Units held by active reservations.
+    #[schema(minimum = 0)]
+    held: i32,
+    /// Units that can still be reserved.
+    #[schema(minimum = 0)]
+    available: i32,
+    /// When it was listed.
+    #[serde(serialize_with = "time")]
+    created_at: DateTime<Utc>,
+    /// Its last change.
+    #[serde(serialize_with = "time")]
+    updated_at: DateTime<Utc>,
+    /// Its number of events.
+    #[schema(minimum = 0)]
+    version: i64,
+}
+
+/// Where a listed item is.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Location {
+    city: String,
+    country: String,
+    lat: Option<f64>,
+    lon: Option<f64>,
+}
+
+/// A page of listings, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ListingPage {
+    #[schema(schema_with = page_items::<ListingView>)]
+    items: Vec<ListingView>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    next_cursor: Option<String>,
 }
 
 pub(super) const COLUMNS: &str = "listing_id, seller_id, product_id, title, description, category, \
@@ -66,34 +152,42 @@ pub(super) struct ListingRow {
 }
 
 impl ListingRow {
-    pub fn to_json(&self) -> Value {
-        json!({
-            "id": self.listing_id,
-            "seller_id": self.seller_id,
-            "product_id": self.product_id,
-            "title": self.title,
-            "description": self.description,
-            "category": self.category,
-            "subcategory": self.subcategory,
-            "condition": self.condition,
-            "price": money(self.price_amount, &self.currency),
-            "location": {
-                "city": self.city,
-                "country": self.country,
-                "lat": self.lat.filter(|lat| lat.is_finite()),
-                "lon": self.lon.filter(|lon| lon.is_finite()),
+    pub fn view(self) -> ListingView {
+        ListingView {
+            id: self.listing_id,
+            seller_id: self.seller_id,
+            product_id: self.product_id,
+            title: self.title,
+            description: self.description,
+            category: self.category,
+            subcategory: self.subcategory,
+            condition: self.condition,
+            price: MoneyBody::new(self.price_amount, self.currency),
+            location: Location {
+                city: self.city,
+                country: self.country,
+                lat: self.lat.filter(|lat| lat.is_finite()),
+                lon: self.lon.filter(|lon| lon.is_finite()),
             },
-            "attributes": if self.attributes.is_object() { self.attributes.clone() } else { json!({}) },
-            "images": if self.images.is_array() { self.images.clone() } else { json!([]) },
-            "status": self.status,
-            "payout_wallet_id": self.payout_wallet_id,
-            "stock": self.stock,
-            "held": self.held,
-            "available": self.available,
-            "created_at": time(self.created_at),
-            "updated_at": time(self.updated_at),
-            "version": self.version,
-        })
+            attributes: if self.attributes.is_object() {
+                self.attributes
+            } else {
+                json!({})
+            },
+            images: if self.images.is_array() {
+                self.images
+            } else {
+                json!([])
+            },
+            status: self.status,
+            payout_wallet_id: self.payout_wallet_id,
+            stock: self.stock,
+            held: self.held,
+            available: self.available,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+            version: self.version,
+        }
     }
 }
 
@@ -102,12 +196,28 @@ fn sees_deleted(user: &AuthUser, seller: Option<Uuid>) -> bool {
     sees_everything(user) || seller == Some(user.user_id.as_uuid())
 }
 
-async fn listing(
+/// One listing with its stock
+///
+/// `stock` is what the seller set, `held` what active reservations hold,
+/// `available` the difference. A deleted listing is 404 `listing_not_found`
+/// except for its seller, admins and auditors.
+#[utoipa::path(
+    get,
+    path = "/listings/{id}",
+    operation_id = "getListing",
+    tag = "listings",
+    params(("id" = Uuid, Path, description = "The listing. Anything but a UUID is 400 `invalid_id`."), After),
+    responses(
+        (status = 200, description = "The read model's answer.", body = ListingView),
+        (status = 404, description = "Not in the read model (`listing_not_found`; pass a write's position as `after`).", body = ErrorBody),
+    ),
+)]
+pub(crate) async fn listing(
     State(state): State<AppState>,
     user: AuthUser,
     IdPath(id): IdPath,
     query: QueryParams,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ListingView>, ApiError> {
     let params = query.accept(&["after"])?;
     let after = params.after()?;
     state
@@ -122,7 +232,7 @@ async fn listing(
     .map_err(db_error)?;
     match row {
         Some(row) if row.status != "deleted" || sees_deleted(&user, Some(row.seller_id)) => {
-            Ok(Json(row.to_json()))
+            Ok(Json(row.view()))
         }
         _ => Err(not_found("listing_not_found", "listing not found")),
     }
@@ -164,7 +274,7 @@ impl Filters {
                         .map_err(|error| invalid_parameter(error.message))
                 })
                 .transpose()?,
-            condition: params.choice("condition", CONDITIONS)?,
+            condition: params.choice("condition", &CONDITIONS)?,
             seller_id: params.uuid("seller_id")?,
             currency: params
                 .get("currency")
@@ -176,7 +286,7 @@ impl Filters {
                 .transpose()?,
             min_price: params.integer("min_price", 0, MAX_AMOUNT)?,
             max_price: params.integer("max_price", 0, MAX_AMOUNT)?,
-            status: params.choice("status", STATUSES)?,
+            status: params.choice("status", &STATUSES)?,
         };
         if let (Some(min), Some(max)) = (filters.min_price, filters.max_price)
             && min > max
@@ -200,11 +310,28 @@ impl Filters {
     }
 }
 
-async fn listings(
+/// Listings, newest first, filtered
+///
+/// Every filter is optional; they combine with AND. Without `status`,
+/// deleted listings are left out; `status=deleted` is for admins, auditors
+/// and a seller naming themselves in `seller_id` (else 403). A filter value
+/// out of its rules is 400 `invalid_parameter`.
+#[utoipa::path(
+    get,
+    path = "/listings",
+    operation_id = "listListings",
+    tag = "listings",
+    params(ListingPaging, ListingFilters, After),
+    responses(
+        (status = 200, description = "The read model's answer.", body = ListingPage),
+        (status = 403, description = "`status=deleted` for someone who may not see them (`forbidden`).", body = ErrorBody),
+    ),
+)]
+pub(crate) async fn listings(
     State(state): State<AppState>,
     user: AuthUser,
     query: QueryParams,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ListingPage>, ApiError> {
     let params = query.accept(&[&["after", "limit", "cursor"], FILTER_PARAMS].concat())?;
     let after = params.after()?;
     let limit = params.limit()?;
@@ -247,8 +374,8 @@ async fn listings(
         .await
         .map_err(db_error)?;
     let (rows, next) = page(rows, limit, CursorKind::Listings, |row| row.listing_id);
-    Ok(Json(list(
-        rows.iter().map(ListingRow::to_json).collect(),
-        next,
-    )))
+    Ok(Json(ListingPage {
+        items: rows.into_iter().map(ListingRow::view).collect(),
+        next_cursor: next,
+    }))
 }

@@ -1,8 +1,10 @@
 //! The read routes, one module per resource. Each handler reads its query
 //! string strictly (`crate::params`), waits for `?after=` when given
 //! (`AppState::read_after`), reads its read model, then decides whether the
-//! caller may see what it read. Rows become JSON in one `to_json` per row
-//! type, which `crate::openapi` describes field by field.
+//! caller may see what it read. Each row type becomes one response type
+//! (`...View`, `serde::Serialize` and `utoipa::ToSchema`), so the OpenAPI
+//! document (`crate::openapi`) is derived from what the handlers answer; each
+//! handler's `#[utoipa::path]` says what it takes and can answer.
 
 mod listings;
 mod notifications;
@@ -13,21 +15,40 @@ mod search;
 mod sellers;
 mod wallets;
 
-pub(crate) use listings::{CONDITIONS, STATUSES};
-pub(crate) use projections::LAG_EVENTS_CAP;
-pub(crate) use search::search_error;
+pub(crate) use listings::{ListingPage, ListingView, Location, condition_schema, status_schema};
+pub(crate) use orders::{ORDER_ROLES, OrderPage, OrderView, Review};
+pub(crate) use products::{TimelineEntryView, TimelineView};
+pub(crate) use projections::{PartitionView, ProjectionView, ProjectionsView, RelayView};
+pub(crate) use search::{Facets, SearchPage, search_error};
+pub(crate) use sellers::{OrderCounts, RatingView, SellerStatsView};
+pub(crate) use wallets::{WalletEntryPage, WalletEntryView, WalletView};
 
-use axum::Router;
 use chrono::{DateTime, Utc};
 use domain::values::Role;
-use http_kit::ApiError;
-use http_kit::AuthUser;
-use serde_json::{Value, json};
+use http_kit::openapi::Routes;
+use http_kit::{ApiError, AuthUser};
+use serde::Serializer;
+use utoipa::ToSchema;
+use utoipa::openapi::schema::{Array, ArrayBuilder};
+use utoipa::openapi::{Ref, RefOr};
 
 use crate::app::AppState;
+use crate::params::MAX_LIMIT;
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
+/// The handlers' utoipa paths, for `crate::openapi`'s derive.
+pub(crate) mod handlers {
+    pub(crate) use super::listings::{__path_listing, __path_listings};
+    pub(crate) use super::notifications::__path_stream;
+    pub(crate) use super::orders::{__path_order, __path_orders};
+    pub(crate) use super::products::__path_timeline;
+    pub(crate) use super::projections::__path_projections;
+    pub(crate) use super::search::__path_search;
+    pub(crate) use super::sellers::__path_stats;
+    pub(crate) use super::wallets::{__path_entries, __path_wallet};
+}
+
+pub fn routes() -> Routes<AppState> {
+    Routes::new()
         .merge(wallets::routes())
         .merge(listings::routes())
         .merge(search::routes())
@@ -68,20 +89,32 @@ pub(crate) fn not_found(code: &'static str, message: &str) -> ApiError {
     }
 }
 
-/// An RFC 3339 timestamp with microseconds, as Postgres stores them.
-pub(crate) fn time(at: DateTime<Utc>) -> Value {
-    Value::String(at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
+/// Serializes a time as RFC 3339 with microseconds, as Postgres stores them
+/// (`#[serde(serialize_with = "time")]`).
+pub(crate) fn time<S: Serializer>(at: &DateTime<Utc>, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&time_text(*at))
 }
 
-pub(crate) fn optional_time(at: Option<DateTime<Utc>>) -> Value {
-    at.map_or(Value::Null, time)
+/// A time as RFC 3339 with microseconds.
+pub(crate) fn time_text(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
-pub(crate) fn money(amount: i64, currency: &str) -> Value {
-    json!({"amount": amount, "currency": currency})
+/// [`time`], or null.
+pub(crate) fn optional_time<S: Serializer>(
+    at: &Option<DateTime<Utc>>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match at {
+        Some(at) => time(at, serializer),
+        None => serializer.serialize_none(),
+    }
 }
 
-/// A page of a list: `{"items": [...], "next_cursor": "..." | null}`.
-pub(crate) fn list(items: Vec<Value>, next_cursor: Option<String>) -> Value {
-    json!({"items": items, "next_cursor": next_cursor})
+/// The `items` of a page of `T`: at most [`MAX_LIMIT`] of them.
+pub(crate) fn page_items<T: ToSchema>() -> Array {
+    ArrayBuilder::new()
+        .items(RefOr::Ref(Ref::from_schema_name(T::name())))
+        .max_items(Some(MAX_LIMIT as usize))
+        .build()
 }

@@ -1,23 +1,63 @@
 //! `/products/{id}/timeline`: the life story of one product, oldest entry
 //! first, from the "timelines" projection, for any signed-in user.
 
+use axum::Json;
 use axum::extract::State;
-use axum::routing::get;
-use axum::{Json, Router};
 use chrono::{DateTime, Utc};
-use http_kit::ApiError;
-use http_kit::AuthUser;
-use http_kit::IdPath;
-use serde_json::{Value, json};
+use http_kit::openapi::{ErrorBody, Routes};
+use http_kit::{ApiError, AuthUser, IdPath};
+use serde::Serialize;
+use serde_json::Value;
+use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::{db_error, not_found, time};
+use super::{db_error, not_found, page_items, time};
 use crate::app::AppState;
 use crate::catch_up::Projection;
+use crate::openapi::{After, TimelinePaging};
 use crate::params::{CursorKind, QueryParams, page};
 
-pub fn routes() -> axum::Router<AppState> {
-    Router::new().route("/products/{id}/timeline", get(timeline))
+pub fn routes() -> Routes<AppState> {
+    Routes::new().get("/products/{id}/timeline", timeline)
+}
+
+/// A page of a product's timeline, oldest entry first, with the product.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Timeline)]
+pub(crate) struct TimelineView {
+    /// The product.
+    product_id: Uuid,
+    /// Its current owner.
+    owner_id: Uuid,
+    /// Entries in the whole timeline.
+    #[schema(minimum = 0)]
+    entries: i64,
+    /// Its last entry.
+    #[serde(serialize_with = "time")]
+    updated_at: DateTime<Utc>,
+    #[schema(schema_with = page_items::<TimelineEntryView>)]
+    items: Vec<TimelineEntryView>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    next_cursor: Option<String>,
+}
+
+/// One entry of a product's timeline.
+#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
+#[schema(as = TimelineEntry)]
+pub(crate) struct TimelineEntryView {
+    /// The entry's sequence number.
+    #[schema(minimum = 0)]
+    sequence: i64,
+    /// listed, price_changed, reserved, sold, shipped, delivered, returned,
+    /// relisted, story, ownership_transferred, customization_*
+    kind: String,
+    /// The entry's details (JSON, by kind).
+    data: Value,
+    /// Who caused it.
+    actor_id: Option<Uuid>,
+    /// When it was recorded.
+    #[serde(serialize_with = "time")]
+    recorded_at: DateTime<Utc>,
 }
 
 #[derive(Debug, sqlx::FromRow)]
@@ -28,33 +68,27 @@ struct ProductRow {
     updated_at: DateTime<Utc>,
 }
 
-#[derive(Debug, sqlx::FromRow)]
-struct EntryRow {
-    sequence: i64,
-    kind: String,
-    data: Value,
-    actor_id: Option<Uuid>,
-    recorded_at: DateTime<Utc>,
-}
-
-impl EntryRow {
-    fn to_json(&self) -> Value {
-        json!({
-            "sequence": self.sequence,
-            "kind": self.kind,
-            "data": self.data,
-            "actor_id": self.actor_id,
-            "recorded_at": time(self.recorded_at),
-        })
-    }
-}
-
-async fn timeline(
+/// A product's timeline, oldest entry first
+///
+/// The life story of one physical product across owners and relistings.
+/// 404 `product_not_found`.
+#[utoipa::path(
+    get,
+    path = "/products/{id}/timeline",
+    operation_id = "getProductTimeline",
+    tag = "products",
+    params(("id" = Uuid, Path, description = "The product. Anything but a UUID is 400 `invalid_id`."), TimelinePaging, After),
+    responses(
+        (status = 200, description = "The read model's answer.", body = TimelineView),
+        (status = 404, description = "Not in the read model (`product_not_found`; pass a write's position as `after`).", body = ErrorBody),
+    ),
+)]
+pub(crate) async fn timeline(
     State(state): State<AppState>,
     _user: AuthUser,
     IdPath(id): IdPath,
     query: QueryParams,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<TimelineView>, ApiError> {
     let params = query.accept(&["after", "limit", "cursor"])?;
     let after = params.after()?;
     let limit = params.limit()?;
@@ -70,7 +104,7 @@ async fn timeline(
     .await
     .map_err(db_error)?;
     let product = product.ok_or_else(|| not_found("product_not_found", "product not found"))?;
-    let rows: Vec<EntryRow> = sqlx::query_as(
+    let rows: Vec<TimelineEntryView> = sqlx::query_as(
         "SELECT sequence, kind, data, actor_id, recorded_at
            FROM rm_timeline
           WHERE product_id = $1 AND ($2::bigint IS NULL OR sequence > $2)
@@ -84,12 +118,12 @@ async fn timeline(
     .await
     .map_err(db_error)?;
     let (rows, next) = page(rows, limit, CursorKind::Timeline, |row| row.sequence);
-    Ok(Json(json!({
-        "product_id": product.product_id,
-        "owner_id": product.owner_id,
-        "entries": product.entries,
-        "updated_at": time(product.updated_at),
-        "items": rows.iter().map(EntryRow::to_json).collect::<Vec<_>>(),
-        "next_cursor": next,
-    })))
+    Ok(Json(TimelineView {
+        product_id: product.product_id,
+        owner_id: product.owner_id,
+        entries: product.entries,
+        updated_at: product.updated_at,
+        items: rows,
+        next_cursor: next,
+    }))
 }

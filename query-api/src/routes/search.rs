@@ -8,26 +8,51 @@
 //! projection, then for the search indexer (no change at or before the
 //! position left in `search_pending`).
 
+use std::collections::{BTreeMap, HashMap};
+
+use axum::Json;
 use axum::extract::State;
-use axum::routing::get;
-use axum::{Json, Router};
-use http_kit::ApiError;
-use http_kit::AuthUser;
+use http_kit::openapi::{ErrorBody, Routes};
+use http_kit::{ApiError, AuthUser};
 use projections::search::{
     MAX_OFFSET, MAX_QUERY_CHARS, MAX_QUERY_WORDS, SearchError, SearchFilters, SearchQuery, Sort,
     words,
 };
-use serde_json::{Value, json};
+use serde::Serialize;
+use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::db_error;
-use super::listings::{COLUMNS, FILTER_PARAMS, Filters, ListingRow};
+use super::listings::{COLUMNS, FILTER_PARAMS, Filters, ListingRow, ListingView};
+use super::{db_error, page_items};
 use crate::app::AppState;
 use crate::catch_up::Projection;
+use crate::openapi::{After, ListingFilters, SearchPaging, SearchParams};
 use crate::params::{Cursor, CursorKind, QueryParams, invalid_parameter};
 
-pub fn routes() -> Router<AppState> {
-    Router::new().route("/search", get(search))
+pub fn routes() -> Routes<AppState> {
+    Routes::new().get("/search", search)
+}
+
+/// A page of search results, with the total and facet counts of all
+/// matches.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct SearchPage {
+    #[schema(schema_with = page_items::<ListingView>)]
+    items: Vec<ListingView>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    next_cursor: Option<String>,
+    /// How many listings match (Meilisearch: its estimate).
+    total: u64,
+    facets: Facets,
+}
+
+/// Matches by value, per facet.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Facets {
+    /// Matches by category.
+    category: BTreeMap<String, u64>,
+    /// Matches by condition.
+    condition: BTreeMap<String, u64>,
 }
 
 /// A backend failure: 503 when it cannot be reached, else a 500 logged in
@@ -59,11 +84,34 @@ fn text(q: Option<&str>) -> Result<String, ApiError> {
     Ok(text.to_owned())
 }
 
-async fn search(
+/// Listings by free text, typo tolerant, with facet counts
+///
+/// `q` matches titles and descriptions: a word of 5 to 8 characters
+/// tolerates one typo, a longer one two, and the last word also matches as a
+/// prefix (`iphne` finds "iPhone"). Without `q`, every listing the filters
+/// let through matches. The filters are those of `/listings` (same rules,
+/// same 403 for `status=deleted`). `sort`: `relevance` (the default with
+/// `q`), `price_asc`, `price_desc` or `newest` (the default without `q`).
+/// `facets` counts the matches by category and by condition (up to 100
+/// values each), `total` the matches. Pages reach the first 1,000 matches.
+/// With `after`, the answer also waits for the search index to include that
+/// write.
+#[utoipa::path(
+    get,
+    path = "/search",
+    operation_id = "searchListings",
+    tag = "listings",
+    params(SearchPaging, SearchParams, ListingFilters, After),
+    responses(
+        (status = 200, description = "The read model's answer.", body = SearchPage),
+        (status = 403, description = "`status=deleted` for someone who may not see them (`forbidden`).", body = ErrorBody),
+    ),
+)]
+pub(crate) async fn search(
     State(state): State<AppState>,
     user: AuthUser,
     query: QueryParams,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<SearchPage>, ApiError> {
     let params =
         query.accept(&[&["q", "sort", "after", "limit", "cursor"], FILTER_PARAMS].concat())?;
     let after = params.after()?;
@@ -118,22 +166,28 @@ async fn search(
     .map_err(db_error)?;
     // In the index's order; a listing whose status changed since it was
     // indexed is left out rather than shown against the filter.
-    let items: Vec<Value> = page
+    let mut rows: HashMap<Uuid, ListingRow> =
+        rows.into_iter().map(|row| (row.listing_id, row)).collect();
+    let items: Vec<ListingView> = page
         .ids
         .iter()
-        .filter_map(|id: &Uuid| rows.iter().find(|row| row.listing_id == *id))
+        .filter_map(|id: &Uuid| rows.remove(id))
         .filter(|row| filters.admits(&row.status))
-        .map(ListingRow::to_json)
+        .map(ListingRow::view)
         .collect();
     let next = offset + limit;
     let next_cursor = (next < page.total as i64 && next <= MAX_OFFSET as i64)
         .then(|| Cursor::encode(CursorKind::Search, &next));
-    Ok(Json(json!({
-        "items": items,
-        "next_cursor": next_cursor,
-        "total": page.total,
-        "facets": page.facets,
-    })))
+    let mut facets = page.facets;
+    Ok(Json(SearchPage {
+        items,
+        next_cursor,
+        total: page.total,
+        facets: Facets {
+            category: facets.remove("category").unwrap_or_default(),
+            condition: facets.remove("condition").unwrap_or_default(),
+        },
+    }))
 }
 
 #[cfg(test)]

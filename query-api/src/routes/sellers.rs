@@ -3,22 +3,76 @@
 //! counts and no rates: the read model cannot tell the two apart, so
 //! neither is a 404.
 
+use axum::Json;
 use axum::extract::State;
-use axum::routing::get;
-use axum::{Json, Router};
-use http_kit::ApiError;
-use http_kit::AuthUser;
-use http_kit::IdPath;
-use serde_json::{Value, json};
+use http_kit::openapi::Routes;
+use http_kit::{ApiError, AuthUser, IdPath};
+use serde::Serialize;
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::db_error;
 use crate::app::AppState;
 use crate::catch_up::Projection;
+use crate::openapi::After;
 use crate::params::QueryParams;
 
-pub fn routes() -> axum::Router<AppState> {
-    Router::new().route("/sellers/{id}/stats", get(stats))
+pub fn routes() -> Routes<AppState> {
+    Routes::new().get("/sellers/{id}/stats", stats)
+}
+
+/// A seller's statistics.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = SellerStats)]
+pub(crate) struct SellerStatsView {
+    /// The seller.
+    seller_id: Uuid,
+    orders: OrderCounts,
+    /// Delivered / confirmed; null without confirmed orders.
+    #[schema(minimum = 0, maximum = 1)]
+    fulfillment_rate: Option<f64>,
+    /// Returned / delivered; null without delivered orders.
+    #[schema(minimum = 0, maximum = 1)]
+    return_rate: Option<f64>,
+    /// Mean time from confirmation to delivery; null without delivered
+    /// orders.
+    #[schema(minimum = 0)]
+    average_fulfillment_seconds: Option<f64>,
+    rating: RatingView,
+}
+
+/// A seller's orders by how far they went.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct OrderCounts {
+    /// Orders placed with the seller.
+    #[schema(minimum = 0)]
+    placed: i64,
+    /// Orders confirmed.
+    #[schema(minimum = 0)]
+    confirmed: i64,
+    /// Orders shipped.
+    #[schema(minimum = 0)]
+    shipped: i64,
+    /// Orders delivered.
+    #[schema(minimum = 0)]
+    delivered: i64,
+    /// Orders cancelled.
+    #[schema(minimum = 0)]
+    cancelled: i64,
+    /// Orders returned.
+    #[schema(minimum = 0)]
+    returned: i64,
+}
+
+/// The reviews a seller received.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Rating)]
+pub(crate) struct RatingView {
+    #[schema(minimum = 1, maximum = 5)]
+    average: Option<f64>,
+    /// Reviews received.
+    #[schema(minimum = 0)]
+    count: i64,
 }
 
 #[derive(Debug, Default, sqlx::FromRow)]
@@ -40,38 +94,53 @@ fn rate(part: i64, whole: i64) -> Option<f64> {
 }
 
 impl StatsRow {
-    fn to_json(&self, seller_id: Uuid) -> Value {
+    fn view(&self, seller_id: Uuid) -> SellerStatsView {
         let average_fulfillment_seconds = (self.orders_delivered > 0)
             .then(|| (self.fulfillment_seconds_sum / self.orders_delivered as f64).max(0.0))
             .filter(|seconds| seconds.is_finite());
         let average_rating = (self.rating_count > 0)
             .then(|| (self.rating_sum as f64 / self.rating_count as f64).clamp(1.0, 5.0));
-        json!({
-            "seller_id": seller_id,
-            "orders": {
-                "placed": self.orders_placed,
-                "confirmed": self.orders_confirmed,
-                "shipped": self.orders_shipped,
-                "delivered": self.orders_delivered,
-                "cancelled": self.orders_cancelled,
-                "returned": self.orders_returned,
+        SellerStatsView {
+            seller_id,
+            orders: OrderCounts {
+                placed: self.orders_placed,
+                confirmed: self.orders_confirmed,
+                shipped: self.orders_shipped,
+                delivered: self.orders_delivered,
+                cancelled: self.orders_cancelled,
+                returned: self.orders_returned,
             },
             // Of the orders confirmed, the share delivered.
-            "fulfillment_rate": rate(self.orders_delivered, self.orders_confirmed),
+            fulfillment_rate: rate(self.orders_delivered, self.orders_confirmed),
             // Of the orders delivered, the share returned.
-            "return_rate": rate(self.orders_returned, self.orders_delivered),
-            "average_fulfillment_seconds": average_fulfillment_seconds,
-            "rating": {"average": average_rating, "count": self.rating_count},
-        })
+            return_rate: rate(self.orders_returned, self.orders_delivered),
+            average_fulfillment_seconds,
+            rating: RatingView {
+                average: average_rating,
+                count: self.rating_count,
+            },
+        }
     }
 }
 
-async fn stats(
+/// A seller's statistics
+///
+/// A seller without orders has zero counts and null rates (never 404: the
+/// read model cannot tell a seller without orders from any other user).
+#[utoipa::path(
+    get,
+    path = "/sellers/{id}/stats",
+    operation_id = "getSellerStats",
+    tag = "sellers",
+    params(("id" = Uuid, Path, description = "The seller (a user id). Anything but a UUID is 400 `invalid_id`."), After),
+    responses((status = 200, description = "The read model's answer.", body = SellerStatsView)),
+)]
+pub(crate) async fn stats(
     State(state): State<AppState>,
     _user: AuthUser,
     IdPath(id): IdPath,
     query: QueryParams,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<SellerStatsView>, ApiError> {
     let params = query.accept(&["after"])?;
     let after = params.after()?;
     state.read_after(after, &[Projection::Orders]).await?;
@@ -85,5 +154,5 @@ async fn stats(
     .fetch_optional(&state.pool)
     .await
     .map_err(db_error)?;
-    Ok(Json(row.unwrap_or_default().to_json(id)))
+    Ok(Json(row.unwrap_or_default().view(id)))
 }

@@ -2,85 +2,89 @@
 //! newest first), from the "wallets" projection. Only the wallet's owner, an
 //! admin or an auditor sees a wallet; others get 403, an unknown wallet 404.
 
+use axum::Json;
 use axum::extract::State;
-use axum::routing::get;
-use axum::{Json, Router};
 use chrono::{DateTime, Utc};
-use http_kit::ApiError;
-use http_kit::AuthUser;
-use http_kit::IdPath;
-use serde_json::{Value, json};
+use http_kit::openapi::{ErrorBody, Routes};
+use http_kit::{ApiError, AuthUser, IdPath};
+use serde::Serialize;
+use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::{db_error, list, not_found, sees_everything, time};
+use super::{db_error, not_found, page_items, sees_everything, time};
 use crate::app::AppState;
 use crate::catch_up::Projection;
+use crate::openapi::{After, WalletEntryPaging};
 use crate::params::{CursorKind, QueryParams, page};
 
-pub fn routes() -> axum::Router<AppState> {
-    Router::new()
-        .route("/wallets/{id}", get(wallet))
-        .route("/wallets/{id}/entries", get(entries))
+pub fn routes() -> Routes<AppState> {
+    Routes::new()
+        .get("/wallets/{id}", wallet)
+        .get("/wallets/{id}/entries", entries)
 }
 
-#[derive(Debug, sqlx::FromRow)]
-struct WalletRow {
-    wallet_id: Uuid,
+/// A wallet's balances, in minor units of its currency.
+#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
+#[schema(as = Wallet)]
+pub(crate) struct WalletView {
+    /// The wallet.
+    id: Uuid,
+    /// Its owner.
     owner_id: Uuid,
+    #[schema(schema_with = http_kit::openapi::currency)]
     currency: String,
+    /// Spendable and withdrawable, in minor units.
     available: i64,
+    /// Escrow locked for the owner's orders.
     held: i64,
+    /// Escrow the owner will receive when orders are delivered.
     pending_incoming: i64,
+    /// When it was opened.
+    #[serde(serialize_with = "time")]
     created_at: DateTime<Utc>,
+    /// Its last event.
+    #[serde(serialize_with = "time")]
     updated_at: DateTime<Utc>,
+    /// Its number of events.
+    #[schema(minimum = 0)]
     version: i64,
 }
 
-impl WalletRow {
-    fn to_json(&self) -> Value {
-        json!({
-            "id": self.wallet_id,
-            "owner_id": self.owner_id,
-            "currency": self.currency,
-            "available": self.available,
-            "held": self.held,
-            "pending_incoming": self.pending_incoming,
-            "created_at": time(self.created_at),
-            "updated_at": time(self.updated_at),
-            "version": self.version,
-        })
-    }
-}
-
-#[derive(Debug, sqlx::FromRow)]
-struct EntryRow {
+/// One entry of a wallet's ledger: a wallet event with the balances after it.
+#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
+#[schema(as = WalletEntry)]
+pub(crate) struct WalletEntryView {
+    /// The wallet event's sequence number.
+    #[schema(minimum = 0)]
     sequence: i64,
+    /// The event type (FundsDeposited, FundsHeld, ...).
     kind: String,
+    /// The amount moved, in minor units.
     amount: i64,
+    /// Available after the event.
     available: i64,
+    /// Held after the event.
     held: i64,
+    /// Pending incoming after the event.
     pending_incoming: i64,
+    /// The order it is for, if any.
     order_id: Option<Uuid>,
+    /// A deposit's or withdrawal's reference.
     reference: Option<String>,
+    /// The other wallet of an escrow movement.
     counterparty_wallet_id: Option<Uuid>,
+    /// When the event was recorded.
+    #[serde(serialize_with = "time")]
     recorded_at: DateTime<Utc>,
 }
 
-impl EntryRow {
-    fn to_json(&self) -> Value {
-        json!({
-            "sequence": self.sequence,
-            "kind": self.kind,
-            "amount": self.amount,
-            "available": self.available,
-            "held": self.held,
-            "pending_incoming": self.pending_incoming,
-            "order_id": self.order_id,
-            "reference": self.reference,
-            "counterparty_wallet_id": self.counterparty_wallet_id,
-            "recorded_at": time(self.recorded_at),
-        })
-    }
+/// A page of a wallet's ledger, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct WalletEntryPage {
+    #[schema(schema_with = page_items::<WalletEntryView>)]
+    items: Vec<WalletEntryView>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    next_cursor: Option<String>,
 }
 
 /// The wallet, if the caller may see it.
@@ -88,10 +92,10 @@ async fn visible_wallet(
     state: &AppState,
     user: &AuthUser,
     id: Uuid,
-) -> Result<WalletRow, ApiError> {
-    let wallet: Option<WalletRow> = sqlx::query_as(
-        "SELECT wallet_id, owner_id, currency, available, held, pending_incoming, created_at,
-                updated_at, version
+) -> Result<WalletView, ApiError> {
+    let wallet: Option<WalletView> = sqlx::query_as(
+        "SELECT wallet_id AS id, owner_id, currency, available, held, pending_incoming,
+                created_at, updated_at, version
            FROM rm_wallets WHERE wallet_id = $1",
     )
     .bind(id)
@@ -107,26 +111,60 @@ async fn visible_wallet(
     Ok(wallet)
 }
 
-async fn wallet(
+/// A wallet's balances
+///
+/// Available, held (escrow locked for the owner's orders) and pending
+/// incoming (escrow the owner will receive), in minor units of the wallet's
+/// currency. The owner, admins and auditors only (403 for others); 404
+/// `wallet_not_found`.
+#[utoipa::path(
+    get,
+    path = "/wallets/{id}",
+    operation_id = "getWallet",
+    tag = "wallets",
+    params(("id" = Uuid, Path, description = "The wallet. Anything but a UUID is 400 `invalid_id`."), After),
+    responses(
+        (status = 200, description = "The read model's answer.", body = WalletView),
+        (status = 403, description = "The caller may not see this wallet (`forbidden`).", body = ErrorBody),
+        (status = 404, description = "Not in the read model (`wallet_not_found`; pass a write's position as `after`).", body = ErrorBody),
+    ),
+)]
+pub(crate) async fn wallet(
     State(state): State<AppState>,
     user: AuthUser,
     IdPath(id): IdPath,
     query: QueryParams,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<WalletView>, ApiError> {
     let params = query.accept(&["after"])?;
     let after = params.after()?;
     state
         .read_after_of(after, &[Projection::Wallets], id)
         .await?;
-    Ok(Json(visible_wallet(&state, &user, id).await?.to_json()))
+    Ok(Json(visible_wallet(&state, &user, id).await?))
 }
 
-async fn entries(
+/// A wallet's ledger, newest first
+///
+/// One entry per wallet event with the balances after it. Same access as
+/// the wallet.
+#[utoipa::path(
+    get,
+    path = "/wallets/{id}/entries",
+    operation_id = "getWalletEntries",
+    tag = "wallets",
+    params(("id" = Uuid, Path, description = "The wallet. Anything but a UUID is 400 `invalid_id`."), WalletEntryPaging, After),
+    responses(
+        (status = 200, description = "The read model's answer.", body = WalletEntryPage),
+        (status = 403, description = "The caller may not see this wallet (`forbidden`).", body = ErrorBody),
+        (status = 404, description = "Not in the read model (`wallet_not_found`).", body = ErrorBody),
+    ),
+)]
+pub(crate) async fn entries(
     State(state): State<AppState>,
     user: AuthUser,
     IdPath(id): IdPath,
     query: QueryParams,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<WalletEntryPage>, ApiError> {
     let params = query.accept(&["after", "limit", "cursor"])?;
     let after = params.after()?;
     let limit = params.limit()?;
@@ -135,7 +173,7 @@ async fn entries(
         .read_after_of(after, &[Projection::Wallets], id)
         .await?;
     visible_wallet(&state, &user, id).await?;
-    let rows: Vec<EntryRow> = sqlx::query_as(
+    let rows: Vec<WalletEntryView> = sqlx::query_as(
         "SELECT sequence, kind, amount, available, held, pending_incoming, order_id, reference,
                 counterparty_wallet_id, recorded_at
            FROM rm_wallet_entries
@@ -150,8 +188,8 @@ async fn entries(
     .await
     .map_err(db_error)?;
     let (rows, next) = page(rows, limit, CursorKind::WalletEntries, |row| row.sequence);
-    Ok(Json(list(
-        rows.iter().map(EntryRow::to_json).collect(),
-        next,
-    )))
+    Ok(Json(WalletEntryPage {
+        items: rows,
+        next_cursor: next,
+    }))
 }
