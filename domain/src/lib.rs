@@ -16,6 +16,7 @@
 //! managers (splitting a checkout per seller, hold expiry, deterministic
 //! command ids).
 
+pub mod audit;
 pub mod listing;
 pub mod order;
 pub mod process;

@@ -106,6 +106,16 @@ impl Wallet {
     pub fn settled_incoming(&self) -> &BTreeSet<OrderId> {
         &self.settled_incoming
     }
+
+    /// Orders whose captured payment this (seller's) wallet gave back.
+    pub fn returned_payments(&self) -> &BTreeSet<OrderId> {
+        &self.returned_payments
+    }
+
+    /// Orders whose refund this (buyer's) wallet received.
+    pub fn received_refunds(&self) -> &BTreeSet<OrderId> {
+        &self.received_refunds
+    }
 }
 
 #[derive(Debug, Clone)]
