@@ -7,7 +7,9 @@
 //! - `load`: an aggregate's state from its snapshot and later events.
 //! - `record`: metadata, positions (and their tokens) and the hash chain.
 //! - `global`: the global order, read without ever skipping a late commit.
-//! - `verify`: recomputes the hash chains (tamper evidence).
+//! - `verify`: recomputes the hash chains, checks them against the stream
+//!   heads and replays the business invariants (tamper evidence);
+//!   `anchor`: a running digest over the global order that an auditor keeps.
 //! - `cqrs`: the adapter that runs the domain's aggregates on plain cqrs-es.
 //! - `fanout`: subjects and partitions of the events published to JetStream.
 //! - `relay`: publishes committed events to JetStream in global order (one
@@ -23,6 +25,7 @@
 //! Souk's own because postgres-es cannot put an idempotency record in the
 //! transaction of the events, batch a hot aggregate, or keep a hash chain.
 
+pub mod anchor;
 pub mod backoff;
 pub mod cqrs;
 pub mod fanout;

@@ -8,11 +8,13 @@
 //!   batches applied in order in one transaction with their checkpoint,
 //!   redeliveries skipped, the idle watermark for read-your-writes.
 //! - `engine`: the projections ([`PROJECTIONS`]) and the apply loop they
-//!   share, which isolates poison events; `park`: the dead-letter table.
+//!   share, which isolates poison events; `park`: the dead-letter table and
+//!   what operators do with it ([`retry`], [`skip`]).
 //! - `listings`, `orders`, `wallets`, `timelines`: one module per
 //!   projection, turning domain events into rows (`rows` moves rows in bulk).
 //! - `rebuild`: a projection rebuilt from the global order into a schema of
-//!   its own ([`rebuild_into`]) and swapped in atomically ([`rebuild`]).
+//!   its own ([`rebuild_into`]) and swapped in atomically ([`rebuild`],
+//!   [`rebuild_projections`]: several in one pass, resumable after a kill).
 //! - `search`: the listings' search index (embedded tantivy or Meilisearch
 //!   behind [`search::SearchIndex`]), fed from `search_pending` by an indexer
 //!   task of the projector, and queried by the query API's `/search`.
@@ -39,8 +41,19 @@ mod wallets;
 
 pub use config::{MAX_BATCH, ProjectorConfig};
 pub use engine::PROJECTIONS;
-pub use rebuild::{LOCKED_CATCH_UP_TIMEOUT, RebuildReport, rebuild, rebuild_into, rebuild_schema};
+pub use park::{MAX_REASON_CHARS, ParkedEvent, RetryOutcome, dead_letters, retry, skip};
+pub use rebuild::{
+    LOCKED_CATCH_UP_TIMEOUT, RebuildInProgress, RebuildOptions, RebuildPhase, RebuildProgress,
+    RebuildReport, abandon, rebuild, rebuild_into, rebuild_projections, rebuild_schema,
+    rebuilds_in_progress,
+};
 pub use runtime::{Projector, build, consumer_name};
+
+/// The aggregate types whose events change `projection`, or `None` for an
+/// unknown name.
+pub fn aggregate_types(projection: &str) -> Option<&'static [&'static str]> {
+    engine::Kind::parse(projection).map(engine::Kind::aggregate_types)
+}
 
 /// The read-model tables `projection` owns, or `None` for an unknown name.
 pub fn tables(projection: &str) -> Option<&'static [&'static str]> {

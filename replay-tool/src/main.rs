@@ -1,11 +1,28 @@
 //! `replay-tool`: Souk's command line for auditors and operators.
 //!
 //! Each subcommand is one variant of [`Command`] with its own argument struct
-//! and one function that runs it. Results go to stdout, alone, so that they
-//! can be captured by scripts (`TOKEN=$(replay-tool token ...)`); progress and
-//! notes go to stderr.
+//! and a module that runs it: `history`, `state`, `export` (reading the
+//! log), `audit` (`anchor` and `verify`), `status`, `rebuild`,
+//! `dead_letters` and `timers` (operating the read side); `token` and `keys`
+//! are here. Results go to stdout, alone, so that scripts can capture them
+//! (`TOKEN=$(replay-tool token ...)`): a table on a terminal, JSON otherwise
+//! or with `--json` (`output`). Progress and notes go to stderr.
+//!
+//! Exit codes: 0 fine; 1 a usage or runtime error, said in one line on
+//! stderr; 2 an integrity or invariant failure (`verify`).
+
+mod audit;
+mod dead_letters;
+mod export;
+mod history;
+mod output;
+mod rebuild;
+mod state;
+mod status;
+mod timers;
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -31,21 +48,37 @@ enum Command {
     Token(TokenArgs),
     /// Generate the dev key pair unless both files already exist.
     Keys(KeyPaths),
-    /// Recompute every aggregate's hash chain (or one's) and report any
-    /// altered, removed or reordered event. Exits 2 when the log is not intact.
-    Verify(VerifyArgs),
-    /// Print the history of one aggregate, oldest first, one JSON object per
-    /// event with its metadata (who, which command, when).
-    History(HistoryArgs),
-    /// Rebuild one projection's read models from the event store and swap
-    /// them in atomically while the projectors keep running; prints a JSON
-    /// report (position reached, events applied and parked).
-    Rebuild(RebuildArgs),
+    /// Events of one aggregate, one correlation, one actor or a time range,
+    /// in global order: a table on a terminal, JSON lines otherwise.
+    History(history::HistoryArgs),
+    /// An aggregate's state as of a version or a time, rebuilt from its
+    /// events by the domain's own code (never from a snapshot).
+    State(state::StateArgs),
+    /// The log in global order as JSON lines, streamed (constant memory).
+    Export(export::ExportArgs),
+    /// Print a short token committing to the whole log up to now; keep it
+    /// outside the database and check it later with `verify --anchor`.
+    Anchor(audit::AnchorArgs),
+    /// Check the hash chains, the stream heads, the business invariants
+    /// (always in a full verify) and an anchor. Exits 2 when something is wrong.
+    Verify(audit::VerifyArgs),
+    /// Projections and partitions (checkpoint, lag, dead letters), rebuilds
+    /// in progress, the relay and stuck timers.
+    Status(status::StatusArgs),
+    /// Rebuild projections aside and swap them in atomically while the
+    /// projectors keep running; resumes an interrupted rebuild.
+    Rebuild(rebuild::RebuildArgs),
+    /// Events the projections parked: list, retry, skip.
+    #[command(subcommand)]
+    DeadLetters(dead_letters::DeadLettersCommand),
+    /// The process managers' durable timers: list, retry.
+    #[command(subcommand)]
+    Timers(timers::TimersCommand),
 }
 
 /// The event store to read.
 #[derive(Debug, Args)]
-struct Database {
+pub struct Database {
     /// Postgres connection string (never printed).
     #[arg(
         long,
@@ -56,44 +89,101 @@ struct Database {
     database_url: String,
 }
 
-#[derive(Debug, Args)]
-struct VerifyArgs {
-    #[command(flatten)]
-    database: Database,
-    /// Check only this aggregate type (with --aggregate-id).
-    #[arg(long, requires = "aggregate_id")]
-    aggregate_type: Option<String>,
-    /// Check only this aggregate (with --aggregate-type).
-    #[arg(long, requires = "aggregate_type")]
-    aggregate_id: Option<String>,
+impl Database {
+    /// A small pool on the event store, its migrations applied (replay-tool
+    /// is one of the writers that do).
+    pub async fn connect(&self) -> anyhow::Result<sqlx::PgPool> {
+        let config = event_store::PoolConfig {
+            max_connections: 4,
+            ..event_store::PoolConfig::default()
+        };
+        let pool =
+            event_store::pool(&self.database_url, &config).context("parsing DATABASE_URL")?;
+        event_store::migrate(&pool)
+            .await
+            .context("connecting to the event store and applying migrations")?;
+        Ok(pool)
+    }
 }
 
-#[derive(Debug, Args)]
-struct RebuildArgs {
-    #[command(flatten)]
-    database: Database,
-    /// listings, orders, wallets or timelines.
-    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(projections::PROJECTIONS.iter().copied()))]
-    projection: String,
-    /// The projectors' partition count (every partition gets a checkpoint).
-    #[arg(
-        long,
-        env = "SOUK_PARTITIONS",
-        default_value_t = event_store::fanout::DEFAULT_PARTITIONS,
-        value_parser = clap::value_parser!(u32).range(1..=i64::from(event_store::fanout::MAX_PARTITIONS))
-    )]
-    partitions: u32,
+/// How a command ended, when it did not fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Fine,
+    /// The log is not intact or breaks an invariant (exit 2).
+    IntegrityFailure,
 }
 
-#[derive(Debug, Args)]
-struct HistoryArgs {
-    #[command(flatten)]
-    database: Database,
-    /// Listing, Reservation, Order, Wallet or ProductTimeline.
-    #[arg(long)]
-    aggregate_type: String,
-    #[arg(long)]
-    aggregate_id: String,
+/// A time given on the command line.
+pub fn parse_time(text: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(text)
+        .map(|time| time.with_timezone(&chrono::Utc))
+        .map_err(|error| format!("`{text}` is not an RFC 3339 time ({error})"))
+}
+
+/// A position token given on the command line.
+pub fn parse_position(text: &str) -> Result<event_store::Position, String> {
+    event_store::Position::parse_token(text).map_err(|error| error.to_string())
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                error.kind(),
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+            ) {
+                let _ = error.print();
+                return ExitCode::SUCCESS;
+            }
+            let text = error.to_string();
+            let first = text
+                .lines()
+                .find(|line| !line.trim().is_empty())
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ");
+            eprintln!("replay-tool: {first} (see --help)");
+            return ExitCode::from(1);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("replay-tool: cannot start: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(Outcome::Fine) => ExitCode::SUCCESS,
+        Ok(Outcome::IntegrityFailure) => ExitCode::from(2),
+        Err(error) => {
+            let text = format!("{error:#}").replace('\n', " ");
+            eprintln!("replay-tool: {text}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<Outcome> {
+    match cli.command {
+        Command::Token(args) => token(&args).map(|()| Outcome::Fine),
+        Command::Keys(paths) => keys(&paths).map(|()| Outcome::Fine),
+        Command::History(args) => history::run(&args).await,
+        Command::State(args) => state::run(&args).await,
+        Command::Export(args) => export::run(&args).await,
+        Command::Anchor(args) => audit::anchor(&args).await,
+        Command::Verify(args) => audit::verify(&args).await,
+        Command::Status(args) => status::run(&args).await,
+        Command::Rebuild(args) => rebuild::run(&args).await,
+        Command::DeadLetters(command) => dead_letters::run(command).await,
+        Command::Timers(command) => timers::run(command).await,
+    }
 }
 
 /// Where the JWT key pair lives.
@@ -138,111 +228,6 @@ struct TokenArgs {
 
 fn parse_role(text: &str) -> Result<Role, String> {
     Role::parse(text).map_err(|error| error.to_string())
-}
-
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Token(args) => token(&args),
-        Command::Keys(paths) => keys(&paths),
-        Command::Verify(args) => verify(&args).await,
-        Command::History(args) => history(&args).await,
-        Command::Rebuild(args) => rebuild(&args).await,
-    }
-}
-
-async fn connect(database: &Database) -> anyhow::Result<sqlx::PgPool> {
-    let pool = event_store::pool(&database.database_url, &event_store::PoolConfig::default())
-        .context("parsing DATABASE_URL")?;
-    event_store::migrate(&pool)
-        .await
-        .context("connecting to the event store and applying migrations")?;
-    Ok(pool)
-}
-
-async fn verify(args: &VerifyArgs) -> anyhow::Result<()> {
-    let pool = connect(&args.database).await?;
-    let only = args
-        .aggregate_type
-        .as_deref()
-        .zip(args.aggregate_id.as_deref());
-    let report = event_store::verify::verify_chains(&pool, only)
-        .await
-        .context("reading the events")?;
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&report).context("printing the report")?
-    );
-    if report.is_intact() {
-        eprintln!(
-            "intact: {} events of {} aggregates verified",
-            report.events_checked, report.aggregates_checked
-        );
-        Ok(())
-    } else {
-        eprintln!(
-            "NOT INTACT: {} problems in {} events",
-            report.problems_found, report.events_checked
-        );
-        std::process::exit(2);
-    }
-}
-
-async fn history(args: &HistoryArgs) -> anyhow::Result<()> {
-    let pool = connect(&args.database).await?;
-    let rows: Vec<(
-        i64,
-        String,
-        String,
-        serde_json::Value,
-        serde_json::Value,
-        chrono::DateTime<chrono::Utc>,
-    )> = sqlx::query_as(
-        "SELECT sequence, event_type, event_version, payload::jsonb, metadata::jsonb, recorded_at
-               FROM events WHERE aggregate_type = $1 AND aggregate_id = $2 ORDER BY sequence",
-    )
-    .bind(&args.aggregate_type)
-    .bind(&args.aggregate_id)
-    .fetch_all(&pool)
-    .await
-    .context("reading the history")?;
-    if rows.is_empty() {
-        anyhow::bail!(
-            "no events for {} {}",
-            args.aggregate_type,
-            args.aggregate_id
-        );
-    }
-    for (sequence, event_type, event_version, payload, metadata, recorded_at) in rows {
-        let line = serde_json::json!({
-            "sequence": sequence,
-            "event_type": event_type,
-            "event_version": event_version,
-            "recorded_at": recorded_at,
-            "metadata": metadata,
-            "payload": payload,
-        });
-        println!("{line}");
-    }
-    Ok(())
-}
-
-async fn rebuild(args: &RebuildArgs) -> anyhow::Result<()> {
-    let pool = connect(&args.database).await?;
-    eprintln!("rebuilding {} from the event store...", args.projection);
-    let report = projections::rebuild(&pool, &args.projection, args.partitions)
-        .await
-        .with_context(|| format!("rebuilding {}", args.projection))?;
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&report).context("printing the report")?
-    );
-    eprintln!(
-        "swapped in: {} events applied, {} parked in dead_letters, up to {}",
-        report.events_applied, report.events_parked, report.position
-    );
-    Ok(())
 }
 
 fn token(args: &TokenArgs) -> anyhow::Result<()> {
