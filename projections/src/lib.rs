@@ -43,9 +43,9 @@ pub use config::{MAX_BATCH, ProjectorConfig};
 pub use engine::PROJECTIONS;
 pub use park::{MAX_REASON_CHARS, ParkedEvent, RetryOutcome, dead_letters, retry, skip};
 pub use rebuild::{
-    LOCKED_CATCH_UP_TIMEOUT, RebuildInProgress, RebuildOptions, RebuildPhase, RebuildProgress,
-    RebuildReport, abandon, rebuild, rebuild_into, rebuild_projections, rebuild_schema,
-    rebuilds_in_progress,
+    LOCKED_CATCH_UP_TIMEOUT, REBUILD_BATCH_EVENTS, RebuildInProgress, RebuildOptions, RebuildPhase,
+    RebuildProgress, RebuildReport, abandon, rebuild, rebuild_into, rebuild_projections,
+    rebuild_schema, rebuilds_in_progress,
 };
 pub use runtime::{Projector, build, consumer_name};
 

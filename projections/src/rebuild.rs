@@ -61,8 +61,6 @@ use crate::park::{DeadLetter, park_in};
 use crate::rows::valid_schema;
 use crate::runtime::projection_lock_key;
 
-/// Events read from the global order at once.
-const READ_BATCH: i64 = 5_000;
 /// The longest a rebuild holds the projections' locks to catch up.
 pub const LOCKED_CATCH_UP_TIMEOUT: Duration = Duration::from_secs(30);
 /// The longest the swap waits for the live tables before trying again.
@@ -123,7 +121,13 @@ pub struct RebuildOptions {
     pub partitions: u32,
     /// Start over even if an interrupted rebuild could be resumed.
     pub restart: bool,
+    /// Events read from the global order per batch (each batch one
+    /// transaction and one progress record), 1 to 10,000.
+    pub batch_events: i64,
 }
+
+/// The default of [`RebuildOptions::batch_events`].
+pub const REBUILD_BATCH_EVENTS: i64 = 5_000;
 
 /// The schema a rebuild of `projection` builds in before the swap.
 pub fn rebuild_schema(projection: &str) -> String {
@@ -164,7 +168,14 @@ pub async fn rebuild_into(
         "`{schema}` cannot hold a rebuild: use a lowercase name other than public"
     );
     let mut jobs = vec![prepare(pool, kind, schema, false, true).await?];
-    build(pool, &mut jobs, partitions, &mut |_| {}).await?;
+    build(
+        pool,
+        &mut jobs,
+        partitions,
+        REBUILD_BATCH_EVENTS,
+        &mut |_| {},
+    )
+    .await?;
     Ok(jobs.remove(0).report)
 }
 
@@ -181,6 +192,7 @@ pub async fn rebuild(
         RebuildOptions {
             partitions,
             restart: false,
+            batch_events: REBUILD_BATCH_EVENTS,
         },
         &mut |_| {},
     )
@@ -212,7 +224,14 @@ pub async fn rebuild_projections(
             .await?,
         );
     }
-    build(pool, &mut jobs, options.partitions, progress).await?;
+    build(
+        pool,
+        &mut jobs,
+        options.partitions,
+        options.batch_events.clamp(1, 10_000),
+        progress,
+    )
+    .await?;
     swap(pool, &mut jobs, options.partitions, progress).await?;
     let _ = guard.close().await;
     Ok(jobs.into_iter().map(|job| job.report).collect())
@@ -449,6 +468,7 @@ async fn build(
     pool: &PgPool,
     jobs: &mut [Job],
     partitions: u32,
+    batch_events: i64,
     progress: &mut (dyn FnMut(&RebuildProgress) + Send),
 ) -> anyhow::Result<()> {
     let started = Instant::now();
@@ -475,7 +495,7 @@ async fn build(
     progress(&state);
     let mut conn = batch_connection(pool).await?;
     loop {
-        let events = read_after(pool, from, READ_BATCH)
+        let events = read_after(pool, from, batch_events)
             .await
             .context("reading the global order")?;
         let Some(last) = events.last().map(|event| event.position) else {
@@ -639,7 +659,7 @@ async fn try_swap(pool: &PgPool, jobs: &mut [Job], partitions: u32) -> anyhow::R
             .map(|job| job.report.position)
             .min()
             .unwrap_or(Position::START);
-        let events = read_after(pool, from, READ_BATCH)
+        let events = read_after(pool, from, REBUILD_BATCH_EVENTS)
             .await
             .context("reading the global order")?;
         if events.is_empty() {

@@ -138,6 +138,10 @@ fn main() -> ExitCode {
                 let _ = error.print();
                 return ExitCode::SUCCESS;
             }
+            if error.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                eprintln!("replay-tool: a subcommand is required (see --help)");
+                return ExitCode::from(1);
+            }
             let text = error.to_string();
             let first = text
                 .lines()

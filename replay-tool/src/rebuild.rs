@@ -40,6 +40,9 @@ pub struct RebuildArgs {
         value_parser = clap::value_parser!(u32).range(1..=i64::from(event_store::fanout::MAX_PARTITIONS))
     )]
     partitions: u32,
+    /// Events per batch (one transaction and one progress record each).
+    #[arg(long, default_value_t = projections::REBUILD_BATCH_EVENTS, value_parser = clap::value_parser!(i64).range(1..=10_000))]
+    batch_events: i64,
 }
 
 pub async fn run(args: &RebuildArgs) -> anyhow::Result<Outcome> {
@@ -64,6 +67,7 @@ pub async fn run(args: &RebuildArgs) -> anyhow::Result<Outcome> {
         RebuildOptions {
             partitions: args.partitions,
             restart: args.restart,
+            batch_events: args.batch_events,
         },
         &mut |progress| reporter.show(progress),
     )

@@ -10,5 +10,6 @@ mod projections;
 mod query_api;
 mod relay;
 mod reliability;
+mod replay_tool;
 mod search;
 mod smoke;

@@ -420,3 +420,104 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// The `replay-tool` binary of this build, built once per test process
+/// (`cargo build -p replay-tool`, a no-op after `cargo test --workspace`),
+/// for tests of its command-line contract.
+pub fn replay_tool() -> &'static std::path::Path {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut build = std::process::Command::new(cargo);
+        build.args([
+            "build",
+            "--quiet",
+            "-p",
+            "replay-tool",
+            "--bin",
+            "replay-tool",
+        ]);
+        if !cfg!(debug_assertions) {
+            build.arg("--release");
+        }
+        build.current_dir(env!("CARGO_MANIFEST_DIR"));
+        // Cargo gives this process its package's variables; passed on, they
+        // would look like a changed environment to build scripts that watch
+        // them (ring's), and every build would start over.
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy().into_owned();
+            if (name.starts_with("CARGO_") && name != "CARGO_HOME" && name != "CARGO_TARGET_DIR")
+                || name == "OUT_DIR"
+            {
+                build.env_remove(name);
+            }
+        }
+        let status = build.status().expect("running cargo build -p replay-tool");
+        assert!(
+            status.success(),
+            "cargo build -p replay-tool failed: {status}"
+        );
+        // This test executable is target/<profile>/deps/e2e-<hash>.
+        let exe = std::env::current_exe().expect("locating the test executable");
+        let dir = exe
+            .parent()
+            .and_then(std::path::Path::parent)
+            .expect("the test executable's profile directory");
+        let binary = dir.join("replay-tool");
+        assert!(binary.is_file(), "{} is missing", binary.display());
+        binary
+    })
+}
+
+/// What one run of `replay-tool` printed and how it exited.
+#[derive(Debug, Clone)]
+pub struct ToolRun {
+    /// The exit code (`None`: killed by a signal).
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl ToolRun {
+    /// The stdout's JSON lines.
+    pub fn json_lines(&self) -> Vec<Value> {
+        self.stdout
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line}")))
+            .collect()
+    }
+
+    /// The stdout as one JSON document.
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|_| {
+            panic!(
+                "stdout is not JSON: {}\nstderr: {}",
+                self.stdout, self.stderr
+            )
+        })
+    }
+}
+
+/// Runs `replay-tool args...` on the database `database_url` (stdout a
+/// pipe, so machine output) and waits for it, without blocking the runtime.
+pub async fn run_replay_tool(database_url: &str, args: &[&str]) -> ToolRun {
+    let binary = replay_tool().to_path_buf();
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    let database_url = database_url.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let output = std::process::Command::new(binary)
+            .args(&args)
+            .env("DATABASE_URL", database_url)
+            .env("SOUK_OPERATOR", "test-operator")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("running replay-tool");
+        ToolRun {
+            code: output.status.code(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    })
+    .await
+    .expect("the replay-tool runner")
+}
