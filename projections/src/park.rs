@@ -176,6 +176,24 @@ type ParkedRow = (
     Option<chrono::DateTime<chrono::Utc>>,
 );
 
+type ParkedWithEnvelope = (
+    i64,
+    String,
+    i32,
+    Uuid,
+    String,
+    String,
+    i64,
+    String,
+    i64,
+    i64,
+    String,
+    i32,
+    chrono::DateTime<chrono::Utc>,
+    Option<chrono::DateTime<chrono::Utc>>,
+    Value,
+);
+
 const PARKED_COLUMNS: &str = "id, projection, partition, event_id, aggregate_type, aggregate_id,
      sequence, event_type, transaction_id, position, error, attempts, parked_at, last_retry_at";
 
@@ -305,26 +323,7 @@ async fn retry_one(pool: &PgPool, id: i64, operator: &str) -> anyhow::Result<Opt
         .execute(&mut *tx)
         .await
         .context("taking the projection's lock")?;
-    let row: Option<(ParkedRow, Value)> = sqlx::query_as::<
-        _,
-        (
-            i64,
-            String,
-            i32,
-            Uuid,
-            String,
-            String,
-            i64,
-            String,
-            i64,
-            i64,
-            String,
-            i32,
-            chrono::DateTime<chrono::Utc>,
-            Option<chrono::DateTime<chrono::Utc>>,
-            Value,
-        ),
-    >(&format!(
+    let row: Option<(ParkedRow, Value)> = sqlx::query_as::<_, ParkedWithEnvelope>(&format!(
         "SELECT {PARKED_COLUMNS}, envelope FROM dead_letters WHERE id = $1 FOR UPDATE"
     ))
     .bind(id)

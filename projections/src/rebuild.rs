@@ -287,18 +287,20 @@ pub struct RebuildInProgress {
     pub running: bool,
 }
 
+type ProgressRow = (
+    String,
+    i64,
+    i64,
+    i64,
+    i64,
+    i64,
+    chrono::DateTime<chrono::Utc>,
+    chrono::DateTime<chrono::Utc>,
+);
+
 /// The rebuilds in progress (running or interrupted).
 pub async fn rebuilds_in_progress(pool: &PgPool) -> anyhow::Result<Vec<RebuildInProgress>> {
-    let rows: Vec<(
-        String,
-        i64,
-        i64,
-        i64,
-        i64,
-        i64,
-        chrono::DateTime<chrono::Utc>,
-        chrono::DateTime<chrono::Utc>,
-    )> = sqlx::query_as(
+    let rows: Vec<ProgressRow> = sqlx::query_as(
         "SELECT projection, transaction_id, position, events_read, events_applied,
                     events_parked, started_at, updated_at
                FROM projection_rebuilds ORDER BY projection",

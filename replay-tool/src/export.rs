@@ -153,9 +153,9 @@ fn write_line(line: &mut Vec<u8>, row: &Row) -> anyhow::Result<()> {
     raw(line, payload);
     line.extend_from_slice(b",\"metadata\":");
     raw(line, metadata);
-    write!(
+    writeln!(
         line,
-        ",\"prev_hash\":\"{}\",\"hash\":\"{}\"}}\n",
+        ",\"prev_hash\":\"{}\",\"hash\":\"{}\"}}",
         hex_of(prev_hash),
         hex_of(hash)
     )?;

@@ -67,7 +67,11 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_value = "250000,1000000")]
     sizes: Vec<usize>,
     /// The maintenance database the benchmark creates its databases from.
-    #[arg(long, env = "SOUK_BENCH_ADMIN_URL", default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    #[arg(
+        long,
+        env = "SOUK_BENCH_ADMIN_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
     admin_url: String,
     /// A directory that already holds the replay-tool binary (else it is built).
     #[arg(long)]
@@ -81,16 +85,23 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     run_with_databases(&args.admin_url.clone(), async |databases| {
-        let dir = service_binaries(&[("replay-tool", "replay-tool")], args.binaries.as_deref()).await?;
+        let dir =
+            service_binaries(&[("replay-tool", "replay-tool")], args.binaries.as_deref()).await?;
         let tool = dir.join("replay-tool");
         let mut rows = Vec::new();
         for &size in &args.sizes {
             let (url, name) = databases.create().await?;
-            let pool = PgPoolOptions::new().max_connections(2).connect(&url).await?;
+            let pool = PgPoolOptions::new()
+                .max_connections(2)
+                .connect(&url)
+                .await?;
             event_store::migrate(&pool).await?;
             let started = Instant::now();
             let written = load(&pool, size, args.seed).await?;
-            eprintln!("loaded {written} events in {:.1} s", started.elapsed().as_secs_f64());
+            eprintln!(
+                "loaded {written} events in {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
             sqlx::query("VACUUM ANALYZE events").execute(&pool).await?;
             let copy = copy_rate(&pool, written).await?;
             let export = run_tool(&tool, &url, &["export"], written)?;
@@ -141,7 +152,11 @@ fn run_tool(tool: &Path, url: &str, args: &[&str], events: usize) -> anyhow::Res
         use std::io::Read;
         let _ = pipe.read_to_string(&mut stderr);
     }
-    ensure!(status.success(), "replay-tool {} failed ({status}): {stderr}", args.join(" "));
+    ensure!(
+        status.success(),
+        "replay-tool {} failed ({status}): {stderr}",
+        args.join(" ")
+    );
     Ok(Measured {
         per_second: events as f64 / seconds,
         peak_rss_mb: peak_kb as f64 / 1024.0,
@@ -177,7 +192,13 @@ fn table(rows: &[(usize, f64, Measured, Measured, Measured)]) -> String {
     let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
     for (events, copy, export, verify, rebuild) in rows {
         let ratio = export.per_second / copy;
-        let rss = |m: &Measured| format!("{:.0} {}", m.peak_rss_mb, verdict(m.peak_rss_mb <= TARGET_RSS_MB));
+        let rss = |m: &Measured| {
+            format!(
+                "{:.0} {}",
+                m.peak_rss_mb,
+                verdict(m.peak_rss_mb <= TARGET_RSS_MB)
+            )
+        };
         let _ = writeln!(
             out,
             "| {events} | {copy:.0} | {:.0} ({ratio:.2}×, {}) | {} | {:.0} ({}) | {} | {:.0} ({}) | {} |",
@@ -274,7 +295,8 @@ impl Rows {
                 A::TYPE,
                 escape(&payload),
                 escape(&metadata),
-                self.clock.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                self.clock
+                    .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
                 hex::encode(stream.last_hash),
                 hex::encode(hash),
             );
@@ -289,7 +311,10 @@ impl Rows {
 
 /// Text for COPY's text format.
 fn escape(text: &str) -> String {
-    text.replace('\\', "\\\\").replace('\t', "\\t").replace('\n', "\\n").replace('\r', "\\r")
+    text.replace('\\', "\\\\")
+        .replace('\t', "\\t")
+        .replace('\n', "\\n")
+        .replace('\r', "\\r")
 }
 
 struct Market {
@@ -354,13 +379,31 @@ async fn load(pool: &PgPool, target: usize, seed: u64) -> anyhow::Result<usize> 
             let seller = UserId::new();
             let wallet = WalletId::new();
             let actor = Actor::new(seller, Role::Seller);
-            rows.decide(&mut market.wallets, &wallet.to_string(), WalletCommand::Open { actor, wallet_id: wallet, currency: currency.clone() }, &actor)?;
+            rows.decide(
+                &mut market.wallets,
+                &wallet.to_string(),
+                WalletCommand::Open {
+                    actor,
+                    wallet_id: wallet,
+                    currency: currency.clone(),
+                },
+                &actor,
+            )?;
             market.sellers.push((seller, wallet));
         } else if market.buyers.len() < 200 || choice < 8 {
             let buyer = UserId::new();
             let wallet = WalletId::new();
             let actor = Actor::new(buyer, Role::Buyer);
-            rows.decide(&mut market.wallets, &wallet.to_string(), WalletCommand::Open { actor, wallet_id: wallet, currency: currency.clone() }, &actor)?;
+            rows.decide(
+                &mut market.wallets,
+                &wallet.to_string(),
+                WalletCommand::Open {
+                    actor,
+                    wallet_id: wallet,
+                    currency: currency.clone(),
+                },
+                &actor,
+            )?;
             market.buyers.push((buyer, wallet, 0));
         } else if market.live_listings.len() < 100 || choice < 20 {
             let index = rng.gen_range(0..market.sellers.len());
@@ -369,15 +412,61 @@ async fn load(pool: &PgPool, target: usize, seed: u64) -> anyhow::Result<usize> 
             let (listing, product) = (ListingId::new(), ProductId::new());
             let price = eur(rng.gen_range(500..5_000))?;
             let quantity = rng.gen_range(1..20);
-            rows.decide(&mut market.listings, &listing.to_string(), ListingCommand::Create { actor, listing_id: listing, product_id: product, details: details.clone(), price: price.clone(), payout_wallet: Some(payout) }, &actor)?;
-            rows.decide(&mut market.pools, &listing.to_string(), ReservationCommand::OpenPool { actor: system, listing_id: listing, seller, quantity }, &system)?;
-            rows.decide(&mut market.timelines, &product.to_string(), TimelineCommand::Record { actor: system, product_id: product, entry: TimelineEntry::Listed { listing_id: listing, seller, price } }, &system)?;
-            market.live_listings.push((listing, product, index, quantity));
+            rows.decide(
+                &mut market.listings,
+                &listing.to_string(),
+                ListingCommand::Create {
+                    actor,
+                    listing_id: listing,
+                    product_id: product,
+                    details: details.clone(),
+                    price: price.clone(),
+                    payout_wallet: Some(payout),
+                },
+                &actor,
+            )?;
+            rows.decide(
+                &mut market.pools,
+                &listing.to_string(),
+                ReservationCommand::OpenPool {
+                    actor: system,
+                    listing_id: listing,
+                    seller,
+                    quantity,
+                },
+                &system,
+            )?;
+            rows.decide(
+                &mut market.timelines,
+                &product.to_string(),
+                TimelineCommand::Record {
+                    actor: system,
+                    product_id: product,
+                    entry: TimelineEntry::Listed {
+                        listing_id: listing,
+                        seller,
+                        price,
+                    },
+                },
+                &system,
+            )?;
+            market
+                .live_listings
+                .push((listing, product, index, quantity));
         } else if choice < 40 {
             let index = rng.gen_range(0..market.buyers.len());
             let amount = rng.gen_range(1_000..50_000);
             let wallet = market.buyers[index].1;
-            rows.decide(&mut market.wallets, &wallet.to_string(), WalletCommand::Deposit { actor: admin, amount: eur(amount)?, reference: Reference::parse("reference", "top-up")? }, &admin)?;
+            rows.decide(
+                &mut market.wallets,
+                &wallet.to_string(),
+                WalletCommand::Deposit {
+                    actor: admin,
+                    amount: eur(amount)?,
+                    reference: Reference::parse("reference", "top-up")?,
+                },
+                &admin,
+            )?;
             market.buyers[index].2 += amount;
         } else if choice < 47 {
             let index = rng.gen_range(0..market.live_listings.len());
@@ -388,8 +477,28 @@ async fn load(pool: &PgPool, target: usize, seed: u64) -> anyhow::Result<usize> 
             if market.listings[&id].state.price() == &price {
                 continue;
             }
-            rows.decide(&mut market.listings, &id, ListingCommand::ChangePrice { actor, price: price.clone() }, &actor)?;
-            rows.decide(&mut market.timelines, &product.to_string(), TimelineCommand::Record { actor: system, product_id: product, entry: TimelineEntry::PriceChanged { listing_id: listing, price } }, &system)?;
+            rows.decide(
+                &mut market.listings,
+                &id,
+                ListingCommand::ChangePrice {
+                    actor,
+                    price: price.clone(),
+                },
+                &actor,
+            )?;
+            rows.decide(
+                &mut market.timelines,
+                &product.to_string(),
+                TimelineCommand::Record {
+                    actor: system,
+                    product_id: product,
+                    entry: TimelineEntry::PriceChanged {
+                        listing_id: listing,
+                        price,
+                    },
+                },
+                &system,
+            )?;
         } else if choice < 75 {
             // A checkout of one unit: stock held, escrow held, confirmed.
             let buyer_index = rng.gen_range(0..market.buyers.len());
@@ -403,30 +512,152 @@ async fn load(pool: &PgPool, target: usize, seed: u64) -> anyhow::Result<usize> 
             let (seller, seller_wallet) = market.sellers[seller_index];
             let (order, hold) = (OrderId::new(), HoldId::new());
             let buyer_actor = Actor::new(buyer, Role::Buyer);
-            rows.decide(&mut market.pools, &listing.to_string(), ReservationCommand::Reserve { actor: system, hold_id: hold, holder: buyer, quantity: 1, expires_at: rows.clock + chrono::TimeDelta::days(60), order_id: Some(order), now: rows.clock }, &system)?;
-            rows.decide(&mut market.orders, &order.to_string(), OrderCommand::Place { actor: buyer_actor, order_id: order, checkout_id: CheckoutId::new(), seller, lines: vec![OrderLine { listing_id: listing, product_id: product, quantity: 1, unit_price: price.clone(), hold_id: hold }], shipping_address: address.clone(), payment_method: PaymentMethod::WalletEscrow, buyer_wallet: Some(buyer_wallet), seller_wallet: Some(seller_wallet) }, &buyer_actor)?;
-            rows.decide(&mut market.wallets, &buyer_wallet.to_string(), WalletCommand::HoldFunds { actor: system, order_id: order, amount: price.clone(), payee_wallet: seller_wallet }, &system)?;
-            rows.decide(&mut market.wallets, &seller_wallet.to_string(), WalletCommand::ExpectIncoming { actor: system, order_id: order, amount: price.clone(), payer_wallet: buyer_wallet }, &system)?;
-            rows.decide(&mut market.orders, &order.to_string(), OrderCommand::Confirm { actor: system }, &system)?;
-            rows.decide(&mut market.pools, &listing.to_string(), ReservationCommand::Confirm { actor: system, hold_id: hold }, &system)?;
-            rows.decide(&mut market.timelines, &product.to_string(), TimelineCommand::Record { actor: system, product_id: product, entry: TimelineEntry::Sold { order_id: order, buyer, price: price.clone() } }, &system)?;
+            rows.decide(
+                &mut market.pools,
+                &listing.to_string(),
+                ReservationCommand::Reserve {
+                    actor: system,
+                    hold_id: hold,
+                    holder: buyer,
+                    quantity: 1,
+                    expires_at: rows.clock + chrono::TimeDelta::days(60),
+                    order_id: Some(order),
+                    now: rows.clock,
+                },
+                &system,
+            )?;
+            rows.decide(
+                &mut market.orders,
+                &order.to_string(),
+                OrderCommand::Place {
+                    actor: buyer_actor,
+                    order_id: order,
+                    checkout_id: CheckoutId::new(),
+                    seller,
+                    lines: vec![OrderLine {
+                        listing_id: listing,
+                        product_id: product,
+                        quantity: 1,
+                        unit_price: price.clone(),
+                        hold_id: hold,
+                    }],
+                    shipping_address: address.clone(),
+                    payment_method: PaymentMethod::WalletEscrow,
+                    buyer_wallet: Some(buyer_wallet),
+                    seller_wallet: Some(seller_wallet),
+                },
+                &buyer_actor,
+            )?;
+            rows.decide(
+                &mut market.wallets,
+                &buyer_wallet.to_string(),
+                WalletCommand::HoldFunds {
+                    actor: system,
+                    order_id: order,
+                    amount: price.clone(),
+                    payee_wallet: seller_wallet,
+                },
+                &system,
+            )?;
+            rows.decide(
+                &mut market.wallets,
+                &seller_wallet.to_string(),
+                WalletCommand::ExpectIncoming {
+                    actor: system,
+                    order_id: order,
+                    amount: price.clone(),
+                    payer_wallet: buyer_wallet,
+                },
+                &system,
+            )?;
+            rows.decide(
+                &mut market.orders,
+                &order.to_string(),
+                OrderCommand::Confirm { actor: system },
+                &system,
+            )?;
+            rows.decide(
+                &mut market.pools,
+                &listing.to_string(),
+                ReservationCommand::Confirm {
+                    actor: system,
+                    hold_id: hold,
+                },
+                &system,
+            )?;
+            rows.decide(
+                &mut market.timelines,
+                &product.to_string(),
+                TimelineCommand::Record {
+                    actor: system,
+                    product_id: product,
+                    entry: TimelineEntry::Sold {
+                        order_id: order,
+                        buyer,
+                        price: price.clone(),
+                    },
+                },
+                &system,
+            )?;
             market.buyers[buyer_index].2 -= price.amount();
             market.live_listings[listing_index].3 -= 1;
-            market.confirmed.push((order, listing_index, buyer_index, hold));
+            market
+                .confirmed
+                .push((order, listing_index, buyer_index, hold));
         } else if choice < 87 && !market.confirmed.is_empty() {
-            let (order, listing_index, buyer_index, hold) = market.confirmed.swap_remove(rng.gen_range(0..market.confirmed.len()));
+            let (order, listing_index, buyer_index, hold) = market
+                .confirmed
+                .swap_remove(rng.gen_range(0..market.confirmed.len()));
             let seller = market.sellers[market.live_listings[listing_index].2].0;
             let actor = Actor::new(seller, Role::Seller);
-            rows.decide(&mut market.orders, &order.to_string(), OrderCommand::Ship { actor, carrier: Label::parse("carrier", "La Poste")?, tracking_number: Label::parse("tracking", "LP123")?, now: rows.clock }, &actor)?;
-            market.shipped.push((order, listing_index, buyer_index, hold));
+            rows.decide(
+                &mut market.orders,
+                &order.to_string(),
+                OrderCommand::Ship {
+                    actor,
+                    carrier: Label::parse("carrier", "La Poste")?,
+                    tracking_number: Label::parse("tracking", "LP123")?,
+                    now: rows.clock,
+                },
+                &actor,
+            )?;
+            market
+                .shipped
+                .push((order, listing_index, buyer_index, hold));
         } else if !market.shipped.is_empty() {
-            let (order, listing_index, buyer_index, _) = market.shipped.swap_remove(rng.gen_range(0..market.shipped.len()));
+            let (order, listing_index, buyer_index, _) = market
+                .shipped
+                .swap_remove(rng.gen_range(0..market.shipped.len()));
             let buyer = Actor::new(market.buyers[buyer_index].0, Role::Buyer);
-            rows.decide(&mut market.orders, &order.to_string(), OrderCommand::Deliver { actor: buyer, now: rows.clock }, &buyer)?;
+            rows.decide(
+                &mut market.orders,
+                &order.to_string(),
+                OrderCommand::Deliver {
+                    actor: buyer,
+                    now: rows.clock,
+                },
+                &buyer,
+            )?;
             let buyer_wallet = market.buyers[buyer_index].1;
             let seller_wallet = market.sellers[market.live_listings[listing_index].2].1;
-            rows.decide(&mut market.wallets, &buyer_wallet.to_string(), WalletCommand::CaptureHold { actor: system, order_id: order }, &system)?;
-            rows.decide(&mut market.wallets, &seller_wallet.to_string(), WalletCommand::ReceiveEscrow { actor: system, order_id: order }, &system)?;
+            rows.decide(
+                &mut market.wallets,
+                &buyer_wallet.to_string(),
+                WalletCommand::CaptureHold {
+                    actor: system,
+                    order_id: order,
+                },
+                &system,
+            )?;
+            rows.decide(
+                &mut market.wallets,
+                &seller_wallet.to_string(),
+                WalletCommand::ReceiveEscrow {
+                    actor: system,
+                    order_id: order,
+                },
+                &system,
+            )?;
         }
         if rows.count >= LOAD_CHUNK {
             written += flush(pool, &mut rows).await?;
@@ -448,7 +679,8 @@ async fn flush(pool: &PgPool, rows: &mut Rows) -> anyhow::Result<usize> {
                           payload, metadata, recorded_at, event_id, prev_hash, hash) FROM STDIN",
         )
         .await?;
-    copy.send(std::mem::take(&mut rows.buffer).into_bytes()).await?;
+    copy.send(std::mem::take(&mut rows.buffer).into_bytes())
+        .await?;
     copy.finish().await.context("loading events")?;
     let count = std::mem::take(&mut rows.count);
     eprint!(".");
