@@ -21,6 +21,9 @@ use crate::error::ApiError;
 /// request id set or kept and echoed (`x-request-id`) and carried on the
 /// request's span, and a JSON 500 for a handler that panics.
 pub fn finish_router(routes: Router, max_in_flight: usize) -> Router {
+    // The recorder is installed before the first request, not by the first
+    // scrape of `/metrics`: what happens before it is counted too.
+    crate::telemetry::metrics_handle();
     let request_id = HeaderName::from_static("x-request-id");
     let in_flight = Arc::new(Semaphore::new(max_in_flight));
     routes
