@@ -167,13 +167,14 @@ print_next_steps() {
 		export WALLET_ID='$WALLET_ID'
 		export SELLER_WALLET_ID='$SELLER_WALLET_ID'
 
-		# reserve one item for 10 minutes (201, or 409 insufficient_stock)
-		curl -sS -X POST $API_URL/listings/\$LISTING_ID/reservations -H "Authorization: Bearer \$BUYER_TOKEN" \\
-		  -H 'Content-Type: application/json' -d '{"quantity": 1, "ttl_seconds": 600}'
+		# reserve one item for 10 minutes (201, or 409 insufficient_stock); keep the hold's id
+		RESERVATION_ID=\$(curl -sS -X POST $API_URL/listings/\$LISTING_ID/reservations -H "Authorization: Bearer \$BUYER_TOKEN" \\
+		  -H 'Content-Type: application/json' -d '{"quantity": 1, "ttl_seconds": 600}' | python3 -c 'import json, sys; print(json.load(sys.stdin)["id"])')
 
-		# buy it, paying from the wallet through escrow
+		# buy it with that hold, paying from the wallet through escrow
+		# (or give the hold back: POST /listings/\$LISTING_ID/reservations/\$RESERVATION_ID/release)
 		curl -sS -X POST $API_URL/orders -H "Authorization: Bearer \$BUYER_TOKEN" -H 'Content-Type: application/json' \\
-		  -d '{"lines": [{"listing_id": "'\$LISTING_ID'", "quantity": 1}], "payment_method": "wallet_escrow", "wallet_id": "'\$WALLET_ID'",
+		  -d '{"lines": [{"listing_id": "'\$LISTING_ID'", "quantity": 1, "reservation_id": "'\$RESERVATION_ID'"}], "payment_method": "wallet_escrow", "wallet_id": "'\$WALLET_ID'",
 		       "shipping_address": {"name": "Ada Buyer", "line1": "1 rue de la Paix", "city": "Paris", "postal_code": "75002", "country": "FR"}}'
 
 		# lower the price (the seller's own listing)

@@ -11,6 +11,7 @@ use axum::extract::{FromRef, State};
 use axum::response::Response;
 use axum::routing::get;
 use axum::{Json, Router};
+use domain::journeys::Deadlines;
 use event_store::relay::{Relay, RelayConfig};
 use event_store::{EventStore, StoreConfig};
 use identity::JwtVerifier;
@@ -23,6 +24,8 @@ use crate::config::Config;
 pub struct AppState {
     pub store: EventStore,
     pub verifier: Arc<JwtVerifier>,
+    /// The clocks of an order (escrow release, return window, ...).
+    pub deadlines: Deadlines,
 }
 
 impl std::fmt::Debug for AppState {
@@ -74,6 +77,7 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
     let state = AppState {
         store: EventStore::new(pool, StoreConfig::default()),
         verifier: Arc::new(verifier),
+        deadlines: config.deadlines(),
     };
     let router = router(state.clone(), &config);
     let (listener, port) = http_kit::bind(config.addr).await?;

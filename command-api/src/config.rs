@@ -5,6 +5,8 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use chrono::TimeDelta;
+use domain::journeys::Deadlines;
 use http_kit::ServerConfig;
 
 /// The command API's configuration.
@@ -19,6 +21,23 @@ pub struct Config {
     /// HTTP service).
     #[command(flatten)]
     pub server: ServerConfig,
+
+    /// Escrow goes to the seller this long after shipment when the buyer
+    /// never confirms delivery (humantime: `7d`, `30s`).
+    #[arg(long, env = "SOUK_ESCROW_RELEASE_AFTER", default_value = "7d", value_parser = duration)]
+    pub escrow_release_after: TimeDelta,
+
+    /// A delivered order accepts returns this long, then completes by itself.
+    #[arg(long, env = "SOUK_RETURN_WINDOW", default_value = "14d", value_parser = duration)]
+    pub return_window: TimeDelta,
+
+    /// A bank transfer must arrive within this, or its order is cancelled.
+    #[arg(long, env = "SOUK_UNPAID_ORDER_AFTER", default_value = "3d", value_parser = duration)]
+    pub unpaid_order_after: TimeDelta,
+
+    /// A confirmed order not shipped within this is cancelled and refunded.
+    #[arg(long, env = "SOUK_SHIP_BY", default_value = "7d", value_parser = duration)]
+    pub ship_by: TimeDelta,
 
     /// How often the timer worker looks for due timers, in milliseconds.
     #[arg(long, env = "SOUK_TIMER_POLL_MS", default_value_t = 1000)]
@@ -73,13 +92,41 @@ pub struct Config {
     pub relay_batch_max: u32,
 }
 
+/// Longest duration a clock of an order may be set to.
+const MAX_DEADLINE: TimeDelta = TimeDelta::days(3650);
+
+/// Parses a humantime duration (`7d`, `36h`, `30s`) of one second to ten
+/// years.
+fn duration(text: &str) -> Result<TimeDelta, String> {
+    let parsed = humantime::parse_duration(text).map_err(|error| error.to_string())?;
+    TimeDelta::from_std(parsed)
+        .ok()
+        .filter(|delta| *delta >= TimeDelta::seconds(1) && *delta <= MAX_DEADLINE)
+        .ok_or_else(|| format!("{text}: a duration from 1s to {}d", MAX_DEADLINE.num_days()))
+}
+
 impl Config {
+    /// The clocks of an order.
+    pub fn deadlines(&self) -> Deadlines {
+        Deadlines {
+            escrow_release_after: self.escrow_release_after,
+            return_window: self.return_window,
+            unpaid_order_after: self.unpaid_order_after,
+            ship_by: self.ship_by,
+        }
+    }
+
     /// A configuration for tests: port 0, the given database and keys, and
     /// a JetStream stream of its own on `NATS_URL` (or the local server).
     pub fn for_tests(database_url: &str, jwt_public_key: PathBuf) -> Self {
+        let defaults = Deadlines::default();
         Self {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             server: ServerConfig::for_tests(database_url, jwt_public_key),
+            escrow_release_after: defaults.escrow_release_after,
+            return_window: defaults.return_window,
+            unpaid_order_after: defaults.unpaid_order_after,
+            ship_by: defaults.ship_by,
             timer_poll_ms: 200,
             nats_url: std::env::var("NATS_URL")
                 .unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned()),
@@ -90,5 +137,20 @@ impl Config {
             relay_poll_ms: 100,
             relay_batch_max: 1000,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deadlines_are_humantime_durations_within_bounds() {
+        assert_eq!(duration("7d"), Ok(TimeDelta::days(7)));
+        assert_eq!(duration("2s"), Ok(TimeDelta::seconds(2)));
+        assert_eq!(duration("1h 30m"), Ok(TimeDelta::minutes(90)));
+        assert!(duration("0s").is_err());
+        assert!(duration("soon").is_err());
+        assert!(duration("20000d").is_err());
     }
 }

@@ -466,6 +466,18 @@ fn listing_paths() -> Value {
             status: 201,
             success: schema("Accepted"),
         }.build(),
+        "/listings/{id}/reservations/{reservation_id}/release": Command {
+            operation_id: "releaseReservation",
+            tag: "listings",
+            summary: "Release a hold",
+            description: "Frees a hold and its units: its holder, the listing's seller or an admin. \
+                200 with the hold's id. 409 `hold_not_active` when the hold was already released, \
+                expired or sold; 409 `reservation_in_order` when an order took it (cancel the order).",
+            path_ids: vec![listing_id(), path_id("reservation_id", "The hold (a reservation's id).")],
+            body: None,
+            status: 200,
+            success: schema("Accepted"),
+        }.build(),
     })
 }
 
@@ -1015,6 +1027,13 @@ fn request_schemas() -> Value {
                                 "minimum": 1,
                                 "maximum": domain::order::MAX_LINE_QUANTITY,
                             },
+                            "reservation_id": nullable(uuid(
+                                "The buyer's own active hold on the listing, of the line's quantity: \
+                                the order takes it instead of a new hold. Someone else's, an expired \
+                                or a closed hold rejects the order (`reservation_not_yours`, \
+                                `reservation_expired`, `reservation_not_active`, \
+                                `reservation_quantity_mismatch`).",
+                            )),
                         },
                     },
                 },
@@ -1059,6 +1078,7 @@ mod tests {
         "POST /listings/{id}/resume",
         "POST /listings/{id}/stock",
         "POST /listings/{id}/reservations",
+        "POST /listings/{id}/reservations/{reservation_id}/release",
         "POST /orders",
         "POST /orders/{id}/confirm-payment",
         "POST /orders/{id}/ship",

@@ -1,30 +1,26 @@
 //! The durable timers of the process managers. Timers are rows of the
 //! `timers` table, written in the transaction that arms them. This worker
 //! leases due timers (`FOR UPDATE SKIP LOCKED`, so several processes share
-//! the work), fires each one as a system command whose idempotency key is
-//! derived from the timer, and deletes it. A timer fired twice (a crash
+//! the work), reads each row as a `domain::journeys::Timer`, fires it
+//! through its journey (`domain::journeys::fire`, the code a user's
+//! command runs) with an idempotency key derived from the timer, and
+//! deletes it. A timer fired twice (a crash
 //! between the command and the delete) replays the stored response: a no-op.
 
 use std::time::Duration;
 
 use chrono::Utc;
-use domain::order::OrderStatus;
-use domain::reservation::{Reservation, ReservationCommand};
-use domain::values::{Actor, HoldId, OrderId, Reason};
-use event_store::{CommandContext, EventStore, ExecError, IdempotencyKey, Reply};
-use serde_json::Value;
+use domain::Decide;
+use domain::journeys::{self, Fired, JourneyError, Timer};
+use domain::order::Order;
+use event_store::journey::stream_refs;
+use event_store::{CommandContext, EventStore, ExecError, IdempotencyKey};
+use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-/// Expires a reservation hold whose time is up.
-pub const HOLD_EXPIRY: &str = "hold_expiry";
-/// Cancels an order whose bank transfer never arrived.
-pub const UNPAID_ORDER: &str = "unpaid_order";
-/// Releases escrow to the seller 7 days after shipment.
-pub const ESCROW_AUTO_RELEASE: &str = "escrow_auto_release";
-
 /// Refusals that mean "not yet", not "nothing to do".
-const TOO_EARLY: &[&str] = &["not_yet_due", "not_yet_expired"];
+const TOO_EARLY: &[&str] = &["not_yet_due", "not_yet_expired", "return_window_open"];
 /// How much later a timer that fired early is tried again.
 const RETRY_EARLY_SECONDS: f64 = 5.0;
 
@@ -103,20 +99,15 @@ pub async fn fire_due(store: &EventStore) -> Result<usize, sqlx::Error> {
     Ok(count)
 }
 
-fn uuid_field(payload: &Value, name: &str) -> Result<Uuid, ExecError> {
-    payload
-        .get(name)
-        .and_then(Value::as_str)
-        .and_then(|text| Uuid::parse_str(text).ok())
-        .ok_or_else(|| ExecError::Internal(format!("timer payload lacks {name}")))
-}
-
+/// Fires one timer row through its journey (`domain::journeys::fire`), in
+/// one unit of work over the streams it touches.
 async fn fire(
     store: &EventStore,
     timer_id: Uuid,
     kind: &str,
     payload: &Value,
 ) -> Result<(), ExecError> {
+    let timer = Timer::from_row(kind, payload).map_err(ExecError::Internal)?;
     let command_id = domain::process::deterministic_command_id("timer", &[&timer_id.to_string()]);
     let context = CommandContext::new(Uuid::nil(), "system", command_id);
     let idempotency = Some(IdempotencyKey {
@@ -124,45 +115,40 @@ async fn fire(
         key: format!("timer:{timer_id}"),
         request_hash: Sha256::digest(format!("{kind}:{payload}")).into(),
     });
-    match kind {
-        HOLD_EXPIRY => {
-            let listing_id = uuid_field(payload, "listing_id")?;
-            let hold_id = HoldId::from_uuid(uuid_field(payload, "hold_id")?);
-            let command = ReservationCommand::Expire {
-                actor: Actor::system(),
-                hold_id,
-                now: Utc::now(),
-            };
-            store
-                .execute::<Reservation>(
-                    &listing_id.to_string(),
-                    command,
-                    context,
-                    idempotency,
-                    Reply::new(200, hold_id.to_string()),
+    let order = match timer.order_id() {
+        Some(order_id) => {
+            let (order, _) = store.state::<Order>(&order_id.to_string()).await?;
+            if !order.exists() {
+                return Err(JourneyError::OrderNotFound(order_id).into());
+            }
+            Some((order_id, order))
+        }
+        None => None,
+    };
+    let streams = timer.streams(|| {
+        order
+            .as_ref()
+            .map(|(order_id, order)| journeys::order_streams(*order_id, order))
+            .unwrap_or_default()
+    });
+    let now = Utc::now();
+    store
+        .execute_multi(
+            stream_refs(streams),
+            context,
+            idempotency,
+            move |plan| Ok(journeys::fire(plan, timer, now)?),
+            |fired, committed| {
+                let outcome = match fired {
+                    Fired::Done => json!({"fired": true}),
+                    Fired::NothingToDo(code) => json!({"fired": false, "code": code}),
+                };
+                (
+                    200,
+                    json!({"outcome": outcome, "position": committed.last().token()}),
                 )
-                .await?;
-        }
-        UNPAID_ORDER => {
-            let order_id = OrderId::from_uuid(uuid_field(payload, "order_id")?);
-            let reason = Reason::parse("reason", "the bank transfer did not arrive in time")
-                .unwrap_or_default();
-            crate::routes::cancel_unpaid(
-                store,
-                order_id,
-                reason,
-                Some(OrderStatus::AwaitingPayment),
-                context,
-                idempotency,
-            )
-            .await?;
-        }
-        ESCROW_AUTO_RELEASE => {
-            let order_id = OrderId::from_uuid(uuid_field(payload, "order_id")?);
-            crate::routes::release_escrow(store, order_id, Actor::system(), context, idempotency)
-                .await?;
-        }
-        other => return Err(ExecError::Internal(format!("unknown timer kind {other}"))),
-    }
+            },
+        )
+        .await?;
     Ok(())
 }

@@ -1181,8 +1181,13 @@ mod tests {
                         carrier: Label::parse("c", "c").unwrap(),
                         tracking_number: Label::parse("t", "t").unwrap(),
                         now,
+                        release_after: crate::order::AUTO_RELEASE_AFTER,
                     },
-                    OrderCommand::Deliver { actor, now },
+                    OrderCommand::Deliver {
+                        actor,
+                        now,
+                        return_window: crate::order::RETURN_WINDOW,
+                    },
                     OrderCommand::ReleaseEscrow { actor, now },
                     OrderCommand::Complete { actor, now },
                     OrderCommand::Cancel {

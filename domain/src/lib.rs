@@ -14,9 +14,13 @@
 //! aggregate holds its state, command enum, event enum, error enum and its
 //! given/when/then tests; `process` holds the pure decisions of the process
 //! managers (splitting a checkout per seller, hold expiry, deterministic
-//! command ids).
+//! command ids); `journeys` is the application layer: each business step
+//! over several aggregates (checkout, shipping, delivery, cancellation,
+//! timers, ...) as a pure plan that the event store runs as one unit of
+//! work.
 
 pub mod audit;
+pub mod journeys;
 pub mod listing;
 pub mod order;
 pub mod process;

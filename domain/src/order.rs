@@ -316,14 +316,21 @@ pub enum OrderCommand {
     /// An admin: the bank transfer arrived.
     ConfirmPayment { actor: Actor, reference: Reference },
     /// The seller.
+    /// Escrow is due to the seller `release_after` from `now`.
     Ship {
         actor: Actor,
         carrier: Label,
         tracking_number: Label,
         now: DateTime<Utc>,
+        release_after: TimeDelta,
     },
-    /// The buyer, an admin or Souk (a carrier's webhook).
-    Deliver { actor: Actor, now: DateTime<Utc> },
+    /// The buyer, an admin or Souk (a carrier's webhook). Returns are
+    /// accepted for `return_window` from `now`.
+    Deliver {
+        actor: Actor,
+        now: DateTime<Utc>,
+        return_window: TimeDelta,
+    },
     /// Souk's auto-release timer or an admin.
     ReleaseEscrow { actor: Actor, now: DateTime<Utc> },
     /// The buyer at any time after delivery; Souk or an admin once the
@@ -714,6 +721,7 @@ impl Decide for Order {
                 carrier,
                 tracking_number,
                 now,
+                release_after,
             } => {
                 self.allow(actor.is_user(self.seller), "only the seller ships")?;
                 self.expect("ship", &[Confirmed])?;
@@ -721,10 +729,14 @@ impl Decide for Order {
                     carrier,
                     tracking_number,
                     shipped_at: now,
-                    auto_release_at: later(now, AUTO_RELEASE_AFTER)?,
+                    auto_release_at: later(now, release_after)?,
                 }
             }
-            OrderCommand::Deliver { actor, now } => {
+            OrderCommand::Deliver {
+                actor,
+                now,
+                return_window,
+            } => {
                 self.allow(
                     actor.is_user(self.buyer) || actor.is_admin() || actor.is_system(),
                     "only the buyer, an admin or Souk confirms delivery",
@@ -732,7 +744,7 @@ impl Decide for Order {
                 self.expect("deliver", &[Shipped])?;
                 OrderEvent::OrderDelivered {
                     delivered_at: now,
-                    return_window_ends_at: later(now, RETURN_WINDOW)?,
+                    return_window_ends_at: later(now, return_window)?,
                     escrow_to_release: (self.is_escrow() && !self.escrow_released)
                         .then(|| self.total.clone()),
                 }
@@ -776,12 +788,14 @@ impl Decide for Order {
             }
             OrderCommand::Cancel { actor, reason } => {
                 // Souk itself cancels only an order whose bank transfer
-                // never arrived (the unpaid-order timer).
+                // never arrived (the unpaid-order timer) or that was not
+                // shipped in time (the ship-by timer).
                 self.allow(
                     actor.is_user(self.buyer)
                         || actor.is_user(self.seller)
                         || actor.is_admin()
-                        || (actor.is_system() && self.status == AwaitingPayment),
+                        || (actor.is_system()
+                            && matches!(self.status, AwaitingPayment | Confirmed)),
                     "only the buyer, the seller or an admin cancels an order",
                 )?;
                 self.expect("cancel", &[Placed, AwaitingPayment, Confirmed])?;
@@ -1274,6 +1288,7 @@ mod tests {
             carrier: label("La Poste"),
             tracking_number: label("LP123"),
             now: t(0),
+            release_after: AUTO_RELEASE_AFTER,
         };
         let order = given::<Order>(escrow_order_until(OrderStatus::Confirmed))
             .when(ship(seller()))
@@ -1303,6 +1318,7 @@ mod tests {
                 carrier: label("La Poste"),
                 tracking_number: label("LP123"),
                 now: DateTime::<Utc>::MAX_UTC,
+                release_after: AUTO_RELEASE_AFTER,
             })
             .then_refused("invalid_time");
     }
@@ -1311,7 +1327,11 @@ mod tests {
     fn delivery_of_an_escrow_order_releases_the_escrow() {
         for actor in [buyer(), admin(), system()] {
             let order = given::<Order>(escrow_order_until(OrderStatus::Shipped))
-                .when(C::Deliver { actor, now: t(2) })
+                .when(C::Deliver {
+                    actor,
+                    now: t(2),
+                    return_window: RETURN_WINDOW,
+                })
                 .then(vec![delivered(Some(eur(3_700)))]);
             assert_eq!(order.status(), OrderStatus::Delivered);
             assert!(order.escrow_released());
@@ -1322,12 +1342,14 @@ mod tests {
             .when(C::Deliver {
                 actor: seller(),
                 now: t(2),
+                return_window: RETURN_WINDOW,
             })
             .then_refused("forbidden");
         given::<Order>(escrow_order_until(OrderStatus::Confirmed))
             .when(C::Deliver {
                 actor: buyer(),
                 now: t(2),
+                return_window: RETURN_WINDOW,
             })
             .then_refused("illegal_transition");
     }
@@ -1338,6 +1360,7 @@ mod tests {
             .when(C::Deliver {
                 actor: buyer(),
                 now: t(2),
+                return_window: RETURN_WINDOW,
             })
             .then(vec![delivered(None)]);
         let mut history = escrow_order_until(OrderStatus::Shipped);
@@ -1349,6 +1372,7 @@ mod tests {
             .when(C::Deliver {
                 actor: buyer(),
                 now: t(2),
+                return_window: RETURN_WINDOW,
             })
             .then(vec![delivered(None)]);
     }
@@ -1506,15 +1530,24 @@ mod tests {
                 by: Role::Buyer,
                 refund: None,
             }]);
-        for actor in [stranger(), system()] {
-            given::<Order>(escrow_order_until(OrderStatus::Confirmed))
-                .when(C::Cancel {
-                    actor,
-                    reason: reason(),
-                })
-                .then_refused("forbidden");
-        }
-        // Souk cancels an unpaid bank transfer, and nothing else.
+        given::<Order>(escrow_order_until(OrderStatus::Confirmed))
+            .when(C::Cancel {
+                actor: stranger(),
+                reason: reason(),
+            })
+            .then_refused("forbidden");
+        // Souk cancels a confirmed order that was not shipped in time.
+        given::<Order>(escrow_order_until(OrderStatus::Confirmed))
+            .when(C::Cancel {
+                actor: system(),
+                reason: reason(),
+            })
+            .then(vec![E::OrderCancelled {
+                reason: reason(),
+                by: Role::System,
+                refund: Some(eur(3_700)),
+            }]);
+        // Souk cancels an unpaid bank transfer too.
         given::<Order>([placed(PaymentMethod::BankTransfer), E::OrderAwaitingPayment])
             .when(C::Cancel {
                 actor: system(),

@@ -30,6 +30,7 @@ pub mod backoff;
 pub mod cqrs;
 pub mod fanout;
 pub mod global;
+pub mod journey;
 pub mod leader;
 mod load;
 pub mod record;

@@ -5,6 +5,7 @@
 mod auth;
 mod bad_input;
 mod event_store;
+mod journeys;
 mod orders;
 mod projections;
 mod query_api;

@@ -1,21 +1,24 @@
 //! Listing routes: create (listing, stock pool and timeline entry in one
-//! transaction), price, details, pause/resume/delete, stock, reservations.
+//! transaction), price, details, pause/resume/delete, stock, reservations
+//! and their release (`domain::journeys::release_hold`).
 
 use axum::Router;
 use axum::extract::State;
 use axum::response::Response;
 use axum::routing::post;
 use chrono::Utc;
+use domain::journeys::{self, Stream};
 use domain::listing::{Condition, Listing, ListingCommand, ListingDetails, ListingStatus};
 use domain::reservation::{Reservation, ReservationCommand};
 use domain::timeline::{ProductTimeline, TimelineCommand, TimelineEntry};
 use domain::values::{
-    Actor, Description, HoldId, Label, ListingId, Location, ProductId, Title, Url, WalletId,
+    Actor, Description, HoldId, Label, ListingId, Location, ProductId, Reason, Title, Url, WalletId,
 };
 use domain::wallet::Wallet;
 use domain::{Decide, Refusal};
+use event_store::journey::stream_refs;
 use event_store::{ExecError, StreamRef};
-use http_kit::{ApiError, AuthUser, IdPath, JsonBody, RequestMeta};
+use http_kit::{ApiError, AuthUser, IdPair, IdPath, JsonBody, RequestMeta};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -38,6 +41,10 @@ pub fn routes() -> Router<AppState> {
         .route("/listings/{id}/resume", post(resume))
         .route("/listings/{id}/stock", post(set_stock))
         .route("/listings/{id}/reservations", post(reserve))
+        .route(
+            "/listings/{id}/reservations/{reservation_id}/release",
+            post(release_reservation),
+        )
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -611,4 +618,42 @@ async fn reserve(
         expires_at,
     ));
     single::<Reservation>(&state, &user, &meta, &body.sha256, id, command, reply).await
+}
+
+/// Frees a hold: its holder, the listing's seller or an admin. A second
+/// release is 409 `hold_not_active`; a hold an order took is released by
+/// cancelling the order (409 `reservation_in_order`).
+async fn release_reservation(
+    State(state): State<AppState>,
+    user: AuthUser,
+    meta: RequestMeta,
+    IdPair(listing, hold): IdPair,
+) -> Result<Response, ApiError> {
+    let (listing_id, hold_id, actor) = (
+        ListingId::from_uuid(listing),
+        HoldId::from_uuid(hold),
+        user.actor(),
+    );
+    existing_listing(&state, listing_id).await?;
+    let reason = Reason::parse("reason", "released by request").unwrap_or_default();
+    let accepted = state
+        .store
+        .execute_multi(
+            stream_refs([Stream::Reservation(listing_id)]),
+            meta.context(&user),
+            meta.idempotency(&user, &EMPTY_BODY_SHA256),
+            move |plan| Ok(journeys::release_hold(plan, listing_id, hold_id, actor, reason.clone())?),
+            move |(), committed| {
+                let (version, _) = committed
+                    .stream::<Reservation>(&listing_id.to_string())
+                    .unwrap_or_default();
+                (
+                    200,
+                    json!({"id": hold_id.to_string(), "version": version, "position": committed.last().token()}),
+                )
+            },
+        )
+        .await
+        .map_err(exec_error)?;
+    Ok(respond(accepted))
 }

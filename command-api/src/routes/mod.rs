@@ -1,8 +1,8 @@
 //! The command routes. Each handler parses its body into domain values
-//! (every field checked, with the field's name in the error), builds one
-//! domain command, and hands it to the event store: `single` for one
-//! aggregate, `EventStore::execute_multi` for the flows that change several
-//! atomically (listing creation, checkout, shipping, delivery, ...).
+//! (every field checked, with the field's name in the error) and either
+//! hands one domain command to the event store (`single`, for one
+//! aggregate) or runs one journey of `domain::journeys` as a unit of work
+//! (checkout, shipping, delivery, cancellation, hold release, ...).
 
 mod listings;
 mod orders;
@@ -21,30 +21,6 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use crate::app::AppState;
-
-/// Steps the timer worker fires.
-pub(crate) use orders::{cancel_with as cancel_unpaid_with, release_escrow_with as release_escrow};
-
-/// Cancels an order (the unpaid-order timer); see `orders::cancel_with`.
-pub(crate) async fn cancel_unpaid(
-    store: &event_store::EventStore,
-    order_id: domain::values::OrderId,
-    reason: domain::values::Reason,
-    only_if: Option<domain::order::OrderStatus>,
-    context: event_store::CommandContext,
-    idempotency: Option<event_store::IdempotencyKey>,
-) -> Result<Accepted, ExecError> {
-    cancel_unpaid_with(
-        store,
-        order_id,
-        domain::values::Actor::system(),
-        reason,
-        only_if,
-        context,
-        idempotency,
-    )
-    .await
-}
 
 pub fn routes() -> Router<AppState> {
     Router::new()

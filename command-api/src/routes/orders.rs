@@ -1,47 +1,33 @@
-//! Order routes. A checkout is one transaction per request: for each seller
-//! it places an order, reserves the stock of every line, holds the buyer's
-//! funds (wallet escrow) and confirms the order; when stock or funds fall
-//! short, the steps of that order are undone inside the plan (a savepoint)
-//! and the order is recorded as rejected. Nothing half-done ever reaches the
-//! log, so no compensation has to run later.
-//!
-//! Shipping confirms the stock holds (the items are sold) and arms the
-//! escrow auto-release timer; delivery and that timer capture the escrow
-//! into the seller's wallet; cancellation releases holds and refunds.
+//! Order routes. Each handler parses its request into domain values, runs
+//! one journey of `domain::journeys` (checkout, payment, shipping,
+//! delivery, escrow release, cancellation, return, refund) as one unit of
+//! work of the event store, and answers. What each journey does, and what
+//! it refuses, is decided and tested there.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use axum::Router;
 use axum::extract::State;
 use axum::response::Response;
 use axum::routing::post;
-use chrono::{DateTime, TimeDelta, Utc};
-use domain::listing::{Listing, ListingStatus};
-use domain::order::{
-    Order, OrderCommand, OrderLine, OrderStatus, PaymentMethod, Rating, ShippingAddress,
-};
-use domain::reservation::{Reservation, ReservationCommand};
-use domain::timeline::{ProductTimeline, TimelineCommand, TimelineEntry};
+use chrono::{DateTime, Utc};
+use domain::Decide;
+use domain::journeys::{self, JourneyError};
+use domain::listing::Listing;
+use domain::order::{Order, OrderCommand, PaymentMethod, Rating, ShippingAddress};
 use domain::values::{
-    Actor, CheckoutId, Comment, HoldId, Label, ListingId, OrderId, ProductId, Reason, Reference,
-    UserId, WalletId,
+    Actor, Comment, HoldId, Label, ListingId, OrderId, Reason, Reference, ValidationError, WalletId,
 };
-use domain::wallet::{Wallet, WalletCommand};
-use domain::{Decide, Refusal};
-use event_store::{ExecError, Plan, StreamRef, Timer};
+use event_store::journey::stream_refs;
+use event_store::{ExecError, Plan, Timer};
 use http_kit::{ApiError, AuthUser, IdPath, JsonBody, RequestMeta};
 use serde::Deserialize;
 use serde_json::json;
 use uuid::Uuid;
 
-use super::listings::{refused, single_body};
+use super::listings::single_body;
 use super::{EMPTY_BODY_SHA256, bounded, exec_error, field, ok_reply, respond, single};
 use crate::app::AppState;
-
-/// How long the stock of an order awaiting a bank transfer stays held.
-pub const BANK_TRANSFER_HOLD: TimeDelta = TimeDelta::days(3);
-/// Stock of a confirmed order stays held until it ships; this bounds it.
-pub const CONFIRMED_ORDER_HOLD: TimeDelta = TimeDelta::days(365);
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -63,6 +49,9 @@ pub fn routes() -> Router<AppState> {
 pub struct LineBody {
     listing_id: Uuid,
     quantity: u32,
+    /// The buyer's own hold on the listing, confirmed by this checkout
+    /// instead of a new hold.
+    reservation_id: Option<Uuid>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -85,185 +74,47 @@ pub struct Checkout {
     wallet_id: Option<Uuid>,
 }
 
-/// One line of a checkout, with what was learnt of its listing.
-#[derive(Debug, Clone)]
-struct PlannedLine {
-    listing_id: ListingId,
-    product_id: ProductId,
-    quantity: u32,
-    hold_id: HoldId,
-}
-
-/// One order of a checkout: the lines of one seller.
-#[derive(Debug, Clone)]
-struct PlannedOrder {
-    order_id: OrderId,
-    seller: UserId,
-    seller_wallet: Option<WalletId>,
-    lines: Vec<PlannedLine>,
-}
-
-/// Refusals that reject an order (recorded) rather than the request.
-const REJECTING_CODES: &[&str] = &["insufficient_stock", "insufficient_funds"];
-
 async fn checkout(
     State(state): State<AppState>,
     user: AuthUser,
     meta: RequestMeta,
     body: JsonBody<Checkout>,
 ) -> Result<Response, ApiError> {
-    let request = &body.value;
-    bounded("lines", &request.lines, domain::order::MAX_LINES)?;
-    if request.lines.is_empty() {
-        return Err(ApiError::validation(
-            "lines",
-            domain::values::ValidationError::new("too_short", "an order needs at least one line"),
-        ));
-    }
-    let shipping_address = field(
-        "shipping_address",
-        ShippingAddress::parse(
-            &request.shipping_address.name,
-            &request.shipping_address.line1,
-            request.shipping_address.line2.as_deref(),
-            &request.shipping_address.city,
-            &request.shipping_address.postal_code,
-            &request.shipping_address.country,
-        ),
-    )?;
-    let payment_method = field(
-        "payment_method",
-        PaymentMethod::parse(&request.payment_method),
-    )?;
-    let buyer_wallet = request.wallet_id.map(WalletId::from_uuid);
-    if payment_method == PaymentMethod::WalletEscrow && buyer_wallet.is_none() {
-        return Err(ApiError::validation(
-            "wallet_id",
-            domain::values::ValidationError::new(
-                "wallet_required",
-                "wallet_escrow needs a wallet_id",
-            ),
-        ));
-    }
-
-    // Read the listings (cached) to learn sellers, products and payout
-    // wallets, which never change; prices are read again under lock.
-    let mut orders: BTreeMap<UserId, PlannedOrder> = BTreeMap::new();
-    let mut seen = std::collections::HashSet::new();
-    for (index, line) in request.lines.iter().enumerate() {
-        let listing_id = ListingId::from_uuid(line.listing_id);
-        if !seen.insert(listing_id) {
-            return Err(ApiError::validation(
-                format!("lines[{index}].listing_id"),
-                domain::values::ValidationError::new(
-                    "duplicate_line",
-                    "each listing may appear once",
-                ),
-            ));
-        }
+    let request = parse_checkout(&body.value, user.actor())?;
+    // The listings (cached) tell sellers, products and payout wallets, which
+    // never change; prices and status are read again under lock.
+    let mut listings = BTreeMap::new();
+    for line in &request.lines {
         let (listing, _) = state
             .store
-            .state::<Listing>(&listing_id.to_string())
+            .state::<Listing>(&line.listing_id.to_string())
             .await
             .map_err(exec_error)?;
-        if !listing.exists() {
-            return Err(ApiError::Domain {
-                code: "listing_not_found",
-                refusal: Refusal::NotFound,
-                message: format!("listing {listing_id} does not exist"),
-            });
-        }
-        let order = orders
-            .entry(listing.seller())
-            .or_insert_with(|| PlannedOrder {
-                order_id: OrderId::new(),
-                seller: listing.seller(),
-                seller_wallet: listing.payout_wallet(),
-                lines: Vec::new(),
-            });
-        order.lines.push(PlannedLine {
-            listing_id,
-            product_id: listing.product_id(),
-            quantity: line.quantity,
-            hold_id: HoldId::new(),
-        });
+        listings.insert(line.listing_id, listing);
     }
-    let orders: Vec<PlannedOrder> = orders.into_values().collect();
-    if payment_method == PaymentMethod::WalletEscrow
-        && let Some(order) = orders.iter().find(|order| order.seller_wallet.is_none())
-    {
-        return Err(ApiError::Domain {
-            code: "seller_wallet_missing",
-            refusal: Refusal::Conflict,
-            message: format!(
-                "seller {} takes no wallet payments: the listing has no payout wallet",
-                order.seller
-            ),
-        });
-    }
-
-    let mut streams = Vec::new();
-    for order in &orders {
-        streams.push(StreamRef::of::<Order>(order.order_id.to_string()));
-        if let Some(wallet) = order
-            .seller_wallet
-            .filter(|_| payment_method == PaymentMethod::WalletEscrow)
-        {
-            streams.push(StreamRef::of::<Wallet>(wallet.to_string()));
-        }
-        for line in &order.lines {
-            streams.push(StreamRef::of::<Listing>(line.listing_id.to_string()));
-            streams.push(StreamRef::of::<Reservation>(line.listing_id.to_string()));
-            streams.push(StreamRef::of::<ProductTimeline>(
-                line.product_id.to_string(),
-            ));
-        }
-    }
-    if let Some(wallet) = buyer_wallet {
-        streams.push(StreamRef::of::<Wallet>(wallet.to_string()));
-    }
-
-    let checkout_id = CheckoutId::new();
-    let actor = user.actor();
+    let checkout = journeys::Checkout::plan(request, &listings).map_err(journey_error)?;
+    let checkout_id = checkout.checkout_id;
+    let deadlines = state.deadlines;
     let now = Utc::now();
     let accepted = state
         .store
         .execute_multi(
-            streams,
+            stream_refs(checkout.streams()),
             meta.context(&user),
             meta.idempotency(&user, &body.sha256),
-            move |plan| {
-                if let Some(wallet_id) = buyer_wallet {
-                    check_buyer_wallet(plan, wallet_id, actor.user_id)?;
-                }
-                let mut outcomes = Vec::new();
-                for order in &orders {
-                    let outcome = place_order(
-                        plan,
-                        order,
-                        checkout_id,
-                        actor,
-                        &shipping_address,
-                        payment_method,
-                        buyer_wallet,
-                        now,
-                    )?;
-                    outcomes.push(outcome);
-                }
-                Ok(outcomes)
-            },
+            move |plan| Ok(checkout.run(plan, now, &deadlines)?),
             move |outcomes, committed| {
                 let orders: Vec<_> = outcomes
                     .iter()
-                    .map(|(order_id, status, reason)| {
+                    .map(|outcome| {
                         let version = committed
-                            .stream::<Order>(&order_id.to_string())
+                            .stream::<Order>(&outcome.order_id.to_string())
                             .map_or(0, |(version, _)| version);
                         json!({
-                            "id": order_id.to_string(),
+                            "id": outcome.order_id.to_string(),
                             "version": version,
-                            "status": status.as_str(),
-                            "reason": reason,
+                            "status": outcome.status.as_str(),
+                            "reason": outcome.reason,
                         })
                     })
                     .collect();
@@ -285,171 +136,65 @@ async fn checkout(
     Ok(respond(accepted))
 }
 
-fn check_buyer_wallet(plan: &Plan, wallet_id: WalletId, buyer: UserId) -> Result<(), ExecError> {
-    let wallet = plan.state::<Wallet>(&wallet_id.to_string())?;
-    if !wallet.exists() {
-        return Err(refused(
-            "wallet_not_found",
-            Refusal::NotFound,
-            "the wallet does not exist",
+/// Parses a cart: every field checked, with the field's name in the error.
+fn parse_checkout(request: &Checkout, buyer: Actor) -> Result<journeys::CheckoutRequest, ApiError> {
+    bounded("lines", &request.lines, domain::order::MAX_LINES)?;
+    if request.lines.is_empty() {
+        return Err(ApiError::validation(
+            "lines",
+            ValidationError::new("too_short", "an order needs at least one line"),
         ));
     }
-    if wallet.owner() != buyer {
-        return Err(refused(
-            "forbidden",
-            Refusal::Forbidden,
-            "the wallet is not yours",
+    let shipping_address = field(
+        "shipping_address",
+        ShippingAddress::parse(
+            &request.shipping_address.name,
+            &request.shipping_address.line1,
+            request.shipping_address.line2.as_deref(),
+            &request.shipping_address.city,
+            &request.shipping_address.postal_code,
+            &request.shipping_address.country,
+        ),
+    )?;
+    let payment_method = field(
+        "payment_method",
+        PaymentMethod::parse(&request.payment_method),
+    )?;
+    let buyer_wallet = request.wallet_id.map(WalletId::from_uuid);
+    if payment_method == PaymentMethod::WalletEscrow && buyer_wallet.is_none() {
+        return Err(ApiError::validation(
+            "wallet_id",
+            ValidationError::new("wallet_required", "wallet_escrow needs a wallet_id"),
         ));
     }
-    Ok(())
-}
-
-/// Places, reserves, holds and confirms one seller's order, or records it as
-/// rejected when stock or funds fall short. Other refusals fail the request.
-#[allow(clippy::too_many_arguments)] // One step of one plan; a struct would only rename them.
-fn place_order(
-    plan: &mut Plan,
-    order: &PlannedOrder,
-    checkout_id: CheckoutId,
-    buyer: Actor,
-    shipping_address: &ShippingAddress,
-    payment_method: PaymentMethod,
-    buyer_wallet: Option<WalletId>,
-    now: DateTime<Utc>,
-) -> Result<(OrderId, OrderStatus, Option<String>), ExecError> {
-    let order_key = order.order_id.to_string();
-    let mut lines = Vec::with_capacity(order.lines.len());
-    for line in &order.lines {
-        let listing = plan.state::<Listing>(&line.listing_id.to_string())?;
-        if listing.status() != ListingStatus::Active {
-            return Err(refused(
-                "listing_unavailable",
-                Refusal::Conflict,
-                &format!(
-                    "listing {} is {}",
-                    line.listing_id,
-                    listing.status().as_str()
-                ),
+    let mut seen = HashSet::new();
+    let mut lines = Vec::with_capacity(request.lines.len());
+    for (index, line) in request.lines.iter().enumerate() {
+        let listing_id = ListingId::from_uuid(line.listing_id);
+        if !seen.insert(listing_id) {
+            return Err(ApiError::validation(
+                format!("lines[{index}].listing_id"),
+                ValidationError::new("duplicate_line", "each listing may appear once"),
             ));
         }
-        lines.push(OrderLine {
-            listing_id: line.listing_id,
-            product_id: line.product_id,
+        lines.push(journeys::CheckoutLine {
+            listing_id,
             quantity: line.quantity,
-            unit_price: listing.price().clone(),
-            hold_id: line.hold_id,
+            reservation: line.reservation_id.map(HoldId::from_uuid),
         });
     }
-    let escrow = payment_method == PaymentMethod::WalletEscrow;
-    plan.decide::<Order>(
-        &order_key,
-        OrderCommand::Place {
-            actor: buyer,
-            order_id: order.order_id,
-            checkout_id,
-            seller: order.seller,
-            lines,
-            shipping_address: shipping_address.clone(),
-            payment_method,
-            buyer_wallet: buyer_wallet.filter(|_| escrow),
-            seller_wallet: order.seller_wallet.filter(|_| escrow),
-        },
-    )?;
-    let savepoint = plan.savepoint();
-    match reserve_and_confirm(plan, order, buyer, payment_method, buyer_wallet, now) {
-        Ok(()) => {
-            let status = plan.state::<Order>(&order_key)?.status();
-            Ok((order.order_id, status, None))
-        }
-        Err(ExecError::Rejected { code, .. }) if REJECTING_CODES.contains(&code) => {
-            plan.rollback_to(savepoint);
-            plan.decide::<Order>(
-                &order_key,
-                OrderCommand::Reject {
-                    actor: Actor::system(),
-                    reason: code.to_owned(),
-                },
-            )?;
-            Ok((order.order_id, OrderStatus::Rejected, Some(code.to_owned())))
-        }
-        Err(error) => Err(error),
-    }
+    Ok(journeys::CheckoutRequest {
+        buyer,
+        lines,
+        shipping_address,
+        payment_method,
+        buyer_wallet,
+    })
 }
 
-fn reserve_and_confirm(
-    plan: &mut Plan,
-    order: &PlannedOrder,
-    buyer: Actor,
-    payment_method: PaymentMethod,
-    buyer_wallet: Option<WalletId>,
-    now: DateTime<Utc>,
-) -> Result<(), ExecError> {
-    let hold_for = if payment_method == PaymentMethod::BankTransfer {
-        BANK_TRANSFER_HOLD
-    } else {
-        CONFIRMED_ORDER_HOLD
-    };
-    for line in &order.lines {
-        plan.decide::<Reservation>(
-            &line.listing_id.to_string(),
-            ReservationCommand::Reserve {
-                actor: buyer,
-                hold_id: line.hold_id,
-                holder: buyer.user_id,
-                quantity: line.quantity,
-                expires_at: now + hold_for,
-                order_id: Some(order.order_id),
-                now,
-            },
-        )?;
-        plan.decide::<ProductTimeline>(
-            &line.product_id.to_string(),
-            TimelineCommand::Record {
-                actor: Actor::system(),
-                product_id: line.product_id,
-                entry: TimelineEntry::Reserved {
-                    listing_id: line.listing_id,
-                    order_id: order.order_id,
-                },
-            },
-        )?;
-    }
-    if payment_method == PaymentMethod::BankTransfer {
-        plan.schedule(unpaid_order_timer(order.order_id, now + hold_for));
-    }
-    if let (PaymentMethod::WalletEscrow, Some(buyer_wallet), Some(seller_wallet)) =
-        (payment_method, buyer_wallet, order.seller_wallet)
-    {
-        let total = plan
-            .state::<Order>(&order.order_id.to_string())?
-            .total()
-            .clone();
-        plan.decide::<Wallet>(
-            &buyer_wallet.to_string(),
-            WalletCommand::HoldFunds {
-                actor: buyer,
-                order_id: order.order_id,
-                amount: total.clone(),
-                payee_wallet: seller_wallet,
-            },
-        )?;
-        plan.decide::<Wallet>(
-            &seller_wallet.to_string(),
-            WalletCommand::ExpectIncoming {
-                actor: Actor::system(),
-                order_id: order.order_id,
-                amount: total,
-                payer_wallet: buyer_wallet,
-            },
-        )?;
-    }
-    plan.decide::<Order>(
-        &order.order_id.to_string(),
-        OrderCommand::Confirm {
-            actor: Actor::system(),
-        },
-    )?;
-    Ok(())
+/// A journey's refusal as the API answers it.
+pub(crate) fn journey_error(error: JourneyError) -> ApiError {
+    exec_error(error.into())
 }
 
 /// The timer that expires hold `hold_id` of `listing_id` at `due_at`.
@@ -458,134 +203,66 @@ pub(crate) fn hold_expiry_timer(
     hold_id: HoldId,
     due_at: DateTime<Utc>,
 ) -> Timer {
-    Timer {
-        timer_id: hold_id.as_uuid(),
-        kind: crate::timers::HOLD_EXPIRY.to_owned(),
+    Timer::of(
+        journeys::Timer::HoldExpiry {
+            listing_id,
+            hold_id,
+        },
         due_at,
-        payload: json!({"listing_id": listing_id.to_string(), "hold_id": hold_id.to_string()}),
-    }
+    )
 }
 
-/// The timer that cancels an order still awaiting its bank transfer at `due_at`.
-fn unpaid_order_timer(order_id: OrderId, due_at: DateTime<Utc>) -> Timer {
-    Timer {
-        timer_id: domain::process::deterministic_command_id(
-            "unpaid-order",
-            &[&order_id.to_string()],
-        ),
-        kind: crate::timers::UNPAID_ORDER.to_owned(),
-        due_at,
-        payload: json!({"order_id": order_id.to_string()}),
-    }
-}
-
-/// The timer that releases an order's escrow to the seller at `due_at`.
-fn escrow_release_timer(order_id: OrderId, due_at: DateTime<Utc>) -> Timer {
-    Timer {
-        timer_id: domain::process::deterministic_command_id(
-            "escrow-auto-release",
-            &[&order_id.to_string()],
-        ),
-        kind: crate::timers::ESCROW_AUTO_RELEASE.to_owned(),
-        due_at,
-        payload: json!({"order_id": order_id.to_string()}),
-    }
-}
-
-/// Runs `plan` in one transaction over order `order_id` and every stream it
-/// touches (its lines' stock pools and products, its wallets), answered with
-/// the order's id, version and position. A missing order is 404.
-pub(crate) async fn order_step<P>(
+/// Runs `journey` in one unit of work over order `order_id` and every stream
+/// it touches (its lines' stock pools and products, its wallets), answered
+/// with the order's id, version and position. A missing order is 404.
+pub(crate) async fn order_journey<P, R>(
     store: &event_store::EventStore,
     order_id: OrderId,
     context: event_store::CommandContext,
     idempotency: Option<event_store::IdempotencyKey>,
-    plan: P,
+    journey: P,
 ) -> Result<event_store::Accepted, ExecError>
 where
-    P: Fn(&mut Plan) -> Result<(), ExecError> + Send + Sync + 'static,
+    P: Fn(&mut Plan) -> Result<R, JourneyError> + Send + Sync + 'static,
+    R: Send + Sync + 'static,
 {
     let (order, _) = store.state::<Order>(&order_id.to_string()).await?;
     if !order.exists() {
-        return Err(refused(
-            "order_not_found",
-            Refusal::NotFound,
-            &format!("order {order_id} does not exist"),
-        ));
+        return Err(JourneyError::OrderNotFound(order_id).into());
     }
     store
         .execute_multi(
-            order_streams(order_id, &order),
+            stream_refs(journeys::order_streams(order_id, &order)),
             context,
             idempotency,
-            plan,
-            move |(), committed| single_body::<Order>(200, &order_id.to_string(), committed),
+            move |plan| Ok(journey(plan)?),
+            move |_, committed| single_body::<Order>(200, &order_id.to_string(), committed),
         )
         .await
 }
 
-/// The streams an order's follow-up steps touch: the order, its lines'
-/// pools and products, and its wallets.
-fn order_streams(order_id: OrderId, order: &Order) -> Vec<StreamRef> {
-    let mut streams = vec![StreamRef::of::<Order>(order_id.to_string())];
-    for line in order.lines() {
-        streams.push(StreamRef::of::<Reservation>(line.listing_id.to_string()));
-        streams.push(StreamRef::of::<ProductTimeline>(
-            line.product_id.to_string(),
-        ));
-    }
-    for wallet in [order.buyer_wallet(), order.seller_wallet()]
-        .into_iter()
-        .flatten()
-    {
-        streams.push(StreamRef::of::<Wallet>(wallet.to_string()));
-    }
-    streams
-}
-
-fn record_on_products(
-    plan: &mut Plan,
-    lines: &[OrderLine],
-    entry: impl Fn(&OrderLine) -> TimelineEntry,
-) -> Result<(), ExecError> {
-    for line in lines {
-        plan.decide::<ProductTimeline>(
-            &line.product_id.to_string(),
-            TimelineCommand::Record {
-                actor: Actor::system(),
-                product_id: line.product_id,
-                entry: entry(line),
-            },
-        )?;
-    }
-    Ok(())
-}
-
-/// Moves an order's escrow from the buyer's held funds into the seller's
-/// wallet (both sides, in the plan's transaction).
-pub(crate) fn capture_escrow(
-    plan: &mut Plan,
+/// Answers an order step run by [`order_journey`].
+async fn order_step<P>(
+    state: &AppState,
+    user: &AuthUser,
+    meta: &RequestMeta,
+    body_sha256: &[u8; 32],
     order_id: OrderId,
-    order: &Order,
-) -> Result<(), ExecError> {
-    if let (Some(buyer_wallet), Some(seller_wallet)) = (order.buyer_wallet(), order.seller_wallet())
-    {
-        plan.decide::<Wallet>(
-            &buyer_wallet.to_string(),
-            WalletCommand::CaptureHold {
-                actor: Actor::system(),
-                order_id,
-            },
-        )?;
-        plan.decide::<Wallet>(
-            &seller_wallet.to_string(),
-            WalletCommand::ReceiveEscrow {
-                actor: Actor::system(),
-                order_id,
-            },
-        )?;
-    }
-    Ok(())
+    journey: P,
+) -> Result<Response, ApiError>
+where
+    P: Fn(&mut Plan) -> Result<(), JourneyError> + Send + Sync + 'static,
+{
+    order_journey(
+        &state.store,
+        order_id,
+        meta.context(user),
+        meta.idempotency(user, body_sha256),
+        journey,
+    )
+    .await
+    .map(respond)
+    .map_err(exec_error)
 }
 
 #[derive(Debug, Deserialize)]
@@ -605,56 +282,16 @@ async fn confirm_payment(
         "reference",
         Reference::parse("reference", &body.value.reference),
     )?;
-    let order_id = OrderId::from_uuid(id);
-    let actor = user.actor();
-    order_step(
-        &state.store,
-        order_id,
-        meta.context(&user),
-        meta.idempotency(&user, &body.sha256),
-        move |plan| {
-            plan.decide::<Order>(
-                &order_id.to_string(),
-                OrderCommand::ConfirmPayment {
-                    actor,
-                    reference: reference.clone(),
-                },
-            )?;
-            // The stock stays held until shipment; its bank-transfer
-            // expiry no longer applies, so the hold is renewed by
-            // swapping it for a long one.
-            let order = plan.state::<Order>(&order_id.to_string())?.clone();
-            let now = Utc::now();
-            for line in order.lines() {
-                let pool = line.listing_id.to_string();
-                plan.decide::<Reservation>(
-                    &pool,
-                    ReservationCommand::Release {
-                        actor: Actor::system(),
-                        hold_id: line.hold_id,
-                        reason: Reason::parse("reason", "payment confirmed: renewing the hold")
-                            .unwrap_or_default(),
-                    },
-                )?;
-                plan.decide::<Reservation>(
-                    &pool,
-                    ReservationCommand::Reserve {
-                        actor: Actor::system(),
-                        hold_id: line.hold_id,
-                        holder: order.buyer(),
-                        quantity: line.quantity,
-                        expires_at: now + CONFIRMED_ORDER_HOLD,
-                        order_id: Some(order_id),
-                        now,
-                    },
-                )?;
-            }
-            Ok(())
-        },
-    )
+    let (order_id, actor, now, deadlines) = (
+        OrderId::from_uuid(id),
+        user.actor(),
+        Utc::now(),
+        state.deadlines,
+    );
+    order_step(&state, &user, &meta, &body.sha256, order_id, move |plan| {
+        journeys::confirm_payment(plan, order_id, actor, reference.clone(), now, &deadlines)
+    })
     .await
-    .map(respond)
-    .map_err(exec_error)
 }
 
 #[derive(Debug, Deserialize)]
@@ -676,59 +313,24 @@ async fn ship(
         "tracking_number",
         Label::parse("tracking_number", &body.value.tracking_number),
     )?;
-    let order_id = OrderId::from_uuid(id);
-    let actor = user.actor();
-    let now = Utc::now();
-    order_step(
-        &state.store,
-        order_id,
-        meta.context(&user),
-        meta.idempotency(&user, &body.sha256),
-        move |plan| {
-            plan.decide::<Order>(
-                &order_id.to_string(),
-                OrderCommand::Ship {
-                    actor,
-                    carrier: carrier.clone(),
-                    tracking_number: tracking_number.clone(),
-                    now,
-                },
-            )?;
-            let order = plan.state::<Order>(&order_id.to_string())?.clone();
-            for line in order.lines() {
-                plan.decide::<Reservation>(
-                    &line.listing_id.to_string(),
-                    ReservationCommand::Confirm {
-                        actor: Actor::system(),
-                        hold_id: line.hold_id,
-                    },
-                )?;
-            }
-            let price_of = |line: &OrderLine| {
-                line.unit_price
-                    .times(line.quantity)
-                    .unwrap_or_else(|| line.unit_price.clone())
-            };
-            record_on_products(plan, order.lines(), |line| TimelineEntry::Sold {
-                order_id,
-                buyer: order.buyer(),
-                price: price_of(line),
-            })?;
-            record_on_products(plan, order.lines(), |_| TimelineEntry::Shipped {
-                order_id,
-                carrier: carrier.clone(),
-            })?;
-            if order.payment_method() == PaymentMethod::WalletEscrow
-                && let Some(due_at) = order.auto_release_at()
-            {
-                plan.schedule(escrow_release_timer(order_id, due_at));
-            }
-            Ok(())
-        },
-    )
+    let (order_id, actor, now, deadlines) = (
+        OrderId::from_uuid(id),
+        user.actor(),
+        Utc::now(),
+        state.deadlines,
+    );
+    order_step(&state, &user, &meta, &body.sha256, order_id, move |plan| {
+        journeys::ship(
+            plan,
+            order_id,
+            actor,
+            carrier.clone(),
+            tracking_number.clone(),
+            now,
+            &deadlines,
+        )
+    })
     .await
-    .map(respond)
-    .map_err(exec_error)
 }
 
 async fn deliver(
@@ -737,71 +339,39 @@ async fn deliver(
     meta: RequestMeta,
     IdPath(id): IdPath,
 ) -> Result<Response, ApiError> {
-    let order_id = OrderId::from_uuid(id);
-    let actor = user.actor();
-    let now = Utc::now();
+    let (order_id, actor, now, deadlines) = (
+        OrderId::from_uuid(id),
+        user.actor(),
+        Utc::now(),
+        state.deadlines,
+    );
     order_step(
-        &state.store,
+        &state,
+        &user,
+        &meta,
+        &EMPTY_BODY_SHA256,
         order_id,
-        meta.context(&user),
-        meta.idempotency(&user, &EMPTY_BODY_SHA256),
-        move |plan| {
-            let before = plan
-                .state::<Order>(&order_id.to_string())?
-                .escrow_released();
-            plan.decide::<Order>(&order_id.to_string(), OrderCommand::Deliver { actor, now })?;
-            let order = plan.state::<Order>(&order_id.to_string())?.clone();
-            if !before && order.escrow_released() {
-                capture_escrow(plan, order_id, &order)?;
-            }
-            record_on_products(plan, order.lines(), |_| TimelineEntry::Delivered {
-                order_id,
-            })?;
-            Ok(())
-        },
+        move |plan| journeys::deliver(plan, order_id, actor, now, &deadlines),
     )
     .await
-    .map(respond)
-    .map_err(exec_error)
 }
 
+/// An admin releases an order's escrow to the seller.
 async fn release_escrow(
     State(state): State<AppState>,
     user: AuthUser,
     meta: RequestMeta,
     IdPath(id): IdPath,
 ) -> Result<Response, ApiError> {
-    let order_id = OrderId::from_uuid(id);
-    let accepted = release_escrow_with(
-        &state.store,
+    let (order_id, actor, now) = (OrderId::from_uuid(id), user.actor(), Utc::now());
+    order_step(
+        &state,
+        &user,
+        &meta,
+        &EMPTY_BODY_SHA256,
         order_id,
-        user.actor(),
-        meta.context(&user),
-        meta.idempotency(&user, &EMPTY_BODY_SHA256),
+        move |plan| journeys::release_escrow(plan, order_id, actor, now),
     )
-    .await
-    .map_err(exec_error)?;
-    Ok(respond(accepted))
-}
-
-/// Releases an order's escrow to the seller (admin, or the auto-release timer).
-pub(crate) async fn release_escrow_with(
-    store: &event_store::EventStore,
-    order_id: OrderId,
-    actor: Actor,
-    context: event_store::CommandContext,
-    idempotency: Option<event_store::IdempotencyKey>,
-) -> Result<event_store::Accepted, ExecError> {
-    let now = Utc::now();
-    order_step(store, order_id, context, idempotency, move |plan| {
-        plan.decide::<Order>(
-            &order_id.to_string(),
-            OrderCommand::ReleaseEscrow { actor, now },
-        )?;
-        let order = plan.state::<Order>(&order_id.to_string())?.clone();
-        capture_escrow(plan, order_id, &order)?;
-        Ok(())
-    })
     .await
 }
 
@@ -842,85 +412,9 @@ async fn cancel(
     body: JsonBody<WithReason>,
 ) -> Result<Response, ApiError> {
     let reason = field("reason", Reason::parse("reason", &body.value.reason))?;
-    let order_id = OrderId::from_uuid(id);
-    let accepted = cancel_with(
-        &state.store,
-        order_id,
-        user.actor(),
-        reason,
-        None,
-        meta.context(&user),
-        meta.idempotency(&user, &body.sha256),
-    )
-    .await
-    .map_err(exec_error)?;
-    Ok(respond(accepted))
-}
-
-/// Cancels an order, releases its stock holds and refunds its escrow, in one
-/// transaction (a user's cancel, or the expiry of an unpaid bank transfer).
-pub(crate) async fn cancel_with(
-    store: &event_store::EventStore,
-    order_id: OrderId,
-    actor: Actor,
-    reason: Reason,
-    only_if: Option<OrderStatus>,
-    context: event_store::CommandContext,
-    idempotency: Option<event_store::IdempotencyKey>,
-) -> Result<event_store::Accepted, ExecError> {
-    order_step(store, order_id, context, idempotency, move |plan| {
-        let before = plan.state::<Order>(&order_id.to_string())?.clone();
-        if only_if.is_some_and(|status| status != before.status()) {
-            return Err(refused(
-                "illegal_transition",
-                Refusal::Conflict,
-                "the order moved on",
-            ));
-        }
-        plan.decide::<Order>(
-            &order_id.to_string(),
-            OrderCommand::Cancel {
-                actor,
-                reason: reason.clone(),
-            },
-        )?;
-        for line in before.lines() {
-            let pool = plan.state::<Reservation>(&line.listing_id.to_string())?;
-            // A hold that already expired has given its stock back.
-            if pool.hold(line.hold_id).is_some() {
-                plan.decide::<Reservation>(
-                    &line.listing_id.to_string(),
-                    ReservationCommand::Release {
-                        actor: Actor::system(),
-                        hold_id: line.hold_id,
-                        reason: reason.clone(),
-                    },
-                )?;
-            }
-        }
-        if let (Some(buyer_wallet), Some(seller_wallet)) =
-            (before.buyer_wallet(), before.seller_wallet())
-            && plan
-                .state::<Wallet>(&buyer_wallet.to_string())?
-                .holds()
-                .contains_key(&order_id)
-        {
-            plan.decide::<Wallet>(
-                &buyer_wallet.to_string(),
-                WalletCommand::RefundHold {
-                    actor: Actor::system(),
-                    order_id,
-                },
-            )?;
-            plan.decide::<Wallet>(
-                &seller_wallet.to_string(),
-                WalletCommand::CancelIncoming {
-                    actor: Actor::system(),
-                    order_id,
-                },
-            )?;
-        }
-        Ok(())
+    let (order_id, actor) = (OrderId::from_uuid(id), user.actor());
+    order_step(&state, &user, &meta, &body.sha256, order_id, move |plan| {
+        journeys::cancel(plan, order_id, actor, reason.clone(), None)
     })
     .await
 }
@@ -956,25 +450,16 @@ async fn mark_returned(
     meta: RequestMeta,
     IdPath(id): IdPath,
 ) -> Result<Response, ApiError> {
-    let order_id = OrderId::from_uuid(id);
-    let actor = user.actor();
+    let (order_id, actor) = (OrderId::from_uuid(id), user.actor());
     order_step(
-        &state.store,
+        &state,
+        &user,
+        &meta,
+        &EMPTY_BODY_SHA256,
         order_id,
-        meta.context(&user),
-        meta.idempotency(&user, &EMPTY_BODY_SHA256),
-        move |plan| {
-            plan.decide::<Order>(&order_id.to_string(), OrderCommand::MarkReturned { actor })?;
-            let order = plan.state::<Order>(&order_id.to_string())?.clone();
-            record_on_products(plan, order.lines(), |_| TimelineEntry::Returned {
-                order_id,
-            })?;
-            Ok(())
-        },
+        move |plan| journeys::mark_returned(plan, order_id, actor),
     )
     .await
-    .map(respond)
-    .map_err(exec_error)
 }
 
 async fn refund(
@@ -983,45 +468,16 @@ async fn refund(
     meta: RequestMeta,
     IdPath(id): IdPath,
 ) -> Result<Response, ApiError> {
-    let order_id = OrderId::from_uuid(id);
-    let actor = user.actor();
+    let (order_id, actor) = (OrderId::from_uuid(id), user.actor());
     order_step(
-        &state.store,
+        &state,
+        &user,
+        &meta,
+        &EMPTY_BODY_SHA256,
         order_id,
-        meta.context(&user),
-        meta.idempotency(&user, &EMPTY_BODY_SHA256),
-        move |plan| {
-            plan.decide::<Order>(&order_id.to_string(), OrderCommand::Refund { actor })?;
-            let order = plan.state::<Order>(&order_id.to_string())?.clone();
-            if let (Some(buyer_wallet), Some(seller_wallet)) =
-                (order.buyer_wallet(), order.seller_wallet())
-            {
-                let amount = order.total().clone();
-                plan.decide::<Wallet>(
-                    &seller_wallet.to_string(),
-                    WalletCommand::ReturnPayment {
-                        actor: Actor::system(),
-                        order_id,
-                        amount: amount.clone(),
-                        to_wallet: buyer_wallet,
-                    },
-                )?;
-                plan.decide::<Wallet>(
-                    &buyer_wallet.to_string(),
-                    WalletCommand::ReceiveRefund {
-                        actor: Actor::system(),
-                        order_id,
-                        amount,
-                        from_wallet: seller_wallet,
-                    },
-                )?;
-            }
-            Ok(())
-        },
+        move |plan| journeys::refund(plan, order_id, actor),
     )
     .await
-    .map(respond)
-    .map_err(exec_error)
 }
 
 #[derive(Debug, Deserialize)]

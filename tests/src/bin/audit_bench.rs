@@ -618,6 +618,7 @@ async fn load(pool: &PgPool, target: usize, seed: u64) -> anyhow::Result<usize> 
                     carrier: Label::parse("carrier", "La Poste")?,
                     tracking_number: Label::parse("tracking", "LP123")?,
                     now: rows.clock,
+                    release_after: domain::order::AUTO_RELEASE_AFTER,
                 },
                 &actor,
             )?;
@@ -635,6 +636,7 @@ async fn load(pool: &PgPool, target: usize, seed: u64) -> anyhow::Result<usize> 
                 OrderCommand::Deliver {
                     actor: buyer,
                     now: rows.clock,
+                    return_window: domain::order::RETURN_WINDOW,
                 },
                 &buyer,
             )?;
