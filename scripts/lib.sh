@@ -313,3 +313,14 @@ souk_wait_for_health() {
 		waited_s=$((waited_s + 1))
 	done
 }
+
+# Exports MEILI_BIN (the Meilisearch server the search tests start) as the
+# absolute path of ../shared/bin/meilisearch beside the repository when it
+# is there and MEILI_BIN is not set already.
+souk_export_meili_bin() {
+	local shared="$SOUK_ROOT/../shared/bin/meilisearch"
+	if [[ -z ${MEILI_BIN:-} && -x $shared ]]; then
+		MEILI_BIN="$(cd "$(dirname "$shared")" && pwd)/meilisearch"
+		export MEILI_BIN
+	fi
+}

@@ -1161,6 +1161,17 @@ impl Drop for ProjectorTask {
     }
 }
 
+/// A projector on a runtime of its own (see [`FullPath::crashable_projector`]).
+pub(crate) struct CrashableProjector(tokio::runtime::Runtime);
+
+impl CrashableProjector {
+    /// Drops every task of the projector where it stands, as a killed
+    /// process: nothing is flushed, its connections close.
+    pub(crate) fn crash(self) {
+        self.0.shutdown_background();
+    }
+}
+
 /// Deletes the test's JetStream stream when dropped, even when the test
 /// fails (on a runtime of its own: drop runs inside the test's runtime).
 struct StreamGuard(String);
@@ -1229,6 +1240,41 @@ impl FullPath {
         };
         std::mem::replace(&mut self.projector, stopped).stop().await;
         while_stopped();
+        self.projector = ProjectorTask::start(&self.app.db.url, &self.stream, &self.search).await;
+    }
+
+    /// Stops the projector (cleanly).
+    pub(crate) async fn stop_projector(&mut self) {
+        let stopped = ProjectorTask {
+            stop: None,
+            running: None,
+        };
+        std::mem::replace(&mut self.projector, stopped).stop().await;
+    }
+
+    /// Stops the projector and starts one on a runtime of its own, which
+    /// [`CrashableProjector::crash`] kills with all its tasks at once.
+    pub(crate) async fn crashable_projector(&mut self) -> CrashableProjector {
+        self.stop_projector().await;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("a runtime for the projector");
+        let (url, stream, search) = (
+            self.app.db.url.clone(),
+            self.stream.clone(),
+            self.search.clone(),
+        );
+        runtime.spawn(async move {
+            let _projector = ProjectorTask::start(&url, &stream, &search).await;
+            std::future::pending::<()>().await;
+        });
+        CrashableProjector(runtime)
+    }
+
+    /// Starts a projector on the test's database, stream and search index.
+    pub(crate) async fn start_projector(&mut self) {
         self.projector = ProjectorTask::start(&self.app.db.url, &self.stream, &self.search).await;
     }
 

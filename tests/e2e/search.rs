@@ -1,13 +1,19 @@
 //! `/search` on the full path: listings created and changed through the
 //! command API, relayed to a JetStream stream of the test's own, projected
-//! and indexed by the projector (the embedded index, in a directory of the
-//! test's own), and searched through the query API with `?after=`.
+//! and indexed by the projector, and searched through the query API with
+//! `?after=`. Every test runs on both backends: the embedded index (in a
+//! directory of the test's own) and a real Meilisearch server (an index of
+//! the test's own on the test process's server, `tests::meili`).
+
+mod parity;
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use event_store::Position;
-use projections::search::SearchConfig;
+use projections::search::{DOCUMENT_VERSION, SearchConfig};
 use serde_json::{Value, json};
+use tests::meili::MeiliServer;
 use tests::{TempDir, User};
 use uuid::Uuid;
 
@@ -16,8 +22,82 @@ use crate::query_api::{FullPath, position_of};
 /// The catch-up bound of these tests: generous, the machine may be busy.
 const CATCH_UP_MS: u64 = 30_000;
 
-async fn start(dir: &TempDir) -> FullPath {
-    FullPath::start_with(CATCH_UP_MS, SearchConfig::embedded(dir.path())).await
+/// The search backend of a test, with the index of its own.
+enum Backend {
+    Embedded(TempDir),
+    Meili {
+        server: Arc<MeiliServer>,
+        name: String,
+    },
+}
+
+impl Backend {
+    fn embedded() -> Self {
+        Self::Embedded(TempDir::new("search"))
+    }
+
+    /// `None`: no meilisearch binary here, the test is skipped (not in CI).
+    async fn meili() -> Option<Self> {
+        Some(Self::Meili {
+            server: MeiliServer::shared().await?,
+            name: MeiliServer::index_name(),
+        })
+    }
+
+    fn config(&self) -> SearchConfig {
+        match self {
+            Self::Embedded(dir) => SearchConfig::embedded(dir.path()),
+            Self::Meili { server, name } => {
+                SearchConfig::meilisearch(server.url(), Some(server.key()), name)
+            }
+        }
+    }
+
+    /// Loses the whole index (the embedded one only while no projector
+    /// runs).
+    async fn wipe(&self) {
+        match self {
+            Self::Embedded(dir) => std::fs::remove_dir_all(dir.path()).expect("removing the index"),
+            Self::Meili { server, name } => server
+                .delete_index(&format!("{name}_v{DOCUMENT_VERSION}"))
+                .await
+                .expect("deleting the index"),
+        }
+    }
+}
+
+/// Runs each named test (an `async fn(Backend)`) on both backends, as
+/// `<test>::embedded` and `<test>::meilisearch`.
+macro_rules! on_both_backends {
+    ($($test:ident),* $(,)?) => {$(
+        mod $test {
+            #[tokio::test]
+            async fn embedded() {
+                super::$test(super::Backend::embedded()).await;
+            }
+
+            #[tokio::test]
+            async fn meilisearch() {
+                if let Some(backend) = super::Backend::meili().await {
+                    super::$test(backend).await;
+                }
+            }
+        }
+    )*};
+}
+
+on_both_backends!(
+    a_typo_still_finds_the_listing_and_filters_sorts_and_facets_apply,
+    search_pages_walk_every_match_exactly_once,
+    a_price_change_and_a_delete_show_in_search_after_their_position,
+    a_restarted_projector_and_a_lost_index_give_the_same_results,
+    a_crashed_projector_leaves_the_index_exact,
+    a_listings_rebuild_queues_every_listing_for_the_index_again,
+    bad_search_parameters_are_refused_with_a_code_that_names_the_problem,
+);
+
+async fn start(backend: &Backend) -> FullPath {
+    FullPath::start_with(CATCH_UP_MS, backend.config()).await
 }
 
 /// Creates a listing; returns its id and the position of the write.
@@ -91,10 +171,8 @@ async fn catalogue(full: &FullPath) -> (User, String) {
     (bob, last)
 }
 
-#[tokio::test]
-async fn a_typo_still_finds_the_listing_and_filters_sorts_and_facets_apply() {
-    let dir = TempDir::new("search");
-    let full = start(&dir).await;
+async fn a_typo_still_finds_the_listing_and_filters_sorts_and_facets_apply(backend: Backend) {
+    let full = start(&backend).await;
     let buyer = User::new("buyer");
     let (bob, after) = catalogue(&full).await;
     let (api, buyer, after) = (&full.api, &buyer, &after);
@@ -174,10 +252,8 @@ async fn a_typo_still_finds_the_listing_and_filters_sorts_and_facets_apply() {
     full.stop().await;
 }
 
-#[tokio::test]
-async fn search_pages_walk_every_match_exactly_once() {
-    let dir = TempDir::new("search");
-    let full = start(&dir).await;
+async fn search_pages_walk_every_match_exactly_once(backend: Backend) {
+    let full = start(&backend).await;
     let seller = User::new("seller");
     let mut after = String::new();
     for n in 0..7 {
@@ -217,10 +293,8 @@ async fn search_pages_walk_every_match_exactly_once() {
     full.stop().await;
 }
 
-#[tokio::test]
-async fn a_price_change_and_a_delete_show_in_search_after_their_position() {
-    let dir = TempDir::new("search");
-    let full = start(&dir).await;
+async fn a_price_change_and_a_delete_show_in_search_after_their_position(backend: Backend) {
+    let full = start(&backend).await;
     let seller = User::new("seller");
     let buyer = User::new("buyer");
     let (listing, _) = create(&full, &seller, "Road bike", "sports", "good", 40_000).await;
@@ -278,10 +352,8 @@ async fn a_price_change_and_a_delete_show_in_search_after_their_position() {
     full.stop().await;
 }
 
-#[tokio::test]
-async fn a_restarted_projector_and_a_lost_index_give_the_same_results() {
-    let dir = TempDir::new("search");
-    let mut full = start(&dir).await;
+async fn a_restarted_projector_and_a_lost_index_give_the_same_results(backend: Backend) {
+    let mut full = start(&backend).await;
     let (_, after) = catalogue(&full).await;
     let buyer = User::new("buyer");
     // Relevance scores depend on the index's statistics (documents deleted
@@ -322,20 +394,94 @@ async fn a_restarted_projector_and_a_lost_index_give_the_same_results() {
         assert_eq!(answers(&full).await, before);
     }
 
-    // The index directory lost while the projector is down: it is rebuilt
-    // from the read model at start, and `after` waits for it.
-    full.restart_projector(|| {
-        std::fs::remove_dir_all(dir.path()).expect("removing the index");
-    })
-    .await;
+    // The index lost while the projector is down: it is refilled from the
+    // read model at start, and `after` waits for it.
+    full.stop_projector().await;
+    backend.wipe().await;
+    full.start_projector().await;
     assert_eq!(answers(&full).await, before, "after a lost index");
+    if matches!(backend, Backend::Meili { .. }) {
+        // Meilisearch's index removed while the indexer runs: it notices,
+        // configures a new one and refills it.
+        backend.wipe().await;
+        assert_eq!(answers(&full).await, before, "after an index removed live");
+    }
     full.stop().await;
 }
 
-#[tokio::test]
-async fn a_listings_rebuild_queues_every_listing_for_the_index_again() {
-    let dir = TempDir::new("search");
-    let full = start(&dir).await;
+async fn a_crashed_projector_leaves_the_index_exact(backend: Backend) {
+    let mut full = start(&backend).await;
+    let mut projector = Some(full.crashable_projector().await);
+    let seller = User::new("seller");
+    let buyer = User::new("buyer");
+    let mut listings = Vec::new();
+    let mut after = String::new();
+    for n in 0..40_i64 {
+        let price = 1_000 + (n * 7) % 13 * 100;
+        let (id, _) = create(
+            &full,
+            &seller,
+            &format!("Teapot {n}"),
+            "home",
+            "good",
+            price,
+        )
+        .await;
+        listings.push((price, id));
+        if n % 4 == 0 {
+            // A price change: the index must hold the last one.
+            let price = price + 50;
+            let changed = full
+                .app
+                .post(
+                    &format!("/listings/{id}/price"),
+                    Some(&seller),
+                    &json!({"price": {"amount": price, "currency": "EUR"}}),
+                )
+                .await;
+            assert_eq!(changed.status, 200, "{:?}", changed.body);
+            listings.last_mut().expect("a listing").0 = price;
+            after = position_of(&changed);
+        }
+        if n == 25
+            && let Some(projector) = projector.take()
+        {
+            // Killed while it projects and indexes: nothing is flushed.
+            projector.crash();
+        }
+    }
+    full.start_projector().await;
+    // Cheapest first, ties by id: the order of both backends.
+    listings.sort_unstable();
+    let expected: Vec<String> = listings.iter().map(|(_, id)| id.to_string()).collect();
+    let page = full
+        .api
+        .ok(
+            &format!("/search?q=teapot&sort=price_asc&limit=100&after={after}"),
+            &buyer,
+        )
+        .await;
+    let ids: Vec<String> = page["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|item| item["id"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(ids, expected, "every listing once, at its last price");
+    assert_eq!(page["total"], 40);
+    let prices: Vec<i64> = page["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|item| item["price"]["amount"].as_i64().unwrap_or_default())
+        .collect();
+    let expected_prices: Vec<i64> = listings.iter().map(|(price, _)| *price).collect();
+    assert_eq!(prices, expected_prices);
+    full.stop().await;
+}
+
+async fn a_listings_rebuild_queues_every_listing_for_the_index_again(backend: Backend) {
+    let full = start(&backend).await;
     let (_, after) = catalogue(&full).await;
     let buyer = User::new("buyer");
     let before = full
@@ -364,10 +510,8 @@ async fn a_listings_rebuild_queues_every_listing_for_the_index_again() {
     full.stop().await;
 }
 
-#[tokio::test]
-async fn bad_search_parameters_are_refused_with_a_code_that_names_the_problem() {
-    let dir = TempDir::new("search");
-    let full = start(&dir).await;
+async fn bad_search_parameters_are_refused_with_a_code_that_names_the_problem(backend: Backend) {
+    let full = start(&backend).await;
     let buyer = User::new("buyer");
     let listings_cursor = format!("4c{}", "00".repeat(16));
     let far_cursor = format!("53{:016x}", 5_000);

@@ -15,6 +15,7 @@ use sqlx::postgres::PgPool;
 use uuid::Uuid;
 
 pub mod bench_kit;
+pub mod meili;
 pub mod nats;
 pub mod pg_cluster;
 

@@ -10,10 +10,12 @@
 //! a reload sees the documents. Tantivy's meta lock keeps the writer from
 //! removing the files of a segment while a reader opens it.
 //!
-//! Typo tolerance: each word of the query matches the terms within its typo
-//! budget ([`super::typo_budget`], a transposition counts as one typo), the
-//! last word also as a prefix, in the title (boosted) and the description.
-//! An exact match of a word scores above a fuzzy one.
+//! Typo tolerance, Meilisearch's rules: each word of the query matches the
+//! terms within its typo budget ([`super::typo_budget`], a transposition
+//! counts as one typo, a typo on the first letter as two), the last word
+//! also as a prefix, in the title (boosted) and the description. Every word
+//! must match. An exact match of a word scores above a fuzzy one. A sort
+//! breaks ties by listing id, as the Meilisearch backend does.
 
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
@@ -22,10 +24,12 @@ use std::sync::{Arc, Mutex};
 use futures::future::BoxFuture;
 use tantivy::aggregation::agg_req::Aggregations;
 use tantivy::aggregation::{AggContextParams, AggregationCollector};
+use tantivy::collector::sort_key::{SortByStaticFastValue, SortByString};
 use tantivy::collector::{Collector, Count, TopDocs};
 use tantivy::directory::MmapDirectory;
 use tantivy::query::{
-    AllQuery, BooleanQuery, BoostQuery, FuzzyTermQuery, Occur, Query, RangeQuery, TermQuery,
+    AllQuery, AutomatonWeight, BooleanQuery, BoostQuery, DfaWrapper, EnableScoring, FuzzyTermQuery,
+    Occur, Query, RangeQuery, TermQuery, Weight,
 };
 use tantivy::schema::{
     FAST, Field, INDEXED, IndexRecordOption, STORED, STRING, Schema, TextFieldIndexing,
@@ -38,6 +42,7 @@ use tantivy::{
     DocAddress, Index, IndexReader, IndexWriter, Order, ReloadPolicy, Searcher, TantivyDocument,
     Term,
 };
+use tantivy_fst::Automaton;
 use uuid::Uuid;
 
 use super::{
@@ -92,7 +97,7 @@ fn schema() -> (Schema, Fields) {
             .set_index_option(IndexRecordOption::WithFreqs),
     );
     let fields = Fields {
-        id: builder.add_text_field("id", STRING | STORED),
+        id: builder.add_text_field("id", STRING | STORED | FAST),
         title: builder.add_text_field("title", text.clone()),
         description: builder.add_text_field("description", text),
         category: builder.add_text_field("category", STRING | FAST),
@@ -308,6 +313,81 @@ impl SearchIndex for Embedded {
     }
 }
 
+fn fuzzy(term: Term, distance: u8, prefix: bool) -> FuzzyTermQuery {
+    if prefix {
+        FuzzyTermQuery::new_prefix(term, distance, true)
+    } else {
+        FuzzyTermQuery::new(term, distance, true)
+    }
+}
+
+/// The terms within `distance` typos of a word (as a prefix for the last
+/// word of a query) that begin with the word's first letter.
+#[derive(Debug, Clone)]
+struct FirstLetterKept {
+    fuzzy: FuzzyTermQuery,
+    field: Field,
+    first: Vec<u8>,
+}
+
+impl FirstLetterKept {
+    fn new(term: Term, distance: u8, prefix: bool) -> Self {
+        let first = term
+            .value()
+            .as_str()
+            .and_then(|word| word.chars().next())
+            .map(|letter| letter.to_string().into_bytes())
+            .unwrap_or_default();
+        Self {
+            field: term.field(),
+            fuzzy: fuzzy(term, distance, prefix),
+            first,
+        }
+    }
+}
+
+impl Query for FirstLetterKept {
+    fn weight(&self, _: EnableScoring<'_>) -> tantivy::Result<Box<dyn Weight>> {
+        let automaton = FirstLetterAutomaton {
+            first: self.first.clone(),
+            typos: self.fuzzy.automaton()?,
+        };
+        Ok(Box::new(AutomatonWeight::new(self.field, automaton)))
+    }
+}
+
+/// A Levenshtein automaton restricted to terms that begin with `first`.
+struct FirstLetterAutomaton {
+    first: Vec<u8>,
+    typos: DfaWrapper,
+}
+
+impl Automaton for FirstLetterAutomaton {
+    /// How many bytes of `first` were read (`None`: another byte came), and
+    /// the Levenshtein automaton's state.
+    type State = (Option<usize>, u32);
+
+    fn start(&self) -> Self::State {
+        (Some(0), self.typos.start())
+    }
+
+    fn is_match(&self, (read, state): &Self::State) -> bool {
+        *read == Some(self.first.len()) && self.typos.is_match(state)
+    }
+
+    fn can_match(&self, (read, state): &Self::State) -> bool {
+        read.is_some() && self.typos.can_match(state)
+    }
+
+    fn accept(&self, (read, state): &Self::State, byte: u8) -> Self::State {
+        let read = match *read {
+            Some(read) if read < self.first.len() => (self.first[read] == byte).then_some(read + 1),
+            read => read,
+        };
+        (read, self.typos.accept(state, byte))
+    }
+}
+
 /// The query of `search`: its words (fuzzy) and its filters.
 fn query_of(f: &Fields, search: &SearchQuery) -> Box<dyn Query> {
     let mut clauses: Vec<(Occur, Box<dyn Query>)> = Vec::new();
@@ -321,15 +401,21 @@ fn query_of(f: &Fields, search: &SearchQuery) -> Box<dyn Query> {
     let last = words.len().saturating_sub(1);
     for (index, word) in words.iter().enumerate() {
         let budget = typo_budget(word);
+        let prefix = index == last;
         let mut either: Vec<Box<dyn Query>> = Vec::new();
         for (field, boost) in [(f.title, 2.0), (f.description, 1.0)] {
             let term = Term::from_field_text(field, word);
-            let fuzzy = if index == last {
-                FuzzyTermQuery::new_prefix(term.clone(), budget, true)
-            } else {
-                FuzzyTermQuery::new(term.clone(), budget, true)
-            };
-            either.push(Box::new(BoostQuery::new(Box::new(fuzzy), boost)));
+            either.push(Box::new(BoostQuery::new(
+                Box::new(FirstLetterKept::new(term.clone(), budget, prefix)),
+                boost,
+            )));
+            if budget == 2 {
+                // A typo on the first letter counts as two: one more is left.
+                either.push(Box::new(BoostQuery::new(
+                    Box::new(fuzzy(term.clone(), 1, prefix)),
+                    boost,
+                )));
+            }
             either.push(Box::new(BoostQuery::new(
                 Box::new(TermQuery::new(term, IndexRecordOption::WithFreqs)),
                 boost * 2.0,
@@ -345,8 +431,9 @@ fn query_of(f: &Fields, search: &SearchQuery) -> Box<dyn Query> {
         ))
     };
     let seller = filters.seller_id.map(|id| id.to_string());
+    let category = filters.category.as_deref().map(str::to_lowercase);
     for (field, value) in [
-        (f.category, filters.category.as_deref()),
+        (f.category, category.as_deref()),
         (f.condition, filters.condition.as_deref()),
         (f.seller_id, seller.as_deref()),
         (f.currency, filters.currency.as_deref()),
@@ -413,13 +500,14 @@ where
     ))
 }
 
-/// The fast field and direction of `sort`; `None` for relevance.
-fn sort_field(sort: Sort) -> Option<(&'static str, Order)> {
+/// The fast field and direction of `sort`, and the direction of the ties'
+/// order by id (`super::Sort::keys`); `None` for relevance.
+fn sort_field(sort: Sort) -> Option<(&'static str, Order, Order)> {
     match sort {
         Sort::Relevance => None,
-        Sort::PriceAsc => Some(("price", Order::Asc)),
-        Sort::PriceDesc => Some(("price", Order::Desc)),
-        Sort::Newest => Some(("created_at", Order::Desc)),
+        Sort::PriceAsc => Some(("price", Order::Asc, Order::Asc)),
+        Sort::PriceDesc => Some(("price", Order::Desc, Order::Asc)),
+        Sort::Newest => Some(("created_at", Order::Desc, Order::Desc)),
     }
 }
 
@@ -430,10 +518,13 @@ fn search(opened: &Opened, search: &SearchQuery) -> Result<SearchPage, SearchErr
     let facets = facets_collector(&opened.index)?;
     let (addresses, total, facets) = match sort_field(search.sort) {
         None => collect(&searcher, &*query, top.order_by_score(), facets)?,
-        Some((field, order)) => collect(
+        Some((field, order, ties)) => collect(
             &searcher,
             &*query,
-            top.order_by_fast_field::<i64>(field, order),
+            top.order_by((
+                (SortByStaticFastValue::<i64>::for_field(field), order),
+                (SortByString::for_field("id"), ties),
+            )),
             facets,
         )?,
     };

@@ -18,10 +18,12 @@
 //!   `event_store::signal`), polls every [`IDLE_POLL`] in case a wake-up was
 //!   lost, and after a commit pauses [`COMMIT_INTERVAL_MIN`] so changes
 //!   arriving meanwhile share the next one.
-//! - At start, an index that misses listings (fewer documents than listings
-//!   neither indexed nor pending, e.g. a new index directory or document
-//!   version) is refilled by [`enqueue_all`]; one holding more documents
-//!   than there are listings is cleared first.
+//! - At start and every [`RECONCILE_INTERVAL`], an index that misses
+//!   listings (fewer documents than listings neither indexed nor pending,
+//!   e.g. a new index directory or document version, or a Meilisearch index
+//!   removed behind Souk's back, which `SearchIndex::ensure` creates and
+//!   configures again) is refilled by [`enqueue_all`]; one holding more
+//!   documents than there are listings is cleared first.
 //! - A read that must include position P waits until no pending row is at
 //!   or before P (the query API's `CatchUp::wait_search`).
 //!
@@ -57,6 +59,8 @@ pub const DRAIN_BATCH: i64 = 500;
 pub const COMMIT_INTERVAL_MIN: Duration = Duration::from_millis(100);
 /// How often an idle indexer looks for pending rows without a notification.
 pub const IDLE_POLL: Duration = Duration::from_secs(1);
+/// How often a running indexer checks that the index holds every listing.
+pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(5);
 /// The notification channel that wakes the indexer.
 pub const CHANNEL: &str = "souk_search_pending";
 /// The longest pause after a failed indexer session.
@@ -144,7 +148,8 @@ impl Pending {
             id: self.listing_id,
             title: self.title?,
             description: self.description?,
-            category: self.category?,
+            // Compared without case (see `SearchFilters::category`).
+            category: self.category?.to_lowercase(),
             condition: self.condition?,
             seller_id: self.seller_id?,
             status: self.status?,
@@ -250,10 +255,15 @@ impl Indexer {
         self.pending.set_consumer_here(true);
         let woken = self.pending.local();
         reconcile(&pool, &*index).await?;
+        let mut reconciled = tokio::time::Instant::now();
         tracing::info!(backend = ?self.search.backend, "search indexer running");
         loop {
             if *stop.borrow() {
                 return Ok(());
+            }
+            if reconciled.elapsed() >= RECONCILE_INTERVAL {
+                reconcile(&pool, &*index).await?;
+                reconciled = tokio::time::Instant::now();
             }
             let taken = drain(&pool, &*index).await?;
             if taken as i64 >= DRAIN_BATCH {
@@ -281,6 +291,7 @@ impl Indexer {
 
 /// Makes sure every listing is indexed or pending (see the module doc).
 async fn reconcile(pool: &PgPool, index: &dyn SearchIndex) -> anyhow::Result<()> {
+    index.ensure().await.context("checking the search index")?;
     let indexed = index.count().await.context("counting indexed listings")?;
     let (listings, pending): (i64, i64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM rm_listings), (SELECT count(*) FROM search_pending)",

@@ -1,35 +1,54 @@
 //! The Meilisearch backend (`SEARCH_BACKEND=meilisearch`): one index,
-//! `souk_listings_v<DOCUMENT_VERSION>`, primary key `id`, the same documents
+//! `<MEILI_INDEX>_v<DOCUMENT_VERSION>`, primary key `id`, the same documents
 //! and the same query as the embedded index. Typo tolerance and prefix
 //! search on the last word are Meilisearch's own (its defaults are the ones
 //! the embedded index copies). [`Meili::configure`] creates the index and
-//! sets its searchable, filterable and sortable attributes and the paging
-//! bound; a write returns once Meilisearch reports its task done.
+//! applies [`settings`]; a write returns once Meilisearch reports its task
+//! done. Nothing is kept on the process's disk: any number of projector and
+//! query API processes, on any hosts, share the server.
 //!
-//! Untested against a real server here (none can be installed from the
-//! registries this project builds from); the filter expression is unit
-//! tested.
+//! So that both backends answer alike: the query is sent as its words
+//! (`super::words`: no phrase or negation syntax), every word must match
+//! (`matchingStrategy: all`), an explicit sort ranks before relevance (the
+//! `sort` ranking rule first) and breaks ties by id, and categories are
+//! lowercased. Tested end to end against a real server (`tests/e2e/search.rs`).
 
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use meilisearch_sdk::client::Client;
+use meilisearch_sdk::errors::{Error, ErrorCode};
 use meilisearch_sdk::indexes::Index;
-use meilisearch_sdk::search::Selectors;
-use meilisearch_sdk::settings::{PaginationSetting, Settings};
+use meilisearch_sdk::search::{MatchingStrategies, Selectors};
+use meilisearch_sdk::settings::{
+    FacetingSettings, MinWordSizeForTypos, PaginationSetting, Settings, TypoToleranceSettings,
+};
 use meilisearch_sdk::task_info::TaskInfo;
 use serde::Deserialize;
 use uuid::Uuid;
 
 use super::{
-    DOCUMENT_VERSION, FACETS, ListingDoc, MAX_OFFSET, SearchError, SearchFilters, SearchIndex,
-    SearchPage, SearchQuery, Sort,
+    DOCUMENT_VERSION, FACETS, ListingDoc, MAX_FACET_VALUES, MAX_OFFSET, MAX_QUERY_WORDS,
+    SearchError, SearchFilters, SearchIndex, SearchPage, SearchQuery, Sort, words,
 };
 
 /// How long a write waits for its Meilisearch task.
 const TASK_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often a waiting write asks about its task.
 const TASK_POLL: Duration = Duration::from_millis(20);
+/// The ranking rules: Meilisearch's defaults with `sort` first, so that an
+/// explicit sort orders every match (relevance only orders ties, and the
+/// sort's last key, the id, leaves none).
+const RANKING_RULES: [&str; 6] = [
+    "sort",
+    "words",
+    "typo",
+    "proximity",
+    "attribute",
+    "exactness",
+];
+/// The longest name of the index (Meilisearch allows 400 bytes).
+const MAX_INDEX_NAME: usize = 200;
 
 /// A Meilisearch index of listings.
 #[derive(Clone)]
@@ -47,13 +66,52 @@ impl std::fmt::Debug for Meili {
     }
 }
 
-fn failed(error: meilisearch_sdk::errors::Error) -> SearchError {
+fn failed(error: Error) -> SearchError {
     match error {
-        meilisearch_sdk::errors::Error::HttpError(error) => {
-            SearchError::Unavailable(error.to_string())
-        }
+        Error::HttpError(error) => SearchError::Unavailable(error.to_string()),
+        Error::Timeout => SearchError::Unavailable("a Meilisearch task timed out".to_owned()),
         error => SearchError::Backend(error.to_string()),
     }
+}
+
+fn not_found(error: &Error) -> bool {
+    matches!(error, Error::Meilisearch(error) if error.error_code == ErrorCode::IndexNotFound)
+}
+
+/// The settings Souk applies to its index (README lists them).
+pub fn settings() -> Settings {
+    Settings::new()
+        .with_searchable_attributes(["title", "description"])
+        .with_filterable_attributes([
+            "category",
+            "condition",
+            "seller_id",
+            "currency",
+            "status",
+            "price",
+        ])
+        .with_sortable_attributes(["price", "created_at", "id"])
+        .with_ranking_rules(RANKING_RULES)
+        .with_typo_tolerance(TypoToleranceSettings {
+            enabled: Some(true),
+            disable_on_attributes: Some(Vec::new()),
+            disable_on_words: Some(Vec::new()),
+            // `super::typo_budget`.
+            min_word_size_for_typos: Some(MinWordSizeForTypos {
+                one_typo: Some(5),
+                two_typos: Some(9),
+            }),
+            disable_on_numbers: Some(false),
+        })
+        .with_faceting(FacetingSettings {
+            max_values_per_facet: MAX_FACET_VALUES,
+            sort_facet_values_by: None,
+        })
+        // The deepest page: offset at most MAX_OFFSET, then one page (the
+        // query API's largest is 100 listings).
+        .with_pagination(PaginationSetting {
+            max_total_hits: MAX_OFFSET + 100,
+        })
 }
 
 /// A filter value, quoted for Meilisearch's filter syntax.
@@ -89,12 +147,13 @@ pub fn filter_expression(filters: &SearchFilters) -> String {
     parts.join(" AND ")
 }
 
+/// The sort of `sort`, ties broken by id (see [`Sort`]).
 fn sort_expression(sort: Sort) -> &'static [&'static str] {
     match sort {
         Sort::Relevance => &[],
-        Sort::PriceAsc => &["price:asc"],
-        Sort::PriceDesc => &["price:desc"],
-        Sort::Newest => &["created_at:desc"],
+        Sort::PriceAsc => &["price:asc", "id:asc"],
+        Sort::PriceDesc => &["price:desc", "id:asc"],
+        Sort::Newest => &["created_at:desc", "id:desc"],
     }
 }
 
@@ -104,11 +163,22 @@ struct Hit {
 }
 
 impl Meili {
-    /// A client of the server at `url` (no request is made yet).
-    pub fn new(url: &str, api_key: Option<&str>) -> Result<Self, SearchError> {
+    /// A client of the server at `url` for the index `name` (no request is
+    /// made yet).
+    pub fn new(url: &str, api_key: Option<&str>, name: &str) -> Result<Self, SearchError> {
+        if name.is_empty()
+            || name.len() > MAX_INDEX_NAME
+            || !name
+                .bytes()
+                .all(|byte| byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-')
+        {
+            return Err(SearchError::Config(format!(
+                "MEILI_INDEX must be 1 to {MAX_INDEX_NAME} letters, digits, '_' or '-'"
+            )));
+        }
         let client = Client::new(url, api_key)
             .map_err(|error| SearchError::Config(format!("MEILI_URL: {error}")))?;
-        let index = client.index(format!("souk_listings_v{DOCUMENT_VERSION}"));
+        let index = client.index(format!("{name}_v{DOCUMENT_VERSION}"));
         Ok(Self { client, index })
     }
 
@@ -125,34 +195,27 @@ impl Meili {
         Ok(())
     }
 
-    /// Creates the index if it is missing and sets its attributes.
+    /// The index's name on the server.
+    pub fn uid(&self) -> &str {
+        &self.index.uid
+    }
+
+    /// Creates the index if it is missing and applies [`settings`].
     pub async fn configure(&self) -> Result<(), SearchError> {
-        if self.client.get_index(&self.index.uid).await.is_err() {
-            let created = self
-                .client
-                .create_index(&self.index.uid, Some("id"))
-                .await
-                .map_err(failed)?;
-            // Created by another process meanwhile is fine too.
-            let _ = self.finish(created).await;
+        match self.client.get_index(&self.index.uid).await {
+            Ok(_) => {}
+            Err(error) if not_found(&error) => {
+                let created = self
+                    .client
+                    .create_index(&self.index.uid, Some("id"))
+                    .await
+                    .map_err(failed)?;
+                // Created by another process meanwhile is fine too.
+                let _ = self.finish(created).await;
+            }
+            Err(error) => return Err(failed(error)),
         }
-        let settings = Settings::new()
-            .with_searchable_attributes(["title", "description"])
-            .with_filterable_attributes([
-                "category",
-                "condition",
-                "seller_id",
-                "currency",
-                "status",
-                "price",
-            ])
-            .with_sortable_attributes(["price", "created_at"])
-            // The deepest page: offset at most MAX_OFFSET, then one page
-            // (the query API's largest is 100 listings).
-            .with_pagination(PaginationSetting {
-                max_total_hits: MAX_OFFSET + 100,
-            });
-        let task = self.index.set_settings(&settings).await.map_err(failed)?;
+        let task = self.index.set_settings(&settings()).await.map_err(failed)?;
         self.finish(task).await
     }
 }
@@ -161,9 +224,17 @@ impl SearchIndex for Meili {
     fn search(&self, query: SearchQuery) -> BoxFuture<'_, Result<SearchPage, SearchError>> {
         Box::pin(async move {
             let filter = filter_expression(&query.filters);
+            // The words only: Meilisearch's phrase (`"..."`) and negation
+            // (`-word`) syntax has no counterpart in the embedded index.
+            let text = words(&query.text)
+                .into_iter()
+                .take(MAX_QUERY_WORDS)
+                .collect::<Vec<_>>()
+                .join(" ");
             let mut search = self.index.search();
             search
-                .with_query(&query.text)
+                .with_query(&text)
+                .with_matching_strategy(MatchingStrategies::ALL)
                 .with_filter(&filter)
                 .with_facets(Selectors::Some(FACETS))
                 .with_offset(query.offset)
@@ -173,7 +244,12 @@ impl SearchIndex for Meili {
             if !sort.is_empty() {
                 search.with_sort(sort);
             }
-            let results = search.execute::<Hit>().await.map_err(failed)?;
+            let results = match search.execute::<Hit>().await {
+                Ok(results) => results,
+                // Not created yet: the indexer creates it when it starts.
+                Err(error) if not_found(&error) => return Ok(SearchPage::empty()),
+                Err(error) => return Err(failed(error)),
+            };
             let mut page = SearchPage {
                 ids: results.hits.into_iter().map(|hit| hit.result.id).collect(),
                 total: results.estimated_total_hits.unwrap_or(0) as u64,
@@ -226,13 +302,26 @@ impl SearchIndex for Meili {
         Box::pin(async move {
             match self.index.get_stats().await {
                 Ok(stats) => Ok(stats.number_of_documents as u64),
-                Err(meilisearch_sdk::errors::Error::Meilisearch(error))
-                    if error.error_code == meilisearch_sdk::errors::ErrorCode::IndexNotFound =>
-                {
-                    Ok(0)
-                }
+                Err(error) if not_found(&error) => Ok(0),
                 Err(error) => Err(failed(error)),
             }
+        })
+    }
+
+    fn ensure(&self) -> BoxFuture<'_, Result<(), SearchError>> {
+        Box::pin(async move {
+            // An index removed, or created again by a document write, lacks
+            // Souk's ranking rules.
+            let configured = match self.index.get_ranking_rules().await {
+                Ok(rules) => rules == RANKING_RULES,
+                Err(error) if not_found(&error) => false,
+                Err(error) => return Err(failed(error)),
+            };
+            if !configured {
+                tracing::warn!(index = %self.index.uid, "the Meilisearch index lacks its settings: configuring it");
+                self.configure().await?;
+            }
+            Ok(())
         })
     }
 }
@@ -243,6 +332,7 @@ mod tests {
 
     #[test]
     fn filters_become_one_meilisearch_expression_with_quoted_values() {
+        // Meilisearch compares strings without case: the category as typed.
         assert_eq!(
             filter_expression(&SearchFilters::default()),
             "status != \"deleted\""
@@ -269,12 +359,22 @@ mod tests {
     #[test]
     fn sorts_name_sortable_attributes() {
         assert!(sort_expression(Sort::Relevance).is_empty());
-        assert_eq!(sort_expression(Sort::Newest), ["created_at:desc"]);
+        assert_eq!(
+            sort_expression(Sort::Newest),
+            ["created_at:desc", "id:desc"]
+        );
     }
 
     #[test]
     fn the_client_is_built_without_a_request_and_hides_its_key() {
-        let meili = Meili::new("http://127.0.0.1:7700", Some("secret")).unwrap();
+        let meili = Meili::new("http://127.0.0.1:7700", Some("secret"), "souk").unwrap();
         assert!(!format!("{meili:?}").contains("secret"));
+        assert_eq!(meili.uid(), format!("souk_v{DOCUMENT_VERSION}"));
+        for bad in ["", "a b", "x/y", &"x".repeat(201)] {
+            assert!(
+                Meili::new("http://127.0.0.1:7700", None, bad).is_err(),
+                "{bad:?}"
+            );
+        }
     }
 }

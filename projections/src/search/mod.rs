@@ -42,7 +42,10 @@ pub const MAX_FACET_VALUES: usize = 100;
 pub const FACETS: &[&str] = &["category", "condition"];
 /// The version of the documents' shape; a new version is a new, empty index
 /// (a directory or a Meilisearch index of its own), which the indexer fills.
-pub const DOCUMENT_VERSION: u32 = 1;
+/// 2: the embedded index keeps the id as a fast field (ties of a sort).
+pub const DOCUMENT_VERSION: u32 = 2;
+/// The default name of the Meilisearch index (`_v<DOCUMENT_VERSION>` added).
+pub const DEFAULT_MEILI_INDEX: &str = "souk_listings";
 
 /// Which search backend a process uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -78,6 +81,11 @@ pub struct SearchConfig {
     /// Meilisearch's API key (never logged).
     #[arg(long = "meili-api-key", env = "MEILI_API_KEY", hide_env_values = true)]
     pub meili_api_key: Option<String>,
+
+    /// The Meilisearch index's name, `_v<document version>` added (several
+    /// Souk deployments may share one server under different names).
+    #[arg(long = "meili-index", env = "MEILI_INDEX", default_value = DEFAULT_MEILI_INDEX)]
+    pub meili_index: String,
 }
 
 impl fmt::Debug for SearchConfig {
@@ -86,6 +94,7 @@ impl fmt::Debug for SearchConfig {
             .field("backend", &self.backend)
             .field("index_dir", &self.index_dir)
             .field("meili_url", &self.meili_url)
+            .field("meili_index", &self.meili_index)
             .field(
                 "meili_api_key",
                 &self.meili_api_key.as_ref().map(|_| "<hidden>"),
@@ -102,6 +111,18 @@ impl SearchConfig {
             index_dir: index_dir.into(),
             meili_url: None,
             meili_api_key: None,
+            meili_index: DEFAULT_MEILI_INDEX.to_owned(),
+        }
+    }
+
+    /// The Meilisearch backend: the server at `url`, the index `name`.
+    pub fn meilisearch(url: &str, api_key: Option<&str>, name: &str) -> Self {
+        Self {
+            backend: SearchBackend::Meilisearch,
+            meili_url: Some(url.to_owned()),
+            meili_api_key: api_key.map(str::to_owned),
+            meili_index: name.to_owned(),
+            ..Self::embedded("./data/search")
         }
     }
 
@@ -155,7 +176,7 @@ impl SearchConfig {
         let url = self.meili_url.as_deref().ok_or_else(|| {
             SearchError::Config("SEARCH_BACKEND=meilisearch needs MEILI_URL".to_owned())
         })?;
-        Meili::new(url, self.meili_api_key.as_deref())
+        Meili::new(url, self.meili_api_key.as_deref(), &self.meili_index)
     }
 }
 
@@ -193,6 +214,8 @@ pub struct ListingDoc {
 /// The filters of `/search`, those of `/listings`, already validated.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SearchFilters {
+    /// Compared without case (Meilisearch's filters ignore case): both
+    /// backends index and count categories lowercased.
     pub category: Option<String>,
     pub condition: Option<String>,
     pub seller_id: Option<Uuid>,
@@ -203,7 +226,9 @@ pub struct SearchFilters {
     pub status: Option<String>,
 }
 
-/// The order of the results.
+/// The order of the results. A sort other than relevance breaks ties by
+/// listing id (ascending for prices, descending for `newest`), so that both
+/// backends answer the same order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Sort {
     /// Best match first.
@@ -288,6 +313,13 @@ pub trait SearchIndex: Send + Sync + fmt::Debug {
     fn refresh(&self) -> BoxFuture<'_, Result<(), SearchError>> {
         Box::pin(async { Ok(()) })
     }
+
+    /// Makes sure the index exists with Souk's settings: Meilisearch
+    /// recreates and configures an index removed behind the indexer's back
+    /// (the indexer then refills it). The embedded writer holds its index.
+    fn ensure(&self) -> BoxFuture<'_, Result<(), SearchError>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// The words of a query as the index sees them: lowercased, accents folded,
@@ -298,7 +330,8 @@ pub fn words(text: &str) -> Vec<String> {
 }
 
 /// The typos a word tolerates, as Meilisearch's defaults: none under 5
-/// characters, one from 5, two from 9.
+/// characters, one from 5, two from 9 (a typo on the first letter counts
+/// as two).
 pub fn typo_budget(word: &str) -> u8 {
     match word.chars().count() {
         0..=4 => 0,
