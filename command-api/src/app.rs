@@ -12,10 +12,11 @@ use axum::response::Response;
 use axum::routing::get;
 use axum::{Json, Router};
 use domain::journeys::Deadlines;
-use event_store::relay::{Relay, RelayConfig};
+use event_store::relay::{Relay, RelayConfig, RelayStatus, Role};
 use event_store::{EventStore, StoreConfig};
 use identity::JwtVerifier;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 use crate::config::Config;
 
@@ -26,6 +27,10 @@ pub struct AppState {
     pub verifier: Arc<JwtVerifier>,
     /// The clocks of an order (escrow release, return window, ...).
     pub deadlines: Deadlines,
+    /// The state of this process's relay, when it runs one (for `/health`).
+    pub relay: Option<watch::Receiver<RelayStatus>>,
+    /// Whether the migrations are applied: not ready before.
+    pub migrated: watch::Receiver<bool>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -48,7 +53,7 @@ pub struct App {
     state: AppState,
     timer_poll: Duration,
     /// The relay this process runs, if it runs one.
-    relay: Option<RelayConfig>,
+    relay: Option<Relay>,
 }
 
 impl std::fmt::Debug for App {
@@ -60,12 +65,14 @@ impl std::fmt::Debug for App {
 /// Connects to Postgres, applies migrations, loads the token key and binds
 /// the listener.
 pub async fn build(config: Config) -> anyhow::Result<App> {
-    let pool = config.server.connect().await?;
+    let (pool, migrated) = config.server.connect().await?;
     let verifier = config.server.verifier()?;
 
     let relay = if config.relay {
         event_store::relay::validate_stream_name(&config.stream).context("SOUK_STREAM")?;
+        event_store::nats::server_addrs(&config.nats_url)?;
         let mut relay = RelayConfig::new(&config.nats_url, &config.stream);
+        relay.replicas = usize::from(config.stream_replicas);
         relay.partitions = config.partitions;
         relay.batch_max = config.relay_batch_max as usize;
         relay.poll_interval = Duration::from_millis(config.relay_poll_ms);
@@ -74,10 +81,15 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
         None
     };
 
+    let store = EventStore::new(pool, StoreConfig::default());
+    let relay = relay
+        .map(|config| Relay::new(store.pool().clone(), config).woken_by(store.commit_signal()));
     let state = AppState {
-        store: EventStore::new(pool, StoreConfig::default()),
+        store,
         verifier: Arc::new(verifier),
         deadlines: config.deadlines(),
+        relay: relay.as_ref().map(Relay::status),
+        migrated,
     };
     let router = router(state.clone(), &config);
     let (listener, port) = http_kit::bind(config.addr).await?;
@@ -117,10 +129,8 @@ impl App {
         ));
         // The relay runs beside the API: no command waits on it or on NATS.
         // Dropping `stop_relay` (this future dropped) stops it too.
-        let relay = self.relay.map(|config| {
+        let relay = self.relay.map(|relay| {
             let (stop_relay, relay_stopped) = tokio::sync::oneshot::channel::<()>();
-            let store = &self.state.store;
-            let relay = Relay::new(store.pool().clone(), config).woken_by(store.commit_signal());
             let running = tokio::spawn(relay.run_until(async move {
                 let _ = relay_stopped.await;
             }));
@@ -156,8 +166,49 @@ fn router(state: AppState, config: &Config) -> Router {
     http_kit::finish_router(routes, config.server.max_in_flight)
 }
 
+/// The database's state, and the relay's when this process runs one: its
+/// role, whether it reaches NATS, and a stream whose replica count differs
+/// from `SOUK_STREAM_REPLICAS`. Commands need neither NATS nor the relay, so
+/// only the database (reachable, migrated) decides the status.
 async fn health(State(state): State<AppState>) -> Response {
-    http_kit::router::health(state.store.pool(), &[]).await
+    let migrated = *state.migrated.borrow();
+    let mut extra = vec![(
+        "migrations",
+        serde_json::Value::from(if migrated { "applied" } else { "pending" }),
+    )];
+    if let Some(status) = &state.relay {
+        extra.push(("relay", relay_health(&status.borrow())));
+    }
+    http_kit::router::health(state.store.pool(), migrated, &extra).await
+}
+
+fn relay_health(status: &RelayStatus) -> serde_json::Value {
+    let role = match status.role {
+        Role::Starting => "starting",
+        Role::Standby => "standby",
+        Role::Leader => "leader",
+        Role::Stopped => "stopped",
+    };
+    let mut relay = serde_json::json!({"role": role});
+    if status.role == Role::Leader {
+        relay["nats"] = (if status.nats_connected {
+            "connected"
+        } else {
+            "unreachable"
+        })
+        .into();
+    }
+    if let Some(refused) = &status.refused {
+        relay["refused"] = refused.to_string().into();
+    }
+    if let Some(mismatch) = status.replicas_mismatch {
+        relay["stream_replicas"] = serde_json::json!({
+            "actual": mismatch.actual,
+            "configured": mismatch.configured,
+            "message": mismatch.to_string(),
+        });
+    }
+    relay
 }
 
 async fn openapi() -> Json<serde_json::Value> {

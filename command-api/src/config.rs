@@ -43,7 +43,8 @@ pub struct Config {
     #[arg(long, env = "SOUK_TIMER_POLL_MS", default_value_t = 1000)]
     pub timer_poll_ms: u64,
 
-    /// NATS server the relay publishes committed events to (it may carry
+    /// NATS server the relay publishes committed events to, or a
+    /// comma-separated list of a cluster's servers (it may carry
     /// credentials: never logged).
     #[arg(
         long,
@@ -56,6 +57,16 @@ pub struct Config {
     /// JetStream stream of the events (subjects `<stream>.events.>`).
     #[arg(long, env = "SOUK_STREAM", default_value = "souk")]
     pub stream: String,
+
+    /// How many servers keep a copy of the stream when the relay creates it
+    /// (an existing stream with another count is reported, not changed).
+    #[arg(
+        long,
+        env = "SOUK_STREAM_REPLICAS",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u8).range(1..=event_store::nats::MAX_REPLICAS as i64)
+    )]
+    pub stream_replicas: u8,
 
     /// Subject partitions: an aggregate's events go to `hash(id) mod N`.
     #[arg(
@@ -132,6 +143,7 @@ impl Config {
                 .unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned()),
             // A stream of its own: tests share the NATS server.
             stream: format!("souk_test_{}", uuid::Uuid::now_v7().simple()),
+            stream_replicas: 1,
             partitions: event_store::fanout::DEFAULT_PARTITIONS,
             relay: true,
             relay_poll_ms: 100,

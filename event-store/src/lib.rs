@@ -14,6 +14,10 @@
 //! - `fanout`: subjects and partitions of the events published to JetStream.
 //! - `relay`: publishes committed events to JetStream in global order (one
 //!   leader per stream through an advisory lock; checkpoint after the acks).
+//! - `binding`: a stream belongs to one database and one partition count;
+//!   the relay and the projectors refuse another.
+//! - `nats`: the server list of `NATS_URL` (a cluster's servers, comma
+//!   separated) and the stream's replica count.
 //! - `backoff`: the delays between retries every retry loop uses.
 //! - `leader`: session advisory locks, the single-writer points' election
 //!   (the relay, projector partitions, the search indexer).
@@ -27,12 +31,14 @@
 
 pub mod anchor;
 pub mod backoff;
+pub mod binding;
 pub mod cqrs;
 pub mod fanout;
 pub mod global;
 pub mod journey;
 pub mod leader;
 mod load;
+pub mod nats;
 pub mod record;
 pub mod relay;
 pub mod signal;
@@ -81,4 +87,52 @@ pub fn pool(database_url: &str, config: &PoolConfig) -> Result<PgPool, sqlx::Err
 /// Applies every pending migration.
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     migrations::MIGRATOR.run(pool).await
+}
+
+/// Whether `error` says the database is away (unreachable, starting up,
+/// shutting down, out of connections) rather than refusing what was asked:
+/// the caller waits and tries again instead of giving up.
+pub fn is_unreachable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_) => true,
+        // Class 08 (connection exception), 57P01-03 (shutting down, starting
+        // up), 53300 (too many connections).
+        sqlx::Error::Database(error) => error.code().is_some_and(|code| {
+            code.starts_with("08") || code.starts_with("57P") || code == "53300"
+        }),
+        _ => false,
+    }
+}
+
+/// Whether a migration failed because the database is away (see
+/// [`is_unreachable`]).
+pub fn migration_unreachable(error: &sqlx::migrate::MigrateError) -> bool {
+    matches!(error, sqlx::migrate::MigrateError::Execute(error) if is_unreachable(error))
+}
+
+/// Applies every pending migration, waiting for the database while it is
+/// away: tries again after each [`backoff::Backoff`] delay (at most
+/// `backoff_max`), calling `waiting` with each failure. A migration the
+/// database refuses is returned at once.
+pub async fn migrate_when_reachable(
+    pool: &PgPool,
+    backoff_max: Duration,
+    mut waiting: impl FnMut(&sqlx::migrate::MigrateError),
+) -> Result<(), sqlx::migrate::MigrateError> {
+    let mut backoff = backoff::Backoff::new(backoff_max);
+    loop {
+        match migrate(pool).await {
+            Ok(()) => return Ok(()),
+            Err(error) if migration_unreachable(&error) => {
+                waiting(&error);
+                backoff.wait().await;
+            }
+            Err(error) => return Err(error),
+        }
+    }
 }

@@ -41,11 +41,13 @@ use async_nats::jetstream::{self, stream};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection};
 use tokio::sync::{Notify, watch};
+use uuid::Uuid;
 
 use crate::backoff::Backoff;
 use crate::fanout;
 use crate::global::{self, RecordedEvent};
 use crate::leader;
+use crate::nats::redacted;
 use crate::record::Position;
 use crate::signal::CommitSignal;
 
@@ -79,16 +81,21 @@ const WARN_EVERY: Duration = Duration::from_secs(10);
 const LOCK_CHECK_EVERY: Duration = Duration::from_secs(2);
 /// How often a relay held back by the horizon looks again.
 const HORIZON_RECHECK: Duration = Duration::from_millis(10);
+/// How often a relay that refused its stream looks again.
+const REFUSED_RECHECK: Duration = Duration::from_secs(5);
 /// The lag metric counts at most this many events.
 const LAG_COUNT_MAX: i64 = 1_000_000;
 
 /// What a relay publishes, where, and how it paces itself.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
-    /// The NATS server (`nats://host:port`).
+    /// The NATS server (`nats://host:port`), or a comma-separated list of
+    /// the servers of a cluster (see [`crate::nats::server_addrs`]).
     pub nats_url: String,
     /// The JetStream stream, also the first token of its subjects.
     pub stream: String,
+    /// How many servers keep a copy of the stream when the relay creates it.
+    pub replicas: usize,
     /// Number of subject partitions (`hash(aggregate id) mod partitions`).
     pub partitions: u32,
     /// Most events read and published per batch.
@@ -117,6 +124,7 @@ impl RelayConfig {
         Self {
             nats_url: nats_url.into(),
             stream: stream.into(),
+            replicas: 1,
             partitions: fanout::DEFAULT_PARTITIONS,
             batch_max: 1_000,
             poll_interval: Duration::from_millis(500),
@@ -135,6 +143,7 @@ impl RelayConfig {
             value.clamp(Duration::from_millis(low), Duration::from_millis(high))
         };
         self.partitions = self.partitions.clamp(1, fanout::MAX_PARTITIONS);
+        self.replicas = self.replicas.clamp(1, crate::nats::MAX_REPLICAS);
         self.batch_max = self.batch_max.clamp(1, MAX_BATCH);
         self.poll_interval = clamp(self.poll_interval, 10, 60_000);
         self.standby_retry = clamp(self.standby_retry, 10, 60_000);
@@ -162,6 +171,12 @@ pub enum RelayError {
     },
     #[error("timed out: {0}")]
     TimedOut(&'static str),
+    #[error(transparent)]
+    Config(#[from] crate::nats::NatsConfigError),
+    /// The stream belongs to another database, or is partitioned another
+    /// way: publishing would corrupt it, so the relay does not.
+    #[error(transparent)]
+    Refused(#[from] crate::binding::BindingError),
 }
 
 impl RelayError {
@@ -188,12 +203,14 @@ pub fn validate_stream_name(stream: &str) -> Result<(), RelayError> {
     }
 }
 
-/// The configuration of the stream `stream`: its subjects, file storage,
-/// limits, and the duplicate window that makes re-publishing harmless.
-pub fn stream_config(stream: &str) -> stream::Config {
+/// The configuration of the stream `stream` fed by the database `database`
+/// (named in its description): its subjects, file storage, limits, the
+/// duplicate window that makes re-publishing harmless, and how many servers
+/// of a cluster keep a copy (`replicas`).
+pub fn stream_config(stream: &str, replicas: usize, database: Uuid) -> stream::Config {
     stream::Config {
         name: stream.to_owned(),
-        description: Some("Souk's committed events, in global order".to_owned()),
+        description: Some(crate::binding::describe(database)),
         subjects: vec![fanout::stream_subjects(stream)],
         storage: stream::StorageType::File,
         retention: stream::RetentionPolicy::Limits,
@@ -204,22 +221,59 @@ pub fn stream_config(stream: &str) -> stream::Config {
         max_messages_per_subject: -1,
         max_consumers: -1,
         duplicate_window: DUPLICATE_WINDOW,
-        num_replicas: 1,
+        num_replicas: replicas,
         ..Default::default()
     }
 }
 
-/// Creates the stream `stream` unless it exists (an existing stream is left
-/// as it is). The relay and the projectors both call it, so whichever starts
-/// first creates it.
+/// Creates the stream `stream` of the database `database` with `replicas`
+/// copies unless it exists (an existing stream is left as it is: see
+/// [`replicas_mismatch`]), and refuses a stream another database created.
+/// The relay and the projectors both call it, so whichever starts first
+/// creates it.
 pub async fn ensure_stream(
     js: &jetstream::Context,
     stream: &str,
+    replicas: usize,
+    database: Uuid,
 ) -> Result<stream::Stream, RelayError> {
     validate_stream_name(stream)?;
-    js.get_or_create_stream(stream_config(stream))
+    crate::nats::validate_replicas(replicas)?;
+    let handle = js
+        .get_or_create_stream(stream_config(stream, replicas, database))
         .await
-        .map_err(|error| RelayError::nats("creating the stream", error))
+        .map_err(|error| RelayError::nats("creating the stream", error))?;
+    let description = handle.cached_info().config.description.clone();
+    crate::binding::check_owner(stream, description.as_deref(), database)?;
+    Ok(handle)
+}
+
+/// A stream that exists with another replica count than configured. Souk
+/// never changes an existing stream (scaling a stream is an operator's
+/// decision, `nats stream edit --replicas`): the relay and the projectors
+/// work on, warn, and the command API's `/health` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicasMismatch {
+    /// What the stream has.
+    pub actual: usize,
+    /// What `SOUK_STREAM_REPLICAS` asks for.
+    pub configured: usize,
+}
+
+impl std::fmt::Display for ReplicasMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the stream has {} replica(s) but SOUK_STREAM_REPLICAS is {}; change one of them (nats stream edit --replicas)",
+            self.actual, self.configured
+        )
+    }
+}
+
+/// Compares an ensured stream's replica count with the configured one.
+pub fn replicas_mismatch(stream: &stream::Stream, configured: usize) -> Option<ReplicasMismatch> {
+    let actual = stream.cached_info().config.num_replicas.max(1);
+    (actual != configured).then_some(ReplicasMismatch { actual, configured })
 }
 
 /// The advisory lock key of the relay of `stream`: that of the name
@@ -245,15 +299,6 @@ fn subject_token(aggregate_type: &str) -> String {
             }
         })
         .collect()
-}
-
-/// `url` without its user and password, for logs.
-fn redacted(url: &str) -> String {
-    let authority = url.find("://").map_or(0, |at| at + 3);
-    match url[authority..].find('@') {
-        Some(at) => format!("{}***@{}", &url[..authority], &url[authority + at + 1..]),
-        None => url.to_owned(),
-    }
 }
 
 /// What a relay is doing.
@@ -286,6 +331,11 @@ pub struct RelayStatus {
     pub lag_events: i64,
     /// Age of the event-writing transaction holding the horizon back.
     pub horizon_age_seconds: f64,
+    /// The stream exists with another replica count than configured.
+    pub replicas_mismatch: Option<ReplicasMismatch>,
+    /// Why the relay refuses to publish (see [`crate::binding`]), while it
+    /// does.
+    pub refused: Option<crate::binding::BindingError>,
 }
 
 /// One relay instance. [`Relay::run_until`] leads or stands by until its
@@ -374,6 +424,7 @@ impl Relay {
     async fn run_forever(&self) {
         let mut backoff = Backoff::new(self.config.backoff_max);
         let mut unreachable = Every::new(WARN_EVERY);
+        let mut refusing = Every::new(WARN_EVERY);
         let mut standby: Option<PgConnection> = None;
         loop {
             let connection = match standby.take() {
@@ -400,6 +451,17 @@ impl Relay {
                         status.role = Role::Starting;
                         status.nats_connected = false;
                     });
+                    if let RelayError::Refused(refused) = ended {
+                        // A configuration to fix, not an outage: say so
+                        // loudly, publish nothing, look again now and then.
+                        if refusing.ready() {
+                            tracing::error!(stream = %self.config.stream, error = %refused, "relay refuses to publish");
+                        }
+                        self.status
+                            .send_modify(|status| status.refused = Some(refused));
+                        tokio::time::sleep(REFUSED_RECHECK).await;
+                        continue;
+                    }
                     tracing::warn!(stream = %self.config.stream, error = %ended, "relay lost its lead; taking the lock again");
                     tokio::time::sleep(backoff.next_delay()).await;
                 }
@@ -462,6 +524,25 @@ impl Relay {
             .send_modify(|status| status.checkpoint = checkpoint);
         metrics::gauge!("souk_relay_checkpoint_position", &self.labels())
             .set(checkpoint.position as f64);
+        let database = match bounded(
+            "reading the database's identity",
+            crate::binding::database_id(&mut lock),
+        )
+        .await
+        {
+            Ok(database) => database,
+            Err(error) => return error,
+        };
+        match bounded(
+            "binding the stream's partitions",
+            crate::binding::bind_partitions(&mut lock, stream, config.partitions),
+        )
+        .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(refused)) => return refused.into(),
+            Err(error) => return error,
+        }
 
         let mut nats: Option<(async_nats::Client, jetstream::Context)> = None;
         let mut stream_ready = false;
@@ -517,13 +598,30 @@ impl Relay {
                 continue;
             }
             if !stream_ready {
-                if let Err(error) = ensure_stream(js, stream).await {
-                    if failing.ready() {
-                        tracing::warn!(stream, %error, "relay cannot create its stream; retrying");
+                let handle = match ensure_stream(js, stream, config.replicas, database).await {
+                    Ok(handle) => handle,
+                    Err(error @ RelayError::Refused(_)) => return error,
+                    Err(error) => {
+                        if failing.ready() {
+                            tracing::warn!(stream, %error, "relay cannot create its stream; retrying");
+                        }
+                        tokio::time::sleep(backoff.next_delay()).await;
+                        continue;
                     }
-                    tokio::time::sleep(backoff.next_delay()).await;
-                    continue;
+                };
+                let mismatch = replicas_mismatch(&handle, config.replicas);
+                if let Some(mismatch) = mismatch {
+                    tracing::warn!(
+                        stream,
+                        actual = mismatch.actual,
+                        configured = mismatch.configured,
+                        "{mismatch}"
+                    );
                 }
+                self.status.send_modify(|status| {
+                    status.replicas_mismatch = mismatch;
+                    status.refused = None;
+                });
                 stream_ready = true;
             }
 
@@ -638,7 +736,7 @@ impl Relay {
                 .reconnect_delay_callback(move |attempts| {
                     fanout::reconnect_delay(attempts).min(backoff_max)
                 })
-                .connect(config.nats_url.as_str())
+                .connect(crate::nats::server_addrs(&config.nats_url)?)
                 .await
                 .map_err(|error| RelayError::nats("connecting", error))
         })
@@ -1053,7 +1151,8 @@ mod tests {
 
     #[test]
     fn the_stream_holds_its_subjects_with_a_duplicate_window() {
-        let config = stream_config("souk");
+        let config = stream_config("souk", 3, Uuid::nil());
+        assert_eq!(config.num_replicas, 3);
         assert_eq!(config.subjects, vec!["souk.events.>".to_owned()]);
         assert_eq!(config.storage, stream::StorageType::File);
         assert!(config.duplicate_window >= Duration::from_secs(120));
@@ -1078,23 +1177,15 @@ mod tests {
     }
 
     #[test]
-    fn credentials_stay_out_of_logged_urls() {
-        assert_eq!(redacted("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
-        assert_eq!(
-            redacted("nats://user:secret@nats:4222"),
-            "nats://***@nats:4222"
-        );
-        assert_eq!(redacted("token@nats:4222"), "***@nats:4222");
-    }
-
-    #[test]
     fn configurations_are_bounded() {
         let mut config = RelayConfig::new("nats://127.0.0.1:4222", "souk");
         config.partitions = 0;
         config.batch_max = 1_000_000;
         config.poll_interval = Duration::ZERO;
+        config.replicas = 9;
         let config = config.bounded();
         assert_eq!(config.partitions, 1);
+        assert_eq!(config.replicas, crate::nats::MAX_REPLICAS);
         assert_eq!(config.batch_max, MAX_BATCH);
         assert!(config.poll_interval >= Duration::from_millis(10));
     }

@@ -4,13 +4,19 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use event_store::PoolConfig;
 use identity::JwtVerifier;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// The longest pause between two attempts to reach Postgres at start.
+const MIGRATE_RETRY_MAX: Duration = Duration::from_secs(5);
+/// A dependency still away is logged at most this often.
+const WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// The database, the token keys, the limits and the log format.
 #[derive(Debug, Clone, clap::Args)]
@@ -88,21 +94,42 @@ impl ServerConfig {
         }
     }
 
-    /// A lazily connecting pool on the database, after the pending
-    /// migrations are applied.
-    pub async fn connect(&self) -> anyhow::Result<PgPool> {
-        let pool = event_store::pool(
+    /// A lazily connecting pool on the database, and whether the pending
+    /// migrations are applied (`true` once they are). While Postgres is
+    /// unreachable the service starts anyway (its `/health` answers 503) and
+    /// applies them in the background as soon as it answers; a migration
+    /// the database refuses is an error at once.
+    pub async fn connect(&self) -> anyhow::Result<(PgPool, watch::Receiver<bool>)> {
+        let pool = self.pool()?;
+        let (applied, migrated) = watch::channel(false);
+        match event_store::migrate(&pool).await {
+            Ok(()) => {
+                applied.send_replace(true);
+            }
+            Err(error) if event_store::migration_unreachable(&error) => {
+                tracing::warn!(
+                    %error,
+                    "Postgres is unreachable; not ready until it answers and the migrations are applied"
+                );
+                tokio::spawn(migrate_in_background(pool.clone(), applied));
+            }
+            Err(error) => return Err(error).context("applying database migrations"),
+        }
+        Ok((pool, migrated))
+    }
+
+    /// A lazily connecting pool on the database, without migrations: for a
+    /// service that never writes (the query API, which may run on a hot
+    /// standby).
+    pub fn pool(&self) -> anyhow::Result<PgPool> {
+        event_store::pool(
             &self.database_url,
             &PoolConfig {
                 max_connections: self.db_max_connections,
                 acquire_timeout: Duration::from_millis(self.db_acquire_timeout_ms),
             },
         )
-        .context("parsing DATABASE_URL")?;
-        event_store::migrate(&pool)
-            .await
-            .context("applying database migrations")?;
-        Ok(pool)
+        .context("parsing DATABASE_URL")
     }
 
     /// The token verifier (a dev key pair is generated when neither key file
@@ -114,6 +141,27 @@ impl ServerConfig {
             self.jwt_issuer.clone(),
             self.jwt_audience.clone(),
         )
+    }
+}
+
+/// Applies the migrations once Postgres answers, then says so on `applied`.
+async fn migrate_in_background(pool: PgPool, applied: watch::Sender<bool>) {
+    let mut warned_at = Instant::now();
+    let waited = event_store::migrate_when_reachable(&pool, MIGRATE_RETRY_MAX, |error| {
+        if warned_at.elapsed() >= WARN_EVERY {
+            warned_at = Instant::now();
+            tracing::warn!(%error, "Postgres is still unreachable; retrying");
+        }
+    })
+    .await;
+    match waited {
+        Ok(()) => {
+            tracing::info!("Postgres answers; migrations applied, ready");
+            applied.send_replace(true);
+        }
+        Err(error) => {
+            tracing::error!(%error, "the database refused the migrations; staying not ready");
+        }
     }
 }
 

@@ -83,14 +83,20 @@ async fn method_not_allowed() -> Response {
 }
 
 /// `/health`: 200 `{"status": "ok", "database": "up", ...}` while Postgres
-/// answers, else 503 `{"status": "degraded", "database": "down", ...}`, with
-/// the service's own `extra` fields after those two.
-pub async fn health(pool: &PgPool, extra: &[(&'static str, &'static str)]) -> Response {
+/// answers and the service says it is `ready` (e.g. its migrations are
+/// applied), else 503 `{"status": "degraded", ...}`, with the service's own
+/// `extra` fields after those two.
+pub async fn health(
+    pool: &PgPool,
+    ready: bool,
+    extra: &[(&'static str, serde_json::Value)],
+) -> Response {
     let database = sqlx::query_scalar::<_, i32>("SELECT 1")
         .fetch_one(pool)
         .await
         .is_ok();
-    let status = if database {
+    let up = database && ready;
+    let status = if up {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -98,14 +104,14 @@ pub async fn health(pool: &PgPool, extra: &[(&'static str, &'static str)]) -> Re
     let mut body = serde_json::Map::new();
     body.insert(
         "status".to_owned(),
-        (if database { "ok" } else { "degraded" }).into(),
+        (if up { "ok" } else { "degraded" }).into(),
     );
     body.insert(
         "database".to_owned(),
         (if database { "up" } else { "down" }).into(),
     );
     for (name, value) in extra {
-        body.insert((*name).to_owned(), (*value).into());
+        body.insert((*name).to_owned(), value.clone());
     }
     (status, Json(serde_json::Value::Object(body))).into_response()
 }

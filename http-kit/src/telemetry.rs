@@ -86,14 +86,27 @@ pub async fn track_http(request: Request, next: Next) -> Response {
     response
 }
 
-/// Serves `/metrics` and `/health` (200 `ok` while the process runs) on
-/// `addr` in the background, for a process that has no API of its own (the
-/// projector). Returns the bound address.
-pub async fn serve_metrics(addr: SocketAddr) -> anyhow::Result<SocketAddr> {
+/// Serves `/metrics` and `/health` on `addr` in the background, for a
+/// process that has no API of its own (the projector). `health` says whether
+/// the process is ready (200, else 503) and what to show. Returns the bound
+/// address.
+pub async fn serve_metrics(
+    addr: SocketAddr,
+    health: impl Fn() -> (bool, serde_json::Value) + Clone + Send + Sync + 'static,
+) -> anyhow::Result<SocketAddr> {
     metrics_handle();
-    let app = Router::new()
-        .route("/metrics", get(metrics))
-        .route("/health", get(|| std::future::ready("ok")));
+    let app = Router::new().route("/metrics", get(metrics)).route(
+        "/health",
+        get(move || {
+            let (ready, body) = health();
+            let status = if ready {
+                axum::http::StatusCode::OK
+            } else {
+                axum::http::StatusCode::SERVICE_UNAVAILABLE
+            };
+            std::future::ready((status, axum::Json(body)).into_response())
+        }),
+    );
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding the metrics address {addr}"))?;

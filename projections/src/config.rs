@@ -27,9 +27,25 @@ pub struct ProjectorConfig {
     )]
     pub database_url: String,
 
-    /// The NATS server.
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    /// The NATS server, or a comma-separated list of a cluster's servers
+    /// (it may carry credentials: never logged).
+    #[arg(
+        long,
+        env = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222",
+        hide_env_values = true
+    )]
     pub nats_url: String,
+
+    /// How many servers keep a copy of the stream when this process creates
+    /// it (the relay's setting; an existing stream is reported, not changed).
+    #[arg(
+        long,
+        env = "SOUK_STREAM_REPLICAS",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u8).range(1..=event_store::nats::MAX_REPLICAS as i64)
+    )]
+    pub stream_replicas: u8,
 
     /// The JetStream stream the relay publishes to.
     #[arg(long, env = "SOUK_STREAM", default_value = "souk")]
@@ -86,6 +102,7 @@ impl ProjectorConfig {
             database_url: database_url.into(),
             nats_url: "nats://127.0.0.1:4222".to_owned(),
             stream: stream.into(),
+            stream_replicas: 1,
             partitions: DEFAULT_PARTITIONS,
             projections: Vec::new(),
             batch_max: 500,

@@ -47,7 +47,7 @@ pub use rebuild::{
     RebuildProgress, RebuildReport, abandon, rebuild, rebuild_into, rebuild_projections,
     rebuild_schema, rebuilds_in_progress,
 };
-pub use runtime::{Projector, build, consumer_name};
+pub use runtime::{Projector, Readiness, build, build_watched, consumer_name};
 
 /// The aggregate types whose events change `projection`, or `None` for an
 /// unknown name.

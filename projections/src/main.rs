@@ -1,7 +1,8 @@
 //! The `projector` binary: configuration in, projector out, run until
 //! SIGTERM or Ctrl-C. `/health` and `/metrics` are served on
 //! `SOUK_PROJECTOR_METRICS_ADDR` when it is set (off by default, so that
-//! several projector processes can share a machine).
+//! several projector processes can share a machine); `/health` answers 503
+//! while Postgres or NATS is away, which the projector waits for.
 
 use clap::Parser;
 
@@ -9,9 +10,18 @@ use clap::Parser;
 async fn main() -> anyhow::Result<()> {
     let config = projections::ProjectorConfig::parse();
     http_kit::telemetry::init_tracing(config.log_json);
+    let readiness = projections::Readiness::channel();
     if let Some(addr) = config.metrics_addr {
-        http_kit::telemetry::serve_metrics(addr).await?;
+        let watched = readiness.subscribe();
+        http_kit::telemetry::serve_metrics(addr, move || {
+            let readiness = watched.borrow();
+            (readiness.ready(), readiness.json())
+        })
+        .await?;
     }
-    let projector = projections::build(config).await?;
+    let projector = tokio::select! {
+        built = projections::build_watched(config, readiness) => built?,
+        () = http_kit::shutdown_signal() => return Ok(()),
+    };
     projector.run_until(http_kit::shutdown_signal()).await
 }

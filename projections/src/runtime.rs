@@ -103,6 +103,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 const RELAY_MARK_POLL: Duration = Duration::from_millis(10);
 /// How often a partition waiting for NATS to come back looks at the client.
 const NATS_STATE_POLL: Duration = Duration::from_millis(50);
+/// A dependency still away is logged at most this often.
+const WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// The advisory lock a projection's live batches take shared and a rebuild's
 /// swap takes exclusive.
@@ -134,6 +136,8 @@ struct Shared {
     /// Signalled after each listings batch that applied events: the search
     /// indexer has listings to index.
     search_pending: CommitSignal,
+    /// What `/health` shows.
+    readiness: watch::Sender<Readiness>,
 }
 
 /// A projector ready to run: connected, migrated, its stream ensured.
@@ -153,10 +157,85 @@ impl std::fmt::Debug for Projector {
     }
 }
 
-/// Connects to Postgres (applying pending migrations) and NATS, ensures the
-/// stream and a checkpoint row for every projection and partition.
+/// What the projector's `/health` says: whether Postgres and NATS answer
+/// and the partitions run, and the last problem met on the way.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Readiness {
+    pub database: bool,
+    pub nats: bool,
+    /// The partitions run (connected, migrated, stream ensured).
+    pub running: bool,
+    /// Why it is not ready, while it is not.
+    pub problem: Option<String>,
+}
+
+impl Readiness {
+    /// A sender to give [`build_watched`]; subscribe to follow it.
+    pub fn channel() -> watch::Sender<Readiness> {
+        watch::Sender::new(Readiness::default())
+    }
+
+    pub fn ready(&self) -> bool {
+        self.database && self.nats && self.running
+    }
+
+    /// `/health`'s body.
+    pub fn json(&self) -> serde_json::Value {
+        let mut body = serde_json::json!({
+            "status": if self.ready() { "ok" } else { "degraded" },
+            "database": if self.database { "up" } else { "down" },
+            "nats": if self.nats { "connected" } else { "unreachable" },
+            "partitions": if self.running { "running" } else { "starting" },
+        });
+        if let Some(problem) = &self.problem
+            && !self.ready()
+        {
+            body["problem"] = problem.as_str().into();
+        }
+        body
+    }
+}
+
+/// Logs a dependency that is still away at most every [`WARN_EVERY`] and
+/// shows it on `/health`.
+struct Waiting<'a> {
+    readiness: &'a watch::Sender<Readiness>,
+    warned_at: Option<Instant>,
+}
+
+impl Waiting<'_> {
+    fn away(&mut self, what: &'static str, error: &dyn std::fmt::Display) {
+        let problem = format!("{what}: {error}");
+        self.readiness.send_modify(|readiness| {
+            match what {
+                "Postgres" => readiness.database = false,
+                _ => readiness.nats = false,
+            }
+            readiness.problem = Some(problem);
+        });
+        if self.warned_at.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
+            self.warned_at = Some(Instant::now());
+            tracing::warn!(%error, "{what} is unreachable; the projector waits for it");
+        }
+    }
+}
+
+/// [`build_watched`] without anyone watching.
 pub async fn build(config: ProjectorConfig) -> anyhow::Result<Projector> {
+    build_watched(config, Readiness::channel()).await
+}
+
+/// Connects to Postgres (applying pending migrations) and NATS, ensures the
+/// stream and a checkpoint row for every projection and partition. While
+/// Postgres or NATS is unreachable it waits (bounded backoff), saying so on
+/// `readiness` and in the log; a configuration or a database that refuses
+/// (a bad stream name, a migration refused) is an error at once.
+pub async fn build_watched(
+    config: ProjectorConfig,
+    readiness: watch::Sender<Readiness>,
+) -> anyhow::Result<Projector> {
     event_store::relay::validate_stream_name(&config.stream)?;
+    let servers = event_store::nats::server_addrs(&config.nats_url)?;
     config.search.validate()?;
     let kinds = selected(&config.projections)?;
     // Read models are derived data: a batch whose commit a Postgres crash
@@ -173,27 +252,56 @@ pub async fn build(config: ProjectorConfig) -> anyhow::Result<Projector> {
     let pool = PgPoolOptions::new()
         .max_connections(2)
         .acquire_timeout(CONNECT_TIMEOUT)
-        .connect_with(connect_options.clone())
+        .connect_lazy_with(connect_options.clone());
+    let mut waiting = Waiting {
+        readiness: &readiness,
+        warned_at: None,
+    };
+    event_store::migrate_when_reachable(&pool, config.backoff_max(), |error| {
+        waiting.away("Postgres", error);
+    })
+    .await
+    .context("applying migrations")?;
+    readiness.send_modify(|readiness| readiness.database = true);
+    // A stream is bound to one database and one partition count: another
+    // count would leave partitions nobody consumes (see event_store::binding).
+    let database = event_store::binding::database_id(&pool)
         .await
-        .context("connecting to Postgres")?;
-    event_store::migrate(&pool)
+        .context("reading the database's identity")?;
+    event_store::binding::bind_partitions(&pool, &config.stream, config.partitions())
         .await
-        .context("applying migrations")?;
-    let client = tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        async_nats::ConnectOptions::new()
+        .context("binding the stream's partitions")??;
+
+    let mut backoff = Backoff::new(config.backoff_max());
+    let client = loop {
+        let connecting = async_nats::ConnectOptions::new()
             .name("souk-projector")
             .connection_timeout(CONNECT_TIMEOUT)
             .reconnect_delay_callback(event_store::fanout::reconnect_delay)
-            .connect(config.nats_url.as_str()),
-    )
-    .await
-    .context("connecting to NATS timed out")?
-    .context("connecting to NATS")?;
+            .connect(servers.clone());
+        match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+            Ok(Ok(client)) => break client,
+            Ok(Err(error)) => waiting.away("NATS", &error),
+            Err(_) => waiting.away("NATS", &"connecting timed out"),
+        }
+        backoff.wait().await;
+    };
     let jetstream = jetstream::new(client);
-    event_store::relay::ensure_stream(&jetstream, &config.stream)
-        .await
-        .context("ensuring the JetStream stream")?;
+    let replicas = usize::from(config.stream_replicas);
+    let stream = loop {
+        match event_store::relay::ensure_stream(&jetstream, &config.stream, replicas, database)
+            .await
+        {
+            Ok(stream) => break stream,
+            Err(event_store::relay::RelayError::Refused(refused)) => return Err(refused.into()),
+            Err(error) => waiting.away("NATS", &error),
+        }
+        backoff.wait().await;
+    };
+    readiness.send_modify(|readiness| readiness.nats = true);
+    if let Some(mismatch) = event_store::relay::replicas_mismatch(&stream, replicas) {
+        tracing::warn!(stream = %config.stream, actual = mismatch.actual, configured = mismatch.configured, "{mismatch}");
+    }
     let names: Vec<&str> = kinds.iter().map(|kind| kind.name()).collect();
     sqlx::query(
         "INSERT INTO projection_checkpoints (projection, partition)
@@ -215,6 +323,7 @@ pub async fn build(config: ProjectorConfig) -> anyhow::Result<Projector> {
             jetstream,
             relay_mark: watch::Sender::new(None),
             search_pending: CommitSignal::new(pool.clone(), crate::search::CHANNEL),
+            readiness,
         }),
         pool,
         kinds,
@@ -274,6 +383,9 @@ impl Projector {
             &self.shared.search_pending,
             stopped.clone(),
         );
+        self.shared
+            .readiness
+            .send_modify(|readiness| readiness.running = true);
         tracing::info!(
             stream = %self.shared.config.stream,
             partitions,
@@ -886,7 +998,27 @@ async fn watch_relay(shared: Arc<Shared>, pool: PgPool, mut stop: watch::Receive
         )
         .bind(&shared.config.stream)
         .fetch_optional(&pool);
-        match tokio::time::timeout(CONNECT_TIMEOUT, read).await {
+        let read = tokio::time::timeout(CONNECT_TIMEOUT, read).await;
+        let nats = shared.jetstream.client().connection_state()
+            == async_nats::connection::State::Connected;
+        let database = matches!(read, Ok(Ok(_)));
+        shared.readiness.send_if_modified(|readiness| {
+            let changed = readiness.database != database || readiness.nats != nats;
+            readiness.database = database;
+            readiness.nats = nats;
+            if changed && !readiness.ready() {
+                readiness.problem = Some(
+                    (if database {
+                        "NATS: connection lost"
+                    } else {
+                        "Postgres: unreachable"
+                    })
+                    .to_owned(),
+                );
+            }
+            changed
+        });
+        match read {
             Ok(Ok(row)) => {
                 failing_since = None;
                 let mark = row.map(|(transaction_id, at)| position(transaction_id, at));

@@ -1,5 +1,5 @@
-//! Building and running the query API: `build(config)` connects, migrates,
-//! binds the listener and assembles the router; `App::run_until_stopped`
+//! Building and running the query API: `build(config)` prepares its pool
+//! (never migrating: see [`build`]), binds the listener and assembles the router; `App::run_until_stopped`
 //! serves until SIGTERM or Ctrl-C, ends the notification streams and drains
 //! in-flight requests. The layers are `http_kit::finish_router`'s (request
 //! ids, metrics, load shedding, catch-panic, JSON 404 and 405) and a limit on
@@ -107,11 +107,14 @@ impl std::fmt::Debug for App {
     }
 }
 
-/// Connects to Postgres, applies migrations, loads the token key and binds
-/// the listener. NATS is connected to when the app runs, in the background:
+/// Prepares a (lazy) Postgres pool, loads the token key and binds the
+/// listener; it neither migrates nor writes. NATS is connected to when the app runs, in the background:
 /// reads do not need it.
 pub async fn build(config: Config) -> anyhow::Result<App> {
-    let pool = config.server.connect().await?;
+    event_store::nats::server_addrs(&config.nats_url)?;
+    // The query API never writes, so it may run on a hot standby: the
+    // writers (command-api, projector, replay-tool) apply the migrations.
+    let pool = config.server.pool()?;
     let verifier = config.server.verifier()?;
 
     let search = config
@@ -240,7 +243,12 @@ pub(crate) async fn health(State(state): State<AppState>) -> Response {
     } else {
         "connecting"
     };
-    http_kit::router::health(&state.pool, &[("notifications", notifications)]).await
+    http_kit::router::health(
+        &state.pool,
+        true,
+        &[("notifications", notifications.into())],
+    )
+    .await
 }
 
 /// Prometheus metrics

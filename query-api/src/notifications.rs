@@ -271,7 +271,7 @@ impl Notifications {
         let client = async_nats::ConnectOptions::new()
             .connection_timeout(Duration::from_secs(2))
             .reconnect_delay_callback(event_store::fanout::reconnect_delay)
-            .connect(config.nats_url.as_str())
+            .connect(event_store::nats::server_addrs(&config.nats_url)?)
             .await
             .context("connecting to NATS")?;
         let jetstream = async_nats::jetstream::new(client);

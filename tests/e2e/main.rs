@@ -12,5 +12,6 @@ mod query_api;
 mod relay;
 mod reliability;
 mod replay_tool;
+mod scale;
 mod search;
 mod smoke;

@@ -18,6 +18,7 @@ pub mod bench_kit;
 pub mod meili;
 pub mod nats;
 pub mod pg_cluster;
+pub mod projector;
 
 /// The maintenance database tests create their databases from.
 pub fn admin_url() -> String {
@@ -426,48 +427,62 @@ impl Drop for TempDir {
 /// (`cargo build -p replay-tool`, a no-op after `cargo test --workspace`),
 /// for tests of its command-line contract.
 pub fn replay_tool() -> &'static std::path::Path {
-    static BINARY: OnceLock<PathBuf> = OnceLock::new();
-    BINARY.get_or_init(|| {
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut build = std::process::Command::new(cargo);
-        build.args([
-            "build",
-            "--quiet",
-            "-p",
-            "replay-tool",
-            "--bin",
-            "replay-tool",
-        ]);
-        if !cfg!(debug_assertions) {
-            build.arg("--release");
+    workspace_binary("replay-tool", "replay-tool")
+}
+
+/// The `projector` binary of this build, built once per test process, for
+/// tests that run, kill and restart real projector processes.
+pub fn projector_binary() -> &'static std::path::Path {
+    workspace_binary("projections", "projector")
+}
+
+/// The binary `bin` of the workspace package `package`, built once per test
+/// process (`cargo build -p <package> --bin <bin>`).
+fn workspace_binary(package: &'static str, bin: &'static str) -> &'static std::path::Path {
+    static BINARIES: std::sync::Mutex<Vec<(&'static str, &'static std::path::Path)>> =
+        std::sync::Mutex::new(Vec::new());
+    let mut built = BINARIES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((_, path)) = built.iter().find(|(name, _)| *name == bin) {
+        return path;
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut build = std::process::Command::new(cargo);
+    build.args(["build", "--quiet", "-p", package, "--bin", bin]);
+    if !cfg!(debug_assertions) {
+        build.arg("--release");
+    }
+    build.current_dir(env!("CARGO_MANIFEST_DIR"));
+    // Cargo gives this process its package's variables; passed on, they
+    // would look like a changed environment to build scripts that watch
+    // them (ring's), and every build would start over.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy().into_owned();
+        if (name.starts_with("CARGO_") && name != "CARGO_HOME" && name != "CARGO_TARGET_DIR")
+            || name == "OUT_DIR"
+        {
+            build.env_remove(name);
         }
-        build.current_dir(env!("CARGO_MANIFEST_DIR"));
-        // Cargo gives this process its package's variables; passed on, they
-        // would look like a changed environment to build scripts that watch
-        // them (ring's), and every build would start over.
-        for (name, _) in std::env::vars_os() {
-            let name = name.to_string_lossy().into_owned();
-            if (name.starts_with("CARGO_") && name != "CARGO_HOME" && name != "CARGO_TARGET_DIR")
-                || name == "OUT_DIR"
-            {
-                build.env_remove(name);
-            }
-        }
-        let status = build.status().expect("running cargo build -p replay-tool");
-        assert!(
-            status.success(),
-            "cargo build -p replay-tool failed: {status}"
-        );
-        // This test executable is target/<profile>/deps/e2e-<hash>.
-        let exe = std::env::current_exe().expect("locating the test executable");
-        let dir = exe
-            .parent()
-            .and_then(std::path::Path::parent)
-            .expect("the test executable's profile directory");
-        let binary = dir.join("replay-tool");
-        assert!(binary.is_file(), "{} is missing", binary.display());
-        binary
-    })
+    }
+    let status = build
+        .status()
+        .unwrap_or_else(|error| panic!("running cargo build -p {package}: {error}"));
+    assert!(
+        status.success(),
+        "cargo build -p {package} failed: {status}"
+    );
+    // This test executable is target/<profile>/deps/e2e-<hash>.
+    let exe = std::env::current_exe().expect("locating the test executable");
+    let dir = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("the test executable's profile directory");
+    let binary = dir.join(bin);
+    assert!(binary.is_file(), "{} is missing", binary.display());
+    let binary: &'static std::path::Path = Box::leak(binary.into_boxed_path());
+    built.push((bin, binary));
+    binary
 }
 
 /// What one run of `replay-tool` printed and how it exited.
@@ -521,4 +536,65 @@ pub async fn run_replay_tool(database_url: &str, args: &[&str]) -> ToolRun {
     })
     .await
     .expect("the replay-tool runner")
+}
+
+/// Asserts that every projection's read model in `pool`'s database is row
+/// for row what a rebuild from the event store gives (each rebuilt into a
+/// schema of its own, compared both ways), that every event was counted as
+/// applied exactly once, and that nothing is parked. The live projectors
+/// must have caught up with every committed event first.
+pub async fn assert_read_models_exact(pool: &PgPool, partitions: u32) {
+    for projection in projections::PROJECTIONS {
+        let schema = format!("check_{projection}");
+        let report = projections::rebuild_into(pool, projection, &schema, partitions)
+            .await
+            .expect("rebuilding into a schema of its own");
+        for table in projections::tables(projection).expect("a projection's tables") {
+            for (left, right) in [("public", schema.as_str()), (schema.as_str(), "public")] {
+                let differing: i64 = sqlx::query_scalar(&format!(
+                    "SELECT count(*) FROM (SELECT * FROM {left}.{table} EXCEPT ALL SELECT * FROM {right}.{table}) d"
+                ))
+                .fetch_one(pool)
+                .await
+                .expect("comparing a read model with its rebuild");
+                assert_eq!(
+                    differing, 0,
+                    "{left}.{table} has rows {right}.{table} has not"
+                );
+            }
+        }
+        let applied: i64 = sqlx::query_scalar(
+            "SELECT coalesce(sum(events_applied), 0)::bigint FROM projection_checkpoints WHERE projection = $1",
+        )
+        .bind(projection)
+        .fetch_one(pool)
+        .await
+        .expect("reading the checkpoints");
+        assert_eq!(
+            applied as u64, report.events_applied,
+            "{projection}: every event counted as applied exactly once"
+        );
+    }
+    let parked: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letters")
+        .fetch_one(pool)
+        .await
+        .expect("counting parked events");
+    assert_eq!(parked, 0, "nothing is parked");
+}
+
+/// Whether every partition of every projection (`partitions` each) has
+/// caught up with every event committed so far.
+pub async fn projections_caught_up(pool: &PgPool, partitions: u32) -> bool {
+    let caught_up: Option<bool> = sqlx::query_scalar(
+        "WITH last AS (SELECT transaction_id::text::bigint AS t, position AS p FROM events
+                        ORDER BY transaction_id DESC, position DESC LIMIT 1)
+         SELECT count(*) = $1 AND bool_and((caught_up_transaction, caught_up_position) >= (last.t, last.p))
+           FROM projection_checkpoints, last
+          GROUP BY ()",
+    )
+    .bind(i64::from(partitions) * projections::PROJECTIONS.len() as i64)
+    .fetch_optional(pool)
+    .await
+    .unwrap_or(None);
+    caught_up.unwrap_or(false)
 }

@@ -30,6 +30,8 @@ pub struct NatsServer {
     bin: PathBuf,
     dir: PathBuf,
     port: u16,
+    /// Arguments after the common ones (a cluster node's name and routes).
+    extra_args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -50,16 +52,23 @@ fn free_port() -> anyhow::Result<u16> {
 impl NatsServer {
     /// Starts a new server and waits until it accepts clients.
     pub fn start() -> anyhow::Result<Self> {
+        let mut server = Self::reserve()?;
+        server.start_again()?;
+        Ok(server)
+    }
+
+    /// A server on a free port that is not started: clients pointed at
+    /// [`Self::url`] find nothing listening until [`Self::start_again`].
+    pub fn reserve() -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(format!("souk-nats-{}", uuid::Uuid::now_v7().simple()));
         std::fs::create_dir_all(&dir).context("creating the NATS store directory")?;
-        let mut server = Self {
+        Ok(Self {
             bin: nats_server_bin(),
             dir,
             port: free_port()?,
+            extra_args: Vec::new(),
             child: None,
-        };
-        server.start_again()?;
-        Ok(server)
+        })
     }
 
     pub fn port(&self) -> u16 {
@@ -82,6 +91,11 @@ impl NatsServer {
     /// Starts the server again on the same port and store directory (its
     /// streams survive), and waits until it accepts clients.
     pub fn start_again(&mut self) -> anyhow::Result<()> {
+        self.spawn()?;
+        self.wait_ready()
+    }
+
+    fn spawn(&mut self) -> anyhow::Result<()> {
         if self.child.is_some() {
             bail!("nats-server is already running");
         }
@@ -97,13 +111,14 @@ impl NatsServer {
                 "-sd",
             ])
             .arg(self.dir.join("store"))
+            .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().context("sharing the NATS log")?)
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting {}", self.bin.display()))?;
         self.child = Some(child);
-        self.wait_ready()
+        Ok(())
     }
 
     /// Waits until the server greets a client with its `INFO` line.
@@ -144,13 +159,82 @@ impl Drop for NatsServer {
     }
 }
 
-/// Connects to the NATS server at `url`, within a bounded time.
+/// Three (or more) private `nats-server`s with JetStream, routed to each
+/// other as one cluster on loopback ports, each with its own store
+/// directory. A node may be killed and started again; all go on drop.
+#[derive(Debug)]
+pub struct NatsCluster {
+    nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts `size` nodes and waits until each accepts clients (JetStream
+    /// elects its meta leader shortly after: clients retry until then).
+    pub fn start(size: usize) -> anyhow::Result<Self> {
+        let name = format!("souk_test_{}", uuid::Uuid::now_v7().simple());
+        let mut nodes = Vec::with_capacity(size);
+        let mut route_ports = Vec::with_capacity(size);
+        for _ in 0..size {
+            nodes.push(NatsServer::reserve()?);
+            route_ports.push(free_port()?);
+        }
+        let routes = route_ports
+            .iter()
+            .map(|port| format!("nats://127.0.0.1:{port}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        for (index, node) in nodes.iter_mut().enumerate() {
+            node.extra_args = vec![
+                "--server_name".to_owned(),
+                format!("{name}_n{index}"),
+                "--cluster_name".to_owned(),
+                name.clone(),
+                "--cluster".to_owned(),
+                format!("nats://127.0.0.1:{}", route_ports[index]),
+                "--routes".to_owned(),
+                routes.clone(),
+            ];
+        }
+        // Every node must be spawned before any is waited for: a node
+        // reaches its routes while they come up.
+        for node in &mut nodes {
+            node.spawn()?;
+        }
+        for node in &mut nodes {
+            node.wait_ready()?;
+        }
+        Ok(Self { nodes })
+    }
+
+    /// Every node's client URL, comma separated (what `NATS_URL` takes).
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Kills node `index` (as a crash would).
+    pub fn stop(&mut self, index: usize) -> anyhow::Result<()> {
+        self.nodes[index].stop()
+    }
+
+    /// Starts node `index` again with its store (it rejoins the cluster).
+    pub fn start_again(&mut self, index: usize) -> anyhow::Result<()> {
+        self.nodes[index].start_again()
+    }
+}
+
+/// Connects to the NATS server at `url` (or one of a comma-separated list),
+/// within a bounded time.
 pub async fn connect(url: &str) -> anyhow::Result<async_nats::Client> {
+    let servers = event_store::nats::server_addrs(url)?;
     tokio::time::timeout(
         NATS_TIMEOUT,
         async_nats::ConnectOptions::new()
             .connection_timeout(NATS_TIMEOUT)
-            .connect(url),
+            .connect(servers),
     )
     .await
     .with_context(|| format!("connecting to {url} timed out"))?

@@ -58,8 +58,8 @@ fn is_root() -> bool {
 }
 
 impl PgCluster {
-    /// Initialises and starts a new server.
-    pub fn start() -> anyhow::Result<Self> {
+    /// A cluster directory and port, nothing in them yet.
+    fn prepare() -> anyhow::Result<Self> {
         let bin = bin_dir()?;
         let dir = std::env::temp_dir().join(format!("souk-pg-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).context("creating the cluster directory")?;
@@ -68,12 +68,44 @@ impl PgCluster {
             // PostgreSQL refuses to run as root: the cluster belongs to `postgres`.
             run(Command::new("chown").arg("postgres:postgres").arg(&dir))?;
         }
-        let cluster = Self {
+        Ok(Self {
             bin,
             dir,
             port: free_port()?,
             as_postgres,
-        };
+        })
+    }
+
+    /// A streaming hot standby of `primary` (`pg_basebackup -R`: a copy of
+    /// its data that follows its WAL and answers read-only queries), started.
+    pub fn standby_of(primary: &PgCluster) -> anyhow::Result<Self> {
+        let standby = Self::prepare()?;
+        standby.pg(
+            "pg_basebackup",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &primary.port.to_string(),
+                "-U",
+                "postgres",
+                "-D",
+                &standby.data(),
+                "-R",
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+                "--no-sync",
+            ],
+        )?;
+        standby.start_again()?;
+        Ok(standby)
+    }
+
+    /// Initialises and starts a new server.
+    pub fn start() -> anyhow::Result<Self> {
+        let cluster = Self::prepare()?;
         cluster.pg(
             "initdb",
             &[
