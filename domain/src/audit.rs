@@ -59,23 +59,12 @@ pub fn decode<A: Aggregate>(
     event_version: &str,
     payload: &str,
 ) -> Result<A::Event, Finding> {
-    let event: A::Event = serde_json::from_str(payload).map_err(|error| {
+    A::Event::decode(event_type, event_version, payload).map_err(|error| {
         Finding::new(
             "undecodable",
-            format!("the payload is not a {} event: {error}", A::TYPE),
+            format!("{} {event_type} version {event_version}: {error}", A::TYPE),
         )
-    })?;
-    if event.event_type() != event_type || event.event_version() != event_version {
-        return Err(Finding::new(
-            "undecodable",
-            format!(
-                "the envelope says {event_type} version {event_version} but the payload is {} version {}",
-                event.event_type(),
-                event.event_version()
-            ),
-        ));
-    }
-    Ok(event)
+    })
 }
 
 /// The statuses an order may be in when an event of `event_type` happens to
@@ -1169,6 +1158,7 @@ mod tests {
                 all.extend([
                     OrderCommand::Reject {
                         actor,
+                        code: "insufficient_stock",
                         reason: "r".into(),
                     },
                     OrderCommand::Confirm { actor },

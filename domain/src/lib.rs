@@ -43,6 +43,43 @@ pub trait DomainEvent:
     fn event_type(&self) -> String;
     /// The version of the event's payload shape.
     fn event_version(&self) -> String;
+
+    /// Reads a stored event from its envelope (`event_type`,
+    /// `event_version`) and its JSON payload: the one entry point of each
+    /// aggregate's events. It dispatches on `event_version`, so an upcaster
+    /// (an older shape read as the current one) has one obvious place;
+    /// every other version goes through [`decode_current`].
+    fn decode(event_type: &str, event_version: &str, payload: &str) -> Result<Self, DecodeError>;
+}
+
+/// Why a stored event could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct DecodeError(pub String);
+
+/// Reads `payload` in the event's current shape and checks that it is the
+/// event and the version the envelope names.
+pub fn decode_current<E: DomainEvent>(
+    event_type: &str,
+    event_version: &str,
+    payload: &str,
+) -> Result<E, DecodeError> {
+    let event: E = serde_json::from_str(payload).map_err(|error| {
+        DecodeError(format!("the payload is not a {event_type} event: {error}"))
+    })?;
+    if event.event_type() != event_type {
+        return Err(DecodeError(format!(
+            "the envelope says {event_type} but the payload is {}",
+            event.event_type()
+        )));
+    }
+    if event.event_version() != event_version {
+        return Err(DecodeError(format!(
+            "{event_type} version {event_version} is not supported (this code reads version {})",
+            event.event_version()
+        )));
+    }
+    Ok(event)
 }
 
 /// The state of one aggregate, rebuilt by applying its events in order.

@@ -16,7 +16,7 @@ use crate::values::{
     Actor, Currency, Description, Label, ListingId, Location, Money, ProductId, Role, Title, Url,
     UserId, ValidationError, WalletId,
 };
-use crate::{Aggregate, Decide, DomainError, DomainEvent, Refusal};
+use crate::{Aggregate, Decide, DecodeError, DomainError, DomainEvent, Refusal};
 
 /// Most images one listing may show.
 pub const MAX_IMAGES: usize = 20;
@@ -349,6 +349,10 @@ impl DomainEvent for ListingEvent {
 
     fn event_version(&self) -> String {
         "1".to_owned()
+    }
+
+    fn decode(event_type: &str, event_version: &str, payload: &str) -> Result<Self, DecodeError> {
+        crate::decode_current(event_type, event_version, payload)
     }
 }
 

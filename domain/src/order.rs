@@ -26,7 +26,7 @@ use crate::values::{
     Actor, CheckoutId, Comment, CountryCode, Currency, HoldId, Label, ListingId, Money, OrderId,
     ProductId, Reason, Reference, Role, Text, UserId, ValidationError, WalletId,
 };
-use crate::{Aggregate, Decide, DomainError, DomainEvent, Refusal};
+use crate::{Aggregate, Decide, DecodeError, DomainError, DomainEvent, Refusal};
 
 /// Escrow goes to the seller this long after shipment if the buyer never
 /// confirms delivery.
@@ -309,8 +309,13 @@ pub enum OrderCommand {
         buyer_wallet: Option<WalletId>,
         seller_wallet: Option<WalletId>,
     },
-    /// Souk: stock or funds could not be secured.
-    Reject { actor: Actor, reason: String },
+    /// Souk: stock, funds or the buyer's hold could not be secured; `code`
+    /// is the refusal's, `reason` says it in a sentence.
+    Reject {
+        actor: Actor,
+        code: &'static str,
+        reason: String,
+    },
     /// Souk: stock (and funds, for wallet escrow) are secured.
     Confirm { actor: Actor },
     /// An admin: the bank transfer arrived.
@@ -374,7 +379,10 @@ pub enum OrderEvent {
         seller_wallet: Option<WalletId>,
         total: Money,
     },
+    /// Version 2: `code` is the stable code of the refusal, `reason` says
+    /// it in a sentence (version 1 had `reason` only, holding the code).
     OrderRejected {
+        code: String,
         reason: String,
     },
     OrderAwaitingPayment,
@@ -445,8 +453,38 @@ impl DomainEvent for OrderEvent {
     }
 
     fn event_version(&self) -> String {
-        "1".to_owned()
+        match self {
+            Self::OrderRejected { .. } => "2",
+            _ => "1",
+        }
+        .to_owned()
     }
+
+    fn decode(event_type: &str, event_version: &str, payload: &str) -> Result<Self, DecodeError> {
+        match (event_type, event_version) {
+            ("OrderRejected", "1") => upcast_order_rejected_v1(payload),
+            _ => crate::decode_current(event_type, event_version, payload),
+        }
+    }
+}
+
+/// Version 1 of `OrderRejected` had only `reason`, which always held the
+/// code of the refusal (`insufficient_stock`); version 2 keeps the code and
+/// a sentence apart.
+fn upcast_order_rejected_v1(payload: &str) -> Result<OrderEvent, DecodeError> {
+    #[derive(Deserialize)]
+    enum V1 {
+        OrderRejected { reason: String },
+    }
+    let V1::OrderRejected { reason } = serde_json::from_str(payload).map_err(|error| {
+        DecodeError(format!(
+            "the payload is not an OrderRejected version 1 event: {error}"
+        ))
+    })?;
+    Ok(OrderEvent::OrderRejected {
+        code: reason.clone(),
+        reason,
+    })
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -693,12 +731,17 @@ impl Decide for Order {
                     seller_wallet,
                 );
             }
-            OrderCommand::Reject { actor, reason } => {
+            OrderCommand::Reject {
+                actor,
+                code,
+                reason,
+            } => {
                 self.allow(actor.is_system(), "only Souk rejects orders")?;
                 self.expect("reject", &[Placed])?;
                 // A compensation step must not fail over the length of its
                 // message, so an overlong reason is cut rather than refused.
                 OrderEvent::OrderRejected {
+                    code: code.to_owned(),
                     reason: reason.chars().take(MAX_REJECT_REASON_LEN).collect(),
                 }
             }
@@ -1213,9 +1256,11 @@ mod tests {
         let order = given::<Order>([placed(PaymentMethod::Cod)])
             .when(C::Reject {
                 actor: system(),
+                code: "insufficient_stock",
                 reason: long,
             })
             .then(vec![E::OrderRejected {
+                code: "insufficient_stock".to_owned(),
                 reason: "x".repeat(MAX_REJECT_REASON_LEN),
             }]);
         assert_eq!(order.status(), OrderStatus::Rejected);
@@ -1227,6 +1272,7 @@ mod tests {
             given::<Order>([placed(PaymentMethod::Cod)])
                 .when(C::Reject {
                     actor,
+                    code: "insufficient_stock",
                     reason: String::new(),
                 })
                 .then_refused("forbidden");
@@ -1234,6 +1280,7 @@ mod tests {
         let error = given::<Order>([placed(PaymentMethod::Cod), E::OrderConfirmed])
             .when(C::Reject {
                 actor: system(),
+                code: "insufficient_stock",
                 reason: String::new(),
             })
             .then_refused("illegal_transition");
@@ -1731,5 +1778,27 @@ mod tests {
                 .code,
             "invalid_country"
         );
+    }
+
+    #[test]
+    fn an_order_rejected_of_version_1_reads_as_version_2() {
+        let old = r#"{"OrderRejected":{"reason":"insufficient_stock"}}"#;
+        assert_eq!(
+            OrderEvent::decode("OrderRejected", "1", old),
+            Ok(E::OrderRejected {
+                code: "insufficient_stock".to_owned(),
+                reason: "insufficient_stock".to_owned(),
+            })
+        );
+        let current = E::OrderRejected {
+            code: "reservation_expired".to_owned(),
+            reason: "reservation 1 has expired".to_owned(),
+        };
+        let text = serde_json::to_string(&current).unwrap();
+        assert_eq!(current.event_version(), "2");
+        assert_eq!(OrderEvent::decode("OrderRejected", "2", &text), Ok(current));
+        assert!(OrderEvent::decode("OrderRejected", "3", &text).is_err());
+        assert!(OrderEvent::decode("OrderRejected", "1", r#"{"OrderConfirmed":null}"#).is_err());
+        assert!(OrderEvent::decode("OrderConfirmed", "1", old).is_err());
     }
 }

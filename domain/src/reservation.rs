@@ -15,7 +15,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::values::{Actor, HoldId, ListingId, OrderId, Reason, Role, UserId};
-use crate::{Aggregate, Decide, DomainError, DomainEvent, Refusal};
+use crate::{Aggregate, Decide, DecodeError, DomainError, DomainEvent, Refusal};
 
 /// Most units one hold may take, so that one buyer cannot lock a pool with
 /// a single command.
@@ -169,6 +169,10 @@ impl DomainEvent for ReservationEvent {
 
     fn event_version(&self) -> String {
         "1".to_owned()
+    }
+
+    fn decode(event_type: &str, event_version: &str, payload: &str) -> Result<Self, DecodeError> {
+        crate::decode_current(event_type, event_version, payload)
     }
 }
 

@@ -18,7 +18,7 @@ use crate::values::{
     Actor, Comment, CustomizationId, Description, Label, ListingId, Money, OrderId, ProductId,
     Role, StoryBody, StoryId, Title, Url, UserId,
 };
-use crate::{Aggregate, Decide, DomainError, DomainEvent, Refusal};
+use crate::{Aggregate, Decide, DecodeError, DomainError, DomainEvent, Refusal};
 
 /// Most media URLs on one story or one completed customization.
 pub const MAX_MEDIA: usize = 10;
@@ -240,6 +240,10 @@ impl DomainEvent for TimelineEvent {
 
     fn event_version(&self) -> String {
         "1".to_owned()
+    }
+
+    fn decode(event_type: &str, event_version: &str, payload: &str) -> Result<Self, DecodeError> {
+        crate::decode_current(event_type, event_version, payload)
     }
 }
 

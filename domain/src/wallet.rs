@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::values::{
     Actor, Currency, MAX_AMOUNT, Money, OrderId, Reference, Role, UserId, WalletId,
 };
-use crate::{Aggregate, Decide, DomainError, DomainEvent, Refusal};
+use crate::{Aggregate, Decide, DecodeError, DomainError, DomainEvent, Refusal};
 
 /// Escrow locked in a buyer's wallet for one order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -268,6 +268,10 @@ impl DomainEvent for WalletEvent {
 
     fn event_version(&self) -> String {
         "1".to_owned()
+    }
+
+    fn decode(event_type: &str, event_version: &str, payload: &str) -> Result<Self, DecodeError> {
+        crate::decode_current(event_type, event_version, payload)
     }
 }
 

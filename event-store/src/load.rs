@@ -1,7 +1,7 @@
 //! Loading an aggregate: its snapshot, if a usable one exists, then the
 //! events recorded after it.
 
-use domain::Decide;
+use domain::{Decide, DomainEvent};
 use sqlx::postgres::PgPool;
 
 use crate::record::GENESIS_HASH;
@@ -40,8 +40,8 @@ pub(crate) async fn load<A: Decide>(pool: &PgPool, id: &str) -> Result<Cached<A>
             }
         }
     }
-    let rows: Vec<(i64, String, Vec<u8>)> = sqlx::query_as(
-        "SELECT sequence, payload::text, hash FROM events
+    let rows: Vec<(i64, String, String, String, Vec<u8>)> = sqlx::query_as(
+        "SELECT sequence, event_type, event_version, payload::text, hash FROM events
           WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence > $3
           ORDER BY sequence",
     )
@@ -51,7 +51,7 @@ pub(crate) async fn load<A: Decide>(pool: &PgPool, id: &str) -> Result<Cached<A>
     .fetch_all(pool)
     .await
     .map_err(crate::store::db_error)?;
-    for (sequence, payload, hash) in rows {
+    for (sequence, event_type, event_version, payload, hash) in rows {
         if sequence != cached.version + 1 {
             return Err(ExecError::Internal(format!(
                 "{} {id}: event {sequence} follows {}",
@@ -59,7 +59,7 @@ pub(crate) async fn load<A: Decide>(pool: &PgPool, id: &str) -> Result<Cached<A>
                 cached.version
             )));
         }
-        let event: A::Event = serde_json::from_str(&payload).map_err(|error| {
+        let event = A::Event::decode(&event_type, &event_version, &payload).map_err(|error| {
             ExecError::Internal(format!("{} {id} event {sequence}: {error}", A::TYPE))
         })?;
         cached.state.apply(event);

@@ -141,28 +141,17 @@ pub(crate) type Refused = (usize, ApplyError);
 pub(crate) fn parse_event<E: DeserializeOwned + DomainEvent>(
     event: &RecordedEvent,
 ) -> Result<E, ApplyError> {
-    let parsed = event.payload.parse::<E>().map_err(|error| {
+    E::decode(
+        &event.event_type,
+        &event.event_version,
+        event.payload.text(),
+    )
+    .map_err(|error| {
         ApplyError::new(format!(
-            "the payload of {} {} is not a {} event: {error}",
-            event.aggregate_type, event.event_type, event.aggregate_type
+            "the payload of {} {} version {} is not a {} event: {error}",
+            event.aggregate_type, event.event_type, event.event_version, event.aggregate_type
         ))
-    })?;
-    if parsed.event_type() != event.event_type {
-        return Err(ApplyError::new(format!(
-            "the envelope says {} but the payload is {}",
-            event.event_type,
-            parsed.event_type()
-        )));
-    }
-    if parsed.event_version() != event.event_version {
-        return Err(ApplyError::new(format!(
-            "{} version {} is not supported (this projector reads version {})",
-            event.event_type,
-            event.event_version,
-            parsed.event_version()
-        )));
-    }
-    Ok(parsed)
+    })
 }
 
 /// The aggregate id of `event` as a UUID (every Souk aggregate id is one).

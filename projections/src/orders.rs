@@ -299,10 +299,10 @@ fn apply_one(
                 version: event.sequence,
             }
         }
-        OrderEvent::OrderRejected { reason } => {
+        OrderEvent::OrderRejected { code, .. } => {
             let mut row = existing()?;
             row.status = status(OrderStatus::Rejected);
-            row.reject_reason = Some(reason);
+            row.reject_reason = Some(code);
             row
         }
         OrderEvent::OrderAwaitingPayment => {

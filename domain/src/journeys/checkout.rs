@@ -234,7 +234,8 @@ impl Checkout {
                     &key(order.order_id),
                     OrderCommand::Reject {
                         actor: Actor::system(),
-                        reason: reason.to_owned(),
+                        code: reason,
+                        reason: error.to_string(),
                     },
                 )?;
                 Ok(OrderOutcome {
