@@ -11,14 +11,13 @@
 
 use std::collections::BTreeMap;
 
-use axum::Router;
 use axum::extract::State;
 use axum::response::Response;
-use axum::routing::post;
 use chrono::{DateTime, TimeDelta, Utc};
 use domain::listing::{Listing, ListingStatus};
 use domain::order::{
-    Order, OrderCommand, OrderLine, OrderStatus, PaymentMethod, Rating, ShippingAddress,
+    AddressLine, OptionalAddressLine, Order, OrderCommand, OrderLine, OrderStatus, PaymentMethod,
+    PostalCode, Rating, ShippingAddress,
 };
 use domain::reservation::{Reservation, ReservationCommand};
 use domain::timeline::{ProductTimeline, TimelineCommand, TimelineEntry};
@@ -29,59 +28,100 @@ use domain::values::{
 use domain::wallet::{Wallet, WalletCommand};
 use domain::{Decide, Refusal};
 use event_store::{ExecError, Plan, StreamRef, Timer};
+use http_kit::openapi::Routes;
+use http_kit::openapi::{AcceptedBody, text, text_or_null};
 use http_kit::{ApiError, AuthUser, IdPath, JsonBody, RequestMeta};
 use serde::Deserialize;
 use serde_json::json;
+use utoipa::{OpenApi, ToSchema};
 use uuid::Uuid;
 
 use super::listings::{refused, single_body};
 use super::{EMPTY_BODY_SHA256, bounded, exec_error, field, ok_reply, respond, single};
 use crate::app::AppState;
+use crate::openapi::{ACCEPTED, CheckoutAccepted};
+
+const ORDER_ID: &str = "The order. Anything but a UUID is 400 `invalid_id`.";
 
 /// How long the stock of an order awaiting a bank transfer stays held.
 pub const BANK_TRANSFER_HOLD: TimeDelta = TimeDelta::days(3);
 /// Stock of a confirmed order stays held until it ships; this bounds it.
 pub const CONFIRMED_ORDER_HOLD: TimeDelta = TimeDelta::days(365);
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/orders", post(checkout))
-        .route("/orders/{id}/confirm-payment", post(confirm_payment))
-        .route("/orders/{id}/ship", post(ship))
-        .route("/orders/{id}/deliver", post(deliver))
-        .route("/orders/{id}/release-escrow", post(release_escrow))
-        .route("/orders/{id}/complete", post(complete))
-        .route("/orders/{id}/cancel", post(cancel))
-        .route("/orders/{id}/return", post(request_return))
-        .route("/orders/{id}/returned", post(mark_returned))
-        .route("/orders/{id}/refund", post(refund))
-        .route("/orders/{id}/review", post(review))
+/// The OpenAPI description of these routes.
+#[derive(OpenApi)]
+#[openapi(
+    paths(
+        checkout,
+        confirm_payment,
+        ship,
+        deliver,
+        release_escrow,
+        complete,
+        cancel,
+        request_return,
+        mark_returned,
+        refund,
+        review
+    ),
+    components(schemas(LineBody))
+)]
+pub(super) struct Api;
+
+pub fn routes() -> Routes<AppState> {
+    Routes::new()
+        .post("/orders", checkout)
+        .post("/orders/{id}/confirm-payment", confirm_payment)
+        .post("/orders/{id}/ship", ship)
+        .post("/orders/{id}/deliver", deliver)
+        .post("/orders/{id}/release-escrow", release_escrow)
+        .post("/orders/{id}/complete", complete)
+        .post("/orders/{id}/cancel", cancel)
+        .post("/orders/{id}/return", request_return)
+        .post("/orders/{id}/returned", mark_returned)
+        .post("/orders/{id}/refund", refund)
+        .post("/orders/{id}/review", review)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = CheckoutLine)]
 pub struct LineBody {
+    /// An active listing.
     listing_id: Uuid,
+    #[schema(schema_with = crate::openapi::line_quantity)]
     quantity: u32,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = ShippingAddress)]
 pub struct AddressBody {
+    #[schema(schema_with = text::<Label>)]
     name: String,
+    #[schema(schema_with = text::<AddressLine>)]
     line1: String,
+    /// Blank is none.
+    #[schema(schema_with = text_or_null::<OptionalAddressLine>)]
     line2: Option<String>,
+    #[schema(schema_with = text::<Label>)]
     city: String,
+    #[schema(schema_with = text::<PostalCode>)]
     postal_code: String,
+    #[schema(schema_with = http_kit::openapi::country_code)]
     country: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Checkout {
+    #[schema(schema_with = crate::openapi::lines)]
     lines: Vec<LineBody>,
     shipping_address: AddressBody,
+    #[schema(schema_with = crate::openapi::payment_method)]
     payment_method: String,
+    /// The buyer's wallet; required for `wallet_escrow` (else 422
+    /// `wallet_required`).
     wallet_id: Option<Uuid>,
 }
 
@@ -106,6 +146,16 @@ struct PlannedOrder {
 /// Refusals that reject an order (recorded) rather than the request.
 const REJECTING_CODES: &[&str] = &["insufficient_stock", "insufficient_funds"];
 
+/// Check out
+///
+/// Places one order per seller (sharing a checkout id), reserves the stock
+/// of every line, holds the buyer's funds for `wallet_escrow` and confirms
+/// each order, in one transaction. An order whose stock or funds fall short
+/// is recorded as rejected (with the reason) rather than failing the
+/// request. 201; `id` and `version` are those of the first order.
+#[utoipa::path(post, path = "/orders", operation_id = "checkout", tag = "orders",
+    request_body = Checkout,
+    responses((status = 201, description = ACCEPTED, body = CheckoutAccepted)))]
 async fn checkout(
     State(state): State<AppState>,
     user: AuthUser,
@@ -588,12 +638,21 @@ pub(crate) fn capture_escrow(
     Ok(())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConfirmPayment {
+    /// The bank's reference of the transfer.
+    #[schema(schema_with = text::<Reference>)]
     reference: String,
 }
 
+/// Confirm a bank transfer
+///
+/// An admin confirms that a `bank_transfer` order was paid.
+#[utoipa::path(post, path = "/orders/{id}/confirm-payment", operation_id = "confirmPayment", tag = "orders",
+    params(("id" = Uuid, Path, description = ORDER_ID)),
+    request_body = ConfirmPayment,
+    responses((status = 200, description = ACCEPTED, body = AcceptedBody)))]
 async fn confirm_payment(
     State(state): State<AppState>,
     user: AuthUser,
@@ -657,13 +716,23 @@ async fn confirm_payment(
     .map_err(exec_error)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Ship {
+    #[schema(schema_with = text::<Label>)]
     carrier: String,
+    #[schema(schema_with = text::<Label>)]
     tracking_number: String,
 }
 
+/// Ship an order
+///
+/// The seller ships: the stock holds become sales and, for `wallet_escrow`, the
+/// escrow auto-release timer is armed.
+#[utoipa::path(post, path = "/orders/{id}/ship", operation_id = "ship", tag = "orders",
+    params(("id" = Uuid, Path, description = ORDER_ID)),
+    request_body = Ship,
+    responses((status = 200, description = ACCEPTED, body = AcceptedBody)))]
 async fn ship(
     State(state): State<AppState>,
     user: AuthUser,
@@ -731,6 +800,12 @@ async fn ship(
     .map_err(exec_error)
 }
 
+/// Confirm delivery
+///
+/// The buyer confirms delivery; the escrow is released to the seller.
+#[utoipa::path(post, path = "/orders/{id}/deliver", operation_id = "deliver", tag = "orders",
+    params(("id" = Uuid, Path, description = ORDER_ID)),
+    responses((status = 200, description = ACCEPTED, body = AcceptedBody)))]
 async fn deliver(
     State(state): State<AppState>,
     user: AuthUser,
@@ -765,6 +840,12 @@ async fn deliver(
     .map_err(exec_error)
 }
 
+/// Release the escrow
+///
+/// An admin releases a shipped order's escrow to the seller.
+#[utoipa::path(post, path = "/orders/{id}/release-escrow", operation_id = "releaseEscrow", tag = "orders",
+    params(("id" = Uuid, Path, description = ORDER_ID)),
+    responses((status = 200, description = ACCEPTED, body = AcceptedBody)))]
 async fn release_escrow(
     State(state): State<AppState>,
     user: AuthUser,
@@ -805,6 +886,12 @@ pub(crate) async fn release_escrow_with(
     .await
 }
 
+/// Complete an order
+///
+/// Closes a delivered order.
+#[utoipa::path(post, path = "/orders/{id}/complete", operation_id = "complete", tag = "orders",
+    params(("id" = Uuid, Path, description = ORDER_ID)),
+    responses((status = 200, description = ACCEPTED, body = AcceptedBody)))]
 async fn complete(
     State(state): State<AppState>,
     user: AuthUser,
@@ -827,13 +914,22 @@ async fn complete(
     .await
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WithReason {
+    /// Why.
     #[serde(default)]
+    #[schema(schema_with = text::<Reason>)]
     reason: String,
 }
 
+/// Cancel an order
+///
+/// Before shipment: releases the stock holds and refunds the escrow.
+#[utoipa::path(post, path = "/orders/{id}/cancel", operation_id = "cancel", tag = "orders",
+    params(("id" = Uuid, Path, description = ORDER_ID)),
+    request_body = WithReason,
+    responses((status = 200, description = ACCEPTED, body = AcceptedBody)))]
 async fn cancel(
     State(state): State<AppState>,
     user: AuthUser,
@@ -925,6 +1021,13 @@ pub(crate) async fn cancel_with(
     .await
 }
 
+/// Request a return
+///
+/// The buyer asks to return a delivered order within the return window.
+#[utoipa::path(post, path = "/orders/{id}/return", operation_id = "requestReturn", tag = "orders",
+    params(("id" = Uuid, Path, description = ORDER_ID)),
+    request_body = WithReason,
+    responses((status = 200, description = ACCEPTED, body = AcceptedBody)))]
 async fn request_return(
     State(state): State<AppState>,
     user: AuthUser,
@@ -950,6 +1053,12 @@ async fn request_return(
     .await
 }
 
+/// Mark an order returned
+///
+/// The seller received the returned items.
+#[utoipa::path(post, path = "/orders/{id}/returned", operation_id = "markReturned", tag = "orders",
+    params(("id" = Uuid, Path, description = ORDER_ID)),
+    responses((status = 200, description = ACCEPTED, body = AcceptedBody)))]
 async fn mark_returned(
     State(state): State<AppState>,
     user: AuthUser,
@@ -977,6 +1086,12 @@ async fn mark_returned(
     .map_err(exec_error)
 }
 
+/// Refund a returned order
+///
+/// Moves the payment back from the seller's wallet to the buyer's.
+#[utoipa::path(post, path = "/orders/{id}/refund", operation_id = "refund", tag = "orders",
+    params(("id" = Uuid, Path, description = ORDER_ID)),
+    responses((status = 200, description = ACCEPTED, body = AcceptedBody)))]
 async fn refund(
     State(state): State<AppState>,
     user: AuthUser,
@@ -1024,14 +1139,24 @@ async fn refund(
     .map_err(exec_error)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Review {
+    #[schema(schema_with = crate::openapi::rating)]
     rating: i64,
+    /// The review.
     #[serde(default)]
+    #[schema(schema_with = text::<Comment>)]
     comment: String,
 }
 
+/// Review the seller
+///
+/// The buyer rates the seller once, after delivery.
+#[utoipa::path(post, path = "/orders/{id}/review", operation_id = "review", tag = "orders",
+    params(("id" = Uuid, Path, description = ORDER_ID)),
+    request_body = Review,
+    responses((status = 200, description = ACCEPTED, body = AcceptedBody)))]
 async fn review(
     State(state): State<AppState>,
     user: AuthUser,
