@@ -9,11 +9,11 @@ use std::time::Duration;
 use anyhow::Context;
 use axum::extract::{FromRef, State};
 use axum::response::Response;
-use axum::routing::get;
 use axum::{Json, Router};
 use domain::journeys::Deadlines;
 use event_store::relay::{Relay, RelayConfig, RelayStatus, Role};
 use event_store::{EventStore, StoreConfig};
+use http_kit::openapi::Routes;
 use identity::JwtVerifier;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -155,12 +155,19 @@ impl App {
     }
 }
 
-fn router(state: AppState, config: &Config) -> Router {
-    let routes = Router::new()
-        .route("/health", get(health))
-        .route("/metrics", get(http_kit::telemetry::metrics))
-        .route("/openapi.json", get(openapi))
+/// Every route the command API serves, listed so that a test can hold them
+/// against the OpenAPI document.
+pub(crate) fn routes() -> Routes<AppState> {
+    Routes::new()
+        .get("/health", health)
+        .get("/metrics", metrics)
+        .get("/openapi.json", openapi)
         .merge(crate::routes::routes())
+}
+
+fn router(state: AppState, config: &Config) -> Router {
+    let routes = routes()
+        .into_router()
         .layer(http_kit::extract::body_limit(config.server.max_body_bytes))
         .with_state(state);
     http_kit::finish_router(routes, config.server.max_in_flight)
@@ -170,7 +177,20 @@ fn router(state: AppState, config: &Config) -> Router {
 /// role, whether it reaches NATS, and a stream whose replica count differs
 /// from `SOUK_STREAM_REPLICAS`. Commands need neither NATS nor the relay, so
 /// only the database (reachable, migrated) decides the status.
-async fn health(State(state): State<AppState>) -> Response {
+#[utoipa::path(
+    get,
+    path = "/health",
+    operation_id = "health",
+    tag = "service",
+    security(()),
+    responses(
+        (status = 200, description = "Up, database reachable.", body = crate::openapi::Health),
+        (status = 503, description = "The database is unreachable (a `Health` body), or the API is shedding load (an `Error` body).",
+            body = http_kit::openapi::HealthOrError,
+            headers(("Retry-After" = i32, description = "Seconds to wait before retrying."))),
+    ),
+)]
+pub(crate) async fn health(State(state): State<AppState>) -> Response {
     let migrated = *state.migrated.borrow();
     let mut extra = vec![(
         "migrations",
@@ -211,6 +231,30 @@ fn relay_health(status: &RelayStatus) -> serde_json::Value {
     relay
 }
 
-async fn openapi() -> Json<serde_json::Value> {
-    Json(crate::openapi::document())
+/// Prometheus metrics
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    operation_id = "metrics",
+    tag = "service",
+    security(()),
+    responses(
+        (status = 200, description = "The Prometheus text exposition format.", content_type = "text/plain", body = String),
+    ),
+)]
+pub(crate) async fn metrics() -> Response {
+    http_kit::telemetry::metrics().await
+}
+
+/// This document
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    operation_id = "openapi",
+    tag = "service",
+    security(()),
+    responses((status = 200, description = "The OpenAPI 3.1 document of this API.", body = serde_json::Value)),
+)]
+pub(crate) async fn openapi() -> Json<&'static serde_json::Value> {
+    Json(crate::openapi::document_json())
 }

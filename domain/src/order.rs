@@ -144,13 +144,20 @@ pub struct OrderLine {
     pub hold_id: HoldId,
 }
 
+/// The first line of a shipping address.
+pub type AddressLine = Text<1, 200>;
+/// The second line of a shipping address: blank is none.
+pub type OptionalAddressLine = Text<0, 200>;
+/// A postal code.
+pub type PostalCode = Text<1, 20>;
+
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct ShippingAddress {
     pub name: Label,
-    pub line1: Text<1, 200>,
-    pub line2: Option<Text<0, 200>>,
+    pub line1: AddressLine,
+    pub line2: Option<OptionalAddressLine>,
     pub city: Label,
-    pub postal_code: Text<1, 20>,
+    pub postal_code: PostalCode,
     pub country: CountryCode,
 }
 
@@ -185,11 +192,16 @@ impl ShippingAddress {
 pub struct Rating(u8);
 
 impl Rating {
+    /// The lowest rating.
+    pub const MIN: u8 = 1;
+    /// The highest rating.
+    pub const MAX: u8 = 5;
+
     /// Takes any integer so that out-of-range input (`0`, `300`, `-1`) is
     /// refused here with a clear code rather than by a number conversion.
     pub fn parse(value: i64) -> Result<Self, ValidationError> {
         match u8::try_from(value) {
-            Ok(rating @ 1..=5) => Ok(Self(rating)),
+            Ok(rating @ Self::MIN..=Self::MAX) => Ok(Self(rating)),
             _ => Err(ValidationError::new(
                 "invalid_rating",
                 "a rating is a whole number from 1 to 5",

@@ -11,13 +11,15 @@ use std::collections::BTreeMap;
 use axum::Router;
 use axum::handler::Handler;
 use axum::http::Method;
+use domain::values::{Text, Url};
 use serde::{Deserialize, Serialize};
+use utoipa::openapi::link::LinkBuilder;
 use utoipa::openapi::path::{Operation, Parameter, ParameterBuilder, ParameterIn};
 use utoipa::openapi::schema::{
-    AdditionalProperties, Object, ObjectBuilder, Schema, SchemaType, Type,
+    AdditionalProperties, Object, ObjectBuilder, OneOfBuilder, Schema, SchemaType, Type,
 };
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::openapi::{Content, HeaderBuilder, OpenApi, RefOr, Required, ResponseBuilder};
+use utoipa::openapi::{Content, HeaderBuilder, OpenApi, Ref, RefOr, Required, ResponseBuilder};
 use utoipa::{PartialSchema, ToSchema};
 
 /// The regular expression of a position token ([`event_store::Position`]'s
@@ -113,6 +115,146 @@ pub fn string_enum<'a>(values: impl IntoIterator<Item = &'a str>) -> ObjectBuild
     ObjectBuilder::new()
         .schema_type(Type::String)
         .enum_values(Some(values))
+}
+
+/// Characters Rust's `str::trim` removes (`char::is_whitespace`), as the
+/// inside of a regular-expression character class.
+const WHITESPACE: &str =
+    r"\t\n\u000b\u000c\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000";
+/// Control characters other than tab and newline, which text fields refuse
+/// (`char::is_control`), as the inside of a character class.
+const FORBIDDEN: &str = r"\u0000-\u0008\u000b-\u001f\u007f-\u009f";
+/// Control characters and whitespace, as the inside of a character class.
+const INVISIBLE: &str =
+    r"\u0000-\u0020\u007f-\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000";
+
+/// The bounds of a text type: `domain::values::Text`'s, so that a field's
+/// schema says what its parser accepts (`text::<Title>`).
+pub trait TextBounds {
+    const MIN_CHARS: usize;
+    const MAX_CHARS: usize;
+}
+
+impl<const MIN: usize, const MAX: usize> TextBounds for Text<MIN, MAX> {
+    const MIN_CHARS: usize = Self::MIN_CHARS;
+    const MAX_CHARS: usize = Self::MAX_CHARS;
+}
+
+/// A text field that `T::parse` accepts: `MIN_CHARS..=MAX_CHARS`
+/// characters after trimming, with a pattern that holds exactly for the
+/// characters `Text` takes.
+pub fn text<T: TextBounds>() -> Object {
+    text_builder::<T>().schema_type(Type::String).build()
+}
+
+/// [`text`], or null (an absent value).
+pub fn text_or_null<T: TextBounds>() -> Object {
+    text_builder::<T>()
+        .schema_type(SchemaType::from_iter([Type::String, Type::Null]))
+        .build()
+}
+
+fn text_builder<T: TextBounds>() -> ObjectBuilder {
+    let (min, max) = (T::MIN_CHARS, T::MAX_CHARS);
+    let pattern = if min == 0 {
+        format!("^[{WHITESPACE}]*[^{FORBIDDEN}]*[{WHITESPACE}]*$")
+    } else {
+        format!("^[{WHITESPACE}]*[^{INVISIBLE}][^{FORBIDDEN}]*[{WHITESPACE}]*$")
+    };
+    ObjectBuilder::new()
+        .min_length((min > 0).then_some(min))
+        .max_length(Some(max))
+        .pattern(Some(pattern))
+        .description(Some(format!(
+            "{min} to {max} characters after trimming surrounding whitespace; control \
+             characters other than tab and newline are refused."
+        )))
+}
+
+/// An http or https URL as `domain::values::Url::parse` accepts it.
+pub fn url() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .max_length(Some(Url::MAX_LEN))
+        .pattern(Some(format!("^https?://[^/{INVISIBLE}][^{INVISIBLE}]*$")))
+        .description(Some(format!(
+            "An http or https URL of at most {} bytes, without whitespace or control characters.",
+            Url::MAX_LEN
+        )))
+        .build()
+}
+
+/// A country as `domain::values::CountryCode::parse` accepts it.
+pub fn country_code() -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .pattern(Some("^[A-Z]{2}$"))
+        .description(Some("An ISO 3166-1 alpha-2 code, upper case."))
+        .build()
+}
+
+/// The body of `/health` (`router::health`): `status` and `database`,
+/// then the service's own `extra` fields: `(name, values, description)`.
+pub fn health_schema(extra: &[(&str, &[&str], &str)]) -> RefOr<Schema> {
+    let mut health = ObjectBuilder::new()
+        .property("status", string_enum(["ok", "degraded"]))
+        .property("database", string_enum(["up", "down"]));
+    for (name, values, description) in extra {
+        health = health.property(
+            *name,
+            string_enum(values.iter().copied()).description(Some(*description)),
+        );
+    }
+    health.into()
+}
+
+/// `/health`'s 503: a `Health` body (the database is down) or an `Error`
+/// (the API sheds load).
+#[derive(Debug)]
+pub struct HealthOrError;
+
+impl PartialSchema for HealthOrError {
+    fn schema() -> RefOr<Schema> {
+        OneOfBuilder::new()
+            .item(Ref::from_schema_name("Health"))
+            .item(Ref::from_schema_name(ErrorBody::name()))
+            .into()
+    }
+}
+
+impl ToSchema for HealthOrError {}
+
+/// A link from the `status` answer of `method path` to the operation
+/// `operation_id` (also the link's name), with its parameters as runtime
+/// expressions (`$response.body#/id`, `$request.path.id`). Schemathesis
+/// follows links to chain calls.
+pub fn link(
+    openapi: &mut OpenApi,
+    (method, path, status): (Method, &str, &str),
+    operation_id: &str,
+    parameters: &[(&str, &str)],
+) {
+    let Some(item) = openapi.paths.paths.get_mut(path) else {
+        return;
+    };
+    let operation = match method {
+        Method::GET => item.get.as_mut(),
+        Method::POST => item.post.as_mut(),
+        _ => None,
+    };
+    let Some(operation) = operation else {
+        return;
+    };
+    let Some(RefOr::T(response)) = operation.responses.responses.get_mut(status) else {
+        return;
+    };
+    let mut link = LinkBuilder::new().operation_id(operation_id);
+    for (name, value) in parameters {
+        link = link.parameter(*name, *value);
+    }
+    response
+        .links
+        .insert(operation_id.to_owned(), RefOr::T(link.build()));
 }
 
 /// The name of the bearer security scheme.

@@ -14,18 +14,16 @@
 use std::borrow::Cow;
 use std::sync::LazyLock;
 
+use axum::http::Method;
 use domain::values::{Label, MAX_AMOUNT};
 use http_kit::openapi::{
     Conventions, ErrorBody, ErrorDetail, MoneyBody, POSITION_INPUT_PATTERN, query_parameter,
     string_enum,
 };
 use projections::search::{MAX_QUERY_CHARS, MAX_QUERY_WORDS, Sort};
-use utoipa::openapi::link::LinkBuilder;
 use utoipa::openapi::path::{Parameter, ParameterIn};
-use utoipa::openapi::schema::{
-    KnownFormat, Object, ObjectBuilder, OneOfBuilder, Schema, SchemaFormat, Type,
-};
-use utoipa::openapi::{Ref, RefOr, Required};
+use utoipa::openapi::schema::{KnownFormat, Object, ObjectBuilder, Schema, SchemaFormat, Type};
+use utoipa::openapi::{RefOr, Required};
 use utoipa::{IntoParams, Modify, OpenApi, PartialSchema, ToSchema};
 
 use crate::params::{CursorKind, DEFAULT_LIMIT, MAX_CURSOR_LEN, MAX_LIMIT};
@@ -189,21 +187,14 @@ const LINKS: &[(&str, &[(&str, &str)])] = &[
 /// Adds [`LINKS`] to the 200 answers of their reads.
 fn links(openapi: &mut utoipa::openapi::OpenApi) {
     for (path, targets) in LINKS {
-        let Some(RefOr::T(ok)) = openapi
-            .paths
-            .paths
-            .get_mut(*path)
-            .and_then(|item| item.get.as_mut())
-            .and_then(|operation| operation.responses.responses.get_mut("200"))
-        else {
-            continue;
-        };
         for (operation_id, field) in *targets {
-            let link = LinkBuilder::new()
-                .operation_id(*operation_id)
-                .parameter("id", format!("$response.body#/{field}"))
-                .build();
-            ok.links.insert((*operation_id).to_owned(), RefOr::T(link));
+            let value = format!("$response.body#/{field}");
+            http_kit::openapi::link(
+                openapi,
+                (Method::GET, *path, "200"),
+                operation_id,
+                &[("id", value.as_str())],
+            );
         }
     }
 }
@@ -230,16 +221,11 @@ pub(crate) struct Health;
 
 impl PartialSchema for Health {
     fn schema() -> RefOr<Schema> {
-        ObjectBuilder::new()
-            .property("status", string_enum(["ok", "degraded"]))
-            .property("database", string_enum(["up", "down"]))
-            .property(
-                "notifications",
-                string_enum(["live", "connecting"]).description(Some(
-                    "Whether the notification consumer reads the event stream.",
-                )),
-            )
-            .into()
+        http_kit::openapi::health_schema(&[(
+            "notifications",
+            &["live", "connecting"],
+            "Whether the notification consumer reads the event stream.",
+        )])
     }
 }
 
@@ -249,20 +235,7 @@ impl ToSchema for Health {
     }
 }
 
-/// `/health`'s 503: a `Health` body (the database is down) or an `Error`
-/// (the API sheds load).
-pub(crate) struct HealthOrError;
-
-impl PartialSchema for HealthOrError {
-    fn schema() -> RefOr<Schema> {
-        OneOfBuilder::new()
-            .item(Ref::from_schema_name(Health::name()))
-            .item(Ref::from_schema_name(ErrorBody::name()))
-            .into()
-    }
-}
-
-impl ToSchema for HealthOrError {}
+pub(crate) use http_kit::openapi::HealthOrError;
 
 /// `?after=`, which every read takes.
 #[derive(Debug)]

@@ -98,5 +98,5 @@ async fn health_metrics_and_the_openapi_document_need_no_token() {
     assert!(metrics.contains("souk_events_appended_total"), "{metrics}");
     let openapi = app.get("/openapi.json").await;
     assert_eq!(openapi.status, 200);
-    assert_eq!(openapi.body["openapi"], "3.0.3");
+    assert_eq!(openapi.body["openapi"], "3.1.0");
 }

@@ -2,10 +2,8 @@
 //! transaction), price, details, pause/resume/delete, stock, reservations
 //! and their release (`domain::journeys::release_hold`).
 
-use axum::Router;
 use axum::extract::State;
 use axum::response::Response;
-use axum::routing::post;
 use chrono::Utc;
 use domain::journeys::{self, Stream};
 use domain::listing::{Condition, Listing, ListingCommand, ListingDetails, ListingStatus};
@@ -18,41 +16,69 @@ use domain::wallet::Wallet;
 use domain::{Decide, Refusal};
 use event_store::journey::stream_refs;
 use event_store::{ExecError, StreamRef};
+use http_kit::openapi::Routes;
+use http_kit::openapi::{AcceptedBody, text, text_or_null};
 use http_kit::{ApiError, AuthUser, IdPair, IdPath, JsonBody, RequestMeta};
 use serde::Deserialize;
 use serde_json::json;
+use utoipa::{OpenApi, ToSchema};
 
 use super::{
     EMPTY_BODY_SHA256, MoneyBody, bounded, created_reply, exec_error, field, ok_reply, respond,
     single,
 };
 use crate::app::AppState;
+use crate::openapi::{ACCEPTED, ListingCreated};
+
+const LISTING_ID: &str = "The listing. Anything but a UUID is 400 `invalid_id`.";
 
 /// Most units a seller can put in one listing's stock.
 pub const MAX_STOCK: u32 = 1_000_000;
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/listings", post(create))
-        .route("/listings/{id}/price", post(change_price))
-        .route("/listings/{id}/details", post(update_details))
-        .route("/listings/{id}/delete", post(delete))
-        .route("/listings/{id}/pause", post(pause))
-        .route("/listings/{id}/resume", post(resume))
-        .route("/listings/{id}/stock", post(set_stock))
-        .route("/listings/{id}/reservations", post(reserve))
-        .route(
+/// The OpenAPI description of these routes.
+#[derive(OpenApi)]
+#[openapi(paths(
+    create,
+    change_price,
+    update_details,
+    delete,
+    pause,
+    resume,
+    set_stock,
+    reserve,
+    release_reservation
+))]
+pub(super) struct Api;
+
+pub fn routes() -> Routes<AppState> {
+    Routes::new()
+        .post("/listings", create)
+        .post("/listings/{id}/price", change_price)
+        .post("/listings/{id}/details", update_details)
+        .post("/listings/{id}/delete", delete)
+        .post("/listings/{id}/pause", pause)
+        .post("/listings/{id}/resume", resume)
+        .post("/listings/{id}/stock", set_stock)
+        .post("/listings/{id}/reservations", reserve)
+        .post(
             "/listings/{id}/reservations/{reservation_id}/release",
-            post(release_reservation),
+            release_reservation,
         )
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// `lat` and `lon` go together (both or neither), else 422
+/// `invalid_coordinates`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = Location)]
 pub struct LocationBody {
+    #[schema(schema_with = text::<Label>)]
     city: String,
+    #[schema(schema_with = http_kit::openapi::country_code)]
     country: String,
+    #[schema(minimum = -90, maximum = 90)]
     lat: Option<f64>,
+    #[schema(minimum = -180, maximum = 180)]
     lon: Option<f64>,
 }
 
@@ -65,21 +91,29 @@ impl LocationBody {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateListing {
+    #[schema(schema_with = text::<Title>)]
     title: String,
     #[serde(default)]
+    #[schema(schema_with = text::<Description>)]
     description: String,
+    #[schema(schema_with = text::<Label>)]
     category: String,
+    #[schema(schema_with = text_or_null::<Label>)]
     subcategory: Option<String>,
+    #[schema(schema_with = crate::openapi::condition)]
     condition: String,
     price: MoneyBody,
+    #[schema(schema_with = crate::openapi::stock_quantity)]
     quantity: u32,
     location: LocationBody,
     #[serde(default)]
+    #[schema(schema_with = crate::openapi::attributes)]
     attributes: serde_json::Map<String, serde_json::Value>,
     #[serde(default)]
+    #[schema(schema_with = crate::openapi::images)]
     images: Vec<String>,
     /// An existing product (relisting something the seller owns).
     product_id: Option<uuid::Uuid>,
@@ -115,6 +149,13 @@ fn parse_quantity(quantity: u32) -> Result<u32, ApiError> {
     Ok(quantity)
 }
 
+/// Create a listing
+///
+/// Creates the listing, its stock pool and its product timeline entry in
+/// one transaction. 201 with the listing's id and its product's id.
+#[utoipa::path(post, path = "/listings", operation_id = "createListing", tag = "listings",
+    request_body = CreateListing,
+    responses((status = 201, description = ACCEPTED, body = ListingCreated)))]
 async fn create(
     State(state): State<AppState>,
     user: AuthUser,
@@ -285,12 +326,19 @@ async fn existing_listing(state: &AppState, id: ListingId) -> Result<Listing, Ap
     Ok(listing)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChangePrice {
     price: MoneyBody,
 }
 
+/// Change a listing's price
+///
+/// The seller changes the price; the product timeline records it.
+#[utoipa::path(post, path = "/listings/{id}/price", operation_id = "changePrice", tag = "listings",
+    params(("id" = Uuid, Path, description = LISTING_ID)),
+    request_body = ChangePrice,
+    responses((status = 200, description = ACCEPTED, body = AcceptedBody)))]
 async fn change_price(
     State(state): State<AppState>,
     user: AuthUser,
@@ -357,17 +405,25 @@ pub(crate) fn single_body<A: Decide>(
     )
 }
 
-/// Details to change; absent fields keep their value.
-#[derive(Debug, Deserialize)]
+/// Details to change; absent or null fields keep their value.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = UpdateListingDetails)]
 pub struct UpdateDetails {
+    #[schema(schema_with = text_or_null::<Title>)]
     title: Option<String>,
+    #[schema(schema_with = text_or_null::<Description>)]
     description: Option<String>,
+    #[schema(schema_with = text_or_null::<Label>)]
     category: Option<String>,
+    #[schema(schema_with = text_or_null::<Label>)]
     subcategory: Option<String>,
+    #[schema(schema_with = crate::openapi::condition_or_null)]
     condition: Option<String>,
     location: Option<LocationBody>,
+    #[schema(schema_with = crate::openapi::attributes_or_null)]
     attributes: Option<serde_json::Map<String, serde_json::Value>>,
+    #[schema(schema_with = crate::openapi::images_or_null)]
     images: Option<Vec<String>>,
 }
 
@@ -413,6 +469,13 @@ impl DetailChanges {
     }
 }
 
+/// Change a listing's details
+///
+/// Fields that are absent or null keep their value.
+#[utoipa::path(post, path = "/listings/{id}/details", operation_id = "updateListingDetails", tag = "listings",
+    params(("id" = Uuid, Path, description = LISTING_ID)),
+    request_body = UpdateDetails,
+    responses((status = 200, description = ACCEPTED, body = AcceptedBody)))]
 async fn update_details(
     State(state): State<AppState>,
     user: AuthUser,
@@ -486,6 +549,12 @@ async fn update_details(
     Ok(respond(accepted))
 }
 
+/// Delete a listing
+///
+/// A soft delete: the listing stays in the log.
+#[utoipa::path(post, path = "/listings/{id}/delete", operation_id = "deleteListing", tag = "listings",
+    params(("id" = Uuid, Path, description = LISTING_ID)),
+    responses((status = 200, description = ACCEPTED, body = AcceptedBody)))]
 async fn delete(
     state: State<AppState>,
     user: AuthUser,
@@ -498,6 +567,12 @@ async fn delete(
     .await
 }
 
+/// Pause a listing
+///
+/// A paused listing takes no orders.
+#[utoipa::path(post, path = "/listings/{id}/pause", operation_id = "pauseListing", tag = "listings",
+    params(("id" = Uuid, Path, description = LISTING_ID)),
+    responses((status = 200, description = ACCEPTED, body = AcceptedBody)))]
 async fn pause(
     state: State<AppState>,
     user: AuthUser,
@@ -510,6 +585,12 @@ async fn pause(
     .await
 }
 
+/// Resume a paused listing
+///
+/// The listing takes orders again.
+#[utoipa::path(post, path = "/listings/{id}/resume", operation_id = "resumeListing", tag = "listings",
+    params(("id" = Uuid, Path, description = LISTING_ID)),
+    responses((status = 200, description = ACCEPTED, body = AcceptedBody)))]
 async fn resume(
     state: State<AppState>,
     user: AuthUser,
@@ -543,12 +624,20 @@ async fn lifecycle(
     .await
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetStock {
+    #[schema(schema_with = crate::openapi::stock_quantity)]
     quantity: u32,
 }
 
+/// Set a listing's stock
+///
+/// The seller sets the units in stock; active holds are kept.
+#[utoipa::path(post, path = "/listings/{id}/stock", operation_id = "setStock", tag = "listings",
+    params(("id" = Uuid, Path, description = LISTING_ID)),
+    request_body = SetStock,
+    responses((status = 200, description = ACCEPTED, body = AcceptedBody)))]
 async fn set_stock(
     State(state): State<AppState>,
     user: AuthUser,
@@ -574,13 +663,24 @@ async fn set_stock(
     .await
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Reserve {
+    #[schema(schema_with = crate::openapi::hold_quantity)]
     quantity: u32,
+    #[schema(schema_with = crate::openapi::hold_ttl_seconds)]
     ttl_seconds: u32,
 }
 
+/// Hold stock of an active listing
+///
+/// Places a hold for the caller that expires after `ttl_seconds`. 201 with
+/// the hold's id (and the stock pool's version). 409 `listing_unavailable`
+/// when the listing is not active.
+#[utoipa::path(post, path = "/listings/{id}/reservations", operation_id = "reserveStock", tag = "listings",
+    params(("id" = Uuid, Path, description = LISTING_ID)),
+    request_body = Reserve,
+    responses((status = 201, description = ACCEPTED, body = AcceptedBody)))]
 async fn reserve(
     State(state): State<AppState>,
     user: AuthUser,
@@ -620,9 +720,18 @@ async fn reserve(
     single::<Reservation>(&state, &user, &meta, &body.sha256, id, command, reply).await
 }
 
+/// Release a stock hold
+///
 /// Frees a hold: its holder, the listing's seller or an admin. A second
 /// release is 409 `hold_not_active`; a hold an order took is released by
 /// cancelling the order (409 `reservation_in_order`).
+#[utoipa::path(post, path = "/listings/{id}/reservations/{reservation_id}/release",
+    operation_id = "releaseReservation", tag = "listings",
+    params(
+        ("id" = Uuid, Path, description = LISTING_ID),
+        ("reservation_id" = Uuid, Path, description = "The hold, as `POST /listings/{id}/reservations` answered it. Anything but a UUID is 400 `invalid_id`.")
+    ),
+    responses((status = 200, description = ACCEPTED, body = AcceptedBody)))]
 async fn release_reservation(
     State(state): State<AppState>,
     user: AuthUser,

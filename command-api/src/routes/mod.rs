@@ -10,20 +10,33 @@ mod products;
 mod wallets;
 
 use axum::Json;
-use axum::Router;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use domain::Decide;
 use domain::values::{Currency, Money, ValidationError};
 use event_store::{Accepted, ExecError, Reply};
+use http_kit::openapi::Routes;
 use http_kit::{ApiError, AuthUser, RequestMeta};
 use serde::Deserialize;
+use utoipa::{OpenApi, ToSchema};
 use uuid::Uuid;
 
 use crate::app::AppState;
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
+pub(crate) use listings::MAX_STOCK;
+
+/// The OpenAPI description of the command routes (`crate::openapi`
+/// completes it into the served document).
+pub(crate) fn openapi() -> utoipa::openapi::OpenApi {
+    let mut document = wallets::Api::openapi();
+    document.merge(listings::Api::openapi());
+    document.merge(orders::Api::openapi());
+    document.merge(products::Api::openapi());
+    document
+}
+
+pub fn routes() -> Routes<AppState> {
+    Routes::new()
         .merge(wallets::routes())
         .merge(listings::routes())
         .merge(orders::routes())
@@ -37,10 +50,13 @@ pub(crate) const EMPTY_BODY_SHA256: [u8; 32] = [
 ];
 
 /// Money as clients send it: `{"amount": 1999, "currency": "EUR"}`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = Money)]
 pub(crate) struct MoneyBody {
+    #[schema(schema_with = crate::openapi::amount)]
     pub amount: i64,
+    #[schema(schema_with = http_kit::openapi::currency)]
     pub currency: String,
 }
 

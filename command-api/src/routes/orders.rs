@@ -6,74 +6,126 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use axum::Router;
 use axum::extract::State;
 use axum::response::Response;
-use axum::routing::post;
 use chrono::{DateTime, Utc};
 use domain::Decide;
 use domain::journeys::{self, JourneyError};
 use domain::listing::Listing;
-use domain::order::{Order, OrderCommand, PaymentMethod, Rating, ShippingAddress};
+use domain::order::{
+    AddressLine, OptionalAddressLine, Order, OrderCommand, PaymentMethod, PostalCode, Rating,
+    ShippingAddress,
+};
 use domain::values::{
     Actor, Comment, HoldId, Label, ListingId, OrderId, Reason, Reference, ValidationError, WalletId,
 };
 use event_store::journey::stream_refs;
 use event_store::{ExecError, Plan, Timer};
+use http_kit::openapi::Routes;
+use http_kit::openapi::{AcceptedBody, text, text_or_null};
 use http_kit::{ApiError, AuthUser, IdPath, JsonBody, RequestMeta};
 use serde::Deserialize;
 use serde_json::json;
+use utoipa::{OpenApi, ToSchema};
 use uuid::Uuid;
 
 use super::listings::single_body;
 use super::{EMPTY_BODY_SHA256, bounded, exec_error, field, ok_reply, respond, single};
 use crate::app::AppState;
+use crate::openapi::{ACCEPTED, CheckoutAccepted};
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/orders", post(checkout))
-        .route("/orders/{id}/confirm-payment", post(confirm_payment))
-        .route("/orders/{id}/ship", post(ship))
-        .route("/orders/{id}/deliver", post(deliver))
-        .route("/orders/{id}/release-escrow", post(release_escrow))
-        .route("/orders/{id}/complete", post(complete))
-        .route("/orders/{id}/cancel", post(cancel))
-        .route("/orders/{id}/return", post(request_return))
-        .route("/orders/{id}/returned", post(mark_returned))
-        .route("/orders/{id}/refund", post(refund))
-        .route("/orders/{id}/review", post(review))
+const ORDER_ID: &str = "The order. Anything but a UUID is 400 `invalid_id`.";
+
+/// The OpenAPI description of these routes.
+#[derive(OpenApi)]
+#[openapi(
+    paths(
+        checkout,
+        confirm_payment,
+        ship,
+        deliver,
+        release_escrow,
+        complete,
+        cancel,
+        request_return,
+        mark_returned,
+        refund,
+        review
+    ),
+    components(schemas(LineBody))
+)]
+pub(super) struct Api;
+
+pub fn routes() -> Routes<AppState> {
+    Routes::new()
+        .post("/orders", checkout)
+        .post("/orders/{id}/confirm-payment", confirm_payment)
+        .post("/orders/{id}/ship", ship)
+        .post("/orders/{id}/deliver", deliver)
+        .post("/orders/{id}/release-escrow", release_escrow)
+        .post("/orders/{id}/complete", complete)
+        .post("/orders/{id}/cancel", cancel)
+        .post("/orders/{id}/return", request_return)
+        .post("/orders/{id}/returned", mark_returned)
+        .post("/orders/{id}/refund", refund)
+        .post("/orders/{id}/review", review)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = CheckoutLine)]
 pub struct LineBody {
+    /// An active listing.
     listing_id: Uuid,
+    #[schema(schema_with = crate::openapi::line_quantity)]
     quantity: u32,
     /// The buyer's own hold on the listing, confirmed by this checkout
     /// instead of a new hold.
     reservation_id: Option<Uuid>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = ShippingAddress)]
 pub struct AddressBody {
+    #[schema(schema_with = text::<Label>)]
     name: String,
+    #[schema(schema_with = text::<AddressLine>)]
     line1: String,
+    /// Blank is none.
+    #[schema(schema_with = text_or_null::<OptionalAddressLine>)]
     line2: Option<String>,
+    #[schema(schema_with = text::<Label>)]
     city: String,
+    #[schema(schema_with = text::<PostalCode>)]
     postal_code: String,
+    #[schema(schema_with = http_kit::openapi::country_code)]
     country: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Checkout {
+    #[schema(schema_with = crate::openapi::lines)]
     lines: Vec<LineBody>,
     shipping_address: AddressBody,
+    #[schema(schema_with = crate::openapi::payment_method)]
     payment_method: String,
+    /// The buyer's wallet; required for `wallet_escrow` (else 422
+    /// `wallet_required`).
     wallet_id: Option<Uuid>,
 }
 
+/// Check out
+///
+/// Places one order per seller (sharing a checkout id), reserves the stock
+/// of every line, holds the buyer's funds for `wallet_escrow` and confirms
+/// each order, in one transaction. An order whose stock or funds fall short
+/// is recorded as rejected (with the reason) rather than failing the
+/// request. 201; `id` and `version` are those of the first order.
+#[utoipa::path(post, path = "/orders", operation_id = "checkout", tag = "orders",
+    request_body = Checkout,
+    responses((status = 201, description = ACCEPTED, body = CheckoutAccepted)))]
 async fn checkout(
     State(state): State<AppState>,
     user: AuthUser,
@@ -265,12 +317,21 @@ where
     .map_err(exec_error)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConfirmPayment {
+    /// The bank's reference of the transfer.
+    #[schema(schema_with = text::<Reference>)]
     reference: String,
 }
 
+/// Confirm a bank transfer
+///
+/// An admin confirms that a `bank_transfer` order was paid.
+#[utoipa::path(post, path = "/orders/{id}/confirm-payment", operation_id = "confirmPayment", tag = "orders",
+    params(("id" = Uuid, Path, description = ORDER_ID)),
+    request_body = ConfirmPayment,
+    responses((status = 200, description = ACCEPTED, body = AcceptedBody)))]
 async fn confirm_payment(
     State(state): State<AppState>,
     user: AuthUser,
@@ -294,13 +355,23 @@ async fn confirm_payment(
     .await
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Ship {
+    #[schema(schema_with = text::<Label>)]
     carrier: String,
+    #[schema(schema_with = text::<Label>)]
     tracking_number: String,
 }
 
+/// Ship an order
+///
+/// The seller ships: the stock holds become sales and, for `wallet_escrow`, the
+/// escrow auto-release timer is armed.
+#[utoipa::path(post, path = "/orders/{id}/ship", operation_id = "ship", tag = "orders",
+    params(("id" = Uuid, Path, description = ORDER_ID)),
+    request_body = Ship,
+    responses((status = 200, description = ACCEPTED, body = AcceptedBody)))]
 async fn ship(
     State(state): State<AppState>,
     user: AuthUser,
@@ -333,6 +404,12 @@ async fn ship(
     .await
 }
 
+/// Confirm delivery
+///
+/// The buyer confirms delivery; the escrow is released to the seller.
+#[utoipa::path(post, path = "/orders/{id}/deliver", operation_id = "deliver", tag = "orders",
+    params(("id" = Uuid, Path, description = ORDER_ID)),
+    responses((status = 200, description = ACCEPTED, body = AcceptedBody)))]
 async fn deliver(
     State(state): State<AppState>,
     user: AuthUser,
@@ -356,7 +433,12 @@ async fn deliver(
     .await
 }
 
-/// An admin releases an order's escrow to the seller.
+/// Release the escrow
+///
+/// An admin releases a shipped order's escrow to the seller.
+#[utoipa::path(post, path = "/orders/{id}/release-escrow", operation_id = "releaseEscrow", tag = "orders",
+    params(("id" = Uuid, Path, description = ORDER_ID)),
+    responses((status = 200, description = ACCEPTED, body = AcceptedBody)))]
 async fn release_escrow(
     State(state): State<AppState>,
     user: AuthUser,
@@ -375,6 +457,12 @@ async fn release_escrow(
     .await
 }
 
+/// Complete an order
+///
+/// Closes a delivered order.
+#[utoipa::path(post, path = "/orders/{id}/complete", operation_id = "complete", tag = "orders",
+    params(("id" = Uuid, Path, description = ORDER_ID)),
+    responses((status = 200, description = ACCEPTED, body = AcceptedBody)))]
 async fn complete(
     State(state): State<AppState>,
     user: AuthUser,
@@ -397,13 +485,22 @@ async fn complete(
     .await
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WithReason {
+    /// Why.
     #[serde(default)]
+    #[schema(schema_with = text::<Reason>)]
     reason: String,
 }
 
+/// Cancel an order
+///
+/// Before shipment: releases the stock holds and refunds the escrow.
+#[utoipa::path(post, path = "/orders/{id}/cancel", operation_id = "cancel", tag = "orders",
+    params(("id" = Uuid, Path, description = ORDER_ID)),
+    request_body = WithReason,
+    responses((status = 200, description = ACCEPTED, body = AcceptedBody)))]
 async fn cancel(
     State(state): State<AppState>,
     user: AuthUser,
@@ -419,6 +516,13 @@ async fn cancel(
     .await
 }
 
+/// Request a return
+///
+/// The buyer asks to return a delivered order within the return window.
+#[utoipa::path(post, path = "/orders/{id}/return", operation_id = "requestReturn", tag = "orders",
+    params(("id" = Uuid, Path, description = ORDER_ID)),
+    request_body = WithReason,
+    responses((status = 200, description = ACCEPTED, body = AcceptedBody)))]
 async fn request_return(
     State(state): State<AppState>,
     user: AuthUser,
@@ -444,6 +548,12 @@ async fn request_return(
     .await
 }
 
+/// Mark an order returned
+///
+/// The seller received the returned items.
+#[utoipa::path(post, path = "/orders/{id}/returned", operation_id = "markReturned", tag = "orders",
+    params(("id" = Uuid, Path, description = ORDER_ID)),
+    responses((status = 200, description = ACCEPTED, body = AcceptedBody)))]
 async fn mark_returned(
     State(state): State<AppState>,
     user: AuthUser,
@@ -462,6 +572,12 @@ async fn mark_returned(
     .await
 }
 
+/// Refund a returned order
+///
+/// Moves the payment back from the seller's wallet to the buyer's.
+#[utoipa::path(post, path = "/orders/{id}/refund", operation_id = "refund", tag = "orders",
+    params(("id" = Uuid, Path, description = ORDER_ID)),
+    responses((status = 200, description = ACCEPTED, body = AcceptedBody)))]
 async fn refund(
     State(state): State<AppState>,
     user: AuthUser,
@@ -480,14 +596,24 @@ async fn refund(
     .await
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Review {
+    #[schema(schema_with = crate::openapi::rating)]
     rating: i64,
+    /// The review.
     #[serde(default)]
+    #[schema(schema_with = text::<Comment>)]
     comment: String,
 }
 
+/// Review the seller
+///
+/// The buyer rates the seller once, after delivery.
+#[utoipa::path(post, path = "/orders/{id}/review", operation_id = "review", tag = "orders",
+    params(("id" = Uuid, Path, description = ORDER_ID)),
+    request_body = Review,
+    responses((status = 200, description = ACCEPTED, body = AcceptedBody)))]
 async fn review(
     State(state): State<AppState>,
     user: AuthUser,

@@ -2,35 +2,50 @@
 //! owner and a designer. Timeline entries about listings and orders are
 //! written by the listing and order flows themselves.
 
-use axum::Router;
 use axum::extract::State;
 use axum::response::Response;
-use axum::routing::post;
 use domain::timeline::{ProductTimeline, TimelineCommand};
 use domain::values::{
     Comment, CustomizationId, Description, StoryBody, StoryId, Title, Url, UserId,
 };
+use http_kit::openapi::Routes;
+use http_kit::openapi::{AcceptedBody, text};
 use http_kit::{ApiError, AuthUser, IdPair, IdPath, JsonBody, RequestMeta};
 use serde::Deserialize;
+use utoipa::{OpenApi, ToSchema};
 use uuid::Uuid;
 
 use super::{EMPTY_BODY_SHA256, bounded, created_reply, field, ok_reply, single};
 use crate::app::AppState;
+use crate::openapi::ACCEPTED;
+
+const PRODUCT_ID: &str = "The product. Anything but a UUID is 400 `invalid_id`.";
+const CUSTOMIZATION_ID: &str = "The customization. Anything but a UUID is 400 `invalid_id`.";
 
 /// Most media URLs on one story or customization.
-pub const MAX_MEDIA: usize = 10;
+pub const MAX_MEDIA: usize = domain::timeline::MAX_MEDIA;
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/products/{id}/stories", post(add_story))
-        .route("/products/{id}/customizations", post(request_customization))
-        .route(
+/// The OpenAPI description of these routes.
+#[derive(OpenApi)]
+#[openapi(paths(
+    add_story,
+    request_customization,
+    accept_customization,
+    complete_customization
+))]
+pub(super) struct Api;
+
+pub fn routes() -> Routes<AppState> {
+    Routes::new()
+        .post("/products/{id}/stories", add_story)
+        .post("/products/{id}/customizations", request_customization)
+        .post(
             "/products/{id}/customizations/{customization_id}/accept",
-            post(accept_customization),
+            accept_customization,
         )
-        .route(
+        .post(
             "/products/{id}/customizations/{customization_id}/complete",
-            post(complete_customization),
+            complete_customization,
         )
 }
 
@@ -43,15 +58,26 @@ fn parse_media(media: &[String]) -> Result<Vec<Url>, ApiError> {
         .collect()
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AddStory {
+    #[schema(schema_with = text::<Title>)]
     title: String,
+    #[schema(schema_with = text::<StoryBody>)]
     body: String,
     #[serde(default)]
+    #[schema(schema_with = crate::openapi::media)]
     media: Vec<String>,
 }
 
+/// Add a story to a product
+///
+/// The product's current owner tells part of its story. 201 with the
+/// story's id (and the timeline's version).
+#[utoipa::path(post, path = "/products/{id}/stories", operation_id = "addStory", tag = "products",
+    params(("id" = Uuid, Path, description = PRODUCT_ID)),
+    request_body = AddStory,
+    responses((status = 201, description = ACCEPTED, body = AcceptedBody)))]
 async fn add_story(
     State(state): State<AppState>,
     user: AuthUser,
@@ -79,13 +105,24 @@ async fn add_story(
     .await
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RequestCustomization {
+    /// The designer's user id.
     designer_id: Uuid,
+    /// What to do.
+    #[schema(schema_with = text::<Description>)]
     description: String,
 }
 
+/// Ask a designer to customize a product
+///
+/// The owner asks a designer for a customization. 201 with the
+/// customization's id (and the timeline's version).
+#[utoipa::path(post, path = "/products/{id}/customizations", operation_id = "requestCustomization", tag = "products",
+    params(("id" = Uuid, Path, description = PRODUCT_ID)),
+    request_body = RequestCustomization,
+    responses((status = 201, description = ACCEPTED, body = AcceptedBody)))]
 async fn request_customization(
     State(state): State<AppState>,
     user: AuthUser,
@@ -115,6 +152,16 @@ async fn request_customization(
     .await
 }
 
+/// Accept a customization request
+///
+/// The designer accepts. `id` in the answer is the customization's.
+#[utoipa::path(post, path = "/products/{id}/customizations/{customization_id}/accept",
+    operation_id = "acceptCustomization", tag = "products",
+    params(
+        ("id" = Uuid, Path, description = PRODUCT_ID),
+        ("customization_id" = Uuid, Path, description = CUSTOMIZATION_ID),
+    ),
+    responses((status = 200, description = ACCEPTED, body = AcceptedBody)))]
 async fn accept_customization(
     State(state): State<AppState>,
     user: AuthUser,
@@ -137,15 +184,30 @@ async fn accept_customization(
     .await
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CompleteCustomization {
     #[serde(default)]
+    #[schema(schema_with = crate::openapi::media)]
     media: Vec<String>,
+    /// A note to the owner.
     #[serde(default)]
+    #[schema(schema_with = text::<Comment>)]
     note: String,
 }
 
+/// Complete a customization
+///
+/// The designer delivers, with media and a note. `id` in the answer is the
+/// customization's.
+#[utoipa::path(post, path = "/products/{id}/customizations/{customization_id}/complete",
+    operation_id = "completeCustomization", tag = "products",
+    params(
+        ("id" = Uuid, Path, description = PRODUCT_ID),
+        ("customization_id" = Uuid, Path, description = CUSTOMIZATION_ID),
+    ),
+    request_body = CompleteCustomization,
+    responses((status = 200, description = ACCEPTED, body = AcceptedBody)))]
 async fn complete_customization(
     State(state): State<AppState>,
     user: AuthUser,

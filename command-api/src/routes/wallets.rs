@@ -1,30 +1,47 @@
 //! Wallet routes: open, deposit (the payment provider, as admin), withdraw.
 
-use axum::Router;
 use axum::extract::State;
 use axum::response::Response;
-use axum::routing::post;
 use domain::values::{Currency, Reference, WalletId};
 use domain::wallet::{Wallet, WalletCommand};
+use http_kit::openapi::Routes;
+use http_kit::openapi::{AcceptedBody, text};
 use http_kit::{ApiError, AuthUser, IdPath, JsonBody, RequestMeta};
 use serde::Deserialize;
+use utoipa::{OpenApi, ToSchema};
 
 use super::{MoneyBody, created_reply, field, ok_reply, single};
 use crate::app::AppState;
+use crate::openapi::ACCEPTED;
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/wallets", post(open))
-        .route("/wallets/{id}/deposits", post(deposit))
-        .route("/wallets/{id}/withdrawals", post(withdraw))
+const WALLET_ID: &str = "The wallet. Anything but a UUID is 400 `invalid_id`.";
+
+/// The OpenAPI description of these routes.
+#[derive(OpenApi)]
+#[openapi(paths(open, deposit, withdraw))]
+pub(super) struct Api;
+
+pub fn routes() -> Routes<AppState> {
+    Routes::new()
+        .post("/wallets", open)
+        .post("/wallets/{id}/deposits", deposit)
+        .post("/wallets/{id}/withdrawals", withdraw)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OpenWallet {
+    #[schema(schema_with = http_kit::openapi::currency)]
     currency: String,
 }
 
+/// Open a wallet
+///
+/// Opens a wallet owned by the caller in one currency. 201 with the new
+/// wallet's id.
+#[utoipa::path(post, path = "/wallets", operation_id = "openWallet", tag = "wallets",
+    request_body = OpenWallet,
+    responses((status = 201, description = ACCEPTED, body = AcceptedBody)))]
 async fn open(
     State(state): State<AppState>,
     user: AuthUser,
@@ -52,13 +69,22 @@ async fn open(
     .await
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Movement {
     amount: MoneyBody,
+    /// The payment provider's or bank's reference.
+    #[schema(schema_with = text::<Reference>)]
     reference: String,
 }
 
+/// Deposit into a wallet
+///
+/// Credits the available balance (the payment provider, as an admin).
+#[utoipa::path(post, path = "/wallets/{id}/deposits", operation_id = "deposit", tag = "wallets",
+    params(("id" = Uuid, Path, description = WALLET_ID)),
+    request_body = Movement,
+    responses((status = 200, description = ACCEPTED, body = AcceptedBody)))]
 async fn deposit(
     State(state): State<AppState>,
     user: AuthUser,
@@ -88,6 +114,14 @@ async fn deposit(
     .await
 }
 
+/// Withdraw from a wallet
+///
+/// Debits the available balance (the owner); held and pending funds cannot
+/// be withdrawn.
+#[utoipa::path(post, path = "/wallets/{id}/withdrawals", operation_id = "withdraw", tag = "wallets",
+    params(("id" = Uuid, Path, description = WALLET_ID)),
+    request_body = Movement,
+    responses((status = 200, description = ACCEPTED, body = AcceptedBody)))]
 async fn withdraw(
     State(state): State<AppState>,
     user: AuthUser,
