@@ -639,6 +639,29 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    #[tokio::test]
+    async fn a_typo_on_the_first_letter_counts_as_two_as_in_meilisearch() {
+        let dir = std::env::temp_dir().join(format!("souk-search-{}", Uuid::now_v7().simple()));
+        let writer = Embedded::writer(&dir).unwrap();
+        let headphones = doc("Wireless headphones", "audio", 5_000, 1);
+        let vintage = doc("Vintage phone", "phones", 3_000, 2);
+        writer
+            .write(vec![headphones.clone(), vintage.clone()], vec![])
+            .await
+            .unwrap();
+        let found = async |text: &str| writer.search(query(text)).await.unwrap().ids;
+        // Five to eight letters: one typo, not on the first letter.
+        assert_eq!(found("vintge").await, vec![vintage.id]);
+        assert!(found("ivntage").await.is_empty());
+        assert!(found("ohone").await.is_empty());
+        // Nine and more: two typos, or one on the first letter.
+        assert_eq!(found("heedphonez").await, vec![headphones.id]);
+        assert_eq!(found("xeadphones").await, vec![headphones.id]);
+        assert!(found("xeadphonez").await.is_empty());
+        drop(writer);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn a_second_writer_is_refused_while_the_first_holds_the_index() {
         let dir = std::env::temp_dir().join(format!("souk-search-{}", Uuid::now_v7()));
