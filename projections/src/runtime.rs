@@ -201,6 +201,7 @@ impl Readiness {
 struct Waiting<'a> {
     readiness: &'a watch::Sender<Readiness>,
     warned_at: Option<Instant>,
+    warned_about: Option<&'static str>,
 }
 
 impl Waiting<'_> {
@@ -213,8 +214,11 @@ impl Waiting<'_> {
             }
             readiness.problem = Some(problem);
         });
-        if self.warned_at.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
+        // Each dependency is named as soon as it is the one waited for.
+        let other = self.warned_about != Some(what);
+        if other || self.warned_at.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
             self.warned_at = Some(Instant::now());
+            self.warned_about = Some(what);
             tracing::warn!(%error, "{what} is unreachable; the projector waits for it");
         }
     }
@@ -256,6 +260,7 @@ pub async fn build_watched(
     let mut waiting = Waiting {
         readiness: &readiness,
         warned_at: None,
+        warned_about: None,
     };
     event_store::migrate_when_reachable(&pool, config.backoff_max(), |error| {
         waiting.away("Postgres", error);
