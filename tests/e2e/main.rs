@@ -13,3 +13,4 @@ mod reliability;
 mod replay_tool;
 mod search;
 mod smoke;
+mod web;
