@@ -79,6 +79,11 @@ souk_ensure_base_packages() {
 	souk_ensure_packages postgresql nats-server curl build-essential pkg-config ca-certificates python3
 }
 
+# Headless Chromium and its WebDriver, for the demo page's browser test.
+souk_ensure_browser() {
+	souk_ensure_packages chromium chromium-driver
+}
+
 # Makes cargo available: from ~/.cargo/bin, or by installing Rust with rustup.
 souk_ensure_rust() {
 	if ! command -v cargo >/dev/null 2>&1 && [[ -f "$HOME/.cargo/env" ]]; then

@@ -11,6 +11,7 @@ cd "$SOUK_ROOT"
 
 export NATS_URL=${NATS_URL:-nats://127.0.0.1:4222}
 souk_ensure_services
+souk_ensure_browser
 souk_ensure_postgres_capacity
 souk_export_meili_bin
 

@@ -6,14 +6,15 @@
 #   4. (re)starts command-api, the projector and query-api in the background
 #      and waits for each one's /health,
 #   5. posts demo listings and a funded wallet through the HTTP API,
-#   6. prints tokens and commands to try.
+#   6. serves the demo storefront (examples/web) on its own origin,
+#   7. prints tokens and commands to try.
 # Running it again is harmless: the demo users are kept in data/demo/users.env
 # and every demo request carries a stable Idempotency-Key.
 #
 # Configuration (environment): DATABASE_URL, NATS_URL, SOUK_STREAM,
 # COMMAND_API_ADDR, SOUK_JWT_PUBLIC_KEY, SOUK_JWT_PRIVATE_KEY, SOUK_JWT_ISSUER,
-# SOUK_JWT_AUDIENCE, SEARCH_BACKEND, SEARCH_INDEX_DIR, MEILI_URL, MEILI_API_KEY, as in
-# README.md.
+# SOUK_JWT_AUDIENCE, SEARCH_BACKEND, SEARCH_INDEX_DIR, MEILI_URL, MEILI_API_KEY,
+# SOUK_CORS_ORIGINS, SOUK_DEMO_WEB_ADDR, as in README.md.
 set -euo pipefail
 
 # shellcheck source=scripts/lib.sh
@@ -26,6 +27,10 @@ export QUERY_API_ADDR=${QUERY_API_ADDR:-127.0.0.1:8081}
 export SOUK_PROJECTOR_METRICS_ADDR=${SOUK_PROJECTOR_METRICS_ADDR:-127.0.0.1:8082}
 export SOUK_JWT_PRIVATE_KEY=${SOUK_JWT_PRIVATE_KEY:-$SOUK_ROOT/data/keys/jwt-private.pem}
 export SOUK_JWT_PUBLIC_KEY=${SOUK_JWT_PUBLIC_KEY:-$SOUK_ROOT/data/keys/jwt-public.pem}
+# The demo storefront (examples/web) is served on an origin of its own, which
+# both APIs allow (CORS).
+export SOUK_DEMO_WEB_ADDR=${SOUK_DEMO_WEB_ADDR:-127.0.0.1:8090}
+export SOUK_CORS_ORIGINS=${SOUK_CORS_ORIGINS:-http://$SOUK_DEMO_WEB_ADDR}
 # The projector writes the embedded search index, query-api reads it: one directory.
 export SEARCH_INDEX_DIR=${SEARCH_INDEX_DIR:-$SOUK_ROOT/data/search}
 
@@ -151,8 +156,34 @@ load_demo() {
 	POSITION=$(json_field position <<<"$response")
 }
 
+# Serves examples/web on SOUK_DEMO_WEB_ADDR with python3's static server, with
+# a config.js that signs the page in as the demo buyer and pays from the demo
+# wallet.
+serve_demo_page() {
+	local web=$DEMO_DIR/web pidfile=$RUN_DIR/demo-web.pid log=$LOG_DIR/demo-web.log
+	local host=${SOUK_DEMO_WEB_ADDR%:*} port=${SOUK_DEMO_WEB_ADDR##*:}
+	rm -rf "$web"
+	mkdir -p "$web"
+	cp "$SOUK_ROOT"/examples/web/* "$web/"
+	cat >"$web/config.js" <<-JS
+		window.SOUK_DEMO = {
+		  command_api: "$API_URL", query_api: "$QUERY_URL",
+		  token: "$BUYER_TOKEN", user: "$BUYER_ID", wallet: "$WALLET_ID",
+		};
+	JS
+	souk_stop_pidfile "$pidfile" python3
+	if souk_port_open "$host" "$port"; then
+		souk_die "$SOUK_DEMO_WEB_ADDR is taken by another process; stop it or set SOUK_DEMO_WEB_ADDR"
+	fi
+	nohup python3 -m http.server --bind "$host" --directory "$web" "$port" >>"$log" 2>&1 </dev/null &
+	echo $! >"$pidfile"
+	souk_info "demo storefront at http://$SOUK_DEMO_WEB_ADDR/ (CORS allowed on both APIs)"
+}
+
 print_next_steps() {
 	cat <<-EOF
+
+		Demo storefront (search, buy, live notifications): http://$SOUK_DEMO_WEB_ADDR/
 
 		Souk is up: command API at $API_URL, query API at $QUERY_URL, projector metrics at
 		http://$SOUK_PROJECTOR_METRICS_ADDR/metrics (pids and logs in data/run and data/logs).
@@ -203,4 +234,5 @@ prepare_machine
 build
 start_services
 load_demo
+serve_demo_page
 print_next_steps

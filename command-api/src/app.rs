@@ -136,10 +136,15 @@ impl App {
             }));
             (stop_relay, running)
         });
-        let served = axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(signal)
-            .await
-            .context("serving HTTP");
+        let served = axum::serve(
+            self.listener,
+            // The client's address keys the rate limit of unauthenticated requests.
+            self.router
+                .into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(signal)
+        .await
+        .context("serving HTTP");
         timers.abort();
         if let Some((stop_relay, mut running)) = relay {
             let _ = stop_relay.send(());
@@ -166,11 +171,12 @@ pub(crate) fn routes() -> Routes<AppState> {
 }
 
 fn router(state: AppState, config: &Config) -> Router {
+    let verifier = state.verifier.clone();
     let routes = routes()
         .into_router()
         .layer(http_kit::extract::body_limit(config.server.max_body_bytes))
         .with_state(state);
-    http_kit::finish_router(routes, config.server.max_in_flight)
+    http_kit::finish_router(routes, &config.server, verifier)
 }
 
 /// The database's state, and the relay's when this process runs one: its

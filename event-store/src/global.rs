@@ -217,43 +217,82 @@ pub async fn read_below(
     .bind(horizon.below.to_string())
     .fetch_all(pool)
     .await?;
-    rows.into_iter()
-        .map(
-            |(
-                xid,
-                position,
-                aggregate_type,
-                aggregate_id,
-                sequence,
-                event_type,
-                event_version,
-                payload,
-                metadata,
-                recorded_at,
-                event_id,
-            )| {
-                let json = |text| {
-                    StoredJson::from_text(text)
-                        .map_err(|error| sqlx::Error::Decode(Box::new(error)))
-                };
-                Ok(RecordedEvent {
-                    position: Position {
-                        transaction_id: xid as u64,
-                        position,
-                    },
-                    aggregate_type,
-                    aggregate_id,
-                    sequence,
-                    event_type,
-                    event_version,
-                    payload: json(payload)?,
-                    metadata: json(metadata)?,
-                    recorded_at,
-                    event_id,
-                })
-            },
-        )
-        .collect()
+    rows.into_iter().map(from_row).collect()
+}
+
+/// Up to `limit` events of the aggregates `aggregates` (type and id) whose
+/// type is one of `event_types`, after `after` and below `horizon`, in
+/// global order: one reader's own events (a resumed notification stream).
+pub async fn read_below_of(
+    pool: &PgPool,
+    after: Position,
+    horizon: Horizon,
+    aggregates: &[(String, String)],
+    event_types: &[&str],
+    limit: i64,
+) -> Result<Vec<RecordedEvent>, sqlx::Error> {
+    if horizon.below <= after.transaction_id || aggregates.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (types, ids): (Vec<&str>, Vec<&str>) = aggregates
+        .iter()
+        .map(|(aggregate_type, id)| (aggregate_type.as_str(), id.as_str()))
+        .unzip();
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT transaction_id::text::bigint, position, aggregate_type, aggregate_id, sequence,
+                event_type, event_version, payload::text, metadata::text, recorded_at, event_id
+           FROM events
+          WHERE (aggregate_type, aggregate_id) IN (SELECT * FROM unnest($5::text[], $6::text[]))
+            AND (transaction_id, position) > ($1::text::xid8, $2)
+            AND transaction_id < $4::text::xid8
+            AND event_type = ANY($7::text[])
+          ORDER BY events.transaction_id, events.position
+          LIMIT $3",
+    )
+    .bind(after.transaction_id.to_string())
+    .bind(after.position)
+    .bind(limit.clamp(1, 10_000))
+    .bind(horizon.below.to_string())
+    .bind(types)
+    .bind(ids)
+    .bind(event_types)
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter().map(from_row).collect()
+}
+
+fn from_row(
+    (
+        xid,
+        position,
+        aggregate_type,
+        aggregate_id,
+        sequence,
+        event_type,
+        event_version,
+        payload,
+        metadata,
+        recorded_at,
+        event_id,
+    ): Row,
+) -> Result<RecordedEvent, sqlx::Error> {
+    let json =
+        |text| StoredJson::from_text(text).map_err(|error| sqlx::Error::Decode(Box::new(error)));
+    Ok(RecordedEvent {
+        position: Position {
+            transaction_id: xid as u64,
+            position,
+        },
+        aggregate_type,
+        aggregate_id,
+        sequence,
+        event_type,
+        event_version,
+        payload: json(payload)?,
+        metadata: json(metadata)?,
+        recorded_at,
+        event_id,
+    })
 }
 
 /// How far the horizon lags: the age in seconds of the oldest event-writing

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use axum::extract::{FromRef, FromRequestParts};
+use axum::http::HeaderMap;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use domain::values::{Actor, Role, UserId};
@@ -48,22 +49,25 @@ where
         if let Some(user) = parts.extensions.get::<AuthUser>() {
             return Ok(*user);
         }
-        let token = bearer_token(parts)?;
+        let token = bearer_token_of(&parts.headers)?.ok_or_else(|| {
+            ApiError::Unauthorized(
+                "missing bearer token: send `Authorization: Bearer <token>`".to_owned(),
+            )
+        })?;
         let verifier = Arc::<JwtVerifier>::from_ref(state);
-        let user = AuthUser::from(verifier.verify(token)?);
+        let user = AuthUser::from(verifier.verify_fresh(token).await?);
         parts.extensions.insert(user);
         Ok(user)
     }
 }
 
-/// The token of an `Authorization: Bearer <token>` header.
-fn bearer_token(parts: &Parts) -> Result<&str, ApiError> {
-    let mut values = parts.headers.get_all(AUTHORIZATION).iter();
-    let value = values.next().ok_or_else(|| {
-        ApiError::Unauthorized(
-            "missing bearer token: send `Authorization: Bearer <token>`".to_owned(),
-        )
-    })?;
+/// The token of an `Authorization: Bearer <token>` header (`None`: no
+/// such header).
+pub(crate) fn bearer_token_of(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    let mut values = headers.get_all(AUTHORIZATION).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
     if values.next().is_some() {
         return Err(ApiError::Unauthorized(
             "more than one Authorization header".to_owned(),
@@ -87,7 +91,7 @@ fn bearer_token(parts: &Parts) -> Result<&str, ApiError> {
             "the bearer token is empty".to_owned(),
         ));
     }
-    Ok(token)
+    Ok(Some(token))
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 //! into each service's own configuration.
 
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -47,6 +48,17 @@ pub struct ServerConfig {
     )]
     pub jwt_private_key: PathBuf,
 
+    /// The identity provider's JWKS (an `http(s)://` URL or a file path):
+    /// when set, tokens are verified with the key their `kid` names, and the
+    /// PEM key files are not used.
+    #[arg(long, env = "SOUK_JWT_JWKS_URL")]
+    pub jwt_jwks_url: Option<String>,
+
+    /// Shortest pause between two fetches of the JWKS that tokens with an
+    /// unknown `kid` trigger, in milliseconds.
+    #[arg(long, env = "SOUK_JWT_JWKS_MIN_REFETCH_MS", default_value_t = 5000)]
+    pub jwt_jwks_min_refetch_ms: u64,
+
     /// Required `iss` claim, when set.
     #[arg(long, env = "SOUK_JWT_ISSUER")]
     pub jwt_issuer: Option<String>,
@@ -74,6 +86,26 @@ pub struct ServerConfig {
     /// Log as JSON lines instead of text.
     #[arg(long, env = "SOUK_LOG_JSON", default_value_t = false)]
     pub log_json: bool,
+
+    /// Origins whose pages may call this API (CORS), comma-separated exact
+    /// origins such as `https://shop.example`; none by default.
+    #[arg(
+        long,
+        env = "SOUK_CORS_ORIGINS",
+        value_delimiter = ',',
+        value_parser = crate::layers::parse_origin
+    )]
+    pub cors_origins: Vec<String>,
+
+    /// Requests per second each user (or, without a token, each client
+    /// address) may make on average; unset: no limit.
+    #[arg(long, env = "SOUK_RATE_LIMIT")]
+    pub rate_limit: Option<NonZeroU32>,
+
+    /// Requests a client may make at once before the rate applies; the rate
+    /// itself when unset.
+    #[arg(long, env = "SOUK_RATE_BURST")]
+    pub rate_burst: Option<NonZeroU32>,
 }
 
 impl ServerConfig {
@@ -84,6 +116,8 @@ impl ServerConfig {
             database_url: database_url.to_owned(),
             jwt_private_key: jwt_public_key.with_extension("private-unused"),
             jwt_public_key,
+            jwt_jwks_url: None,
+            jwt_jwks_min_refetch_ms: 5000,
             jwt_issuer: None,
             jwt_audience: None,
             max_body_bytes: 64 * 1024,
@@ -91,6 +125,9 @@ impl ServerConfig {
             db_acquire_timeout_ms: 2000,
             max_in_flight: 4096,
             log_json: false,
+            cors_origins: Vec::new(),
+            rate_limit: None,
+            rate_burst: None,
         }
     }
 
@@ -132,9 +169,19 @@ impl ServerConfig {
         .context("parsing DATABASE_URL")
     }
 
-    /// The token verifier (a dev key pair is generated when neither key file
+    /// The token verifier: over the JWKS when one is configured, else over
+    /// the PEM public key (a dev key pair is generated when neither key file
     /// exists).
     pub fn verifier(&self) -> anyhow::Result<JwtVerifier> {
+        if let Some(jwks) = &self.jwt_jwks_url {
+            return JwtVerifier::from_jwks(
+                jwks,
+                Duration::from_millis(self.jwt_jwks_min_refetch_ms),
+                self.jwt_issuer.clone(),
+                self.jwt_audience.clone(),
+            )
+            .context("configuring the JWKS");
+        }
         identity::load_verifier(
             &self.jwt_public_key,
             &self.jwt_private_key,

@@ -59,6 +59,10 @@ pub enum ApiError {
     /// 422: an Idempotency-Key reused with a different request.
     #[error("this Idempotency-Key was used for a different request")]
     IdempotencyKeyReused,
+    /// 429: this user (or, unauthenticated, this client address) sent more
+    /// requests than its rate limit allows; retry after `retry_after_s`.
+    #[error("too many requests; retry in {retry_after_s} s")]
+    RateLimited { retry_after_s: u64 },
     /// 503: the database cannot be reached right now, or too many requests
     /// are in flight.
     #[error("the service is temporarily unavailable; retry later")]
@@ -110,6 +114,7 @@ impl ApiError {
                 Refusal::Conflict => StatusCode::CONFLICT,
             },
             Self::Conflict => StatusCode::CONFLICT,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable | Self::NotCaughtUp(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -129,6 +134,7 @@ impl ApiError {
             Self::Domain { code, .. } => code,
             Self::Conflict => "concurrency_conflict",
             Self::IdempotencyKeyReused => "idempotency_key_reused",
+            Self::RateLimited { .. } => "rate_limited",
             Self::Unavailable => "unavailable",
             Self::NotCaughtUp(_) => "not_caught_up",
             Self::Internal(_) => "internal",
@@ -159,6 +165,11 @@ impl IntoResponse for ApiError {
                 axum::http::header::WWW_AUTHENTICATE,
                 axum::http::HeaderValue::from_static("Bearer"),
             );
+        }
+        if let Self::RateLimited { retry_after_s } = self {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, retry_after_s.into());
         }
         if matches!(self, Self::Unavailable | Self::NotCaughtUp(_)) {
             response

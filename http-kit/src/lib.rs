@@ -7,8 +7,11 @@
 //!   path segments ([`IdPath`], [`IdPair`]) and [`RequestMeta`]
 //!   (idempotency key, correlation and request ids, and the command context
 //!   they give the event store).
-//! - `router`: [`finish_router`] (fallbacks, metrics, load shedding, request
-//!   ids, catch-panic) and the `/health` handler.
+//! - `router`: [`finish_router`] (fallbacks, caching, metrics, load
+//!   shedding, rate limits, compression, CORS, request ids, catch-panic)
+//!   and the `/health` handler.
+//! - `layers`: CORS, `ETag`/`Cache-Control` and the per-user rate limit
+//!   that `finish_router` wires.
 //! - `telemetry`: tracing, the Prometheus recorder, `/metrics`, and the
 //!   metrics server of a process without an API (the projector).
 //! - `shutdown`: [`shutdown_signal`] (SIGTERM or Ctrl-C).
@@ -26,6 +29,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod extract;
+pub mod layers;
 pub mod openapi;
 pub mod router;
 pub mod shutdown;

@@ -9,28 +9,52 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderName, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
+use identity::JwtVerifier;
 use sqlx::PgPool;
 use tokio::sync::Semaphore;
+use tower_http::compression::CompressionLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
+use crate::config::ServerConfig;
 use crate::error::ApiError;
+use crate::layers::RateLimit;
 
-/// JSON 404 and 405 answers, request metrics, load shedding past
-/// `max_in_flight` requests (503 at once rather than an unbounded queue), a
-/// request id set or kept and echoed (`x-request-id`) and carried on the
-/// request's span, and a JSON 500 for a handler that panics.
-pub fn finish_router(routes: Router, max_in_flight: usize) -> Router {
+/// JSON 404 and 405 answers, `ETag` and `Cache-Control` on reads, request
+/// metrics, load shedding past `max_in_flight` requests (503 at once rather
+/// than an unbounded queue), the rate limit per user when configured, gzip
+/// for clients that accept it, CORS for the configured origins, a request id
+/// set or kept and echoed (`x-request-id`) and carried on the request's span
+/// (its path only: query strings, which may carry a notification ticket, are
+/// never logged), and a JSON 500 for a handler that panics. `verifier`
+/// tells the rate limiter who a request's user is.
+pub fn finish_router(routes: Router, server: &ServerConfig, verifier: Arc<JwtVerifier>) -> Router {
     // The recorder is installed before the first request, not by the first
     // scrape of `/metrics`: what happens before it is counted too.
     crate::telemetry::metrics_handle();
     let request_id = HeaderName::from_static("x-request-id");
-    let in_flight = Arc::new(Semaphore::new(max_in_flight));
-    routes
+    let in_flight = Arc::new(Semaphore::new(server.max_in_flight));
+    let mut routes = routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(crate::layers::cache))
         .layer(middleware::from_fn(crate::telemetry::track_http))
-        .layer(middleware::from_fn_with_state(in_flight, shed_load))
+        .layer(middleware::from_fn_with_state(in_flight, shed_load));
+    if let Some(per_second) = server.rate_limit {
+        let burst = server.rate_burst.unwrap_or(per_second);
+        let limit = RateLimit::new(per_second, burst, verifier);
+        routes = routes.layer(middleware::from_fn_with_state(
+            limit,
+            crate::layers::rate_limit,
+        ));
+    }
+    // Server-sent events and small answers are never compressed (the
+    // default predicate).
+    routes = routes.layer(CompressionLayer::new().gzip(true));
+    if let Some(cors) = crate::layers::cors(&server.cors_origins) {
+        routes = routes.layer(cors);
+    }
+    routes
         .layer(
             TraceLayer::new_for_http().make_span_with(|request: &Request| {
                 let request_id = request
@@ -114,4 +138,78 @@ pub async fn health(
         body.insert((*name).to_owned(), value.clone());
     }
     (status, Json(serde_json::Value::Object(body))).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::path::PathBuf;
+    use std::sync::Mutex;
+
+    use axum::body::Body;
+    use axum::routing::get;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    /// Log lines written by the subscriber of one test.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn the_request_log_never_holds_a_query_string() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(move || writer.clone())
+            .finish();
+        let _default = tracing::subscriber::set_default(subscriber);
+
+        let mut server = ServerConfig::for_tests("postgres://unused", PathBuf::from("unused.pem"));
+        // Every layer on, the rate limiter included.
+        server.rate_limit = std::num::NonZeroU32::new(100);
+        server.cors_origins = vec!["http://shop.test".to_owned()];
+        let verifier = Arc::new(
+            JwtVerifier::from_jwks(
+                "/nonexistent/jwks.json",
+                std::time::Duration::from_secs(5),
+                None,
+                None,
+            )
+            .unwrap(),
+        );
+        let routes = Router::new().route(
+            "/notifications/stream",
+            get(|| async { ApiError::Unauthorized("the ticket was used already".to_owned()) }),
+        );
+        let router = finish_router(routes, &server, verifier);
+        let response = router
+            .oneshot(
+                Request::get("/notifications/stream?ticket=SECRET-TICKET-TEXT")
+                    .header("origin", "http://shop.test")
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+
+        let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        assert!(logs.contains("/notifications/stream"), "{logs}");
+        assert!(logs.contains("request refused"), "{logs}");
+        assert!(!logs.contains("SECRET-TICKET-TEXT"), "{logs}");
+        assert!(!logs.contains("ticket="), "{logs}");
+    }
 }

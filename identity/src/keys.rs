@@ -120,6 +120,20 @@ pub fn mint_token(
     issuer: Option<&str>,
     audience: Option<&str>,
 ) -> anyhow::Result<String> {
+    mint_token_with_key_id(private_pem, None, sub, role, ttl, issuer, audience)
+}
+
+/// [`mint_token`] with a `kid` in the header, as an identity provider whose
+/// keys are published in a JWKS signs.
+pub fn mint_token_with_key_id(
+    private_pem: &[u8],
+    kid: Option<&str>,
+    sub: Uuid,
+    role: &str,
+    ttl: chrono::Duration,
+    issuer: Option<&str>,
+    audience: Option<&str>,
+) -> anyhow::Result<String> {
     let key = EncodingKey::from_rsa_pem(private_pem)
         .context("the JWT private key is not an RSA PEM key")?;
     let now = chrono::Utc::now().timestamp();
@@ -131,6 +145,19 @@ pub fn mint_token(
         iss: issuer,
         aud: audience,
     };
-    jsonwebtoken::encode(&Header::new(Algorithm::RS256), &claims, &key)
-        .context("cannot sign the token")
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = kid.map(str::to_owned);
+    jsonwebtoken::encode(&header, &claims, &key).context("cannot sign the token")
+}
+
+/// The public half of the RSA key `private_pem` as a JWK (RS256, for
+/// signatures) named `kid`: an entry of a JWKS document.
+pub fn public_jwk(private_pem: &[u8], kid: &str) -> anyhow::Result<serde_json::Value> {
+    let key = EncodingKey::from_rsa_pem(private_pem)
+        .context("the JWT private key is not an RSA PEM key")?;
+    let mut jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(&key, Algorithm::RS256)
+        .context("cannot describe the key as a JWK")?;
+    jwk.common.key_id = Some(kid.to_owned());
+    jwk.common.public_key_use = Some(jsonwebtoken::jwk::PublicKeyUse::Signature);
+    serde_json::to_value(jwk).context("cannot encode the JWK")
 }

@@ -7,13 +7,19 @@
 //! verified), the [`Principal`] a token proves, and in `keys` the dev key pair
 //! ([`ensure_dev_key_pair`]), token minting ([`mint_token`], for
 //! `replay-tool token` and tests) and [`load_verifier`], which both APIs use
-//! at start. `http-kit` wraps it in an axum extractor; `replay-tool` links it
+//! at start. With an identity provider, the keys come from its JWKS
+//! document instead (`jwks`: by `kid`, refetched when a token names an
+//! unknown key, the last good keys kept through an outage). `http-kit` wraps it in an axum extractor; `replay-tool` links it
 //! without axum.
 
+mod jwks;
 mod keys;
 mod verify;
 
-pub use keys::{ensure_dev_key_pair, generate_dev_key_pair, load_verifier, mint_token};
+pub use keys::{
+    ensure_dev_key_pair, generate_dev_key_pair, load_verifier, mint_token, mint_token_with_key_id,
+    public_jwk,
+};
 pub use verify::{JwtVerifier, Principal, TokenRefused};
 
 #[cfg(test)]

@@ -371,3 +371,86 @@ fn an_api_start_without_keys_generates_a_dev_pair_and_one_with_a_key_keeps_it() 
 
     fs::remove_dir_all(&dir).unwrap();
 }
+
+fn token_with_kid(private_pem: &str, kid: &str) -> String {
+    mint_token_with_key_id(
+        private_pem.as_bytes(),
+        Some(kid),
+        Uuid::now_v7(),
+        "buyer",
+        chrono::Duration::minutes(5),
+        None,
+        None,
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_jwks_file_verifies_tokens_by_kid_and_refuses_other_keys() {
+    let dir = std::env::temp_dir().join(format!("souk-jwks-test-{}", Uuid::now_v7()));
+    fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("jwks.json");
+    let jwk = public_jwk(keys().private_pem.as_bytes(), "current").unwrap();
+    fs::write(&path, serde_json::json!({ "keys": [jwk] }).to_string()).unwrap();
+    let verifier = JwtVerifier::from_jwks(
+        path.to_str().unwrap(),
+        std::time::Duration::ZERO,
+        None,
+        None,
+    )
+    .unwrap();
+
+    let token = token_with_kid(&keys().private_pem, "current");
+    assert_eq!(
+        verifier.verify_fresh(&token).await.unwrap().role,
+        Role::Buyer
+    );
+    let unknown = token_with_kid(&other_keys().private_pem, "next");
+    assert_eq!(
+        verifier.verify_fresh(&unknown).await.unwrap_err().0,
+        crate::verify::UNKNOWN_KEY
+    );
+    // Another key under a published kid: the signature does not verify.
+    let impostor = token_with_kid(&other_keys().private_pem, "current");
+    assert_eq!(
+        verifier.verify_fresh(&impostor).await.unwrap_err().0,
+        "the token's signature does not verify"
+    );
+
+    // The file changes: the new key verifies, the old one no longer does.
+    let next = public_jwk(other_keys().private_pem.as_bytes(), "next").unwrap();
+    fs::write(&path, serde_json::json!({ "keys": [next] }).to_string()).unwrap();
+    assert!(verifier.verify_fresh(&unknown).await.is_ok());
+    assert_eq!(
+        verifier.verify_fresh(&token).await.unwrap_err().0,
+        crate::verify::UNKNOWN_KEY
+    );
+    // A broken document keeps the last good keys.
+    fs::write(&path, "{\"keys\": []}").unwrap();
+    let stranger = token_with_kid(&keys().private_pem, "stranger");
+    assert!(verifier.verify_fresh(&stranger).await.is_err());
+    assert!(verifier.verify_fresh(&unknown).await.is_ok());
+    fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_jwks_keeps_only_rs256_signing_keys() {
+    let mut signing = public_jwk(keys().private_pem.as_bytes(), "sig").unwrap();
+    let mut encryption = signing.clone();
+    encryption["kid"] = "enc".into();
+    encryption["use"] = "enc".into();
+    let mut other_algorithm = signing.clone();
+    other_algorithm["kid"] = "ps".into();
+    other_algorithm["alg"] = "PS256".into();
+    let document = serde_json::json!({ "keys": [signing.clone(), encryption, other_algorithm] });
+    let keys = crate::jwks::parse(document.to_string().as_bytes()).unwrap();
+    let mut kids: Vec<_> = keys.by_kid.keys().cloned().collect();
+    kids.sort();
+    assert_eq!(kids, ["sig"]);
+
+    signing["use"] = "enc".into();
+    let unusable = serde_json::json!({ "keys": [signing] });
+    assert!(crate::jwks::parse(unusable.to_string().as_bytes()).is_err());
+    assert!(crate::jwks::parse(b"not json").is_err());
+    assert!(crate::jwks::parse(b"{\"keys\": []}").is_err());
+}

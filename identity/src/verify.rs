@@ -18,6 +18,8 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+use crate::jwks::Jwks;
+
 /// Clock skew tolerated on `exp`, in seconds.
 const LEEWAY_SECONDS: u64 = 30;
 
@@ -46,9 +48,12 @@ impl Principal {
     }
 }
 
-/// Verifies RS256 bearer tokens against one public key.
+pub(crate) const UNKNOWN_KEY: &str = "the token's key (`kid`) is not one of the provider's keys";
+
+/// Verifies RS256 bearer tokens against one public key, or against the keys
+/// of a JWKS document picked by the token's `kid` (see `crate::jwks`).
 pub struct JwtVerifier {
-    key: DecodingKey,
+    keys: Keys,
     validation: Validation,
     /// Tokens already verified, by the sha256 of their exact text, with the
     /// user they speak for and their expiry. An RS256 check costs more CPU
@@ -63,6 +68,11 @@ impl std::fmt::Debug for JwtVerifier {
             .field("audience", &self.validation.aud)
             .finish_non_exhaustive()
     }
+}
+
+enum Keys {
+    Pem(DecodingKey),
+    Jwks(Jwks),
 }
 
 /// The claims Souk reads. Each is optional here so that a missing one gets
@@ -86,7 +96,25 @@ impl JwtVerifier {
     ) -> anyhow::Result<Self> {
         let key =
             DecodingKey::from_rsa_pem(pem).context("the JWT public key is not an RSA PEM key")?;
+        Ok(Self::with_keys(Keys::Pem(key), issuer, audience))
+    }
 
+    /// A verifier for tokens signed by the keys of the JWKS document at
+    /// `location` (an `http(s)://` URL or a file path), picked by `kid`. The
+    /// document is fetched at the first token that needs it, and fetched
+    /// again (at most once per `min_refetch`) when a token names an unknown
+    /// key; see [`Self::verify_fresh`].
+    pub fn from_jwks(
+        location: &str,
+        min_refetch: std::time::Duration,
+        issuer: Option<String>,
+        audience: Option<String>,
+    ) -> anyhow::Result<Self> {
+        let jwks = Jwks::new(location, min_refetch)?;
+        Ok(Self::with_keys(Keys::Jwks(jwks), issuer, audience))
+    }
+
+    fn with_keys(keys: Keys, issuer: Option<String>, audience: Option<String>) -> Self {
         let mut validation = Validation::new(Algorithm::RS256);
         validation.leeway = LEEWAY_SECONDS;
         validation.validate_exp = true;
@@ -104,11 +132,11 @@ impl JwtVerifier {
         }
         validation.set_required_spec_claims(&required);
 
-        Ok(Self {
-            key,
+        Self {
+            keys,
             validation,
             verified: Mutex::new(HashMap::new()),
-        })
+        }
     }
 
     /// Reads the public key PEM file at `path`, then [`Self::from_public_pem`].
@@ -146,6 +174,37 @@ impl JwtVerifier {
         Ok(user)
     }
 
+    /// [`Self::verify`], for callers that may wait: with a key set that can
+    /// be refreshed, an unknown key is looked up first.
+    /// With a JWKS, keys older than `jwks::MAX_AGE` are fetched again first,
+    /// and a token naming an unknown key triggers a fetch (throttled) and a
+    /// second try. Keys that a fetch removed stop verifying at once, tokens
+    /// already verified included.
+    pub async fn verify_fresh(&self, token: &str) -> Result<Principal, TokenRefused> {
+        let Keys::Jwks(jwks) = &self.keys else {
+            return self.verify(token);
+        };
+        if jwks.is_stale().await && jwks.refresh().await {
+            self.forget_verified();
+        }
+        match self.verify(token) {
+            Err(TokenRefused(UNKNOWN_KEY)) => {
+                if jwks.refresh().await {
+                    self.forget_verified();
+                }
+                self.verify(token)
+            }
+            verified => verified,
+        }
+    }
+
+    fn forget_verified(&self) {
+        self.verified
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
     /// The full check: header, RS256 signature, expiry, issuer, audience,
     /// `sub` and `role`.
     fn verify_signature(&self, token: &str) -> Result<(Principal, i64), TokenRefused> {
@@ -160,7 +219,19 @@ impl JwtVerifier {
         if header.alg != Algorithm::RS256 {
             return Err(refuse(ALGORITHM_REFUSED));
         }
-        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
+        let key_set;
+        let key = match &self.keys {
+            Keys::Pem(key) => key,
+            Keys::Jwks(jwks) => {
+                key_set = jwks.current();
+                let key = match &header.kid {
+                    Some(kid) => key_set.by_kid.get(kid),
+                    None => key_set.lone.as_ref(),
+                };
+                key.ok_or_else(|| refuse(UNKNOWN_KEY))?
+            }
+        };
+        let data = jsonwebtoken::decode::<Claims>(token, key, &self.validation)
             .map_err(|error| refuse(refusal_message(error.kind())))?;
 
         let sub = data

@@ -38,6 +38,8 @@ pub struct AppState {
     pub stream: String,
     /// The search index of `/search`; `None` when search is off.
     pub search: Option<Arc<dyn SearchIndex>>,
+    /// The single-use tickets of `/notifications/stream`.
+    pub tickets: crate::tickets::Tickets,
 }
 
 impl std::fmt::Debug for AppState {
@@ -136,6 +138,7 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
         pool,
         verifier: Arc::new(verifier),
         stream: config.stream.clone(),
+        tickets: crate::tickets::Tickets::new(config.notification_ticket_secret.as_deref()),
     };
     let router = router(state.clone(), &config);
     let (listener, port) = http_kit::bind(config.addr).await?;
@@ -171,15 +174,20 @@ impl App {
         let poller = tokio::spawn(self.state.catch_up.clone().run());
         let consumer = tokio::spawn(self.state.notifications.clone().run());
         let notifications = self.state.notifications.clone();
-        let served = axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(async move {
-                signal.await;
-                // Streams never end on their own; graceful shutdown waits
-                // for every open response.
-                notifications.stop();
-            })
-            .await
-            .context("serving HTTP");
+        let served = axum::serve(
+            self.listener,
+            // The client's address keys the rate limit of unauthenticated requests.
+            self.router
+                .into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            signal.await;
+            // Streams never end on their own; graceful shutdown waits
+            // for every open response.
+            notifications.stop();
+        })
+        .await
+        .context("serving HTTP");
         poller.abort();
         consumer.abort();
         tracing::info!("query-api stopped");
@@ -197,6 +205,7 @@ pub(crate) fn routes() -> Routes<AppState> {
 }
 
 fn router(state: AppState, config: &Config) -> Router {
+    let verifier = state.verifier.clone();
     let max_body_bytes = config.server.max_body_bytes;
     let routes = routes()
         .into_router()
@@ -204,7 +213,7 @@ fn router(state: AppState, config: &Config) -> Router {
             limit_body(max_body_bytes, request, next)
         }))
         .with_state(state);
-    http_kit::finish_router(routes, config.server.max_in_flight)
+    http_kit::finish_router(routes, &config.server, verifier)
 }
 
 /// Every route is a GET and reads no body; a declared body larger than the

@@ -84,6 +84,13 @@ pub struct Config {
     #[arg(long, env = "SOUK_NOTIFICATION_KEEP_ALIVE_S", default_value_t = 15)]
     pub notification_keep_alive_s: u64,
 
+    /// The key notification tickets are signed with (never logged). Query
+    /// API processes behind one address share it so that a ticket from one
+    /// opens a stream on another; unset, each process signs with a random
+    /// key of its own.
+    #[arg(long, env = "SOUK_NOTIFICATION_TICKET_SECRET", hide_env_values = true)]
+    pub notification_ticket_secret: Option<String>,
+
     /// The search index `/search` reads (the one the projector feeds).
     #[command(flatten)]
     pub search: SearchConfig,
@@ -106,6 +113,7 @@ impl Config {
             max_streams_per_user: 4,
             notification_buffer: 64,
             notification_keep_alive_s: 15,
+            notification_ticket_secret: None,
             search: SearchConfig::embedded("./data/search"),
         }
     }

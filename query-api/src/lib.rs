@@ -9,7 +9,9 @@
 //! cursors). `?after=<position token>` makes a request wait, bounded, until
 //! the projections it reads have caught up with that write (`catch_up`: one
 //! checkpoint reader shared by every waiting request). `notifications` feeds
-//! the server-sent events of `/notifications/stream` from JetStream. `app`
+//! the server-sent events of `/notifications/stream` from JetStream (and
+//! replays a resumed stream from the event store); `tickets` are the
+//! single-use tickets a browser opens it with. `app`
 //! assembles the router (limits, request ids, metrics, graceful shutdown);
 //! `openapi` describes the routes.
 //!
@@ -23,6 +25,7 @@ pub mod notifications;
 pub mod openapi;
 pub mod params;
 mod routes;
+pub mod tickets;
 
 pub use app::{App, build};
 pub use catch_up::Projection;

@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::response::sse::Event;
+use event_store::Position;
 use event_store::global::RecordedEvent;
 use futures::{Stream, StreamExt};
 use http_kit::ApiError;
@@ -63,13 +64,20 @@ impl From<&Config> for NotificationConfig {
     }
 }
 
+/// How far back a stream resumed with `Last-Event-ID` replays.
+pub const REPLAY_WINDOW: chrono::TimeDelta = chrono::TimeDelta::hours(24);
+/// Most events one resumption replays; a client further behind gets `reset`.
+pub const REPLAY_MAX_EVENTS: i64 = 1_000;
+/// Most orders and wallets one resumption looks at.
+const REPLAY_MAX_AGGREGATES: i64 = 10_000;
+
 /// One notification, as sent on a stream.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Notification {
     /// The SSE event name: `order_status`, `funds_held` or `funds_released`.
     pub event: &'static str,
-    /// The event's position token (the SSE id).
-    pub id: String,
+    /// The event's position (its token is the SSE id).
+    pub position: Position,
     pub data: Value,
 }
 
@@ -77,9 +85,27 @@ impl Notification {
     fn to_event(&self) -> Event {
         Event::default()
             .event(self.event)
-            .id(self.id.clone())
+            .id(self.position.token())
             .data(self.data.to_string())
     }
+}
+
+/// Where a stream resumes: after the position of the client's
+/// `Last-Event-ID`.
+#[derive(Debug, Clone, Copy)]
+pub struct Resume {
+    pub user: Uuid,
+    pub after: Position,
+}
+
+/// What a resumption sends before the live notifications.
+#[derive(Debug)]
+enum Replay {
+    /// The user's notifications after the position, in order.
+    Events(Vec<Notification>),
+    /// They cannot be replayed (too old, too many, or unknown): the client
+    /// must read the current state again.
+    Reset(&'static str),
 }
 
 /// The notification hub of one app; cheap to clone.
@@ -243,6 +269,85 @@ impl Notifications {
         })
     }
 
+    /// The notifications of `user` after `after`, for a stream resumed with
+    /// `Last-Event-ID`: read from the event store in global order, below the
+    /// horizon (so that nothing earlier can still appear), for the orders
+    /// and wallets the read models say are the user's.
+    async fn replay(&self, resume: Resume) -> Replay {
+        match self.read_replay(resume).await {
+            Ok(replay) => replay,
+            Err(error) => {
+                tracing::warn!(%error, "cannot replay notifications");
+                Replay::Reset("the notifications cannot be replayed right now")
+            }
+        }
+    }
+
+    async fn read_replay(&self, resume: Resume) -> Result<Replay, sqlx::Error> {
+        let pool = &self.hub.pool;
+        let after = resume.after;
+        let recorded_at: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(
+            "SELECT recorded_at FROM events WHERE transaction_id = $1::text::xid8 AND position = $2",
+        )
+        .bind(after.transaction_id.to_string())
+        .bind(after.position)
+        .fetch_optional(pool)
+        .await?;
+        let Some(recorded_at) = recorded_at else {
+            return Ok(Replay::Reset("the Last-Event-ID names no event"));
+        };
+        if recorded_at < chrono::Utc::now() - REPLAY_WINDOW {
+            return Ok(Replay::Reset(
+                "the Last-Event-ID is older than the replay window (24 hours)",
+            ));
+        }
+        // The user's orders changed since a little before that event (clocks
+        // of writers differ), and wallets: the aggregates to replay.
+        let aggregates: Vec<(String, String)> = sqlx::query_as(
+            "(SELECT 'Order', order_id::text FROM rm_orders
+               WHERE buyer_id = $1 AND updated_at >= $2
+              UNION ALL
+              SELECT 'Order', order_id::text FROM rm_orders
+               WHERE seller_id = $1 AND buyer_id <> $1 AND updated_at >= $2
+              UNION ALL
+              SELECT 'Wallet', wallet_id::text FROM rm_wallets WHERE owner_id = $1)
+             LIMIT $3",
+        )
+        .bind(resume.user)
+        .bind(recorded_at - chrono::TimeDelta::minutes(5))
+        .bind(REPLAY_MAX_AGGREGATES + 1)
+        .fetch_all(pool)
+        .await?;
+        if aggregates.len() as i64 > REPLAY_MAX_AGGREGATES {
+            return Ok(Replay::Reset("too many orders and wallets to replay"));
+        }
+        // Read after the aggregates: an event below the horizon read now is
+        // committed, and so is every event before it.
+        let horizon = event_store::global::horizon(pool).await?;
+        let events = event_store::global::read_below_of(
+            pool,
+            after,
+            horizon,
+            &aggregates,
+            &NOTIFYING_EVENT_TYPES,
+            REPLAY_MAX_EVENTS,
+        )
+        .await?;
+        if events.len() as i64 >= REPLAY_MAX_EVENTS {
+            return Ok(Replay::Reset("too many notifications to replay"));
+        }
+        let mut recipients = Recipients::new(pool.clone());
+        let mut replayed = Vec::new();
+        for event in &events {
+            for (user, notification) in recipients.notifications_of(event, || true).await {
+                if user == resume.user {
+                    replayed.push(notification);
+                }
+            }
+        }
+        Ok(Replay::Events(replayed))
+    }
+
     /// The consumer: reads the stream and delivers notifications until
     /// aborted, reconnecting (with a bounded backoff) whenever NATS, the
     /// stream or the consumer fails.
@@ -311,16 +416,30 @@ impl Notifications {
 
 impl Subscription {
     /// The stream's server-sent events: `ready` once the consumer is live
-    /// (notifications flow from then on), then the notifications, then
-    /// `lagged` if the client fell behind. Ends at shutdown.
-    pub fn into_events(self) -> impl Stream<Item = Result<Event, Infallible>> + Send + 'static {
+    /// (notifications flow from then on); with `resume`, the user's
+    /// notifications after it (or `reset` when they cannot be replayed);
+    /// then the live notifications, none twice; then `lagged` if the client
+    /// fell behind. Ends at shutdown.
+    pub fn into_events(
+        self,
+        notifications: Notifications,
+        resume: Option<Resume>,
+    ) -> impl Stream<Item = Result<Event, Infallible>> + Send + 'static {
         enum Phase {
             Connecting,
+            /// Events to send before the live ones (`ready`, then the
+            /// replayed notifications or `reset`), with their positions.
+            Sending(VecDeque<(Event, Option<Position>)>),
             Live,
             Ended,
         }
         struct State {
             subscription: Subscription,
+            notifications: Notifications,
+            resume: Option<Resume>,
+            /// The last position sent: live notifications at or before it
+            /// were replayed already.
+            sent: Option<Position>,
             live: watch::Receiver<bool>,
             stopping: watch::Receiver<bool>,
             phase: Phase,
@@ -329,6 +448,9 @@ impl Subscription {
             live: self.hub.live.subscribe(),
             stopping: self.hub.stopping.subscribe(),
             subscription: self,
+            notifications,
+            sent: resume.map(|resume| resume.after),
+            resume,
             phase: Phase::Connecting,
         };
         futures::stream::unfold(state, |mut state| async move {
@@ -342,19 +464,66 @@ impl Subscription {
                     if !went_live {
                         return None;
                     }
-                    state.phase = Phase::Live;
+                    // Replayed only now that the consumer is live, so that
+                    // every later event arrives live.
                     let ready = Event::default()
                         .event("ready")
                         .data(json!({"live": true}).to_string());
-                    Some((Ok(ready), state))
+                    let mut queue = VecDeque::from([(ready, None)]);
+                    if let Some(resume) = state.resume {
+                        match state.notifications.replay(resume).await {
+                            Replay::Events(events) => {
+                                queue.extend(events.into_iter().map(|notification| {
+                                    (notification.to_event(), Some(notification.position))
+                                }))
+                            }
+                            Replay::Reset(reason) => {
+                                // Nothing before now is replayed; every live
+                                // notification is new.
+                                state.sent = None;
+                                let message = format!("{reason}: read the current state again");
+                                let reset = Event::default()
+                                    .event("reset")
+                                    .data(json!({ "message": message }).to_string());
+                                queue.push_back((reset, None));
+                            }
+                        }
+                    }
+                    state.phase = Phase::Sending(queue);
+                    Some((Ok(Event::default().comment("connected")), state))
                 }
+                Phase::Sending(ref mut queue) => match queue.pop_front() {
+                    Some((event, position)) => {
+                        if position.is_some() {
+                            state.sent = position;
+                        }
+                        Some((Ok(event), state))
+                    }
+                    None => {
+                        state.phase = Phase::Live;
+                        Some((Ok(Event::default().comment("live")), state))
+                    }
+                },
                 Phase::Live => {
-                    let next = tokio::select! {
-                        () = stopped(state.stopping.clone()) => return None,
-                        next = state.subscription.receiver.recv() => next,
+                    let next = loop {
+                        let next = tokio::select! {
+                            () = stopped(state.stopping.clone()) => return None,
+                            next = state.subscription.receiver.recv() => next,
+                        };
+                        match next {
+                            Some(notification)
+                                if state.sent.is_some_and(|sent| notification.position <= sent) =>
+                            {
+                                continue;
+                            }
+                            next => break next,
+                        }
                     };
                     match next {
-                        Some(notification) => Some((Ok(notification.to_event()), state)),
+                        Some(notification) => {
+                            state.sent = Some(notification.position);
+                            Some((Ok(notification.to_event()), state))
+                        }
                         None => {
                             state.phase = Phase::Ended;
                             if state.subscription.lagged.load(Ordering::SeqCst) {
@@ -441,6 +610,29 @@ struct Recipients {
     wallets: BoundedMap<Uuid, Owner>,
 }
 
+/// The event types that give a notification ([`order_status`],
+/// [`funds_notification`]).
+const NOTIFYING_EVENT_TYPES: [&str; 18] = [
+    "OrderPlaced",
+    "OrderRejected",
+    "OrderAwaitingPayment",
+    "PaymentConfirmed",
+    "OrderConfirmed",
+    "OrderShipped",
+    "OrderDelivered",
+    "OrderCompleted",
+    "OrderCancelled",
+    "ReturnRequested",
+    "OrderReturned",
+    "OrderRefunded",
+    "FundsHeld",
+    "IncomingExpected",
+    "HoldCaptured",
+    "EscrowReceived",
+    "HoldRefunded",
+    "IncomingCancelled",
+];
+
 /// The order status an order event moves to, for the events that change it.
 fn order_status(event_type: &str) -> Option<&'static str> {
     Some(match event_type {
@@ -509,6 +701,19 @@ impl Recipients {
                 return Vec::new();
             }
         };
+        self.notifications_of(&event, anyone_listening).await
+    }
+
+    /// The notifications one event gives, by recipient.
+    async fn notifications_of(
+        &mut self,
+        event: &RecordedEvent,
+        anyone_listening: impl Fn() -> bool,
+    ) -> Vec<(Uuid, Notification)> {
+        let aggregate_type = event.aggregate_type.as_str();
+        if aggregate_type != "Order" && aggregate_type != "Wallet" {
+            return Vec::new();
+        }
         let Ok(aggregate_id) = Uuid::parse_str(&event.aggregate_id) else {
             return Vec::new();
         };
@@ -522,11 +727,11 @@ impl Recipients {
             .unwrap_or(Value::Null);
         let result = match aggregate_type {
             "Order" => {
-                self.order_notifications(&event, aggregate_id, &body, &anyone_listening)
+                self.order_notifications(event, aggregate_id, &body, &anyone_listening)
                     .await
             }
             _ => {
-                self.wallet_notifications(&event, aggregate_id, &body, &anyone_listening)
+                self.wallet_notifications(event, aggregate_id, &body, &anyone_listening)
                     .await
             }
         };
@@ -595,7 +800,7 @@ impl Recipients {
                     user,
                     Notification {
                         event: "order_status",
-                        id: event.position.token(),
+                        position: event.position,
                         data,
                     },
                 )
@@ -657,7 +862,7 @@ impl Recipients {
             owner.owner,
             Notification {
                 event: kind,
-                id: event.position.token(),
+                position: event.position,
                 data,
             },
         )])
@@ -687,5 +892,11 @@ mod tests {
         assert_eq!(funds_notification("FundsHeld"), Some("funds_held"));
         assert_eq!(funds_notification("HoldRefunded"), Some("funds_released"));
         assert_eq!(funds_notification("FundsDeposited"), None);
+        for event_type in NOTIFYING_EVENT_TYPES {
+            assert!(
+                order_status(event_type).is_some() || funds_notification(event_type).is_some(),
+                "{event_type}"
+            );
+        }
     }
 }

@@ -31,8 +31,8 @@ use crate::routes::handlers::*;
 use crate::routes::{
     Facets, ListingPage, ListingView, Location, ORDER_ROLES, OrderCounts, OrderPage, OrderView,
     PartitionView, ProjectionView, ProjectionsView, RatingView, RelayView, Review, SearchPage,
-    SellerStatsView, TimelineEntryView, TimelineView, WalletEntryPage, WalletEntryView, WalletView,
-    condition_schema, status_schema,
+    SellerStatsView, TicketView, TimelineEntryView, TimelineView, WalletEntryPage, WalletEntryView,
+    WalletView, condition_schema, status_schema,
 };
 
 #[derive(OpenApi)]
@@ -65,6 +65,7 @@ use crate::routes::{
         stats,
         projections,
         stream,
+        ticket,
     ),
     components(schemas(
         ErrorBody,
@@ -91,6 +92,7 @@ use crate::routes::{
         ProjectionView,
         PartitionView,
         RelayView,
+        TicketView,
     )),
     tags(
         (name = "service", description = "Health, metrics and this document."),
@@ -250,6 +252,53 @@ impl IntoParams for After {
              models include that write; past the bound, 503 `not_caught_up`. Not a token: 400 \
              `invalid_position`.",
         )]
+    }
+}
+
+/// The parameters of `/notifications/stream`: `after`, the ticket, and
+/// where a reconnecting client resumes.
+#[derive(Debug)]
+pub(crate) struct StreamParams;
+
+impl IntoParams for StreamParams {
+    fn into_params(parameter_in: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
+        let mut params = After::into_params(parameter_in);
+        let ticket = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .max_length(Some(crate::tickets::MAX_TICKET_LEN))
+            .build();
+        params.push(query_parameter(
+            "ticket",
+            ticket,
+            "A single-use ticket from `POST /notifications/tickets`, instead of a bearer token. \
+             Used, expired or forged: 401.",
+        ));
+        let resume = || {
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some(POSITION_INPUT_PATTERN))
+                .build()
+        };
+        params.push(query_parameter(
+            "last_event_id",
+            resume(),
+            "The `id` of the last event received, for clients that cannot send `Last-Event-ID` \
+             (the header wins). Malformed: 400 `invalid_last_event_id`.",
+        ));
+        params.push(
+            utoipa::openapi::path::ParameterBuilder::new()
+                .name("Last-Event-ID")
+                .parameter_in(ParameterIn::Header)
+                .required(Required::False)
+                .description(Some(
+                    "The `id` of the last event received: the user's notifications after it are \
+                     replayed first (the last 24 hours; else `event: reset`). Malformed: 400 \
+                     `invalid_last_event_id`.",
+                ))
+                .schema(Some(resume()))
+                .build(),
+        );
+        params
     }
 }
 

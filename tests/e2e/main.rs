@@ -15,3 +15,4 @@ mod replay_tool;
 mod scale;
 mod search;
 mod smoke;
+mod web;

@@ -25,8 +25,8 @@ pub(crate) fn nats_url() -> String {
 
 /// A query API serving a test's database, on a free port.
 pub(crate) struct QueryApi {
-    address: String,
-    client: reqwest::Client,
+    pub(crate) address: String,
+    pub(crate) client: reqwest::Client,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -98,7 +98,12 @@ impl QueryApi {
         }
     }
 
-    async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
+        self.stop_in_place().await;
+    }
+
+    /// Stops the server and waits for it, leaving a stopped value behind.
+    pub(crate) async fn stop_in_place(&mut self) {
         if let Some(shutdown) = self.shutdown.take() {
             let _ = shutdown.send(());
         }
@@ -173,7 +178,7 @@ impl EventStream {
 
 // ---------------------------------------------------------------- fixtures
 
-async fn migrated() -> (TestDb, PgPool) {
+pub(crate) async fn migrated() -> (TestDb, PgPool) {
     let db = TestDb::migrated().await;
     let pool = db.pool().await;
     (db, pool)
@@ -210,7 +215,7 @@ async fn insert_wallet_entry(pool: &PgPool, wallet: Uuid, sequence: i64) {
 
 /// A listing; `fields` overrides the defaults (category "home", condition
 /// "good", price 1000 EUR, status "active").
-async fn insert_listing(pool: &PgPool, seller: Uuid, fields: Value) -> Uuid {
+pub(crate) async fn insert_listing(pool: &PgPool, seller: Uuid, fields: Value) -> Uuid {
     let id = Uuid::now_v7();
     let text = |name: &str, default: &str| {
         fields[name]
@@ -1110,7 +1115,7 @@ pub(crate) struct FullPath {
     pub(crate) projector: ProjectorTask,
     /// The search configuration of the projector and the query API.
     pub(crate) search: SearchConfig,
-    stream: String,
+    pub(crate) stream: String,
     _stream: StreamGuard,
 }
 
@@ -1204,12 +1209,23 @@ impl FullPath {
 
     /// The full path; the projector feeds and the query API reads `search`.
     pub(crate) async fn start_with(catch_up_timeout_ms: u64, search: SearchConfig) -> Self {
+        Self::start_for_origins(catch_up_timeout_ms, search, Vec::new()).await
+    }
+
+    /// The full path, both APIs allowing pages of `cors_origins`.
+    pub(crate) async fn start_for_origins(
+        catch_up_timeout_ms: u64,
+        search: SearchConfig,
+        cors_origins: Vec<String>,
+    ) -> Self {
         let stream = format!("souk_test_{}", Uuid::new_v4().simple());
         let relay_stream = stream.clone();
+        let origins = cors_origins.clone();
         let app = spawn_app_on(TestDb::empty().await, move |config| {
             config.stream = relay_stream;
             config.nats_url = nats_url();
             config.relay_poll_ms = 20;
+            config.server.cors_origins = origins;
         })
         .await;
         let projector = ProjectorTask::start(&app.db.url, &stream, &search).await;
@@ -1219,6 +1235,7 @@ impl FullPath {
             config.stream = query_stream;
             config.catch_up_timeout_ms = catch_up_timeout_ms;
             config.search = query_search;
+            config.server.cors_origins = cors_origins;
         })
         .await;
         Self {
@@ -1280,7 +1297,7 @@ impl FullPath {
 
     /// Waits (bounded) until the query API's notification consumer reads
     /// the stream, which the relay creates when it starts.
-    async fn wait_notifications_live(&self) {
+    pub(crate) async fn wait_notifications_live(&self) {
         let started = Instant::now();
         while self.api.get("/health", None).await.body["notifications"] != "live" {
             assert!(

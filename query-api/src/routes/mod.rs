@@ -16,6 +16,7 @@ mod sellers;
 mod wallets;
 
 pub(crate) use listings::{ListingPage, ListingView, Location, condition_schema, status_schema};
+pub(crate) use notifications::TicketView;
 pub(crate) use orders::{ORDER_ROLES, OrderPage, OrderView, Review};
 pub(crate) use products::{TimelineEntryView, TimelineView};
 pub(crate) use projections::{PartitionView, ProjectionView, ProjectionsView, RelayView};
@@ -38,7 +39,7 @@ use crate::params::MAX_LIMIT;
 /// The handlers' utoipa paths, for `crate::openapi`'s derive.
 pub(crate) mod handlers {
     pub(crate) use super::listings::{__path_listing, __path_listings};
-    pub(crate) use super::notifications::__path_stream;
+    pub(crate) use super::notifications::{__path_stream, __path_ticket};
     pub(crate) use super::orders::{__path_order, __path_orders};
     pub(crate) use super::products::__path_timeline;
     pub(crate) use super::projections::__path_projections;
