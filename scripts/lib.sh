@@ -321,11 +321,19 @@ souk_wait_for_health() {
 
 # Exports MEILI_BIN (the Meilisearch server the search tests start) as the
 # absolute path of ../shared/bin/meilisearch beside the repository when it
-# is there and MEILI_BIN is not set already.
+# is there and MEILI_BIN is not set already. A clone made elsewhere from a
+# local checkout (CI clones main into a scratch directory) looks beside the
+# checkout it was cloned from.
 souk_export_meili_bin() {
-	local shared="$SOUK_ROOT/../shared/bin/meilisearch"
-	if [[ -z ${MEILI_BIN:-} && -x $shared ]]; then
-		MEILI_BIN="$(cd "$(dirname "$shared")" && pwd)/meilisearch"
-		export MEILI_BIN
-	fi
+	[[ -n ${MEILI_BIN:-} ]] && return 0
+	local root candidate
+	for root in "$SOUK_ROOT" "$(git -C "$SOUK_ROOT" config --get remote.origin.url 2>/dev/null || true)"; do
+		[[ -n $root && -d $root ]] || continue
+		candidate="$root/../shared/bin/meilisearch"
+		if [[ -x $candidate ]]; then
+			MEILI_BIN="$(cd "$(dirname "$candidate")" && pwd)/meilisearch"
+			export MEILI_BIN
+			return 0
+		fi
+	done
 }
