@@ -711,6 +711,7 @@ async fn a_ticket_opens_a_stream_once_and_a_stream_resumes_after_a_query_api_res
     }
     .token();
     let mut reset = Browser::new(Browser::open(&full.api, &ticket, Some(&unknown)).await);
+    assert_eq!(reset.expect_next().await.event, "ready");
     let event = reset.expect_next().await;
     assert_eq!(event.event, "reset", "{event:?}");
     drop(reset);
@@ -822,6 +823,9 @@ async fn the_demo_page_searches_orders_and_shows_the_live_order_status() {
             ],
         }),
     );
+    // Both ring (reqwest, sqlx) and aws-lc-rs (fantoccini's hyper-rustls)
+    // are linked: name one, or rustls panics at the first connection.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let browser = fantoccini::ClientBuilder::rustls()
         .expect("a TLS configuration")
         .capabilities(capabilities)
@@ -854,12 +858,23 @@ async fn the_demo_page_searches_orders_and_shows_the_live_order_status() {
             )))
             .await?;
         result.click().await?;
-        let placed = browser
+        const PLACED: &str = "#events li[data-event='order_status']";
+        browser
             .wait()
             .at_most(wait)
-            .for_element(Locator::Css("#events li[data-event='order_status']"))
+            .for_element(Locator::Css(PLACED))
             .await?;
-        let text = placed.text().await?;
+        // Read in one script: the page re-renders its list as events
+        // arrive, so an element handle kept across calls can go stale.
+        let found = browser
+            .execute(
+                "const li = document.querySelector(arguments[0]); \
+                 return [li.textContent, li.getAttribute('data-order')];",
+                vec![json!(PLACED)],
+            )
+            .await?;
+        let text = found[0].as_str().unwrap_or_default().to_owned();
+        let placed = found[1].as_str().map(str::to_owned);
         let order = browser
             .find(Locator::Css("#order-status"))
             .await?
@@ -882,7 +897,7 @@ async fn the_demo_page_searches_orders_and_shows_the_live_order_status() {
             panic!("driving the demo page: {error}");
         }
     };
-    let placed_order = placed.attr("data-order").await.unwrap();
+    let placed_order = placed;
     browser.close().await.unwrap();
     let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target");
     std::fs::create_dir_all(&target).unwrap();
