@@ -203,6 +203,9 @@ fuzz_query_api() {
 	local port
 	create_throwaway_database
 	port=$(souk_free_port)
+	# query-api never migrates (it may run on a hot standby): a writer,
+	# here replay-tool, applies the migrations first.
+	DATABASE_URL="$THROWAWAY_DATABASE_URL" "$BIN_DIR/replay-tool" status --json >/dev/null
 	start_service query-api "http://127.0.0.1:$port" "$THROWAWAY_DATABASE_URL" \
 		QUERY_API_ADDR="127.0.0.1:$port" SOUK_PARTITIONS=4
 	seed_read_models "$THROWAWAY_DATABASE_URL"
