@@ -54,15 +54,14 @@ pub async fn bind_partitions(
     stream: &str,
     partitions: u32,
 ) -> Result<Result<(), BindingError>, sqlx::Error> {
+    // `DO UPDATE` to the same value, not `DO NOTHING` plus a second SELECT:
+    // when two processes bind at once, the loser's SELECT would read the
+    // snapshot taken before the winner committed and find no row. The
+    // no-op update waits for the winner's row and returns it.
     let bound: i32 = sqlx::query_scalar(
-        "WITH bound AS (
-             INSERT INTO stream_bindings (stream, partitions) VALUES ($1, $2)
-             ON CONFLICT (stream) DO NOTHING
-             RETURNING partitions)
-         SELECT partitions FROM bound
-         UNION ALL
-         SELECT partitions FROM stream_bindings WHERE stream = $1
-         LIMIT 1",
+        "INSERT INTO stream_bindings (stream, partitions) VALUES ($1, $2)
+         ON CONFLICT (stream) DO UPDATE SET partitions = stream_bindings.partitions
+         RETURNING partitions",
     )
     .bind(stream)
     .bind(partitions as i32)

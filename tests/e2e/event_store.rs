@@ -601,3 +601,36 @@ async fn one_session_leads_and_the_others_stand_by_until_its_connection_ends() {
     assert!(led.unwrap());
     second.close().await.unwrap();
 }
+
+/// Processes starting together (a relay and projectors after a deploy) bind
+/// the stream at once: each learns the one recorded count, none errs, and a
+/// later other count is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn processes_binding_a_stream_at_once_all_see_one_partition_count() {
+    let db = TestDb::migrated().await;
+    let pool = db.pool().await;
+    for round in 0..20 {
+        let stream = format!("race-{round}");
+        let binders: Vec<_> = (0..8)
+            .map(|_| {
+                let pool = pool.clone();
+                let stream = stream.clone();
+                tokio::spawn(async move {
+                    event_store::binding::bind_partitions(&pool, &stream, 4).await
+                })
+            })
+            .collect();
+        for binder in binders {
+            let bound = binder.await.expect("binder task");
+            assert_eq!(bound.expect("no database error"), Ok(()), "round {round}");
+        }
+    }
+    let refused = event_store::binding::bind_partitions(&pool, "race-0", 8)
+        .await
+        .expect("no database error")
+        .unwrap_err();
+    assert!(matches!(
+        refused,
+        event_store::binding::BindingError::PartitionsChanged { bound: 4, configured: 8, .. }
+    ));
+}
