@@ -631,6 +631,10 @@ async fn processes_binding_a_stream_at_once_all_see_one_partition_count() {
         .unwrap_err();
     assert!(matches!(
         refused,
-        event_store::binding::BindingError::PartitionsChanged { bound: 4, configured: 8, .. }
+        event_store::binding::BindingError::PartitionsChanged {
+            bound: 4,
+            configured: 8,
+            ..
+        }
     ));
 }

@@ -823,11 +823,9 @@ async fn the_demo_page_searches_orders_and_shows_the_live_order_status() {
             ],
         }),
     );
-    // Both ring (reqwest, sqlx) and aws-lc-rs (fantoccini's hyper-rustls)
-    // are linked: name one, or rustls panics at the first connection.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let browser = fantoccini::ClientBuilder::rustls()
-        .expect("a TLS configuration")
+    // chromedriver listens on loopback: plain HTTP, no TLS stack.
+    let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    let browser = fantoccini::ClientBuilder::new(connector)
         .capabilities(capabilities)
         .connect(&driver.url)
         .await
@@ -850,36 +848,39 @@ async fn the_demo_page_searches_orders_and_shows_the_live_order_status() {
         query.clear().await?;
         query.send_keys("lamp").await?;
         browser.find(Locator::Css("#search")).await?.click().await?;
-        let result = browser
+        // The page re-renders its lists as answers and events arrive, so an
+        // element handle kept across calls can go stale: wait for the
+        // element, then act on it and read it by selector, in one script.
+        let buy = format!("li[data-listing='{listing}'] button.buy");
+        browser
             .wait()
             .at_most(wait)
-            .for_element(Locator::Css(&format!(
-                "li[data-listing='{listing}'] button.buy"
-            )))
+            .for_element(Locator::Css(&buy))
             .await?;
-        result.click().await?;
+        browser
+            .execute(
+                "document.querySelector(arguments[0]).click();",
+                vec![json!(buy)],
+            )
+            .await?;
         const PLACED: &str = "#events li[data-event='order_status']";
         browser
             .wait()
             .at_most(wait)
             .for_element(Locator::Css(PLACED))
             .await?;
-        // Read in one script: the page re-renders its list as events
-        // arrive, so an element handle kept across calls can go stale.
         let found = browser
             .execute(
                 "const li = document.querySelector(arguments[0]); \
-                 return [li.textContent, li.getAttribute('data-order')];",
+                 const status = document.querySelector('#order-status'); \
+                 return [li.textContent, li.getAttribute('data-order'), \
+                         status && status.getAttribute('data-order')];",
                 vec![json!(PLACED)],
             )
             .await?;
         let text = found[0].as_str().unwrap_or_default().to_owned();
         let placed = found[1].as_str().map(str::to_owned);
-        let order = browser
-            .find(Locator::Css("#order-status"))
-            .await?
-            .attr("data-order")
-            .await?;
+        let order = found[2].as_str().map(str::to_owned);
         // Let the confirmation arrive too, for the screenshot.
         let _ = browser
             .wait()
