@@ -587,16 +587,13 @@ async fn a_sellers_wallet_and_pending_funds_are_right_after_a_random_mix_of_orde
             .collect();
         let answers = futures::future::join_all(carts.iter().map(|&(buyer, listing, quantity)| {
             let (user, wallet) = &buyers[buyer];
-            app.post(
-                "/orders",
-                Some(user),
-                &json!({
-                    "lines": [{"listing_id": listings[listing].0, "quantity": quantity}],
-                    "shipping_address": address(),
-                    "payment_method": "wallet_escrow",
-                    "wallet_id": wallet,
-                }),
-            )
+            let body = json!({
+                "lines": [{"listing_id": listings[listing].0, "quantity": quantity}],
+                "shipping_address": address(),
+                "payment_method": "wallet_escrow",
+                "wallet_id": wallet,
+            });
+            async move { app.post("/orders", Some(user), &body).await }
         }))
         .await;
         for ((buyer, listing, quantity), answer) in carts.into_iter().zip(answers) {
