@@ -9,8 +9,10 @@
 //!   version its envelope says, and the aggregate exists (or is created by it);
 //! - wallets: the balances an event records follow from the balances before
 //!   it and its amount, and none is ever negative; a hold is captured or
-//!   refunded at most once, and only while it is open (the same for the
-//!   seller's expected escrow, for returned payments and received refunds);
+//!   refunded at most once, and only while it is open; a seller receives an
+//!   order's escrow at most once (from its legacy expected entry while that
+//!   is open, else straight from the captured hold); the same for returned
+//!   payments and received refunds;
 //! - reservations: a hold is placed only on available stock, confirmed,
 //!   released or expired at most once, and active holds never exceed the
 //!   stock (nothing is sold beyond it); the `available` an event records is
@@ -21,10 +23,14 @@
 //! currency, the money in all wallets (available plus held, so escrow in
 //! flight is included) equals deposits minus withdrawals; and the two sides
 //! of every movement between wallets match (each capture a receipt, each
-//! refunded hold a cancelled incoming, each returned payment a received
-//! refund, each open hold an open incoming), compared as multisets through
-//! an additive hash. A mismatch there is reported per currency or movement,
-//! not per event: finding the event takes memory proportional to the log.
+//! returned payment a received refund, and for the holds of checkouts
+//! recorded before pending funds became a read model, `FundsHeld` version 1,
+//! whose seller's wallet expected them: each such refunded hold a cancelled
+//! incoming, each such open hold an open incoming), compared as multisets
+//! through an additive hash. A hold of a newer checkout has no seller side
+//! until it is captured. A mismatch there is reported per currency or
+//! movement, not per event: finding the event takes memory proportional to
+//! the log.
 
 use std::collections::BTreeMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -90,11 +96,12 @@ pub fn order_transition(event_type: &str) -> Option<&'static [OrderStatus]> {
 /// One side of a movement between wallets, hashed into a multiset sum.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 enum Movement {
-    /// A buyer's hold that is still open at the end / its seller's incoming.
+    /// A legacy buyer's hold that is still open at the end / its seller's
+    /// expected incoming.
     OpenEscrow,
     /// A captured hold / the escrow the seller received.
     Captured,
-    /// A refunded hold / the incoming the seller no longer expects.
+    /// A refunded legacy hold / the incoming the seller no longer expects.
     Refunded,
     /// A payment a seller gave back / the refund the buyer received.
     Returned,
@@ -252,7 +259,7 @@ impl Auditor {
             totals.held += i128::from(wallet.held());
             totals.pending_incoming += i128::from(wallet.pending_incoming());
             let me = wallet.wallet_id().as_uuid();
-            for (order, hold) in wallet.holds() {
+            for (order, hold) in wallet.holds().iter().filter(|(_, h)| h.incoming_expected) {
                 self.movements
                     .entry(Movement::OpenEscrow)
                     .or_default()
@@ -497,10 +504,7 @@ fn wallet_event(
             available: available_after,
             held: held_after,
         } => {
-            let payee = wallet
-                .holds()
-                .get(order_id)
-                .map(|h| h.payee_wallet.as_uuid());
+            let hold = wallet.holds().get(order_id).cloned();
             settle_hold(wallet, order_id, *amount, "refunded", findings);
             expect_balance(
                 findings,
@@ -509,11 +513,14 @@ fn wallet_event(
                 available.checked_add(*amount),
             );
             expect_balance(findings, "held", *held_after, held.checked_sub(*amount));
-            moved(
-                Movement::Refunded,
-                false,
-                (order_id.as_uuid(), *amount, me, payee.unwrap_or_default()),
-            );
+            // Only a legacy hold has a seller's side to cancel.
+            if let Some(hold) = hold.filter(|hold| hold.incoming_expected) {
+                moved(
+                    Movement::Refunded,
+                    false,
+                    (order_id.as_uuid(), *amount, me, hold.payee_wallet.as_uuid()),
+                );
+            }
         }
         WalletEvent::EscrowReceived {
             order_id,
@@ -522,7 +529,18 @@ fn wallet_event(
             available: available_after,
             pending_incoming: pending_after,
         } => {
-            settle_incoming(wallet, order_id, *amount, "received", findings);
+            // Straight from a captured hold, unless a legacy entry expected
+            // it: then from that entry, which it settles.
+            let legacy = wallet.incoming().contains_key(order_id);
+            if legacy {
+                settle_incoming(wallet, order_id, *amount, "received", findings);
+            } else if wallet.settled_incoming().contains(order_id) {
+                findings.push(Finding::new(
+                    "double_settlement",
+                    format!("the escrow for order {order_id} is received a second time"),
+                ));
+            }
+            positive(*amount, findings);
             expect_balance(
                 findings,
                 "available",
@@ -533,7 +551,11 @@ fn wallet_event(
                 findings,
                 "pending_incoming",
                 *pending_after,
-                pending.checked_sub(*amount),
+                if legacy {
+                    pending.checked_sub(*amount)
+                } else {
+                    Some(pending)
+                },
             );
             moved(
                 Movement::Captured,
@@ -909,15 +931,17 @@ mod tests {
 
     /// Replays aggregates (each a type and its events) and returns every
     /// finding, those of `finish` last, as (aggregate index, event index, code).
-    fn audit(aggregates: Vec<(&str, Vec<String>)>) -> Vec<(usize, usize, &'static str)> {
+    fn audit(
+        aggregates: Vec<(&str, Vec<(String, String)>)>,
+    ) -> Vec<(usize, usize, &'static str)> {
         let mut auditor = Auditor::new();
         let mut found = Vec::new();
         for (index, (aggregate_type, events)) in aggregates.into_iter().enumerate() {
             auditor.start(aggregate_type).unwrap();
-            for (sequence, payload) in events.iter().enumerate() {
+            for (sequence, (version, payload)) in events.iter().enumerate() {
                 let value: serde_json::Value = serde_json::from_str(payload).unwrap();
                 let event_type = value.as_object().unwrap().keys().next().unwrap().clone();
-                for finding in auditor.event(&event_type, "1", payload) {
+                for finding in auditor.event(&event_type, version, payload) {
                     found.push((index, sequence, finding.code));
                 }
             }
@@ -928,10 +952,29 @@ mod tests {
         found
     }
 
-    fn json<E: serde::Serialize>(events: Vec<E>) -> Vec<String> {
+    /// Each event as the store keeps it: its version and its payload.
+    fn json<E: DomainEvent>(events: Vec<E>) -> Vec<(String, String)> {
         events
             .iter()
-            .map(|e| serde_json::to_string(e).unwrap())
+            .map(|e| (e.event_version(), serde_json::to_string(e).unwrap()))
+            .collect()
+    }
+
+    /// `FundsHeld` as checkouts wrote it before pending funds became a read
+    /// model: version 1, without `incoming_expected`.
+    fn legacy(events: Vec<WalletEvent>) -> Vec<(String, String)> {
+        json(events)
+            .into_iter()
+            .map(|(version, payload)| {
+                let mut value: serde_json::Value = serde_json::from_str(&payload).unwrap();
+                match value.get_mut("FundsHeld").and_then(|v| v.as_object_mut()) {
+                    Some(fields) => {
+                        fields.remove("incoming_expected");
+                        ("1".to_owned(), value.to_string())
+                    }
+                    None => (version, payload),
+                }
+            })
             .collect()
     }
 
@@ -947,7 +990,8 @@ mod tests {
         }
     }
 
-    /// A buyer (wallet 1) pays a seller (wallet 2) 300 in escrow for order 9.
+    /// A buyer (wallet 1) pays a seller (wallet 2) 300 in escrow for order 9,
+    /// as checkouts do now: the seller's wallet is written once, at capture.
     fn escrow_paid() -> (Vec<WalletEvent>, Vec<WalletEvent>) {
         use WalletEvent as E;
         let buyer = vec![
@@ -963,6 +1007,51 @@ mod tests {
                 payee_wallet: wallet(2),
                 available: 700,
                 held: 300,
+                incoming_expected: false,
+            },
+            E::HoldCaptured {
+                order_id: order_id(9),
+                amount: 300,
+                payee_wallet: wallet(2),
+                held: 0,
+            },
+        ];
+        let seller = vec![
+            opened(2),
+            E::EscrowReceived {
+                order_id: order_id(9),
+                amount: 300,
+                payer_wallet: wallet(1),
+                available: 300,
+                pending_incoming: 0,
+            },
+            E::FundsWithdrawn {
+                amount: 100,
+                reference: reference(),
+                available: 200,
+            },
+        ];
+        (buyer, seller)
+    }
+
+    /// The same escrow as a log written before the change holds it: the
+    /// seller's wallet expected it at checkout (`FundsHeld` version 1).
+    fn legacy_escrow_paid() -> (Vec<WalletEvent>, Vec<WalletEvent>) {
+        use WalletEvent as E;
+        let buyer = vec![
+            opened(1),
+            E::FundsDeposited {
+                amount: 1_000,
+                reference: reference(),
+                available: 1_000,
+            },
+            E::FundsHeld {
+                order_id: order_id(9),
+                amount: 300,
+                payee_wallet: wallet(2),
+                available: 700,
+                held: 300,
+                incoming_expected: true,
             },
             E::HoldCaptured {
                 order_id: order_id(9),
@@ -1005,13 +1094,95 @@ mod tests {
     }
 
     #[test]
-    fn escrow_in_flight_counts_as_money_while_both_sides_are_open() {
+    fn escrow_in_flight_counts_as_money_before_the_seller_is_paid() {
         let (mut buyer, mut seller) = escrow_paid();
         buyer.truncate(3);
-        seller.truncate(2);
+        seller.truncate(1);
         assert_eq!(
             audit(vec![("Wallet", json(buyer)), ("Wallet", json(seller))]),
             vec![]
+        );
+        // Refunded: the seller's wallet never hears of it.
+        let (mut buyer, mut seller) = escrow_paid();
+        buyer[3] = WalletEvent::HoldRefunded {
+            order_id: order_id(9),
+            amount: 300,
+            available: 1_000,
+            held: 0,
+        };
+        seller.truncate(1);
+        assert_eq!(
+            audit(vec![("Wallet", json(buyer)), ("Wallet", json(seller))]),
+            vec![]
+        );
+    }
+
+    /// Logs written before pending funds became a read model still pass,
+    /// paid, in flight or refunded; and their two sides must still match.
+    #[test]
+    fn an_old_log_with_expected_escrow_still_passes_and_still_pairs() {
+        let (buyer, seller) = legacy_escrow_paid();
+        assert_eq!(
+            audit(vec![("Wallet", legacy(buyer)), ("Wallet", legacy(seller))]),
+            vec![]
+        );
+        let (mut buyer, mut seller) = legacy_escrow_paid();
+        buyer.truncate(3);
+        seller.truncate(2);
+        assert_eq!(
+            audit(vec![
+                ("Wallet", legacy(buyer.clone())),
+                ("Wallet", legacy(seller.clone()))
+            ]),
+            vec![]
+        );
+        // The seller's expectation lost: the open legacy hold is unmatched.
+        let found = audit(vec![
+            ("Wallet", legacy(buyer.clone())),
+            ("Wallet", legacy(vec![opened(2)])),
+        ]);
+        assert_eq!(found, vec![(usize::MAX, 0, "unmatched_movement")]);
+        // Refunded on both sides.
+        buyer.push(WalletEvent::HoldRefunded {
+            order_id: order_id(9),
+            amount: 300,
+            available: 1_000,
+            held: 0,
+        });
+        seller.push(WalletEvent::IncomingCancelled {
+            order_id: order_id(9),
+            amount: 300,
+            pending_incoming: 0,
+        });
+        assert_eq!(
+            audit(vec![("Wallet", legacy(buyer)), ("Wallet", legacy(seller))]),
+            vec![]
+        );
+    }
+
+    #[test]
+    fn escrow_received_twice_is_a_double_settlement() {
+        let (buyer, mut seller) = escrow_paid();
+        seller.insert(
+            2,
+            WalletEvent::EscrowReceived {
+                order_id: order_id(9),
+                amount: 300,
+                payer_wallet: wallet(1),
+                available: 600,
+                pending_incoming: 0,
+            },
+        );
+        seller[3] = WalletEvent::FundsWithdrawn {
+            amount: 100,
+            reference: reference(),
+            available: 500,
+        };
+        let found = audit(vec![("Wallet", json(buyer)), ("Wallet", json(seller))]);
+        assert!(found.contains(&(1, 2, "double_settlement")), "{found:?}");
+        assert!(
+            found.contains(&(usize::MAX, 0, "money_not_conserved")),
+            "{found:?}"
         );
     }
 

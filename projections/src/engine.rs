@@ -88,7 +88,7 @@ impl Kind {
         match self {
             Kind::Listings => &["rm_listings", "rm_reservations"],
             Kind::Orders => &["rm_orders", "rm_seller_stats"],
-            Kind::Wallets => &["rm_wallets", "rm_wallet_entries"],
+            Kind::Wallets => &["rm_wallets", "rm_wallet_entries", "rm_escrows"],
             Kind::Timelines => &["rm_products", "rm_timeline"],
         }
     }

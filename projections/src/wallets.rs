@@ -1,10 +1,21 @@
-//! Projection "wallets": Wallet events into `rm_wallets` (the balances now)
-//! and `rm_wallet_entries` (the ledger: one row per event, with the balances
-//! after it).
+//! Projection "wallets": Wallet events into `rm_wallets` (the balances now),
+//! `rm_wallet_entries` (the ledger: one row per event, with the balances
+//! after it) and `rm_escrows` (every escrow hold by order: open, captured or
+//! refunded).
 //!
 //! Each Wallet event carries the balances it changed (`available` after a
 //! deposit, `held` after a capture, ...); the others are the wallet's row as
 //! it was, so an entry always shows all three balances after its event.
+//!
+//! A seller's pending incoming funds are derived: the open escrows naming
+//! the seller's wallet as payee, summed when `GET /wallets/{id}` reads them.
+//! Checkouts no longer write the seller's wallet; `pending_incoming` in
+//! `rm_wallets` and the entries is the wallet aggregate's own, which only
+//! logs written before that change move (their `IncomingExpected` mirrors a
+//! buyer's `FundsHeld`, which is in `rm_escrows` too, so it is not counted
+//! twice). An escrow row is created by its `FundsHeld` and settled once by
+//! `HoldCaptured` or `HoldRefunded`; an event applied again changes nothing
+//! (a held escrow already known is kept, a settled one stays settled).
 
 use std::collections::HashMap;
 
@@ -51,6 +62,111 @@ pub(crate) const ENTRIES: Table = Table {
         "recorded_at",
     ],
 };
+
+pub(crate) const ESCROWS: Table = Table {
+    name: "rm_escrows",
+    key: &["order_id"],
+    columns: &[
+        "order_id",
+        "payer_wallet_id",
+        "payee_wallet_id",
+        "amount",
+        "status",
+        "held_at",
+        "settled_at",
+    ],
+};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct EscrowRow {
+    order_id: Uuid,
+    payer_wallet_id: Uuid,
+    payee_wallet_id: Uuid,
+    amount: i64,
+    /// `open`, `captured` or `refunded`.
+    status: String,
+    held_at: DateTime<Utc>,
+    settled_at: Option<DateTime<Utc>>,
+}
+
+/// What one event does to an escrow row.
+enum EscrowChange {
+    Held {
+        order_id: Uuid,
+        payee: Uuid,
+        amount: i64,
+    },
+    Settled {
+        order_id: Uuid,
+        status: &'static str,
+    },
+}
+
+fn escrow_change(payload: &WalletEvent) -> Option<EscrowChange> {
+    match payload {
+        WalletEvent::FundsHeld {
+            order_id,
+            amount,
+            payee_wallet,
+            ..
+        } => Some(EscrowChange::Held {
+            order_id: order_id.as_uuid(),
+            payee: payee_wallet.as_uuid(),
+            amount: *amount,
+        }),
+        WalletEvent::HoldCaptured { order_id, .. } => Some(EscrowChange::Settled {
+            order_id: order_id.as_uuid(),
+            status: "captured",
+        }),
+        WalletEvent::HoldRefunded { order_id, .. } => Some(EscrowChange::Settled {
+            order_id: order_id.as_uuid(),
+            status: "refunded",
+        }),
+        _ => None,
+    }
+}
+
+/// Applies `change` (of wallet `payer`'s event) to the escrows in memory;
+/// returns the order whose row changed.
+fn apply_escrow(
+    escrows: &mut HashMap<Uuid, EscrowRow>,
+    payer: Uuid,
+    event: &RecordedEvent,
+    change: EscrowChange,
+) -> Option<Uuid> {
+    match change {
+        EscrowChange::Held {
+            order_id,
+            payee,
+            amount,
+        } => {
+            if escrows.contains_key(&order_id) {
+                return None;
+            }
+            escrows.insert(
+                order_id,
+                EscrowRow {
+                    order_id,
+                    payer_wallet_id: payer,
+                    payee_wallet_id: payee,
+                    amount,
+                    status: "open".to_owned(),
+                    held_at: event.recorded_at,
+                    settled_at: None,
+                },
+            );
+            Some(order_id)
+        }
+        EscrowChange::Settled { order_id, status } => {
+            let row = escrows
+                .get_mut(&order_id)
+                .filter(|row| row.status == "open" && row.payer_wallet_id == payer)?;
+            row.status = status.to_owned();
+            row.settled_at = Some(event.recorded_at);
+            Some(order_id)
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct WalletRow {
@@ -114,23 +230,53 @@ pub(crate) async fn apply(
             .into_iter()
             .map(|row| (row.wallet_id, row))
             .collect();
+    let mut orders: Vec<Uuid> = parsed
+        .iter()
+        .filter_map(|(_, _, _, payload)| match escrow_change(payload)? {
+            EscrowChange::Held { order_id, .. } | EscrowChange::Settled { order_id, .. } => {
+                Some(order_id)
+            }
+        })
+        .collect();
+    orders.sort_unstable();
+    orders.dedup();
+    let mut escrows: HashMap<Uuid, EscrowRow> =
+        rows::load::<EscrowRow>(conn, schema, &ESCROWS, "order_id", &orders)
+            .await?
+            .into_iter()
+            .map(|row| (row.order_id, row))
+            .collect();
     let mut changed: Vec<Uuid> = Vec::new();
+    let mut changed_escrows: Vec<Uuid> = Vec::new();
     let mut entries = Vec::new();
     for (index, event, wallet_id, payload) in parsed {
+        let escrow = escrow_change(&payload);
         match apply_one(wallets.get(&wallet_id), wallet_id, event, payload) {
             Ok((row, entry)) => {
                 wallets.insert(wallet_id, row);
                 changed.push(wallet_id);
                 entries.push(entry);
+                if let Some(order_id) =
+                    escrow.and_then(|change| apply_escrow(&mut escrows, wallet_id, event, change))
+                {
+                    changed_escrows.push(order_id);
+                }
             }
             Err(why) => refused.push((index, why)),
         }
     }
     changed.sort_unstable();
     changed.dedup();
+    changed_escrows.sort_unstable();
+    changed_escrows.dedup();
     let rows: Vec<&WalletRow> = changed.iter().filter_map(|id| wallets.get(id)).collect();
     rows::upsert(conn, schema, &WALLETS, &rows).await?;
     rows::insert(conn, schema, &ENTRIES, &entries).await?;
+    let escrow_rows: Vec<&EscrowRow> = changed_escrows
+        .iter()
+        .filter_map(|id| escrows.get(id))
+        .collect();
+    rows::upsert(conn, schema, &ESCROWS, &escrow_rows).await?;
     Ok(refused)
 }
 
@@ -239,6 +385,7 @@ fn change_of(payload: WalletEvent) -> Change {
             payee_wallet,
             available,
             held,
+            ..
         } => Change {
             amount,
             available: Some(available),
@@ -370,6 +517,18 @@ mod tests {
                 reference: None,
                 counterparty_wallet_id: None,
                 recorded_at: now,
+            },
+        );
+        assert_columns_match(
+            &ESCROWS,
+            &EscrowRow {
+                order_id: Uuid::nil(),
+                payer_wallet_id: Uuid::nil(),
+                payee_wallet_id: Uuid::nil(),
+                amount: 1,
+                status: "open".into(),
+                held_at: now,
+                settled_at: None,
             },
         );
     }

@@ -45,7 +45,7 @@ pub enum Projection {
     Listings,
     /// `rm_orders`, `rm_seller_stats`.
     Orders,
-    /// `rm_wallets`, `rm_wallet_entries`.
+    /// `rm_wallets`, `rm_wallet_entries`, `rm_escrows`.
     Wallets,
     /// `rm_products`, `rm_timeline`.
     Timelines,

@@ -652,7 +652,9 @@ fn order_status(event_type: &str) -> Option<&'static str> {
 }
 
 /// The notification a wallet event is, for the events that hold or release
-/// funds: the payer's hold and the payee's pending incoming alike.
+/// funds: the payer's hold (told to the payee too) and the payee's receipt
+/// alike; `IncomingExpected` and `IncomingCancelled` only occur in logs of
+/// checkouts recorded before a seller's pending funds were derived.
 fn funds_notification(event_type: &str) -> Option<&'static str> {
     match event_type {
         "FundsHeld" | "IncomingExpected" => Some("funds_held"),
@@ -830,42 +832,61 @@ impl Recipients {
         if !anyone_listening() {
             return Ok(Vec::new());
         }
-        let owner = match self.wallets.get(&wallet_id) {
-            Some(owner) => owner.clone(),
-            None => {
-                let row: Option<(Uuid, String)> = sqlx::query_as(
-                    "SELECT owner_id, currency FROM rm_wallets WHERE wallet_id = $1",
-                )
+        let mut wallets = vec![wallet_id];
+        // A checkout no longer writes the seller's wallet: the buyer's hold
+        // tells the seller too. A hold of an older checkout (no
+        // `incoming_expected: false`) has the seller's own IncomingExpected.
+        if event.event_type == "FundsHeld"
+            && body.get("incoming_expected") == Some(&Value::Bool(false))
+            && let Some(payee) = uuid_at(body, "payee_wallet")
+            && payee != wallet_id
+        {
+            wallets.push(payee);
+        }
+        let mut notifications = Vec::with_capacity(wallets.len());
+        for wallet in wallets {
+            let Some(owner) = self.owner_of(wallet).await? else {
+                continue;
+            };
+            let data = json!({
+                "wallet_id": wallet,
+                "order_id": uuid_at(body, "order_id"),
+                "amount": body.get("amount").and_then(Value::as_i64).unwrap_or(0),
+                "currency": owner.currency,
+                "event_type": event.event_type,
+                "position": event.position.token(),
+                "recorded_at": crate::routes::time_text(event.recorded_at),
+            });
+            notifications.push((
+                owner.owner,
+                Notification {
+                    event: kind,
+                    position: event.position,
+                    data,
+                },
+            ));
+        }
+        Ok(notifications)
+    }
+
+    /// Whose `wallet_id` is (cached); `None` for a wallet not yet projected.
+    async fn owner_of(&mut self, wallet_id: Uuid) -> Result<Option<Owner>, sqlx::Error> {
+        if let Some(owner) = self.wallets.get(&wallet_id) {
+            return Ok(Some(owner.clone()));
+        }
+        let row: Option<(Uuid, String)> =
+            sqlx::query_as("SELECT owner_id, currency FROM rm_wallets WHERE wallet_id = $1")
                 .bind(wallet_id)
                 .fetch_optional(&self.pool)
                 .await?;
-                let Some((owner, currency)) = row else {
-                    metrics::counter!("souk_notifications_undeliverable_total").increment(1);
-                    tracing::debug!(%wallet_id, "a wallet event for a wallet not yet projected");
-                    return Ok(Vec::new());
-                };
-                let owner = Owner { owner, currency };
-                self.wallets.insert(wallet_id, owner.clone());
-                owner
-            }
+        let Some((owner, currency)) = row else {
+            metrics::counter!("souk_notifications_undeliverable_total").increment(1);
+            tracing::debug!(%wallet_id, "a wallet event for a wallet not yet projected");
+            return Ok(None);
         };
-        let data = json!({
-            "wallet_id": wallet_id,
-            "order_id": uuid_at(body, "order_id"),
-            "amount": body.get("amount").and_then(Value::as_i64).unwrap_or(0),
-            "currency": owner.currency,
-            "event_type": event.event_type,
-            "position": event.position.token(),
-            "recorded_at": crate::routes::time_text(event.recorded_at),
-        });
-        Ok(vec![(
-            owner.owner,
-            Notification {
-                event: kind,
-                position: event.position,
-                data,
-            },
-        )])
+        let owner = Owner { owner, currency };
+        self.wallets.insert(wallet_id, owner.clone());
+        Ok(Some(owner))
     }
 }
 

@@ -87,6 +87,7 @@ async fn an_escrow_checkout_holds_funds_and_delivery_pays_the_seller() {
     let app = spawn_app().await;
     let m = market(&app, 2_500, 3, 10_000).await;
 
+    let seller_events = event_types(&app, "Wallet", m.seller_wallet).await;
     let placed = checkout(&app, &m, 2, "wallet_escrow").await;
     assert_eq!(placed.status, 201, "{:?}", placed.body);
     assert_eq!(placed.body["orders"][0]["status"], "confirmed");
@@ -94,8 +95,14 @@ async fn an_escrow_checkout_holds_funds_and_delivery_pays_the_seller() {
     let buyer = wallet(&app, m.buyer_wallet).await;
     assert_eq!((buyer.available(), buyer.held()), (5_000, 5_000));
     assert_eq!(
-        wallet(&app, m.seller_wallet).await.pending_incoming(),
-        5_000
+        buyer.holds().values().next().map(|hold| hold.payee_wallet.as_uuid()),
+        Some(m.seller_wallet),
+        "the hold names the seller's wallet"
+    );
+    assert_eq!(
+        event_types(&app, "Wallet", m.seller_wallet).await,
+        seller_events,
+        "a checkout does not write the seller's wallet"
     );
     let pool = stock_pool(&app, m.listing).await;
     assert_eq!((pool.stock(), pool.available()), (3, 1));
@@ -246,12 +253,17 @@ async fn a_checkout_across_sellers_makes_one_order_per_seller() {
     .await
     .unwrap();
     assert_eq!(checkout_ids, [placed.body["checkout_id"].as_str().unwrap()]);
-    assert_eq!(wallet(&app, first.buyer_wallet).await.held(), 2_000 + 3_000);
-    assert_eq!(
-        wallet(&app, first.seller_wallet).await.pending_incoming(),
-        2_000
-    );
-    assert_eq!(wallet(&app, second_wallet).await.pending_incoming(), 3_000);
+    let buyer = wallet(&app, first.buyer_wallet).await;
+    assert_eq!(buyer.held(), 2_000 + 3_000);
+    let mut payees: Vec<(Uuid, i64)> = buyer
+        .holds()
+        .values()
+        .map(|hold| (hold.payee_wallet.as_uuid(), hold.amount))
+        .collect();
+    payees.sort_unstable();
+    let mut expected = vec![(first.seller_wallet, 2_000), (second_wallet, 3_000)];
+    expected.sort_unstable();
+    assert_eq!(payees, expected, "one hold per seller, naming its wallet");
 }
 
 #[tokio::test]
@@ -508,4 +520,188 @@ async fn an_escrow_timer_that_fires_early_is_kept_for_later() {
         "nothing released early"
     );
     assert!(wallet(&app, m.buyer_wallet).await.exists());
+}
+
+/// A small deterministic generator: the same mix on every run.
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self, bound: usize) -> usize {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        ((self.0 >> 33) % bound as u64) as usize
+    }
+}
+
+/// Where an order of the mix stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Confirmed,
+    Shipped,
+    Delivered,
+    ReturnRequested,
+    Returned,
+    Refunded,
+    Cancelled,
+}
+
+/// One seller, many buyers: bursts of concurrent checkouts, then shipments,
+/// deliveries, cancellations and returns picked at random. The seller's
+/// wallet is written only when an escrow is captured or a payment given
+/// back, and `GET /wallets/{id}` still shows what the seller has and will
+/// receive; every buyer's wallet adds up; the read models equal a rebuild
+/// and `replay-tool verify` (invariants included) passes.
+#[tokio::test]
+async fn a_sellers_wallet_and_pending_funds_are_right_after_a_random_mix_of_orders() {
+    const BUYERS: usize = 12;
+    const FUNDS: i64 = 40_000;
+    let full = crate::query_api::FullPath::start(30_000).await;
+    let app = &full.app;
+    let seller = User::new("seller");
+    let seller_wallet = app.funded_wallet(&seller, "EUR", 0).await;
+    let mut listings = Vec::new();
+    for price in [1_000, 1_500, 2_500, 4_000] {
+        let listing = app.listing(&seller, price, 30, Some(seller_wallet)).await;
+        listings.push((listing, price));
+    }
+    let mut buyers = Vec::new();
+    for _ in 0..BUYERS {
+        let buyer = User::new("buyer");
+        let wallet = app.funded_wallet(&buyer, "EUR", FUNDS).await;
+        buyers.push((buyer, wallet));
+    }
+    let seller_events = event_types(app, "Wallet", seller_wallet).await;
+
+    // (order, buyer, amount, step)
+    let mut orders: Vec<(Uuid, usize, i64, Step)> = Vec::new();
+    let mut random = Lcg(20_261_206);
+    let mut position = String::new();
+    for _ in 0..8 {
+        let carts: Vec<(usize, usize, u32)> = (0..8)
+            .map(|_| {
+                let quantity = 1 + random.next(2) as u32;
+                (random.next(BUYERS), random.next(listings.len()), quantity)
+            })
+            .collect();
+        let answers = futures::future::join_all(carts.iter().map(|&(buyer, listing, quantity)| {
+            let (user, wallet) = &buyers[buyer];
+            let body = json!({
+                "lines": [{"listing_id": listings[listing].0, "quantity": quantity}],
+                "shipping_address": address(),
+                "payment_method": "wallet_escrow",
+                "wallet_id": wallet,
+            });
+            async move { app.post("/orders", Some(user), &body).await }
+        }))
+        .await;
+        for ((buyer, listing, quantity), answer) in carts.into_iter().zip(answers) {
+            assert_eq!(answer.status, 201, "{:?}", answer.body);
+            let order = &answer.body["orders"][0];
+            if order["status"] == "confirmed" {
+                let amount = listings[listing].1 * i64::from(quantity);
+                orders.push((answer.id(), buyer, amount, Step::Confirmed));
+            } else {
+                assert_eq!(order["reason"], "insufficient_funds", "{order}");
+            }
+            position = answer.body["position"].as_str().unwrap().to_owned();
+        }
+        for _ in 0..12 {
+            let index = random.next(orders.len());
+            let (order, buyer, _, step) = orders[index];
+            let buyer = &buyers[buyer].0;
+            let cancel = random.next(3) == 0;
+            let (path, who, next) = match step {
+                Step::Confirmed if cancel => ("cancel", buyer, Step::Cancelled),
+                Step::Confirmed => ("ship", &seller, Step::Shipped),
+                Step::Shipped => ("deliver", buyer, Step::Delivered),
+                Step::Delivered if cancel => ("return", buyer, Step::ReturnRequested),
+                Step::ReturnRequested => ("returned", &seller, Step::Returned),
+                Step::Returned => ("refund", &seller, Step::Refunded),
+                Step::Delivered | Step::Refunded | Step::Cancelled => continue,
+            };
+            let body = match path {
+                "cancel" | "return" => Some(json!({"reason": "changed my mind"})),
+                "ship" => Some(json!({"carrier": "UPS", "tracking_number": "1Z"})),
+                _ => None,
+            };
+            let path = format!("/orders/{order}/{path}");
+            let answer = match body {
+                Some(body) => app.post(&path, Some(who), &body).await,
+                None => app.post_raw(&path, Some(who), None, &[]).await,
+            };
+            assert_eq!(answer.status, 200, "{path}: {:?}", answer.body);
+            position = answer.body["position"].as_str().unwrap().to_owned();
+            orders[index].3 = next;
+        }
+    }
+    let count = |wanted: &[Step]| orders.iter().filter(|o| wanted.contains(&o.3)).count();
+    assert!(count(&[Step::Confirmed, Step::Shipped]) > 0, "{orders:?}");
+    assert!(count(&[Step::Delivered]) > 0 && count(&[Step::Cancelled]) > 0);
+    assert!(count(&[Step::Refunded, Step::Returned, Step::ReturnRequested]) > 0);
+
+    let sum = |buyer: Option<usize>, steps: &[Step]| -> i64 {
+        orders
+            .iter()
+            .filter(|(_, b, _, step)| buyer.is_none_or(|wanted| *b == wanted) && steps.contains(step))
+            .map(|(_, _, amount, _)| amount)
+            .sum()
+    };
+    let in_escrow = [Step::Confirmed, Step::Shipped];
+    let paid = [Step::Delivered, Step::ReturnRequested, Step::Returned];
+    let api = &full.api;
+    let seen = api
+        .ok(&format!("/wallets/{seller_wallet}?after={position}"), &seller)
+        .await;
+    assert_eq!(
+        (&seen["available"], &seen["held"], &seen["pending_incoming"]),
+        (&json!(sum(None, &paid)), &json!(0), &json!(sum(None, &in_escrow))),
+        "{seen}"
+    );
+    let mut in_wallets = seen["available"].as_i64().unwrap();
+    for (index, (buyer, wallet)) in buyers.iter().enumerate() {
+        let seen = api
+            .ok(&format!("/wallets/{wallet}?after={position}"), buyer)
+            .await;
+        let held = sum(Some(index), &in_escrow);
+        let spent = sum(Some(index), &paid);
+        assert_eq!(
+            (&seen["available"], &seen["held"], &seen["pending_incoming"]),
+            (&json!(FUNDS - held - spent), &json!(held), &json!(0)),
+            "buyer {index}: {seen}"
+        );
+        in_wallets += seen["available"].as_i64().unwrap() + held;
+    }
+    assert_eq!(in_wallets, FUNDS * BUYERS as i64, "money is conserved");
+
+    // The seller's wallet was written by captures and refunds only.
+    let written = event_types(app, "Wallet", seller_wallet).await;
+    let mut by_kind = std::collections::BTreeMap::new();
+    for kind in &written[seller_events.len()..] {
+        *by_kind.entry(kind.as_str()).or_insert(0usize) += 1;
+    }
+    let expected: std::collections::BTreeMap<&str, usize> = [
+        ("EscrowReceived", count(&paid) + count(&[Step::Refunded])),
+        ("PaymentReturned", count(&[Step::Refunded])),
+    ]
+    .into_iter()
+    .filter(|(_, n)| *n > 0)
+    .collect();
+    assert_eq!(by_kind, expected);
+    let stored = wallet(app, seller_wallet).await;
+    assert_eq!((stored.pending_incoming(), stored.incoming().len()), (0, 0));
+
+    let pool = app.db.pool().await;
+    let partitions = event_store::fanout::DEFAULT_PARTITIONS;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !tests::projections_caught_up(&pool, partitions).await {
+        assert!(Instant::now() < deadline, "the projections catch up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tests::assert_read_models_exact(&pool, partitions).await;
+    let verified = tests::run_replay_tool(&app.db.url, &["verify", "--json"]).await;
+    assert_eq!(verified.code, Some(0), "{verified:?}");
+    assert_eq!(verified.json()["invariants_checked"], true);
+    full.stop().await;
 }

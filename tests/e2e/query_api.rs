@@ -1203,7 +1203,7 @@ impl Drop for StreamGuard {
 
 impl FullPath {
     /// The full path without search.
-    async fn start(catch_up_timeout_ms: u64) -> Self {
+    pub(crate) async fn start(catch_up_timeout_ms: u64) -> Self {
         Self::start_with(catch_up_timeout_ms, SearchConfig::off()).await
     }
 

@@ -5,6 +5,16 @@
 //! that order staged is rolled back and the order is recorded as rejected
 //! with the refusal's code as its reason; other refusals fail the request.
 //! Nothing half-done reaches the log, so no compensation runs later.
+//!
+//! A checkout writes the order, each line's stock pool and product
+//! timeline, and the buyer's wallet. It does not touch the seller's wallet:
+//! the hold names it as payee, the seller's pending funds are derived from
+//! the open holds (the `wallets` projection), and the wallet is credited
+//! once, at capture. So the checkouts of one seller share no aggregate;
+//! those of one listing share its stock pool (the decision), its product's
+//! timeline and the listing they read, all three per listing. The payout
+//! wallet's currency is the price's (checked when the listing is created; a
+//! price never changes currency), so the capture can always credit it.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -143,9 +153,6 @@ impl Checkout {
         let mut streams = Vec::new();
         for order in &self.orders {
             streams.push(Stream::Order(order.order_id));
-            if let Some(wallet) = order.seller_wallet.filter(|_| self.escrow()) {
-                streams.push(Stream::Wallet(wallet));
-            }
             for line in &order.lines {
                 streams.push(Stream::Listing(line.listing_id));
                 streams.push(Stream::Reservation(line.listing_id));
@@ -305,23 +312,16 @@ impl Checkout {
         if let (true, Some(buyer_wallet), Some(seller_wallet)) =
             (self.escrow(), request.buyer_wallet, order.seller_wallet)
         {
+            // The buyer's side only: the seller's wallet is credited at
+            // capture, and its pending funds are derived from this hold.
             let total = stage.state::<Order>(&key(order.order_id))?.total().clone();
             stage.decide::<Wallet>(
                 &key(buyer_wallet),
                 WalletCommand::HoldFunds {
                     actor: buyer,
                     order_id: order.order_id,
-                    amount: total.clone(),
-                    payee_wallet: seller_wallet,
-                },
-            )?;
-            stage.decide::<Wallet>(
-                &key(seller_wallet),
-                WalletCommand::ExpectIncoming {
-                    actor: Actor::system(),
-                    order_id: order.order_id,
                     amount: total,
-                    payer_wallet: buyer_wallet,
+                    payee_wallet: seller_wallet,
                 },
             )?;
         }

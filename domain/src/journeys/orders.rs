@@ -13,7 +13,7 @@ use crate::Decide;
 use crate::order::{Order, OrderCommand, OrderLine, OrderStatus, PaymentMethod};
 use crate::reservation::{Reservation, ReservationCommand};
 use crate::timeline::TimelineEntry;
-use crate::values::{Actor, Label, OrderId, Reason, Reference};
+use crate::values::{Actor, Label, Money, OrderId, Reason, Reference};
 use crate::wallet::{Wallet, WalletCommand};
 
 use super::CONFIRMED_ORDER_HOLD;
@@ -203,7 +203,8 @@ pub fn complete<S: Stage>(
 }
 
 /// Moves an order's escrow from the buyer's held funds into the seller's
-/// wallet.
+/// available funds: the one write of the escrow on the seller's wallet (a
+/// legacy expected entry, if the checkout wrote one, is settled with it).
 fn capture_escrow<S: Stage>(
     stage: &mut S,
     order_id: OrderId,
@@ -211,6 +212,17 @@ fn capture_escrow<S: Stage>(
 ) -> Result<(), JourneyError> {
     if let (Some(buyer_wallet), Some(seller_wallet)) = (order.buyer_wallet(), order.seller_wallet())
     {
+        // What leaves the buyer is what the seller receives: the hold.
+        let amount = match stage
+            .state::<Wallet>(&key(buyer_wallet))?
+            .holds()
+            .get(&order_id)
+        {
+            Some(hold) => Money::positive(hold.amount, order.total().currency().clone())
+                .map_err(|error| JourneyError::Internal(error.to_string()))?,
+            // No open hold: `CaptureHold` refuses below.
+            None => order.total().clone(),
+        };
         stage.decide::<Wallet>(
             &key(buyer_wallet),
             WalletCommand::CaptureHold {
@@ -223,6 +235,8 @@ fn capture_escrow<S: Stage>(
             WalletCommand::ReceiveEscrow {
                 actor: Actor::system(),
                 order_id,
+                amount,
+                payer_wallet: buyer_wallet,
             },
         )?;
     }
@@ -278,13 +292,21 @@ pub fn cancel<S: Stage>(
                 order_id,
             },
         )?;
-        stage.decide::<Wallet>(
-            &key(seller_wallet),
-            WalletCommand::CancelIncoming {
-                actor: Actor::system(),
-                order_id,
-            },
-        )?;
+        // Only a checkout recorded before pending funds became a read model
+        // told the seller's wallet to expect the escrow.
+        if stage
+            .state::<Wallet>(&key(seller_wallet))?
+            .incoming()
+            .contains_key(&order_id)
+        {
+            stage.decide::<Wallet>(
+                &key(seller_wallet),
+                WalletCommand::CancelIncoming {
+                    actor: Actor::system(),
+                    order_id,
+                },
+            )?;
+        }
     }
     Ok(())
 }

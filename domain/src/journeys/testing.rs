@@ -77,6 +77,22 @@ impl Memory {
             .unwrap_or_else(|error| panic!("the history is refused: {error}"));
     }
 
+    /// Applies a recorded `event` as part of the history, as a log written
+    /// by older code holds it (no command decides it any more).
+    pub(crate) fn given_event<A: Decide>(&mut self, id: impl ToString, event: A::Event) {
+        let slot = self
+            .states
+            .entry((A::TYPE, id.to_string()))
+            .or_insert_with(|| Slot {
+                state: Box::new(A::default()),
+                clone: clone_state::<A>,
+            });
+        slot.state
+            .downcast_mut::<A>()
+            .expect("a slot holds its own type")
+            .apply(event);
+    }
+
     /// Runs `journey` over the declared `streams`, recording what it stages
     /// from scratch. On a refusal the staged events are dropped, as the
     /// store would.

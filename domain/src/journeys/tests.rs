@@ -233,12 +233,42 @@ fn a_wallet_checkout_reserves_holds_funds_and_confirms() {
     );
     assert_eq!(memory.events::<Reservation>(listing(1)), ["HoldPlaced"]);
     assert_eq!(memory.get::<Reservation>(listing(1)).available(), 1);
-    assert_eq!(memory.get::<Wallet>(buyer_wallet()).held(), 2_000);
-    assert_eq!(memory.get::<Wallet>(wallet(1)).pending_incoming(), 2_000);
+    assert_eq!(memory.events::<Wallet>(buyer_wallet()), ["FundsHeld"]);
+    let buyer_side = memory.get::<Wallet>(buyer_wallet());
+    assert_eq!(buyer_side.held(), 2_000);
+    // The hold names the seller's wallet; the seller's wallet is not
+    // written (its pending funds are derived from this hold).
+    assert_eq!(buyer_side.holds()[&order_id].payee_wallet, wallet(1));
+    assert!(memory.events::<Wallet>(wallet(1)).is_empty());
+    assert_eq!(memory.get::<Wallet>(wallet(1)).pending_incoming(), 0);
     assert_eq!(
         memory.timers(),
         [(Timer::ShipBy { order_id }, t(0) + TimeDelta::days(5))]
     );
+}
+
+#[test]
+fn a_checkout_declares_no_stream_of_the_seller_beyond_its_listings() {
+    let memory = market(2, 1, 3, 5_000);
+    let mut first = cart(vec![line(1, 1)], PaymentMethod::WalletEscrow);
+    let mut second = cart(vec![line(2, 1)], PaymentMethod::WalletEscrow);
+    second.buyer = other_buyer();
+    second.buyer_wallet = Some(wallet(50));
+    first.buyer_wallet = Some(buyer_wallet());
+    let first = plan(&memory, first).unwrap();
+    let second = plan(&memory, second).unwrap();
+    assert_eq!(first.orders()[0].seller_wallet, Some(wallet(1)));
+    for checkout in [&first, &second] {
+        assert!(!checkout.streams().contains(&Stream::Wallet(wallet(1))));
+    }
+    // Two buyers on two listings of one seller: nothing in common, so
+    // neither waits for the other.
+    let shared: Vec<_> = first
+        .streams()
+        .into_iter()
+        .filter(|stream| second.streams().contains(stream))
+        .collect();
+    assert!(shared.is_empty(), "{shared:?}");
 }
 
 #[test]
@@ -581,6 +611,54 @@ fn shipping_sells_the_held_units_and_arms_the_escrow_release() {
     assert_eq!(code(error), "order_not_found");
 }
 
+/// A confirmed escrow order as a checkout recorded before pending funds
+/// became a read model left it: the seller's wallet also expected the
+/// escrow (`IncomingExpected`, which no command decides any more).
+fn legacy_confirmed_order() -> (Memory, OrderId) {
+    let (mut memory, order_id) = confirmed_order(PaymentMethod::WalletEscrow);
+    let amount = memory.get::<Wallet>(buyer_wallet()).holds()[&order_id].amount;
+    memory.given_event::<Wallet>(
+        wallet(1),
+        crate::wallet::WalletEvent::IncomingExpected {
+            order_id,
+            amount,
+            payer_wallet: buyer_wallet(),
+            pending_incoming: amount,
+        },
+    );
+    (memory, order_id)
+}
+
+#[test]
+fn an_order_whose_seller_expected_the_escrow_settles_that_entry() {
+    // Delivered: the legacy entry becomes available, exactly once.
+    let (mut memory, order_id) = legacy_confirmed_order();
+    assert_eq!(memory.get::<Wallet>(wallet(1)).pending_incoming(), 1_000);
+    ship_it(&mut memory, order_id, t(1)).unwrap();
+    deliver_it(&mut memory, order_id, t(30)).unwrap();
+    assert_eq!(memory.events::<Wallet>(wallet(1)), ["EscrowReceived"]);
+    let seller_side = memory.get::<Wallet>(wallet(1));
+    assert_eq!(
+        (seller_side.available(), seller_side.pending_incoming()),
+        (1_000, 0)
+    );
+    assert_eq!(memory.get::<Wallet>(buyer_wallet()).held(), 0);
+
+    // Cancelled: the legacy entry is dropped with the refund.
+    let (mut memory, order_id) = legacy_confirmed_order();
+    run(&mut memory, order_id, |stage| {
+        cancel(stage, order_id, buyer(), reason("changed my mind"), None)
+    })
+    .unwrap();
+    assert_eq!(memory.events::<Wallet>(wallet(1)), ["IncomingCancelled"]);
+    let seller_side = memory.get::<Wallet>(wallet(1));
+    assert_eq!(
+        (seller_side.available(), seller_side.pending_incoming()),
+        (0, 0)
+    );
+    assert_eq!(memory.get::<Wallet>(buyer_wallet()).available(), 5_000);
+}
+
 #[test]
 fn delivery_captures_the_escrow_and_arms_the_completion() {
     let (mut memory, order_id) = confirmed_order(PaymentMethod::WalletEscrow);
@@ -699,7 +777,9 @@ fn cancelling_releases_the_stock_and_refunds_the_escrow() {
     );
     assert_eq!(memory.get::<Reservation>(listing(1)).available(), 2);
     assert_eq!(memory.get::<Wallet>(buyer_wallet()).available(), 5_000);
-    assert_eq!(memory.get::<Wallet>(wallet(1)).pending_incoming(), 0);
+    // The seller's wallet never heard of the order.
+    assert!(memory.events::<Wallet>(wallet(1)).is_empty());
+    assert_eq!(memory.get::<Wallet>(wallet(1)).available(), 0);
     let again = run(&mut memory, order_id, |stage| {
         cancel(stage, order_id, buyer(), reason("again"), None)
     });

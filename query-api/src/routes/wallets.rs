@@ -1,6 +1,10 @@
 //! `/wallets/{id}` (balances) and `/wallets/{id}/entries` (the ledger,
 //! newest first), from the "wallets" projection. Only the wallet's owner, an
 //! admin or an auditor sees a wallet; others get 403, an unknown wallet 404.
+//!
+//! `pending_incoming` is derived: the open escrows (`rm_escrows`) naming the
+//! wallet as payee. Buyers' wallets write those rows, in any partition, so
+//! `?after=` on `/wallets/{id}` waits for every partition of the projection.
 
 use axum::Json;
 use axum::extract::State;
@@ -37,7 +41,9 @@ pub(crate) struct WalletView {
     available: i64,
     /// Escrow locked for the owner's orders.
     held: i64,
-    /// Escrow the owner will receive when orders are delivered.
+    /// Escrow the owner will receive when orders are delivered: the open
+    /// escrow holds of buyers naming this wallet as payee. Not withdrawable
+    /// until captured into `available`.
     pending_incoming: i64,
     /// When it was opened.
     #[serde(serialize_with = "time")]
@@ -65,7 +71,9 @@ pub(crate) struct WalletEntryView {
     available: i64,
     /// Held after the event.
     held: i64,
-    /// Pending incoming after the event.
+    /// The wallet's own expected escrow after the event: moved only by
+    /// events of checkouts recorded before pending funds were derived (the
+    /// wallet's `pending_incoming` is the open escrows naming it).
     pending_incoming: i64,
     /// The order it is for, if any.
     order_id: Option<Uuid>,
@@ -94,9 +102,11 @@ async fn visible_wallet(
     id: Uuid,
 ) -> Result<WalletView, ApiError> {
     let wallet: Option<WalletView> = sqlx::query_as(
-        "SELECT wallet_id AS id, owner_id, currency, available, held, pending_incoming,
+        "SELECT wallet_id AS id, owner_id, currency, available, held,
+                (SELECT coalesce(sum(amount), 0)::bigint FROM rm_escrows
+                  WHERE payee_wallet_id = w.wallet_id AND status = 'open') AS pending_incoming,
                 created_at, updated_at, version
-           FROM rm_wallets WHERE wallet_id = $1",
+           FROM rm_wallets w WHERE wallet_id = $1",
     )
     .bind(id)
     .fetch_optional(&state.pool)
@@ -137,9 +147,8 @@ pub(crate) async fn wallet(
 ) -> Result<Json<WalletView>, ApiError> {
     let params = query.accept(&["after"])?;
     let after = params.after()?;
-    state
-        .read_after_of(after, &[Projection::Wallets], id)
-        .await?;
+    // Every partition: the pending funds come from the buyers' wallets.
+    state.read_after(after, &[Projection::Wallets]).await?;
     Ok(Json(visible_wallet(&state, &user, id).await?))
 }
 

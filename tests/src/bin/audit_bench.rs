@@ -560,17 +560,6 @@ async fn load(pool: &PgPool, target: usize, seed: u64) -> anyhow::Result<usize> 
                 &system,
             )?;
             rows.decide(
-                &mut market.wallets,
-                &seller_wallet.to_string(),
-                WalletCommand::ExpectIncoming {
-                    actor: system,
-                    order_id: order,
-                    amount: price.clone(),
-                    payer_wallet: buyer_wallet,
-                },
-                &system,
-            )?;
-            rows.decide(
                 &mut market.orders,
                 &order.to_string(),
                 OrderCommand::Confirm { actor: system },
@@ -642,6 +631,11 @@ async fn load(pool: &PgPool, target: usize, seed: u64) -> anyhow::Result<usize> 
             )?;
             let buyer_wallet = market.buyers[buyer_index].1;
             let seller_wallet = market.sellers[market.live_listings[listing_index].2].1;
+            let amount = eur(market.wallets[&buyer_wallet.to_string()]
+                .state
+                .holds()
+                .get(&order)
+                .map_or(0, |hold| hold.amount))?;
             rows.decide(
                 &mut market.wallets,
                 &buyer_wallet.to_string(),
@@ -657,6 +651,8 @@ async fn load(pool: &PgPool, target: usize, seed: u64) -> anyhow::Result<usize> 
                 WalletCommand::ReceiveEscrow {
                     actor: system,
                     order_id: order,
+                    amount,
+                    payer_wallet: buyer_wallet,
                 },
                 &system,
             )?;
