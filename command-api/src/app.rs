@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use axum::extract::{FromRef, State};
 use axum::response::Response;
-use axum::{Json, Router};
+use axum::Router;
 use domain::journeys::Deadlines;
 use event_store::relay::{Relay, RelayConfig, RelayStatus, Role};
 use event_store::{EventStore, StoreConfig};
@@ -165,8 +165,9 @@ impl App {
 pub(crate) fn routes() -> Routes<AppState> {
     Routes::new()
         .get("/health", health)
-        .get("/metrics", metrics)
-        .get("/openapi.json", openapi)
+        .merge(http_kit::router::service_routes(
+            crate::openapi::document_json,
+        ))
         .merge(crate::routes::routes())
 }
 
@@ -235,32 +236,4 @@ fn relay_health(status: &RelayStatus) -> serde_json::Value {
         });
     }
     relay
-}
-
-/// Prometheus metrics
-#[utoipa::path(
-    get,
-    path = "/metrics",
-    operation_id = "metrics",
-    tag = "service",
-    security(()),
-    responses(
-        (status = 200, description = "The Prometheus text exposition format.", content_type = "text/plain", body = String),
-    ),
-)]
-pub(crate) async fn metrics() -> Response {
-    http_kit::telemetry::metrics().await
-}
-
-/// This document
-#[utoipa::path(
-    get,
-    path = "/openapi.json",
-    operation_id = "openapi",
-    tag = "service",
-    security(()),
-    responses((status = 200, description = "The OpenAPI 3.1 document of this API.", body = serde_json::Value)),
-)]
-pub(crate) async fn openapi() -> Json<&'static serde_json::Value> {
-    Json(crate::openapi::document_json())
 }

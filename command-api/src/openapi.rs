@@ -49,7 +49,7 @@ use crate::routes::MAX_STOCK;
             types (else 422 `invalid_body`), and every value within its rules (else 422 with the \
             rule's code)."
     ),
-    paths(crate::app::health, crate::app::metrics, crate::app::openapi),
+    paths(crate::app::health),
     components(schemas(ErrorBody, ErrorDetail, Health, ListingCreated, CheckoutAccepted)),
     tags(
         (name = "service", description = "Health, metrics and this document."),
@@ -104,6 +104,16 @@ const REFUSALS: &[(&str, &str)] = &[
     (
         "503",
         "The database is unreachable, or too many requests are in flight (`unavailable`).",
+    ),
+];
+
+/// The responses any operation can give, the public ones (health, metrics,
+/// this document) included: the router's own refusals.
+const PUBLIC_REFUSALS: &[(&str, &str)] = &[
+    ("500", "A bug; details are in the server log (`internal`)."),
+    (
+        "503",
+        "Too many requests are in flight (`unavailable`).",
     ),
 ];
 
@@ -178,9 +188,11 @@ const LINKS: &[(&str, Links)] = &[
 /// The document served at `/openapi.json`.
 pub fn document() -> utoipa::openapi::OpenApi {
     let mut document = CommandApi::openapi();
+    document.merge(http_kit::router::ServiceApi::openapi());
     document.merge(crate::routes::openapi());
     Conventions {
         refusals: REFUSALS,
+        public_refusals: PUBLIC_REFUSALS,
         closed: &|name| RESPONSES.contains(&name),
     }
     .apply(&mut document);
@@ -557,6 +569,40 @@ mod tests {
         assert_eq!(
             schemas["AddStory"]["properties"]["media"]["maxItems"],
             MAX_MEDIA
+        );
+    }
+
+    #[test]
+    fn every_field_of_every_request_body_says_what_it_means() {
+        let document = document_json();
+        let schemas = document["components"]["schemas"].as_object().unwrap();
+        let mut undescribed = Vec::new();
+        for (name, schema) in schemas {
+            if RESPONSES.contains(&name.as_str()) {
+                continue;
+            }
+            for (field, property) in schema["properties"].as_object().into_iter().flatten() {
+                let description = property["description"].as_str().unwrap_or("");
+                if description.is_empty() {
+                    undescribed.push(format!("{name}.{field}"));
+                }
+            }
+        }
+        assert!(undescribed.is_empty(), "{undescribed:?}");
+        // A field's meaning comes before its schema's bounds.
+        let title = &schemas["CreateListing"]["properties"]["title"]["description"];
+        assert!(
+            title
+                .as_str()
+                .unwrap()
+                .starts_with("The listing's title. 1 to 200 characters"),
+            "{title}"
+        );
+        assert!(
+            schemas["ShippingAddress"]["properties"]["line2"]["description"]
+                .as_str()
+                .unwrap()
+                .starts_with("More of the address; blank is none.")
         );
     }
 

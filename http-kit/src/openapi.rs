@@ -257,6 +257,49 @@ pub fn link(
         .insert(operation_id.to_owned(), RefOr::T(link.build()));
 }
 
+/// What the fields of request bodies mean, for the fields whose schema a
+/// function gives (`#[schema(schema_with = ...)]`): utoipa drops the doc
+/// comment of such a field, so its meaning is listed here instead, as
+/// `(schema, field, description)`, and put before what the schema already
+/// says (its bounds). A modifier of the document that derives those schemas:
+/// `#[openapi(..., modifiers(&FIELDS))]`.
+#[derive(Debug, Clone, Copy)]
+pub struct FieldDocs(pub &'static [(&'static str, &'static str, &'static str)]);
+
+impl utoipa::Modify for FieldDocs {
+    fn modify(&self, openapi: &mut OpenApi) {
+        let Some(components) = openapi.components.as_mut() else {
+            return;
+        };
+        for (schema, field, description) in self.0 {
+            let Some(RefOr::T(Schema::Object(object))) = components.schemas.get_mut(*schema)
+            else {
+                continue;
+            };
+            let Some(RefOr::T(property)) = object.properties.get_mut(*field) else {
+                continue;
+            };
+            describe(property, description);
+        }
+    }
+}
+
+/// Puts `description` before what `schema` already says of itself.
+fn describe(schema: &mut Schema, description: &str) {
+    let slot = match schema {
+        Schema::Object(object) => &mut object.description,
+        Schema::Array(array) => &mut array.description,
+        Schema::OneOf(one_of) => &mut one_of.description,
+        Schema::AnyOf(any_of) => &mut any_of.description,
+        Schema::AllOf(all_of) => &mut all_of.description,
+        _ => return,
+    };
+    *slot = Some(match slot.take() {
+        Some(bounds) => format!("{description} {bounds}"),
+        None => description.to_owned(),
+    });
+}
+
 /// The name of the bearer security scheme.
 pub const BEARER: &str = "bearerAuth";
 
@@ -269,6 +312,10 @@ pub struct Conventions<'a> {
     /// Responses every operation that needs a token can answer, by status,
     /// unless it documents that status itself: `(status, description)`.
     pub refusals: &'a [(&'a str, &'a str)],
+    /// Responses every operation can answer, the public ones (health,
+    /// metrics, the document) included: what the router's layers refuse
+    /// before any handler runs (load shedding, a panic, ...).
+    pub public_refusals: &'a [(&'a str, &'a str)],
     /// The component schemas that are response bodies: closed (every
     /// property required, no other allowed) throughout.
     pub closed: &'a dyn Fn(&str) -> bool,
@@ -278,6 +325,7 @@ impl std::fmt::Debug for Conventions<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Conventions")
             .field("refusals", &self.refusals)
+            .field("public_refusals", &self.public_refusals)
             .finish_non_exhaustive()
     }
 }
@@ -337,12 +385,15 @@ impl Conventions<'_> {
             .as_ref()
             .is_some_and(|requirements| requirements.iter().all(is_empty_requirement));
         let responses = &mut operation.responses.responses;
-        if !public {
-            for (status, description) in self.refusals {
-                responses
-                    .entry((*status).to_owned())
-                    .or_insert_with(|| RefOr::T(error_response(status, description)));
-            }
+        let refusals = if public {
+            self.public_refusals
+        } else {
+            self.refusals
+        };
+        for (status, description) in refusals {
+            responses
+                .entry((*status).to_owned())
+                .or_insert_with(|| RefOr::T(error_response(status, description)));
         }
         for response in responses.values_mut() {
             if let RefOr::T(response) = response {

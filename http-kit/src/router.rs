@@ -1,5 +1,6 @@
 //! What every Souk HTTP API wraps its routes in ([`finish_router`]), and the
-//! service routes they share (`/health`).
+//! service routes they share: the `/health` answer, and `/metrics` and
+//! `/openapi.json` ([`service_routes`], documented by [`ServiceApi`]).
 
 use std::sync::Arc;
 
@@ -19,6 +20,7 @@ use tower_http::trace::TraceLayer;
 use crate::config::ServerConfig;
 use crate::error::ApiError;
 use crate::layers::RateLimit;
+use crate::openapi::Routes;
 
 /// JSON 404 and 405 answers, `ETag` and `Cache-Control` on reads, request
 /// metrics, load shedding past `max_in_flight` requests (503 at once rather
@@ -138,6 +140,50 @@ pub async fn health(
         body.insert((*name).to_owned(), value.clone());
     }
     (status, Json(serde_json::Value::Object(body))).into_response()
+}
+
+/// `/metrics` and `/openapi.json`, which every Souk API serves without a
+/// token; `document` is the API's own OpenAPI document, built once.
+pub fn service_routes<S: Clone + Send + Sync + 'static>(
+    document: fn() -> &'static serde_json::Value,
+) -> Routes<S> {
+    Routes::new()
+        .get("/metrics", metrics)
+        .get("/openapi.json", move || openapi(document))
+}
+
+/// The OpenAPI description of [`service_routes`], merged into each API's
+/// document (its conventions add the refusals the layers can answer).
+#[derive(Debug, utoipa::OpenApi)]
+#[openapi(paths(metrics, openapi))]
+pub struct ServiceApi;
+
+/// Prometheus metrics
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    operation_id = "metrics",
+    tag = "service",
+    security(()),
+    responses(
+        (status = 200, description = "The Prometheus text exposition format.", content_type = "text/plain", body = String),
+    ),
+)]
+async fn metrics() -> Response {
+    crate::telemetry::metrics().await
+}
+
+/// This document
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    operation_id = "openapi",
+    tag = "service",
+    security(()),
+    responses((status = 200, description = "The OpenAPI 3.1 document of this API.", body = serde_json::Value)),
+)]
+async fn openapi(document: fn() -> &'static serde_json::Value) -> Json<&'static serde_json::Value> {
+    Json(document())
 }
 
 #[cfg(test)]

@@ -14,9 +14,9 @@ use axum::extract::{FromRef, Request, State};
 use axum::http::header;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::{Json, Router};
+use axum::Router;
 use http_kit::ApiError;
-use http_kit::openapi::{ErrorBody, Routes};
+use http_kit::openapi::Routes;
 use identity::JwtVerifier;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -199,8 +199,9 @@ impl App {
 pub(crate) fn routes() -> Routes<AppState> {
     Routes::new()
         .get("/health", health)
-        .get("/metrics", metrics)
-        .get("/openapi.json", openapi)
+        .merge(http_kit::router::service_routes(
+            crate::openapi::document_json,
+        ))
         .merge(crate::routes::routes())
 }
 
@@ -239,8 +240,6 @@ async fn limit_body(max_body_bytes: usize, request: Request, next: Next) -> Resp
     security(()),
     responses(
         (status = 200, description = "Up, database reachable.", body = crate::openapi::Health),
-        (status = 413, description = "A request body larger than the limit (`payload_too_large`).", body = ErrorBody),
-        (status = 500, description = "A bug; details are in the server log (`internal`).", body = ErrorBody),
         (status = 503, description = "The database is unreachable (a `Health` body), or the API is shedding load (an `Error` body).",
             body = crate::openapi::HealthOrError,
             headers(("Retry-After" = i32, description = "Seconds to wait before retrying."))),
@@ -258,42 +257,4 @@ pub(crate) async fn health(State(state): State<AppState>) -> Response {
         &[("notifications", notifications.into())],
     )
     .await
-}
-
-/// Prometheus metrics
-#[utoipa::path(
-    get,
-    path = "/metrics",
-    operation_id = "metrics",
-    tag = "service",
-    security(()),
-    responses(
-        (status = 200, description = "Prometheus metrics", content_type = "text/plain", body = String),
-        (status = 413, description = "A request body larger than the limit (`payload_too_large`).", body = ErrorBody),
-        (status = 500, description = "A bug; details are in the server log (`internal`).", body = ErrorBody),
-        (status = 503, description = "The API is shedding load (`unavailable`).", body = ErrorBody,
-            headers(("Retry-After" = i32, description = "Seconds to wait before retrying."))),
-    ),
-)]
-pub(crate) async fn metrics() -> Response {
-    http_kit::telemetry::metrics().await
-}
-
-/// This document
-#[utoipa::path(
-    get,
-    path = "/openapi.json",
-    operation_id = "openapi",
-    tag = "service",
-    security(()),
-    responses(
-        (status = 200, description = "This document", body = serde_json::Value),
-        (status = 413, description = "A request body larger than the limit (`payload_too_large`).", body = ErrorBody),
-        (status = 500, description = "A bug; details are in the server log (`internal`).", body = ErrorBody),
-        (status = 503, description = "The API is shedding load (`unavailable`).", body = ErrorBody,
-            headers(("Retry-After" = i32, description = "Seconds to wait before retrying."))),
-    ),
-)]
-pub(crate) async fn openapi() -> Json<&'static serde_json::Value> {
-    Json(crate::openapi::document_json())
 }

@@ -52,8 +52,6 @@ use crate::routes::{
     ),
     paths(
         crate::app::health,
-        crate::app::metrics,
-        crate::app::openapi,
         wallet,
         entries,
         search,
@@ -140,12 +138,28 @@ const REFUSALS: &[(&str, &str)] = &[
     ),
 ];
 
+/// The responses any operation can give, the public ones (health, metrics,
+/// this document) included: the router's own refusals.
+const PUBLIC_REFUSALS: &[(&str, &str)] = &[
+    (
+        "413",
+        "A request body larger than the limit (`payload_too_large`).",
+    ),
+    ("500", "A bug; details are in the server log (`internal`)."),
+    (
+        "503",
+        "The API is shedding load (`unavailable`).",
+    ),
+];
+
 struct Finish;
 
 impl Modify for Finish {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        openapi.merge(http_kit::router::ServiceApi::openapi());
         Conventions {
             refusals: REFUSALS,
+            public_refusals: PUBLIC_REFUSALS,
             // Every schema here is a response body: every field is always
             // there (null when absent), and no other.
             closed: &|_| true,

@@ -1063,3 +1063,199 @@ async fn a_stuck_timer_is_listed_and_fires_once_retried() {
     let left = run_replay_tool(&app.db.url, &["timers", "list", "--json"]).await;
     assert!(left.json_lines().is_empty(), "{left:?}");
 }
+
+/// Runs `replay-tool args...` with its stdout on a terminal (a pseudo-terminal
+/// that `script` from util-linux opens), as a person at a shell runs it.
+/// `script` copies what the terminal shows (stdout and stderr, with `\r\n`
+/// line ends) to its own stdout.
+async fn run_replay_tool_on_a_terminal(database_url: &str, args: &[&str]) -> tests::ToolRun {
+    let mut command_line = tests::replay_tool().display().to_string();
+    for arg in args {
+        command_line.push(' ');
+        command_line.push_str(arg);
+    }
+    let database_url = database_url.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let output = std::process::Command::new("script")
+            .args(["--quiet", "--return", "--command", &command_line, "/dev/null"])
+            .env("DATABASE_URL", database_url)
+            .env("SOUK_OPERATOR", "test-operator")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("running replay-tool under script(1)");
+        tests::ToolRun {
+            code: output.status.code(),
+            stdout: String::from_utf8_lossy(&output.stdout).replace("\r\n", "\n"),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    })
+    .await
+    .expect("the replay-tool runner")
+}
+
+#[tokio::test]
+async fn history_on_a_terminal_is_a_table_with_one_row_per_event() {
+    let db = TestDb::migrated().await;
+    let (store, _pool) = store_on(&db).await;
+    let wallet = open_wallet(&store).await;
+    let (actor, correlation) = (Uuid::now_v7(), Uuid::now_v7());
+    deposit(&store, wallet, 100, context(actor, correlation)).await;
+    deposit(&store, wallet, 250, context(actor, Uuid::now_v7())).await;
+    let wallet = wallet.to_string();
+    let args = [
+        "history",
+        "--aggregate-type",
+        "Wallet",
+        "--aggregate-id",
+        &wallet,
+    ];
+
+    let shown = run_replay_tool_on_a_terminal(&db.url, &args).await;
+
+    assert_eq!(shown.code, Some(0), "{shown:?}");
+    let lines: Vec<&str> = shown.stdout.lines().collect();
+    assert_eq!(lines.len(), 4, "a header and three events: {shown:?}");
+    for column in ["recorded at", "aggregate", "seq", "event", "actor", "correlation"] {
+        assert!(lines[0].contains(column), "{:?}", lines[0]);
+    }
+    let events: Vec<(&str, &str)> = lines[1..]
+        .iter()
+        .map(|line| {
+            let cells: Vec<&str> = line.split_whitespace().collect();
+            // recorded at (date, time), aggregate (type, id), seq, event, ...
+            assert_eq!(&cells[2..4], ["Wallet", wallet.as_str()], "{line}");
+            (cells[4], cells[5])
+        })
+        .collect();
+    assert_eq!(
+        events,
+        [
+            ("1", "WalletOpened"),
+            ("2", "FundsDeposited"),
+            ("3", "FundsDeposited")
+        ]
+    );
+    assert!(lines[2].contains(&format!("admin {actor}")), "{}", lines[2]);
+    assert!(lines[2].ends_with(&correlation.to_string()), "{}", lines[2]);
+    assert!(!shown.stdout.contains('{'), "no JSON on a terminal: {shown:?}");
+
+    // `--json` is JSON lines even on a terminal, and a pipe gets them too.
+    let json = run_replay_tool_on_a_terminal(&db.url, &[&args[..], &["--json"]].concat()).await;
+    assert_eq!(json.code, Some(0), "{json:?}");
+    assert_eq!(json.json_lines().len(), 3);
+    let piped = run_replay_tool(&db.url, &args).await;
+    assert_eq!(piped.json_lines().len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_event_that_cannot_be_retried_exits_1_says_why_and_stays_parked() {
+    let app = spawn_app().await;
+    let projector = Projector::start(&app).await;
+    let pool = app.db.pool().await;
+    let admin = User::new("admin");
+    let owner = User::new("buyer");
+    let wallet = app.funded_wallet(&owner, "EUR", 0).await;
+    wait_caught_up(&pool).await;
+    sqlx::query(
+        "ALTER TABLE rm_wallet_entries ADD CONSTRAINT no_poison CHECK (reference NOT LIKE 'poison%')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let deposit_path = format!("/wallets/{wallet}/deposits");
+    let deposited = app
+        .post(
+            &deposit_path,
+            Some(&admin),
+            &json!({"amount": {"amount": 700, "currency": "EUR"}, "reference": "poison-1"}),
+        )
+        .await;
+    assert_eq!(deposited.status, 200);
+    wait_for_letters(&pool, 1).await;
+    let letter: i64 = sqlx::query_scalar("SELECT id FROM dead_letters")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let letter = letter.to_string();
+    let parked = || async {
+        sqlx::query_scalar::<_, (i64, i32)>("SELECT count(*), max(attempts) FROM dead_letters")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+
+    // Refused: the read model still refuses the row.
+    let refused = run_replay_tool(&app.db.url, &["dead-letters", "retry", &letter]).await;
+    assert_eq!(refused.code, Some(1), "{refused:?}");
+    assert_eq!(
+        refused.stderr.trim_end(),
+        "replay-tool: 1 of 1 parked events were not applied (see above)"
+    );
+    let outcome = &refused.json_lines()[0];
+    assert_eq!(outcome["outcome"], "refused", "{outcome}");
+    assert!(
+        outcome["detail"].as_str().unwrap().contains("no_poison"),
+        "the new error: {outcome}"
+    );
+    assert_eq!(parked().await, (1, 1), "still parked, one attempt more");
+
+    // Blocked: a later event of the wallet reached the read model since,
+    // and applying the parked one now would put it out of order.
+    sqlx::query("ALTER TABLE rm_wallet_entries DROP CONSTRAINT no_poison")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let later = app
+        .post(
+            &deposit_path,
+            Some(&admin),
+            &json!({"amount": {"amount": 50, "currency": "EUR"}, "reference": "fine"}),
+        )
+        .await;
+    assert_eq!(later.status, 200);
+    wait_caught_up(&pool).await;
+    let blocked = run_replay_tool(&app.db.url, &["dead-letters", "retry", "--all"]).await;
+    assert_eq!(blocked.code, Some(1), "{blocked:?}");
+    assert_eq!(
+        blocked.stderr.trim_end(),
+        "replay-tool: 1 of 1 parked events were not applied (see above)"
+    );
+    let outcome = &blocked.json_lines()[0];
+    assert_eq!(outcome["outcome"], "blocked", "{outcome}");
+    let detail = outcome["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("1 later event(s)")
+            && detail.contains("replay-tool rebuild --projection wallets"),
+        "{detail}"
+    );
+    assert_eq!(parked().await, (1, 1), "not tried, still parked");
+    let available: i64 =
+        sqlx::query_scalar("SELECT available FROM rm_wallets WHERE wallet_id = $1")
+            .bind(wallet)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(available, 50, "the read model is left as it was");
+
+    // On a terminal the outcome is a table row, and the message the same.
+    let shown = run_replay_tool_on_a_terminal(&app.db.url, &["dead-letters", "retry", &letter]).await;
+    assert_eq!(shown.code, Some(1), "{shown:?}");
+    let row = shown
+        .stdout
+        .lines()
+        .find(|line| line.starts_with(&letter))
+        .unwrap_or_else(|| panic!("no row for the letter: {shown:?}"));
+    assert!(row.contains("wallets") && row.contains("blocked"), "{row}");
+    assert!(
+        shown
+            .stdout
+            .contains("replay-tool: 1 of 1 parked events were not applied (see above)"),
+        "{shown:?}"
+    );
+
+    // Unknown: one line, exit 1.
+    let unknown = run_replay_tool(&app.db.url, &["dead-letters", "retry", "999999"]).await;
+    assert_eq!(unknown.code, Some(1), "{unknown:?}");
+    assert_eq!(unknown.stderr.trim_end(), "replay-tool: no dead letter 999999");
+    projector.stop().await;
+}

@@ -1,28 +1,29 @@
-//! Listing routes: create (listing, stock pool and timeline entry in one
-//! transaction), price, details, pause/resume/delete, stock, reservations
+//! Listing routes: create (`domain::journeys::NewListing`: listing, stock
+//! pool and timeline entry in one transaction), price, details,
+//! pause/resume/delete, stock, reservations (`domain::journeys::HoldRequest`)
 //! and their release (`domain::journeys::release_hold`).
 
 use axum::extract::State;
 use axum::response::Response;
 use chrono::Utc;
-use domain::journeys::{self, Stream};
-use domain::listing::{Condition, Listing, ListingCommand, ListingDetails, ListingStatus};
+use domain::journeys::{self, JourneyError, Stream};
+use domain::listing::{Condition, Listing, ListingCommand, ListingDetails};
 use domain::reservation::{Reservation, ReservationCommand};
 use domain::timeline::{ProductTimeline, TimelineCommand, TimelineEntry};
 use domain::values::{
     Actor, Description, HoldId, Label, ListingId, Location, ProductId, Reason, Title, Url, WalletId,
 };
-use domain::wallet::Wallet;
-use domain::{Decide, Refusal};
+use domain::Decide;
 use event_store::journey::stream_refs;
-use event_store::{ExecError, StreamRef};
+use event_store::{StreamRef, Timer};
 use http_kit::openapi::Routes;
-use http_kit::openapi::{AcceptedBody, text, text_or_null};
+use http_kit::openapi::{AcceptedBody, FieldDocs, text, text_or_null};
 use http_kit::{ApiError, AuthUser, IdPair, IdPath, JsonBody, RequestMeta};
 use serde::Deserialize;
 use serde_json::json;
 use utoipa::{OpenApi, ToSchema};
 
+use super::orders::journey_error;
 use super::{
     EMPTY_BODY_SHA256, MoneyBody, bounded, created_reply, exec_error, field, ok_reply, respond,
     single,
@@ -47,8 +48,48 @@ pub const MAX_STOCK: u32 = 1_000_000;
     set_stock,
     reserve,
     release_reservation
-))]
+), modifiers(&FIELDS))]
 pub(super) struct Api;
+
+/// What the fields of these request bodies mean, where a function gives
+/// the field's schema (utoipa drops those fields' doc comments).
+const FIELDS: FieldDocs = FieldDocs(&[
+    ("Location", "city", "The city."),
+    ("Location", "country", "The country."),
+    ("CreateListing", "title", "The listing's title."),
+    ("CreateListing", "description", "The listing's description."),
+    ("CreateListing", "category", "The category."),
+    ("CreateListing", "subcategory", "The subcategory."),
+    ("CreateListing", "condition", "The item's condition."),
+    ("CreateListing", "attributes", "What else describes the item."),
+    ("CreateListing", "images", "Pictures of the item."),
+    ("UpdateListingDetails", "title", "The listing's title."),
+    (
+        "UpdateListingDetails",
+        "description",
+        "The listing's description.",
+    ),
+    ("UpdateListingDetails", "category", "The category."),
+    ("UpdateListingDetails", "subcategory", "The subcategory."),
+    ("UpdateListingDetails", "condition", "The item's condition."),
+    ("UpdateListingDetails", "location", "Where the item is."),
+    (
+        "UpdateListingDetails",
+        "attributes",
+        "What else describes the item (replaces them all).",
+    ),
+    (
+        "UpdateListingDetails",
+        "images",
+        "Pictures of the item (replace them all).",
+    ),
+    ("Reserve", "quantity", "Units to hold."),
+    (
+        "Reserve",
+        "ttl_seconds",
+        "How long the hold lasts before it expires by itself.",
+    ),
+]);
 
 pub fn routes() -> Routes<AppState> {
     Routes::new()
@@ -76,8 +117,10 @@ pub struct LocationBody {
     city: String,
     #[schema(schema_with = http_kit::openapi::country_code)]
     country: String,
+    /// Latitude in degrees.
     #[schema(minimum = -90, maximum = 90)]
     lat: Option<f64>,
+    /// Longitude in degrees.
     #[schema(minimum = -180, maximum = 180)]
     lon: Option<f64>,
 }
@@ -105,9 +148,11 @@ pub struct CreateListing {
     subcategory: Option<String>,
     #[schema(schema_with = crate::openapi::condition)]
     condition: String,
+    /// The price of one unit.
     price: MoneyBody,
     #[schema(schema_with = crate::openapi::stock_quantity)]
     quantity: u32,
+    /// Where the item is.
     location: LocationBody,
     #[serde(default)]
     #[schema(schema_with = crate::openapi::attributes)]
@@ -180,100 +225,25 @@ async fn create(
         attributes: parse_attributes(&request.attributes)?,
         images: parse_images(&request.images)?,
     };
-    let price = request.price.parse("price")?;
-    let quantity = parse_quantity(request.quantity)?;
-    let listing_id = ListingId::new();
-    let product_id = request
-        .product_id
-        .map_or_else(ProductId::new, ProductId::from_uuid);
-    let payout_wallet = request.payout_wallet_id.map(WalletId::from_uuid);
-    let actor = user.actor();
-
-    let mut streams = vec![
-        StreamRef::of::<Listing>(listing_id.to_string()),
-        StreamRef::of::<Reservation>(listing_id.to_string()),
-        StreamRef::of::<ProductTimeline>(product_id.to_string()),
-    ];
-    if let Some(wallet) = payout_wallet {
-        streams.push(StreamRef::of::<Wallet>(wallet.to_string()));
-    }
+    let listing = journeys::NewListing {
+        seller: user.actor(),
+        listing_id: ListingId::new(),
+        product_id: request
+            .product_id
+            .map_or_else(ProductId::new, ProductId::from_uuid),
+        details,
+        price: request.price.parse("price")?,
+        quantity: parse_quantity(request.quantity)?,
+        payout_wallet: request.payout_wallet_id.map(WalletId::from_uuid),
+    };
+    let (listing_id, product_id) = (listing.listing_id, listing.product_id);
     let accepted = state
         .store
         .execute_multi(
-            streams,
+            stream_refs(listing.streams()),
             meta.context(&user),
             meta.idempotency(&user, &body.sha256),
-            move |plan| {
-                if let Some(wallet_id) = payout_wallet {
-                    let wallet = plan.state::<Wallet>(&wallet_id.to_string())?;
-                    if !wallet.exists() {
-                        return Err(refused(
-                            "wallet_not_found",
-                            Refusal::NotFound,
-                            "the payout wallet does not exist",
-                        ));
-                    }
-                    if wallet.owner() != actor.user_id {
-                        return Err(refused(
-                            "forbidden",
-                            Refusal::Forbidden,
-                            "the payout wallet must be the seller's own",
-                        ));
-                    }
-                    if wallet.currency() != price.currency() {
-                        return Err(refused(
-                            "currency_mismatch",
-                            Refusal::Invalid,
-                            "the payout wallet's currency differs from the price's",
-                        ));
-                    }
-                }
-                plan.decide::<Listing>(
-                    &listing_id.to_string(),
-                    ListingCommand::Create {
-                        actor,
-                        listing_id,
-                        product_id,
-                        details: details.clone(),
-                        price: price.clone(),
-                        payout_wallet,
-                    },
-                )?;
-                plan.decide::<Reservation>(
-                    &listing_id.to_string(),
-                    ReservationCommand::OpenPool {
-                        actor,
-                        listing_id,
-                        seller: actor.user_id,
-                        quantity,
-                    },
-                )?;
-                let relisting = plan
-                    .state::<ProductTimeline>(&product_id.to_string())?
-                    .exists();
-                let entry = if relisting {
-                    TimelineEntry::Relisted {
-                        listing_id,
-                        seller: actor.user_id,
-                        price: price.clone(),
-                    }
-                } else {
-                    TimelineEntry::Listed {
-                        listing_id,
-                        seller: actor.user_id,
-                        price: price.clone(),
-                    }
-                };
-                plan.decide::<ProductTimeline>(
-                    &product_id.to_string(),
-                    TimelineCommand::Record {
-                        actor: timeline_actor(actor, relisting),
-                        product_id,
-                        entry,
-                    },
-                )?;
-                Ok(())
-            },
+            move |plan| Ok(listing.run(plan)?),
             move |(), committed| {
                 let (version, _) = committed
                     .stream::<Listing>(&listing_id.to_string())
@@ -294,21 +264,6 @@ async fn create(
     Ok(respond(accepted))
 }
 
-/// Timeline entries are written by Souk's process manager on the seller's
-/// behalf; a relisting is checked against the product's current owner, so
-/// it is recorded as the seller.
-fn timeline_actor(actor: Actor, relisting: bool) -> Actor {
-    if relisting { actor } else { Actor::system() }
-}
-
-pub(crate) fn refused(code: &'static str, refusal: Refusal, message: &str) -> ExecError {
-    ExecError::Rejected {
-        code,
-        refusal,
-        message: message.to_owned(),
-    }
-}
-
 /// The listing's current state, or 404.
 async fn existing_listing(state: &AppState, id: ListingId) -> Result<Listing, ApiError> {
     let (listing, _) = state
@@ -317,11 +272,7 @@ async fn existing_listing(state: &AppState, id: ListingId) -> Result<Listing, Ap
         .await
         .map_err(exec_error)?;
     if !listing.exists() {
-        return Err(ApiError::Domain {
-            code: "listing_not_found",
-            refusal: Refusal::NotFound,
-            message: format!("listing {id} does not exist"),
-        });
+        return Err(journey_error(JourneyError::ListingNotFound(id)));
     }
     Ok(listing)
 }
@@ -329,6 +280,7 @@ async fn existing_listing(state: &AppState, id: ListingId) -> Result<Listing, Ap
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChangePrice {
+    /// The new price of one unit, in the listing's currency.
     price: MoneyBody,
 }
 
@@ -693,31 +645,24 @@ async fn reserve(
         "ttl_seconds",
         domain::process::hold_expiry(now, body.value.ttl_seconds),
     )?;
-    let listing = existing_listing(&state, ListingId::from_uuid(id)).await?;
-    if listing.status() != ListingStatus::Active {
-        return Err(ApiError::Domain {
-            code: "listing_unavailable",
-            refusal: Refusal::Conflict,
-            message: format!("the listing is {}", listing.status().as_str()),
-        });
-    }
-    let hold_id = HoldId::new();
-    let command = ReservationCommand::Reserve {
-        actor: user.actor(),
-        hold_id,
-        holder: user.user_id,
+    let listing_id = ListingId::from_uuid(id);
+    let request = journeys::HoldRequest {
+        listing_id,
+        holder: user.actor(),
         quantity: body.value.quantity,
         expires_at,
-        order_id: None,
-        now,
     };
-    let mut reply = created_reply(hold_id.as_uuid());
-    reply.timers.push(super::orders::hold_expiry_timer(
-        ListingId::from_uuid(id),
-        hold_id,
-        expires_at,
-    ));
-    single::<Reservation>(&state, &user, &meta, &body.sha256, id, command, reply).await
+    let (listing, _) = state
+        .store
+        .state::<Listing>(&listing_id.to_string())
+        .await
+        .map_err(exec_error)?;
+    let hold = request
+        .plan(&listing, HoldId::new(), now)
+        .map_err(journey_error)?;
+    let mut reply = created_reply(hold.hold_id.as_uuid());
+    reply.timers.push(Timer::of(hold.timer, hold.due_at));
+    single::<Reservation>(&state, &user, &meta, &body.sha256, id, hold.command, reply).await
 }
 
 /// Release a stock hold

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use axum::extract::State;
 use axum::response::Response;
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use domain::Decide;
 use domain::journeys::{self, JourneyError};
 use domain::listing::Listing;
@@ -20,9 +20,9 @@ use domain::values::{
     Actor, Comment, HoldId, Label, ListingId, OrderId, Reason, Reference, ValidationError, WalletId,
 };
 use event_store::journey::stream_refs;
-use event_store::{ExecError, Plan, Timer};
+use event_store::{ExecError, Plan};
 use http_kit::openapi::Routes;
-use http_kit::openapi::{AcceptedBody, text, text_or_null};
+use http_kit::openapi::{AcceptedBody, FieldDocs, text, text_or_null};
 use http_kit::{ApiError, AuthUser, IdPath, JsonBody, RequestMeta};
 use serde::Deserialize;
 use serde_json::json;
@@ -52,9 +52,38 @@ const ORDER_ID: &str = "The order. Anything but a UUID is 400 `invalid_id`.";
         refund,
         review
     ),
-    components(schemas(LineBody))
+    components(schemas(LineBody)),
+    modifiers(&FIELDS)
 )]
 pub(super) struct Api;
+
+/// What the fields of these request bodies mean, where a function gives
+/// the field's schema (utoipa drops those fields' doc comments).
+const FIELDS: FieldDocs = FieldDocs(&[
+    ("CheckoutLine", "quantity", "Units of the listing."),
+    ("ShippingAddress", "name", "The recipient."),
+    ("ShippingAddress", "line1", "The street address."),
+    (
+        "ShippingAddress",
+        "line2",
+        "More of the address; blank is none.",
+    ),
+    ("ShippingAddress", "city", "The city."),
+    ("ShippingAddress", "postal_code", "The postal code."),
+    ("ShippingAddress", "country", "The country."),
+    ("Checkout", "lines", "What to buy, one line per listing."),
+    ("Checkout", "payment_method", "How the orders are paid."),
+    (
+        "ConfirmPayment",
+        "reference",
+        "The bank's reference of the transfer.",
+    ),
+    ("Ship", "carrier", "The carrier."),
+    ("Ship", "tracking_number", "The carrier's tracking number."),
+    ("WithReason", "reason", "Why."),
+    ("Review", "rating", "From 1 (worst) to 5 (best)."),
+    ("Review", "comment", "The review."),
+]);
 
 pub fn routes() -> Routes<AppState> {
     Routes::new()
@@ -92,7 +121,6 @@ pub struct AddressBody {
     name: String,
     #[schema(schema_with = text::<AddressLine>)]
     line1: String,
-    /// Blank is none.
     #[schema(schema_with = text_or_null::<OptionalAddressLine>)]
     line2: Option<String>,
     #[schema(schema_with = text::<Label>)]
@@ -108,6 +136,7 @@ pub struct AddressBody {
 pub struct Checkout {
     #[schema(schema_with = crate::openapi::lines)]
     lines: Vec<LineBody>,
+    /// Where the orders go.
     shipping_address: AddressBody,
     #[schema(schema_with = crate::openapi::payment_method)]
     payment_method: String,
@@ -249,21 +278,6 @@ pub(crate) fn journey_error(error: JourneyError) -> ApiError {
     exec_error(error.into())
 }
 
-/// The timer that expires hold `hold_id` of `listing_id` at `due_at`.
-pub(crate) fn hold_expiry_timer(
-    listing_id: ListingId,
-    hold_id: HoldId,
-    due_at: DateTime<Utc>,
-) -> Timer {
-    Timer::of(
-        journeys::Timer::HoldExpiry {
-            listing_id,
-            hold_id,
-        },
-        due_at,
-    )
-}
-
 /// Runs `journey` in one unit of work over order `order_id` and every stream
 /// it touches (its lines' stock pools and products, its wallets), answered
 /// with the order's id, version and position. A missing order is 404.
@@ -320,7 +334,6 @@ where
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConfirmPayment {
-    /// The bank's reference of the transfer.
     #[schema(schema_with = text::<Reference>)]
     reference: String,
 }
@@ -488,7 +501,6 @@ async fn complete(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WithReason {
-    /// Why.
     #[serde(default)]
     #[schema(schema_with = text::<Reason>)]
     reason: String,
@@ -601,7 +613,6 @@ async fn refund(
 pub struct Review {
     #[schema(schema_with = crate::openapi::rating)]
     rating: i64,
-    /// The review.
     #[serde(default)]
     #[schema(schema_with = text::<Comment>)]
     comment: String,

@@ -9,7 +9,7 @@ use domain::values::{
     Comment, CustomizationId, Description, StoryBody, StoryId, Title, Url, UserId,
 };
 use http_kit::openapi::Routes;
-use http_kit::openapi::{AcceptedBody, text};
+use http_kit::openapi::{AcceptedBody, FieldDocs, text};
 use http_kit::{ApiError, AuthUser, IdPair, IdPath, JsonBody, RequestMeta};
 use serde::Deserialize;
 use utoipa::{OpenApi, ToSchema};
@@ -32,8 +32,23 @@ pub const MAX_MEDIA: usize = domain::timeline::MAX_MEDIA;
     request_customization,
     accept_customization,
     complete_customization
-))]
+), modifiers(&FIELDS))]
 pub(super) struct Api;
+
+/// What the fields of these request bodies mean, where a function gives
+/// the field's schema (utoipa drops those fields' doc comments).
+const FIELDS: FieldDocs = FieldDocs(&[
+    ("AddStory", "title", "The story's title."),
+    ("AddStory", "body", "The story."),
+    ("AddStory", "media", "Pictures or videos of the story."),
+    ("RequestCustomization", "description", "What to do."),
+    (
+        "CompleteCustomization",
+        "media",
+        "Pictures or videos of the work.",
+    ),
+    ("CompleteCustomization", "note", "A note to the owner."),
+]);
 
 pub fn routes() -> Routes<AppState> {
     Routes::new()
@@ -110,7 +125,6 @@ async fn add_story(
 pub struct RequestCustomization {
     /// The designer's user id.
     designer_id: Uuid,
-    /// What to do.
     #[schema(schema_with = text::<Description>)]
     description: String,
 }
@@ -190,7 +204,6 @@ pub struct CompleteCustomization {
     #[serde(default)]
     #[schema(schema_with = crate::openapi::media)]
     media: Vec<String>,
-    /// A note to the owner.
     #[serde(default)]
     #[schema(schema_with = text::<Comment>)]
     note: String,

@@ -5,7 +5,7 @@ use axum::response::Response;
 use domain::values::{Currency, Reference, WalletId};
 use domain::wallet::{Wallet, WalletCommand};
 use http_kit::openapi::Routes;
-use http_kit::openapi::{AcceptedBody, text};
+use http_kit::openapi::{AcceptedBody, FieldDocs, text};
 use http_kit::{ApiError, AuthUser, IdPath, JsonBody, RequestMeta};
 use serde::Deserialize;
 use utoipa::{OpenApi, ToSchema};
@@ -18,8 +18,19 @@ const WALLET_ID: &str = "The wallet. Anything but a UUID is 400 `invalid_id`.";
 
 /// The OpenAPI description of these routes.
 #[derive(OpenApi)]
-#[openapi(paths(open, deposit, withdraw))]
+#[openapi(paths(open, deposit, withdraw), modifiers(&FIELDS))]
 pub(super) struct Api;
+
+/// What the fields of these request bodies mean, where a function gives
+/// the field's schema (utoipa drops those fields' doc comments).
+const FIELDS: FieldDocs = FieldDocs(&[
+    ("OpenWallet", "currency", "The wallet's currency, for good."),
+    (
+        "Movement",
+        "reference",
+        "The payment provider's or bank's reference.",
+    ),
+]);
 
 pub fn routes() -> Routes<AppState> {
     Routes::new()
@@ -72,8 +83,8 @@ async fn open(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Movement {
+    /// How much.
     amount: MoneyBody,
-    /// The payment provider's or bank's reference.
     #[schema(schema_with = text::<Reference>)]
     reference: String,
 }

@@ -12,11 +12,13 @@
 //! [`JourneyError`], [`Timer`], [`Deadlines`]); `checkout` places orders;
 //! `orders` holds the follow-up steps of an order (payment, shipping,
 //! delivery, escrow release, completion, cancellation, return, refund);
-//! `holds` releases and expires stock holds; `timers` fires a [`Timer`]
-//! through the same code as a user's command.
+//! `listings` creates a listing with its stock pool and timeline entry, and
+//! plans a buyer's hold; `holds` releases and expires stock holds; `timers`
+//! fires a [`Timer`] through the same code as a user's command.
 
 mod checkout;
 mod holds;
+mod listings;
 mod orders;
 #[cfg(test)]
 mod testing;
@@ -26,6 +28,7 @@ mod timers;
 
 pub use checkout::{Checkout, CheckoutLine, CheckoutRequest, OrderOutcome, PlannedOrder};
 pub use holds::release_hold;
+pub use listings::{HoldRequest, NewListing, PlannedHold};
 pub use orders::{
     cancel, complete, confirm_payment, deliver, mark_returned, order_streams, refund,
     release_escrow, ship,
@@ -90,6 +93,9 @@ pub enum JourneyError {
     WalletNotFound,
     #[error("the wallet is not yours")]
     WalletNotYours,
+    /// A listing's payout wallet must hold the currency of its price.
+    #[error("the payout wallet's currency differs from the price's")]
+    PayoutCurrencyMismatch,
     #[error("seller {0} takes no wallet payments: the listing has no payout wallet")]
     SellerWalletMissing(UserId),
     #[error("an order needs at least one line")]
@@ -175,6 +181,7 @@ impl DomainError for JourneyError {
             Self::OrderNotFound(_) => "order_not_found",
             Self::WalletNotFound => "wallet_not_found",
             Self::WalletNotYours => "forbidden",
+            Self::PayoutCurrencyMismatch => "currency_mismatch",
             Self::SellerWalletMissing(_) => "seller_wallet_missing",
             Self::NoLines => "too_short",
             Self::DuplicateLine(_) => "duplicate_line",
@@ -195,7 +202,9 @@ impl DomainError for JourneyError {
                 Refusal::NotFound
             }
             Self::WalletNotYours | Self::ReservationNotYours(_) => Refusal::Forbidden,
-            Self::NoLines | Self::DuplicateLine(_) => Refusal::Invalid,
+            Self::NoLines | Self::DuplicateLine(_) | Self::PayoutCurrencyMismatch => {
+                Refusal::Invalid
+            }
             Self::Refused { refusal, .. } => *refusal,
             _ => Refusal::Conflict,
         }
