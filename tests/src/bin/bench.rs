@@ -18,25 +18,40 @@
 //! 4. `Souk over HTTP`: the `command-api` binary, built by this benchmark
 //!    (`cargo build` of the same profile) and started as a separate process,
 //!    driven over keep-alive HTTP connections; its memory is sampled;
-//! 5. the snapshot check: one deposit through a fresh `EventStore` (empty
+//! 5. `Souk over HTTP, limiter on`: row 4 again on a second command API
+//!    configured with a rate limit per user too high to trigger
+//!    (`--rate-limit`, also its burst), measured against row 4 in slices of
+//!    their own (see below): the limiter's cost;
+//! 6. checkouts over HTTP (`POST /orders`, one line, wallet escrow, each
+//!    task a buyer with a funded wallet of its own) on a third command API:
+//!    `checkout: own listings` (each task its own seller and listings, so no
+//!    two checkouts share an aggregate), `checkout: one seller` (one seller's
+//!    `--checkout-listings` listings, picked at random by every task) and
+//!    `checkout: N sellers` (the same listings spread over
+//!    `--checkout-sellers` sellers). Every answer must say the order is
+//!    confirmed, and the orders placed and confirmed are counted in the
+//!    database at the end;
+//! 7. the snapshot check: one deposit through a fresh `EventStore` (empty
 //!    cache) on a wallet of `--snapshot-events` events versus on a new one.
 //!
-//! Rows 1 to 4 are set up first, then measured in `--rounds` interleaved
-//! slices (each slice a warm-up, then `--seconds / --rounds` measured), so
-//! that load from other processes that comes and goes hits every row alike
-//! and the ratios hold. Each slice gets fresh connection pools, so only one
-//! row's pool is open at a time (besides the idle command API's). CPU time
-//! of this process, of the command API and of Postgres is accounted per
-//! command, and other load on the machine is reported.
+//! Rows are measured in `--rounds` interleaved slices (each slice a
+//! warm-up, then `--seconds / --rounds` measured), so that load from other
+//! processes that comes and goes hits every row alike and the ratios hold,
+//! in three groups one after the other: rows 1 to 4; rows 4 and 5; the
+//! checkout rows. The groups keep the idle command APIs' connections within
+//! Postgres's default 100 (each API keeps up to `--pool-size`). Each slice
+//! of rows 1 to 3 gets fresh connection pools. CPU time of this process, of
+//! the command API and of Postgres is accounted per command, and other load
+//! on the machine is reported.
 //!
 //! Every database is created for the run and dropped at the end, also on
-//! error or Ctrl-C; the child process is killed. Progress goes to stderr,
+//! error or Ctrl-C; the child processes are killed. Progress goes to stderr,
 //! the table to stdout. Targets are printed as MET or MISSED; they never fail
 //! the run.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -50,6 +65,8 @@ use domain::wallet::{Wallet, WalletCommand, WalletEvent};
 use event_store::record::{ChainedFields, EventMetadata, GENESIS_HASH};
 use event_store::{CommandContext, EventStore, PoolConfig, Reply, StoreConfig};
 use futures::future::BoxFuture;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use tests::bench_kit::{
     ChildGuard, Databases, TempDir, free_port, in_parallel, log_tail, percentile_ms,
@@ -79,6 +96,26 @@ const TARGET_HTTP_COMMANDS_PER_S: f64 = 1500.0;
 const TARGET_HTTP_P99_MS: f64 = 50.0;
 const TARGET_RSS_MB: f64 = 150.0;
 const TARGET_SNAPSHOT_RATIO: f64 = 2.0;
+/// Issue 12: HTTP throughput with the limiter on over off.
+const TARGET_LIMITER_RATIO: f64 = 0.95;
+/// Issue 11: checkouts on their own listings and wallets.
+const TARGET_CHECKOUT_OWN_PER_S: f64 = 800.0;
+/// Issue 13: checkouts of one seller.
+const TARGET_CHECKOUT_ONE_SELLER_PER_S: f64 = 1000.0;
+const TARGET_CHECKOUT_P99_MS: f64 = 50.0;
+/// Issue 13: checkouts spread over many sellers are no slower than one
+/// seller's.
+const TARGET_SELLERS_VS_ONE_SELLER: f64 = 1.0;
+
+/// Price of every checkout listing, in EUR cents.
+const CHECKOUT_PRICE_MINOR_UNITS: i64 = 100;
+/// Stock of every checkout listing (the command API's most).
+const CHECKOUT_STOCK: u32 = 1_000_000;
+/// Funds of every checkout buyer, in EUR cents: ten million checkouts.
+const CHECKOUT_FUNDS_MINOR_UNITS: i64 = 1_000_000_000;
+/// Most requests in flight while seeding the checkout rows.
+const SEED_HTTP_IN_FLIGHT: usize = 32;
+const SHIPPING_ADDRESS: &str = r#"{"name":"Ana Ruiz","line1":"3 rue Merciere","city":"Lyon","postal_code":"69002","country":"FR"}"#;
 
 /// Postgres DDL of postgres-es 0.5.0 (`db/init.sql`), events and snapshots.
 const POSTGRES_ES_DDL: &str = "
@@ -117,6 +154,10 @@ enum RowKind {
     CqrsEs,
     Souk,
     Http,
+    HttpLimited,
+    CheckoutOwn,
+    CheckoutOneSeller,
+    CheckoutSellers,
     Snapshot,
 }
 
@@ -169,9 +210,23 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "raw,cqrs-es,souk,http,snapshot"
+        default_value = "raw,cqrs-es,souk,http,http-limited,checkout-own,checkout-one-seller,checkout-sellers,snapshot"
     )]
     rows: Vec<RowKind>,
+
+    /// Requests per second per user (and burst) of the limited HTTP row:
+    /// high enough never to trigger.
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u32).range(1..))]
+    rate_limit: u32,
+
+    /// Listings of the one-seller and many-seller checkout rows (and of the
+    /// own-listings row, split among its tasks).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    checkout_listings: u64,
+
+    /// Sellers of the many-seller checkout row.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    checkout_sellers: u64,
 
     /// Maintenance database the benchmark creates its databases from.
     #[arg(
@@ -212,6 +267,24 @@ async fn run(args: &Args, databases: &Databases) -> anyhow::Result<()> {
         .await
         .context("reading the Postgres version")?;
     let wanted = |kind| args.rows.contains(&kind);
+    let any_http = [
+        RowKind::Http,
+        RowKind::HttpLimited,
+        RowKind::CheckoutOwn,
+        RowKind::CheckoutOneSeller,
+        RowKind::CheckoutSellers,
+    ]
+    .into_iter()
+    .any(wanted);
+    let binary = if any_http {
+        Some(command_api_binary(args).await?)
+    } else {
+        None
+    };
+    let binary = || binary.clone().context("no command-api binary");
+    let mut report = Report::default();
+
+    // Group 1: the deposit rows, from the physical limit to HTTP.
     let mut targets = Vec::new();
     if wanted(RowKind::Raw) {
         targets.push(Target::Raw(RawTarget::set_up(args, databases).await?));
@@ -223,8 +296,118 @@ async fn run(args: &Args, databases: &Databases) -> anyhow::Result<()> {
         targets.push(Target::Souk(SoukTarget::set_up(args, databases).await?));
     }
     if wanted(RowKind::Http) {
-        targets.push(Target::Http(HttpTarget::set_up(args, databases).await?));
+        let http = HttpTarget::set_up(args, databases, &binary()?, None).await?;
+        targets.push(Target::Http(http));
     }
+    let mut http_off = None;
+    let measured = measure_rounds(args, &mut targets, "").await?;
+    for (target, measured) in targets.into_iter().zip(measured) {
+        match target {
+            Target::Raw(_) => report.raw = Some(measured),
+            Target::Cqrs(_) => report.cqrs = Some(measured),
+            Target::Souk(_) => report.souk = Some(measured),
+            Target::Http(http) => {
+                http_off = Some(http);
+                report.http = Some(HttpRun {
+                    measured,
+                    memory: Memory::default(),
+                });
+            }
+            Target::Checkout(_) => bail!("a checkout row among the deposit rows"),
+        }
+    }
+
+    // Group 2: the HTTP row again, beside the same with a rate limiter.
+    if wanted(RowKind::HttpLimited) {
+        let mut pair = Vec::new();
+        if let Some(http) = http_off.take() {
+            pair.push(Target::Http(http));
+        }
+        let limited =
+            HttpTarget::set_up(args, databases, &binary()?, Some(args.rate_limit)).await?;
+        pair.push(Target::Http(limited));
+        let measured = measure_rounds(args, &mut pair, "limiter: ").await?;
+        for (target, measured) in pair.into_iter().zip(measured) {
+            let Target::Http(http) = target else {
+                bail!("a row other than HTTP in the limiter group");
+            };
+            if http.rate_limit.is_some() {
+                http.finish(&measured);
+                report.limiter_on = Some(measured);
+            } else {
+                report.limiter_off = Some(measured);
+                http_off = Some(http);
+            }
+        }
+    }
+    if let (Some(http), Some(run)) = (http_off.take(), report.http.as_mut()) {
+        run.memory = http.finish(&run.measured);
+    }
+
+    // Group 3: checkouts, on a command API of their own.
+    let shapes: Vec<Shape> = [
+        (RowKind::CheckoutOwn, Shape::Own),
+        (RowKind::CheckoutOneSeller, Shape::Sellers(1)),
+        (
+            RowKind::CheckoutSellers,
+            Shape::Sellers(args.checkout_sellers),
+        ),
+    ]
+    .into_iter()
+    .filter(|(kind, _)| wanted(*kind))
+    .map(|(_, shape)| shape)
+    .collect();
+    if !shapes.is_empty() {
+        let mut api = CommandApi::start(args, databases, &binary()?, "checkouts", None).await?;
+        let mut targets = Vec::new();
+        for shape in shapes {
+            targets.push(Target::Checkout(
+                CheckoutTarget::set_up(args, &api, shape).await?,
+            ));
+        }
+        let measured = measure_rounds(args, &mut targets, "").await?;
+        api.check_alive()?;
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&api.database_url)
+            .await
+            .context("connecting to the checkout database")?;
+        for (target, measured) in targets.into_iter().zip(measured) {
+            let Target::Checkout(checkout) = target else {
+                bail!("a row other than a checkout in the checkout group");
+            };
+            let counted = checkout.count_orders(&pool).await?;
+            report.checkouts.push(CheckoutRun {
+                name: checkout.name,
+                shape: checkout.shape,
+                confirmed_answers: checkout.confirmed.load(Ordering::Relaxed),
+                counted,
+                measured,
+            });
+        }
+        pool.close().await;
+        if report.checkouts.iter().any(|run| run.measured.errors > 0) {
+            eprintln!(
+                "checkouts: command-api log ends with:\n{}",
+                log_tail(&api.log_path)
+            );
+        }
+    }
+
+    if wanted(RowKind::Snapshot) {
+        report.snapshot = Some(snapshot_check(args, databases).await?);
+    }
+    print!("{}", report.render(args, &server_version));
+    Ok(())
+}
+
+/// Measures `targets` in `--rounds` interleaved slices; returns each one's
+/// figures, in order.
+async fn measure_rounds(
+    args: &Args,
+    targets: &mut [Target],
+    label: &str,
+) -> anyhow::Result<Vec<Measured>> {
     let mut measured: Vec<Measured> = targets.iter().map(|_| Measured::default()).collect();
     for round in 0..args.rounds as usize {
         // Each round starts with another row, so none is always first.
@@ -237,7 +420,7 @@ async fn run(args: &Args, databases: &Databases) -> anyhow::Result<()> {
             target.end_slice().await?;
             let slice = slice?;
             eprintln!(
-                "round {}/{} {:<28} {:>6.0}/s  p50 {:>6.2} ms  p99 {:>6.2} ms  {} errors{}",
+                "{label}round {}/{} {:<32} {:>6.0}/s  p50 {:>6.2} ms  p99 {:>6.2} ms  {} errors{}",
                 round + 1,
                 args.rounds,
                 target.name(),
@@ -257,26 +440,10 @@ async fn run(args: &Args, databases: &Databases) -> anyhow::Result<()> {
             measured[index].absorb(slice);
         }
     }
-    let mut report = Report::default();
-    for (target, mut measured) in targets.into_iter().zip(measured) {
+    for measured in &mut measured {
         measured.finish();
-        match target {
-            Target::Raw(_) => report.raw = Some(measured),
-            Target::Cqrs(_) => report.cqrs = Some(measured),
-            Target::Souk(_) => report.souk = Some(measured),
-            Target::Http(http) => {
-                report.http = Some(HttpRun {
-                    memory: http.finish(&measured),
-                    measured,
-                })
-            }
-        }
     }
-    if wanted(RowKind::Snapshot) {
-        report.snapshot = Some(snapshot_check(args, databases).await?);
-    }
-    print!("{}", report.render(args, &server_version));
-    Ok(())
+    Ok(measured)
 }
 
 /// A load row, set up once and then driven in slices.
@@ -285,21 +452,27 @@ enum Target {
     Cqrs(CqrsTarget),
     Souk(SoukTarget),
     Http(HttpTarget),
+    Checkout(CheckoutTarget),
 }
 
+const LIMITED_ROW: &str = "Souk over HTTP, limiter on";
+
 impl Target {
-    fn name(&self) -> &'static str {
+    fn name(&self) -> &str {
         match self {
             Self::Raw(_) => "raw sqlx append",
             Self::Cqrs(_) => "plain cqrs-es + postgres-es",
             Self::Souk(_) => "Souk in process",
+            Self::Http(http) if http.rate_limit.is_some() => LIMITED_ROW,
             Self::Http(_) => "Souk over HTTP",
+            Self::Checkout(checkout) => &checkout.name,
         }
     }
 
     fn server_pid(&self) -> Option<u32> {
         match self {
-            Self::Http(http) => Some(http.pid),
+            Self::Http(http) => Some(http.api.pid),
+            Self::Checkout(checkout) => Some(checkout.pid),
             _ => None,
         }
     }
@@ -311,6 +484,7 @@ impl Target {
             Self::Cqrs(cqrs) => cqrs.start_slice(args).await,
             Self::Souk(souk) => souk.start_slice(args).await,
             Self::Http(http) => http.start_slice(),
+            Self::Checkout(checkout) => Ok(checkout.start_slice()),
         }
     }
 
@@ -326,6 +500,7 @@ impl Target {
                 Ok(())
             }
             Self::Http(http) => http.end_slice().await,
+            Self::Checkout(_) => Ok(()),
         }
     }
 }
@@ -1018,7 +1193,7 @@ impl SoukTarget {
 }
 
 // ---------------------------------------------------------------------------
-// Row 4: Souk over HTTP.
+// Rows 4 and 5: Souk over HTTP, without and with the rate limiter.
 
 /// The command API's memory, in kB.
 #[derive(Debug, Default, Clone, Copy)]
@@ -1037,74 +1212,81 @@ struct HttpRun {
     memory: Memory,
 }
 
-/// A value in kB of `/proc/<pid>/status`.
-/// The HTTP row: the command API process (running for the whole run, idle
-/// between its slices), its wallets and tokens, and its memory samples.
-struct HttpTarget {
+/// The `command-api` binary: `--command-api`, or one built now.
+async fn command_api_binary(args: &Args) -> anyhow::Result<PathBuf> {
+    match &args.command_api {
+        Some(path) => {
+            ensure!(
+                path.is_file(),
+                "--command-api {} is not a file",
+                path.display()
+            );
+            Ok(path.clone())
+        }
+        None => Ok(service_binaries(&[("command-api", "command-api")], None)
+            .await?
+            .join("command-api")),
+    }
+}
+
+/// A command API process on a database of its own, with its key pair and a
+/// keep-alive HTTP client sized for the load.
+struct CommandApi {
     child: ChildGuard,
     pid: u32,
     log_path: PathBuf,
+    database_url: String,
+    base: String,
+    client: reqwest::Client,
+    private_pem: Vec<u8>,
     /// Holds the keys and the log; removed last.
     _dir: TempDir,
-    client: reqwest::Client,
-    admin_token: Arc<str>,
-    tasks: Vec<Vec<Arc<str>>>,
-    sampler: Option<(Arc<AtomicBool>, tokio::task::JoinHandle<u64>)>,
-    rss_max_sampled_kb: u64,
 }
 
-impl HttpTarget {
-    async fn set_up(args: &Args, databases: &Databases) -> anyhow::Result<Self> {
-        const LABEL: &str = "Souk over HTTP";
-        let binary = match &args.command_api {
-            Some(path) => {
-                ensure!(
-                    path.is_file(),
-                    "--command-api {} is not a file",
-                    path.display()
-                );
-                path.clone()
-            }
-            None => service_binaries(&[("command-api", "command-api")], None)
-                .await?
-                .join("command-api"),
-        };
-        let (url, _) = databases.create().await?;
+impl CommandApi {
+    /// Starts the command API (with a rate limit per user of `rate_limit`
+    /// requests per second and burst, if any) and waits until it is healthy.
+    async fn start(
+        args: &Args,
+        databases: &Databases,
+        binary: &Path,
+        label: &str,
+        rate_limit: Option<u32>,
+    ) -> anyhow::Result<Self> {
+        let (database_url, _) = databases.create().await?;
         let dir = TempDir::new()?;
         let private_key = dir.0.join("jwt-private.pem");
         let public_key = dir.0.join("jwt-public.pem");
         identity::ensure_dev_key_pair(&private_key, &public_key)
             .context("generating a key pair")?;
         let private_pem = std::fs::read(&private_key).context("reading the private key")?;
-        let token = |sub: Uuid, role: &str| {
-            identity::mint_token(
-                &private_pem,
-                sub,
-                role,
-                chrono::Duration::hours(2),
-                None,
-                None,
-            )
-            .context("minting a token")
-        };
         let port = free_port()?;
         let stream = format!("souk_bench_{}", Uuid::new_v4().simple());
         let log_path = dir.0.join("command-api.log");
         let log = std::fs::File::create(&log_path).context("creating the command-api log")?;
-        let child = Command::new(&binary)
-            .env("DATABASE_URL", &url)
+        let mut command = Command::new(binary);
+        command
+            .env("DATABASE_URL", &database_url)
             .env("COMMAND_API_ADDR", format!("127.0.0.1:{port}"))
             .env("SOUK_JWT_PUBLIC_KEY", &public_key)
             .env("SOUK_JWT_PRIVATE_KEY", &private_key)
             .env("SOUK_DB_MAX_CONNECTIONS", args.pool_size.to_string())
             // Its relay runs, as in production, on a stream of this run's own.
             .env("SOUK_STREAM", &stream)
+            .env_remove("SOUK_RATE_LIMIT")
+            .env_remove("SOUK_RATE_BURST");
+        if let Some(per_second) = rate_limit {
+            command
+                .env("SOUK_RATE_LIMIT", per_second.to_string())
+                .env("SOUK_RATE_BURST", per_second.to_string());
+        }
+        let child = command
             .stdin(Stdio::null())
             .stdout(log.try_clone().context("sharing the log file")?)
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting {}", binary.display()))?;
-        let mut child = ChildGuard(child, Some(stream.clone()));
+        let mut child = ChildGuard(child, Some(stream));
         let pid = child.0.id();
         let base = format!("http://127.0.0.1:{port}");
         let client = reqwest::Client::builder()
@@ -1112,50 +1294,151 @@ impl HttpTarget {
             .timeout(COMMAND_TIMEOUT)
             .build()
             .context("building the HTTP client")?;
-
-        eprintln!("{LABEL}: waiting for command-api (pid {pid}) on port {port}");
+        eprintln!("{label}: waiting for command-api (pid {pid}) on port {port}");
         wait_healthy(&mut child, &client, &format!("{base}/health"), &log_path).await?;
-        let rss_idle_kb = proc_status_kb(pid, "VmRSS").unwrap_or(0);
         eprintln!(
-            "{LABEL}: command-api ready, VmRSS {} MB",
-            rss_idle_kb / 1024
+            "{label}: command-api ready, VmRSS {} MB",
+            proc_status_kb(pid, "VmRSS").unwrap_or(0) / 1024
         );
+        Ok(Self {
+            child,
+            pid,
+            log_path,
+            database_url,
+            base,
+            client,
+            private_pem,
+            _dir: dir,
+        })
+    }
 
-        // Wallets: one buyer per task opens that task's wallets.
-        let buyers: Vec<String> = (0..args.concurrency)
-            .map(|_| token(Uuid::now_v7(), "buyer"))
-            .collect::<anyhow::Result<_>>()?;
-        let admin_token: Arc<str> = Arc::from(token(Uuid::now_v7(), "admin")?);
-        let per_task = args.wallets_per_task as usize;
-        eprintln!("{LABEL}: opening {} wallets", args.wallet_count());
-        let opened: Vec<Uuid> = in_parallel(args.wallet_count(), args.concurrency as usize, |i| {
-            let (client, url, buyer) = (
-                client.clone(),
-                format!("{base}/wallets"),
-                buyers[i / per_task].clone(),
+    fn token(&self, sub: Uuid, role: &str) -> anyhow::Result<Arc<str>> {
+        let token = identity::mint_token(
+            &self.private_pem,
+            sub,
+            role,
+            chrono::Duration::hours(2),
+            None,
+            None,
+        )
+        .context("minting a token")?;
+        Ok(Arc::from(token))
+    }
+
+    /// POSTs `body` to `path` as `token`, expects `status` and returns the
+    /// answer's JSON.
+    async fn post(
+        &self,
+        path: &str,
+        token: &str,
+        body: String,
+        status: u16,
+    ) -> anyhow::Result<serde_json::Value> {
+        let answer = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .await
+            .with_context(|| format!("POST {path}"))?;
+        let answered = answer.status();
+        let bytes = answer
+            .bytes()
+            .await
+            .with_context(|| format!("reading the POST {path} answer"))?;
+        ensure!(
+            answered.as_u16() == status,
+            "POST {path} answered {answered}: {}",
+            String::from_utf8_lossy(&bytes[..bytes.len().min(300)])
+        );
+        serde_json::from_slice(&bytes).with_context(|| format!("POST {path}: not JSON"))
+    }
+
+    /// POSTs and returns the `id` of what was created (201).
+    async fn create(&self, path: &str, token: &str, body: String) -> anyhow::Result<Uuid> {
+        let body = self.post(path, token, body, 201).await?;
+        body["id"]
+            .as_str()
+            .and_then(|id| Uuid::parse_str(id).ok())
+            .with_context(|| format!("POST {path}: no id in {body}"))
+    }
+
+    /// Opens a EUR wallet of `owner` and deposits `amount` on it.
+    async fn funded_wallet(&self, owner: &str, admin: &str, amount: i64) -> anyhow::Result<Uuid> {
+        let wallet = self
+            .create("/wallets", owner, format!(r#"{{"currency":"{CURRENCY}"}}"#))
+            .await?;
+        if amount > 0 {
+            self.post(
+                &format!("/wallets/{wallet}/deposits"),
+                admin,
+                format!(
+                    r#"{{"amount":{{"amount":{amount},"currency":"{CURRENCY}"}},"reference":"{REFERENCE}"}}"#
+                ),
+                200,
+            )
+            .await?;
+        }
+        Ok(wallet)
+    }
+
+    /// Fails with the end of its log if the process exited.
+    fn check_alive(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.0.try_wait().context("polling command-api")? {
+            bail!(
+                "command-api exited during the load ({status}); its log ends with:\n{}",
+                log_tail(&self.log_path)
             );
+        }
+        Ok(())
+    }
+}
+
+/// An HTTP deposit row: the command API process (running for the whole
+/// run, idle between its slices), its wallets and tokens, and its memory
+/// samples.
+struct HttpTarget {
+    api: CommandApi,
+    /// Requests per second and burst of its limiter, when on.
+    rate_limit: Option<u32>,
+    admin_token: Arc<str>,
+    tasks: Vec<Vec<Arc<str>>>,
+    sampler: Option<(Arc<AtomicBool>, tokio::task::JoinHandle<u64>)>,
+    rss_max_sampled_kb: u64,
+}
+
+impl HttpTarget {
+    async fn set_up(
+        args: &Args,
+        databases: &Databases,
+        binary: &Path,
+        rate_limit: Option<u32>,
+    ) -> anyhow::Result<Self> {
+        let label = if rate_limit.is_some() {
+            LIMITED_ROW
+        } else {
+            "Souk over HTTP"
+        };
+        let api = CommandApi::start(args, databases, binary, label, rate_limit).await?;
+        // Wallets: one buyer per task opens that task's wallets.
+        let buyers: Vec<Arc<str>> = (0..args.concurrency)
+            .map(|_| api.token(Uuid::now_v7(), "buyer"))
+            .collect::<anyhow::Result<_>>()?;
+        let admin_token = api.token(Uuid::now_v7(), "admin")?;
+        let per_task = args.wallets_per_task as usize;
+        eprintln!("{label}: opening {} wallets", args.wallet_count());
+        let opened: Vec<Uuid> = in_parallel(args.wallet_count(), args.concurrency as usize, |i| {
+            let buyer = buyers[i / per_task].clone();
+            let api = &api;
             async move {
-                let answer = client
-                    .post(url)
-                    .bearer_auth(buyer)
-                    .header(reqwest::header::CONTENT_TYPE, "application/json")
-                    .body(r#"{"currency":"EUR"}"#)
-                    .send()
-                    .await
-                    .context("POST /wallets")?;
-                let status = answer.status();
-                let body: serde_json::Value = answer
-                    .json()
-                    .await
-                    .context("reading the POST /wallets answer")?;
-                ensure!(
-                    status.as_u16() == 201,
-                    "POST /wallets answered {status}: {body}"
-                );
-                body["id"]
-                    .as_str()
-                    .and_then(|id| Uuid::parse_str(id).ok())
-                    .with_context(|| format!("no id in {body}"))
+                api.create(
+                    "/wallets",
+                    &buyer,
+                    format!(r#"{{"currency":"{CURRENCY}"}}"#),
+                )
+                .await
             }
         })
         .await?;
@@ -1164,16 +1447,13 @@ impl HttpTarget {
             .map(|wallets| {
                 wallets
                     .iter()
-                    .map(|id| Arc::from(format!("{base}/wallets/{id}/deposits")))
+                    .map(|id| Arc::from(format!("{}/wallets/{id}/deposits", api.base)))
                     .collect()
             })
             .collect();
         Ok(Self {
-            child,
-            pid,
-            log_path,
-            _dir: dir,
-            client,
+            api,
+            rate_limit,
             admin_token,
             tasks,
             sampler: None,
@@ -1182,7 +1462,7 @@ impl HttpTarget {
     }
 
     fn start_slice(&mut self) -> anyhow::Result<Vec<Op>> {
-        let pid = self.pid;
+        let pid = self.api.pid;
         let sampling = Arc::new(AtomicBool::new(true));
         let sampler = {
             let sampling = sampling.clone();
@@ -1200,8 +1480,11 @@ impl HttpTarget {
             .tasks
             .iter()
             .map(|urls| {
-                let (client, token, urls) =
-                    (self.client.clone(), self.admin_token.clone(), urls.clone());
+                let (client, token, urls) = (
+                    self.api.client.clone(),
+                    self.admin_token.clone(),
+                    urls.clone(),
+                );
                 let mut round = RoundRobin::new(urls.len());
                 Box::new(move || {
                     let request = client
@@ -1232,26 +1515,26 @@ impl HttpTarget {
             let max_kb = sampler.await.context("the memory sampler panicked")?;
             self.rss_max_sampled_kb = self.rss_max_sampled_kb.max(max_kb);
         }
-        if let Some(status) = self.child.0.try_wait().context("polling command-api")? {
-            bail!(
-                "command-api exited during the load ({status}); its log ends with:\n{}",
-                log_tail(&self.log_path)
-            );
-        }
-        Ok(())
+        self.api.check_alive()
     }
 
     /// The memory figures, once every slice ran; stops the command API.
     fn finish(self, measured: &Measured) -> Memory {
+        let pid = self.api.pid;
         let memory = Memory {
             rss_max_sampled_kb: self.rss_max_sampled_kb,
-            rss_end_kb: proc_status_kb(self.pid, "VmRSS").unwrap_or(0),
-            hwm_kb: proc_status_kb(self.pid, "VmHWM").unwrap_or(0),
+            rss_end_kb: proc_status_kb(pid, "VmRSS").unwrap_or(0),
+            hwm_kb: proc_status_kb(pid, "VmHWM").unwrap_or(0),
         };
         if measured.errors > 0 {
             eprintln!(
-                "Souk over HTTP: command-api log ends with:\n{}",
-                log_tail(&self.log_path)
+                "{}: command-api log ends with:\n{}",
+                if self.rate_limit.is_some() {
+                    LIMITED_ROW
+                } else {
+                    "Souk over HTTP"
+                },
+                log_tail(&self.api.log_path)
             );
         }
         memory
@@ -1259,7 +1542,225 @@ impl HttpTarget {
 }
 
 // ---------------------------------------------------------------------------
-// Row 5: a deposit on a large aggregate versus on a new one.
+// Row 6: checkouts over HTTP.
+
+/// Whose listings the checkouts buy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// Each task its own seller and listings: no aggregate is shared.
+    Own,
+    /// `--checkout-listings` listings spread over this many sellers, each
+    /// task picking one at random for each checkout.
+    Sellers(u64),
+}
+
+/// What one checkout task buys: its buyer, its wallet and the listings it
+/// picks from.
+struct CheckoutTask {
+    buyer: Arc<str>,
+    wallet: Uuid,
+    listings: Arc<Vec<Uuid>>,
+}
+
+/// A checkout row: its buyers, funded wallets and sellers' listings on the
+/// checkout command API, and how many checkouts were answered confirmed.
+struct CheckoutTarget {
+    name: String,
+    shape: Shape,
+    pid: u32,
+    client: reqwest::Client,
+    orders_url: Arc<str>,
+    tasks: Vec<CheckoutTask>,
+    /// Buyers' user ids, to count their orders in the database.
+    buyer_ids: Vec<Uuid>,
+    /// Checkouts answered with a confirmed order, warm-ups included.
+    confirmed: Arc<AtomicU64>,
+}
+
+/// Orders of a checkout row, as the database holds them at the end.
+#[derive(Debug, Clone, Copy)]
+struct OrderCount {
+    placed: i64,
+    confirmed: i64,
+}
+
+impl CheckoutTarget {
+    async fn set_up(args: &Args, api: &CommandApi, shape: Shape) -> anyhow::Result<Self> {
+        let name = match shape {
+            Shape::Own => "checkout: own listings".to_owned(),
+            Shape::Sellers(1) => "checkout: one seller".to_owned(),
+            Shape::Sellers(n) => format!("checkout: {n} sellers"),
+        };
+        let tasks = args.concurrency as usize;
+        let listing_count = args.checkout_listings as usize;
+        let admin = api.token(Uuid::now_v7(), "admin")?;
+        // Sellers, each with the payout wallet escrow needs.
+        let seller_count = match shape {
+            Shape::Own => tasks,
+            Shape::Sellers(n) => n as usize,
+        };
+        let seller_ids: Vec<Uuid> = (0..seller_count).map(|_| Uuid::now_v7()).collect();
+        let sellers: Vec<Arc<str>> = seller_ids
+            .iter()
+            .map(|id| api.token(*id, "seller"))
+            .collect::<anyhow::Result<_>>()?;
+        eprintln!("{name}: {seller_count} sellers, {listing_count} listings, {tasks} buyers");
+        let payout_wallets = in_parallel(seller_count, SEED_HTTP_IN_FLIGHT, |i| {
+            api.funded_wallet(&sellers[i], &admin, 0)
+        })
+        .await?;
+        // Listing i belongs to seller i mod sellers (so in `Own`, task t
+        // buys listings t, t + tasks, ...).
+        let listings = in_parallel(listing_count, SEED_HTTP_IN_FLIGHT, |i| {
+            let seller = i % seller_count;
+            let body = serde_json::json!({
+                "title": format!("Benchmark item {i}"),
+                "description": "A thing to sell.",
+                "category": "home",
+                "condition": "good",
+                "price": {"amount": CHECKOUT_PRICE_MINOR_UNITS, "currency": CURRENCY},
+                "quantity": CHECKOUT_STOCK,
+                "location": {"city": "Lyon", "country": "FR"},
+                "payout_wallet_id": payout_wallets[seller],
+            });
+            let token = sellers[seller].clone();
+            async move { api.create("/listings", &token, body.to_string()).await }
+        })
+        .await?;
+        let buyer_ids: Vec<Uuid> = (0..tasks).map(|_| Uuid::now_v7()).collect();
+        let buyers: Vec<Arc<str>> = buyer_ids
+            .iter()
+            .map(|id| api.token(*id, "buyer"))
+            .collect::<anyhow::Result<_>>()?;
+        let wallets = in_parallel(tasks, SEED_HTTP_IN_FLIGHT, |i| {
+            api.funded_wallet(&buyers[i], &admin, CHECKOUT_FUNDS_MINOR_UNITS)
+        })
+        .await?;
+        let shared = Arc::new(listings.clone());
+        let tasks = (0..tasks)
+            .map(|t| {
+                let listings = match shape {
+                    Shape::Own => Arc::new(
+                        listings
+                            .iter()
+                            .enumerate()
+                            .filter(|(i, _)| i % seller_count == t)
+                            .map(|(_, id)| *id)
+                            .collect::<Vec<_>>(),
+                    ),
+                    Shape::Sellers(_) => shared.clone(),
+                };
+                ensure!(
+                    !listings.is_empty(),
+                    "--checkout-listings {listing_count} leaves task {t} of {name} without a listing"
+                );
+                Ok(CheckoutTask {
+                    buyer: buyers[t].clone(),
+                    wallet: wallets[t],
+                    listings,
+                })
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Self {
+            name,
+            shape,
+            pid: api.pid,
+            client: api.client.clone(),
+            orders_url: Arc::from(format!("{}/orders", api.base)),
+            tasks,
+            buyer_ids,
+            confirmed: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    fn start_slice(&mut self) -> Vec<Op> {
+        self.tasks
+            .iter()
+            .enumerate()
+            .map(|(t, task)| {
+                let (client, url, confirmed) = (
+                    self.client.clone(),
+                    self.orders_url.clone(),
+                    self.confirmed.clone(),
+                );
+                let (buyer, wallet, listings) =
+                    (task.buyer.clone(), task.wallet, task.listings.clone());
+                let mut rng = StdRng::seed_from_u64(t as u64 ^ Uuid::new_v4().as_u64_pair().0);
+                Box::new(move || {
+                    let listing = listings[rng.gen_range(0..listings.len())];
+                    let request = client
+                        .post(&*url)
+                        .bearer_auth(&*buyer)
+                        .header(reqwest::header::CONTENT_TYPE, "application/json")
+                        .body(format!(
+                            r#"{{"lines":[{{"listing_id":"{listing}","quantity":1}}],"shipping_address":{SHIPPING_ADDRESS},"payment_method":"wallet_escrow","wallet_id":"{wallet}"}}"#
+                        ));
+                    let confirmed = confirmed.clone();
+                    Box::pin(async move {
+                        let answer = request.send().await.context("POST /orders")?;
+                        let status = answer.status();
+                        let body = answer.bytes().await.context("reading the checkout answer")?;
+                        let shown = || String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
+                        ensure!(status.as_u16() == 201, "checkout answered {status}: {}", shown());
+                        let json: serde_json::Value =
+                            serde_json::from_slice(&body).context("the checkout answer is not JSON")?;
+                        let orders = json["orders"].as_array().map_or(&[][..], Vec::as_slice);
+                        ensure!(
+                            orders.len() == 1 && orders[0]["status"] == "confirmed",
+                            "the checkout's order is not confirmed: {}",
+                            shown()
+                        );
+                        confirmed.fetch_add(1, Ordering::Relaxed);
+                        Ok(())
+                    }) as BoxFuture<'static, anyhow::Result<()>>
+                }) as Op
+            })
+            .collect()
+    }
+
+    /// Counts this row's buyers' orders placed and confirmed in the
+    /// database.
+    async fn count_orders(&self, pool: &PgPool) -> anyhow::Result<OrderCount> {
+        let buyers: Vec<String> = self.buyer_ids.iter().map(Uuid::to_string).collect();
+        let (placed, confirmed): (i64, i64) = sqlx::query_as(
+            "SELECT count(*),
+                    count(*) FILTER (WHERE EXISTS (
+                        SELECT 1 FROM events c
+                         WHERE c.aggregate_type = 'Order' AND c.aggregate_id = p.aggregate_id
+                           AND c.event_type = 'OrderConfirmed'))
+               FROM events p
+              WHERE p.aggregate_type = 'Order' AND p.event_type = 'OrderPlaced'
+                AND p.payload->'OrderPlaced'->>'buyer' = ANY($1)",
+        )
+        .bind(&buyers)
+        .fetch_one(pool)
+        .await
+        .with_context(|| format!("counting the orders of {}", self.name))?;
+        Ok(OrderCount { placed, confirmed })
+    }
+}
+
+/// What a checkout row measured and counted.
+#[derive(Debug, Clone)]
+struct CheckoutRun {
+    name: String,
+    shape: Shape,
+    measured: Measured,
+    /// Checkouts answered confirmed, warm-ups included.
+    confirmed_answers: u64,
+    counted: OrderCount,
+}
+
+impl CheckoutRun {
+    /// Every answered order is in the database, confirmed, and no other.
+    fn counts_agree(&self) -> bool {
+        let answered = self.confirmed_answers as i64;
+        self.counted.placed == answered && self.counted.confirmed == answered
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Row 7: a deposit on a large aggregate versus on a new one.
 
 #[derive(Debug, Clone)]
 struct SnapshotRun {
@@ -1355,6 +1856,10 @@ struct Report {
     cqrs: Option<Measured>,
     souk: Option<Measured>,
     http: Option<HttpRun>,
+    /// The HTTP row measured again beside the limited one.
+    limiter_off: Option<Measured>,
+    limiter_on: Option<Measured>,
+    checkouts: Vec<CheckoutRun>,
     snapshot: Option<SnapshotRun>,
 }
 
@@ -1387,13 +1892,20 @@ impl Report {
             "{:<30} {:>9} {:>8} {:>11} {:>8} {:>8} {:>7}   slices: min-max /s",
             "row", "commands", "seconds", "commands/s", "p50 ms", "p99 ms", "errors",
         );
-        let rows = [
+        let mut rows = vec![
             ("raw sqlx append", self.raw.as_ref()),
             ("plain cqrs-es + postgres-es", self.cqrs.as_ref()),
             ("Souk in process", self.souk.as_ref()),
             ("Souk over HTTP", self.http.as_ref().map(|h| &h.measured)),
+            ("Souk over HTTP, limiter off", self.limiter_off.as_ref()),
+            (LIMITED_ROW, self.limiter_on.as_ref()),
         ];
-        for (name, row) in rows {
+        rows.extend(
+            self.checkouts
+                .iter()
+                .map(|run| (run.name.as_str(), Some(&run.measured))),
+        );
+        for &(name, row) in &rows {
             if let Some(m) = row {
                 let _ = writeln!(
                     out,
@@ -1424,7 +1936,7 @@ impl Report {
             "{:<30} {:>9} {:>11} {:>9} {:>9} {:>11} {:>13}",
             "row", "bench", "command-api", "postgres", "total", "cores: ours", "cores: machine"
         );
-        for (name, row) in rows {
+        for &(name, row) in &rows {
             if let Some(m) = row.filter(|m| m.commands > 0 && m.seconds > 0.0) {
                 let per_command = |seconds: f64| seconds * 1e6 / m.commands as f64;
                 let _ = writeln!(
@@ -1519,6 +2031,99 @@ impl Report {
                 mb(memory.hwm_kb),
                 verdict(memory.hwm_kb > 0 && mb(memory.hwm_kb) <= TARGET_RSS_MB)
             );
+        }
+
+        if let Some(on) = &self.limiter_on {
+            let _ = writeln!(
+                out,
+                "\nrate limiter (SOUK_RATE_LIMIT = SOUK_RATE_BURST = {}/s per user, never reached), same deposits, own slices",
+                args.rate_limit
+            );
+            let _ = writeln!(
+                out,
+                "  limiter on: {:.0} commands/s, p99 {:.2} ms, {} errors",
+                on.per_second(),
+                on.percentile_ms(99.0),
+                on.errors
+            );
+            if let Some(off) = self.limiter_off.as_ref().filter(|m| m.per_second() > 0.0) {
+                let ratio = on.per_second() / off.per_second();
+                let _ = writeln!(
+                    out,
+                    "  limiter off: {:.0} commands/s, p99 {:.2} ms\n  on / off {ratio:>6.2}x   target >= {TARGET_LIMITER_RATIO:.2}x: {}",
+                    off.per_second(),
+                    off.percentile_ms(99.0),
+                    verdict(ratio >= TARGET_LIMITER_RATIO && on.errors == 0)
+                );
+            }
+        }
+
+        if !self.checkouts.is_empty() {
+            let _ = writeln!(
+                out,
+                "\ncheckouts over HTTP (POST /orders, one line, wallet escrow, {} buyers with their own wallets, \
+                 {} listings, one command-api)",
+                args.concurrency, args.checkout_listings
+            );
+            for run in &self.checkouts {
+                let m = &run.measured;
+                let (per_second, p99) = (m.per_second(), m.percentile_ms(99.0));
+                let target = match run.shape {
+                    Shape::Own => Some(TARGET_CHECKOUT_OWN_PER_S),
+                    Shape::Sellers(1) => Some(TARGET_CHECKOUT_ONE_SELLER_PER_S),
+                    Shape::Sellers(_) => None,
+                };
+                let _ = write!(
+                    out,
+                    "  {:<24} {per_second:>6.0}/s, p50 {:.2} ms, p99 {p99:.2} ms, {} errors",
+                    run.name,
+                    m.percentile_ms(50.0),
+                    m.errors
+                );
+                if let Some(target) = target {
+                    let _ = write!(
+                        out,
+                        "   target >= {target:.0}/s with p99 <= {TARGET_CHECKOUT_P99_MS:.0} ms: {}",
+                        verdict(
+                            per_second >= target && p99 <= TARGET_CHECKOUT_P99_MS && m.errors == 0
+                        )
+                    );
+                }
+                let _ = writeln!(out);
+                let _ = writeln!(
+                    out,
+                    "  {:<24} orders answered confirmed (warm-ups included) {}, in the database {} placed and {} confirmed: {}",
+                    "",
+                    run.confirmed_answers,
+                    run.counted.placed,
+                    run.counted.confirmed,
+                    if run.counts_agree() {
+                        "every order confirmed"
+                    } else {
+                        "MISMATCH"
+                    }
+                );
+            }
+            let one = self
+                .checkouts
+                .iter()
+                .find(|run| run.shape == Shape::Sellers(1));
+            let many = self
+                .checkouts
+                .iter()
+                .find(|run| matches!(run.shape, Shape::Sellers(n) if n > 1));
+            if let (Some(one), Some(many)) = (one, many)
+                && one.measured.per_second() > 0.0
+            {
+                let ratio = many.measured.per_second() / one.measured.per_second();
+                let _ = writeln!(
+                    out,
+                    "  {} / {}: {ratio:.2}x   target >= {TARGET_SELLERS_VS_ONE_SELLER:.1}x: {}",
+                    many.name,
+                    one.name,
+                    verdict(ratio >= TARGET_SELLERS_VS_ONE_SELLER && many.measured.errors == 0)
+                );
+            }
         }
 
         if let Some(snapshot) = &self.snapshot {

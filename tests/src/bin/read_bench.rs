@@ -21,12 +21,17 @@
 //!    is the time from its answer (the commit happened before) to the query
 //!    API's answer showing it.
 //! 2. **get**: `GET /listings/{id}` at `--get-rate` requests per second
-//!    (open loop) for `--get-seconds`; latencies count from each request's
-//!    scheduled time, so a stalled server cannot hide its queue.
+//!    (open loop) for `--get-seconds`, as a browser asks (`Accept-Encoding:
+//!    gzip`; an answer that is not gzipped counts as an error); latencies
+//!    count from each request's scheduled time, so a stalled server cannot
+//!    hide its queue.
 //! 3. **catch-up**: NATS is killed, `--outage-events` deposits are committed
 //!    over HTTP (commands keep succeeding), NATS is started again, and the
 //!    time is measured until the relay has published every event and every
 //!    partition of every projection has applied them.
+//!
+//! Both APIs run with a rate limit per user (`--rate-limit`, also the burst)
+//! too high to trigger, so that the limiter's cost is in every figure.
 //!
 //! The database, the NATS store and the processes are removed at the end,
 //! also on error or Ctrl-C. Progress goes to stderr, the table to stdout.
@@ -108,6 +113,11 @@ struct Args {
     #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=2_000_000))]
     outage_events: u64,
 
+    /// Requests per second per user (and burst) of both APIs' rate
+    /// limiters: high enough never to trigger; 0 turns them off.
+    #[arg(long, default_value_t = 1_000_000)]
+    rate_limit: u32,
+
     /// Listings (and wallets) the load spreads over.
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     aggregates: u64,
@@ -160,7 +170,7 @@ async fn run(args: &Args, databases: &Databases) -> anyhow::Result<()> {
         args.bin_dir.as_deref(),
     )
     .await?;
-    let mut system = System::start(&bins, databases, args.log_dir.as_deref()).await?;
+    let mut system = System::start(&bins, databases, args).await?;
     let seeded = system.seed(args).await?;
     let mut report = Report::default();
     for phase in &args.phases {
@@ -202,11 +212,8 @@ struct System {
 }
 
 impl System {
-    async fn start(
-        bins: &Path,
-        databases: &Databases,
-        log_dir: Option<&Path>,
-    ) -> anyhow::Result<Self> {
+    async fn start(bins: &Path, databases: &Databases, args: &Args) -> anyhow::Result<Self> {
+        let log_dir = args.log_dir.as_deref();
         let nats = NatsServer::start().context("starting a private nats-server")?;
         let (database_url, _) = databases.create().await?;
         let dir = TempDir::new()?;
@@ -237,6 +244,15 @@ impl System {
                     "RUST_LOG",
                     std::env::var("SOUK_BENCH_LOG").unwrap_or_else(|_| "info".into()),
                 );
+            if args.rate_limit > 0 {
+                command
+                    .env("SOUK_RATE_LIMIT", args.rate_limit.to_string())
+                    .env("SOUK_RATE_BURST", args.rate_limit.to_string());
+            } else {
+                command
+                    .env_remove("SOUK_RATE_LIMIT")
+                    .env_remove("SOUK_RATE_BURST");
+            }
         };
         let mut system = Self {
             services: Vec::new(),
@@ -492,7 +508,8 @@ impl System {
         open_loop(args.rate, args.warmup_seconds, args.seconds, op).await
     }
 
-    /// Phase 2: `GET /listings/{id}` latency at a fixed request rate.
+    /// Phase 2: `GET /listings/{id}` latency at a fixed request rate, each
+    /// answer gzipped.
     async fn get(&self, args: &Args, seeded: &Seeded) -> anyhow::Result<Measured> {
         eprintln!(
             "get: GET /listings/{{id}} at {}/s for {} s (+{} s warm-up)",
@@ -514,12 +531,28 @@ impl System {
             async move {
                 // Spread over the listings, not in creation order.
                 let url = &urls[n.wrapping_mul(7_919) % urls.len()];
-                let seen = get(&client, url, &buyer).await?;
+                let response = client
+                    .get(url)
+                    .bearer_auth(&*buyer)
+                    .header(reqwest::header::ACCEPT_ENCODING, "gzip")
+                    .send()
+                    .await
+                    .with_context(|| format!("GET {url}"))?;
+                let status = response.status().as_u16();
+                let gzipped = response
+                    .headers()
+                    .get(reqwest::header::CONTENT_ENCODING)
+                    .is_some_and(|encoding| encoding == "gzip");
+                let body = response.bytes().await.context("reading an answer")?;
                 ensure!(
-                    seen.status == 200,
-                    "GET {url} answered {}: {}",
-                    seen.status,
-                    seen.body
+                    status == 200,
+                    "GET {url} answered {status}: {}",
+                    String::from_utf8_lossy(&body[..body.len().min(300)])
+                );
+                // The body itself must be gzip (its magic number).
+                ensure!(
+                    gzipped && body.starts_with(&[0x1f, 0x8b]),
+                    "GET {url} with Accept-Encoding: gzip was answered uncompressed"
                 );
                 Ok(scheduled.elapsed())
             }
@@ -878,7 +911,16 @@ impl Report {
             );
         }
         if let Some(m) = &self.get {
-            let load = format!("{} req/s × {} s", args.get_rate, args.get_seconds);
+            let load = format!(
+                "{} req/s × {} s, gzip, {}",
+                args.get_rate,
+                args.get_seconds,
+                if args.rate_limit > 0 {
+                    format!("rate limit {}/s", args.rate_limit)
+                } else {
+                    "no rate limit".to_owned()
+                }
+            );
             latency_row(&mut out, "GET /listings/{id}", &load, m, TARGET_GET_P99_MS);
         }
         if let Some(c) = &self.catch_up {
