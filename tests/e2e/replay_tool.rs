@@ -1077,7 +1077,13 @@ async fn run_replay_tool_on_a_terminal(database_url: &str, args: &[&str]) -> tes
     let database_url = database_url.to_owned();
     tokio::task::spawn_blocking(move || {
         let output = std::process::Command::new("script")
-            .args(["--quiet", "--return", "--command", &command_line, "/dev/null"])
+            .args([
+                "--quiet",
+                "--return",
+                "--command",
+                &command_line,
+                "/dev/null",
+            ])
             .env("DATABASE_URL", database_url)
             .env("SOUK_OPERATOR", "test-operator")
             .stdin(std::process::Stdio::null())
@@ -1115,7 +1121,14 @@ async fn history_on_a_terminal_is_a_table_with_one_row_per_event() {
     assert_eq!(shown.code, Some(0), "{shown:?}");
     let lines: Vec<&str> = shown.stdout.lines().collect();
     assert_eq!(lines.len(), 4, "a header and three events: {shown:?}");
-    for column in ["recorded at", "aggregate", "seq", "event", "actor", "correlation"] {
+    for column in [
+        "recorded at",
+        "aggregate",
+        "seq",
+        "event",
+        "actor",
+        "correlation",
+    ] {
         assert!(lines[0].contains(column), "{:?}", lines[0]);
     }
     let events: Vec<(&str, &str)> = lines[1..]
@@ -1137,7 +1150,10 @@ async fn history_on_a_terminal_is_a_table_with_one_row_per_event() {
     );
     assert!(lines[2].contains(&format!("admin {actor}")), "{}", lines[2]);
     assert!(lines[2].ends_with(&correlation.to_string()), "{}", lines[2]);
-    assert!(!shown.stdout.contains('{'), "no JSON on a terminal: {shown:?}");
+    assert!(
+        !shown.stdout.contains('{'),
+        "no JSON on a terminal: {shown:?}"
+    );
 
     // `--json` is JSON lines even on a terminal, and a pipe gets them too.
     let json = run_replay_tool_on_a_terminal(&db.url, &[&args[..], &["--json"]].concat()).await;
@@ -1238,7 +1254,8 @@ async fn a_parked_event_that_cannot_be_retried_exits_1_says_why_and_stays_parked
     assert_eq!(available, 50, "the read model is left as it was");
 
     // On a terminal the outcome is a table row, and the message the same.
-    let shown = run_replay_tool_on_a_terminal(&app.db.url, &["dead-letters", "retry", &letter]).await;
+    let shown =
+        run_replay_tool_on_a_terminal(&app.db.url, &["dead-letters", "retry", &letter]).await;
     assert_eq!(shown.code, Some(1), "{shown:?}");
     let row = shown
         .stdout
@@ -1256,6 +1273,9 @@ async fn a_parked_event_that_cannot_be_retried_exits_1_says_why_and_stays_parked
     // Unknown: one line, exit 1.
     let unknown = run_replay_tool(&app.db.url, &["dead-letters", "retry", "999999"]).await;
     assert_eq!(unknown.code, Some(1), "{unknown:?}");
-    assert_eq!(unknown.stderr.trim_end(), "replay-tool: no dead letter 999999");
+    assert_eq!(
+        unknown.stderr.trim_end(),
+        "replay-tool: no dead letter 999999"
+    );
     projector.stop().await;
 }
