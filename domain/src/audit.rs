@@ -931,9 +931,7 @@ mod tests {
 
     /// Replays aggregates (each a type and its events) and returns every
     /// finding, those of `finish` last, as (aggregate index, event index, code).
-    fn audit(
-        aggregates: Vec<(&str, Vec<(String, String)>)>,
-    ) -> Vec<(usize, usize, &'static str)> {
+    fn audit(aggregates: Vec<(&str, Vec<(String, String)>)>) -> Vec<(usize, usize, &'static str)> {
         let mut auditor = Auditor::new();
         let mut found = Vec::new();
         for (index, (aggregate_type, events)) in aggregates.into_iter().enumerate() {

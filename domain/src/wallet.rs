@@ -334,7 +334,9 @@ fn upcast_funds_held_v1(payload: &str) -> Result<WalletEvent, DecodeError> {
         available,
         held,
     } = serde_json::from_str(payload).map_err(|error| {
-        DecodeError(format!("the payload is not a FundsHeld version 1 event: {error}"))
+        DecodeError(format!(
+            "the payload is not a FundsHeld version 1 event: {error}"
+        ))
     })?;
     Ok(WalletEvent::FundsHeld {
         order_id,
@@ -1493,18 +1495,15 @@ mod tests {
                     withdrawals += if ok { amount.amount() } else { 0 };
                     ok
                 }
-                4 | 5 => {
-                    let held = run(
-                        &mut buyer_wallet,
-                        C::HoldFunds {
-                            actor: owner(),
-                            order_id,
-                            amount: amount.clone(),
-                            payee_wallet: payee(),
-                        },
-                    );
-                    held
-                }
+                4 | 5 => run(
+                    &mut buyer_wallet,
+                    C::HoldFunds {
+                        actor: owner(),
+                        order_id,
+                        amount,
+                        payee_wallet: payee(),
+                    },
+                ),
                 6 => {
                     let hold = buyer_wallet.holds().get(&order_id).cloned();
                     let captured = run(

@@ -95,7 +95,11 @@ async fn an_escrow_checkout_holds_funds_and_delivery_pays_the_seller() {
     let buyer = wallet(&app, m.buyer_wallet).await;
     assert_eq!((buyer.available(), buyer.held()), (5_000, 5_000));
     assert_eq!(
-        buyer.holds().values().next().map(|hold| hold.payee_wallet.as_uuid()),
+        buyer
+            .holds()
+            .values()
+            .next()
+            .map(|hold| hold.payee_wallet.as_uuid()),
         Some(m.seller_wallet),
         "the hold names the seller's wallet"
     );
@@ -644,7 +648,9 @@ async fn a_sellers_wallet_and_pending_funds_are_right_after_a_random_mix_of_orde
     let sum = |buyer: Option<usize>, steps: &[Step]| -> i64 {
         orders
             .iter()
-            .filter(|(_, b, _, step)| buyer.is_none_or(|wanted| *b == wanted) && steps.contains(step))
+            .filter(|(_, b, _, step)| {
+                buyer.is_none_or(|wanted| *b == wanted) && steps.contains(step)
+            })
             .map(|(_, _, amount, _)| amount)
             .sum()
     };
@@ -652,11 +658,18 @@ async fn a_sellers_wallet_and_pending_funds_are_right_after_a_random_mix_of_orde
     let paid = [Step::Delivered, Step::ReturnRequested, Step::Returned];
     let api = &full.api;
     let seen = api
-        .ok(&format!("/wallets/{seller_wallet}?after={position}"), &seller)
+        .ok(
+            &format!("/wallets/{seller_wallet}?after={position}"),
+            &seller,
+        )
         .await;
     assert_eq!(
         (&seen["available"], &seen["held"], &seen["pending_incoming"]),
-        (&json!(sum(None, &paid)), &json!(0), &json!(sum(None, &in_escrow))),
+        (
+            &json!(sum(None, &paid)),
+            &json!(0),
+            &json!(sum(None, &in_escrow))
+        ),
         "{seen}"
     );
     let mut in_wallets = seen["available"].as_i64().unwrap();
