@@ -1500,7 +1500,7 @@ mod tests {
                     C::HoldFunds {
                         actor: owner(),
                         order_id,
-                        amount: amount.clone(),
+                        amount,
                         payee_wallet: payee(),
                     },
                 ),
