@@ -2044,7 +2044,7 @@ impl Report {
                 let ratio = on.per_second() / off.per_second();
                 let _ = writeln!(
                     out,
-                    "  limiter off: {:.0} commands/s, p99 {:.2} ms\n  on / off {ratio:>6.2}x   target >= {TARGET_LIMITER_RATIO:.2}x: {}",
+                    "  limiter off: {:.0} commands/s, p99 {:.2} ms\n  on / off {ratio:>6.3}x   target >= {TARGET_LIMITER_RATIO:.2}x: {}",
                     off.per_second(),
                     off.percentile_ms(99.0),
                     verdict(ratio >= TARGET_LIMITER_RATIO && on.errors == 0)
