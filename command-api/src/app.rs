@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::Router;
 use axum::extract::{FromRef, State};
 use axum::response::Response;
-use axum::Router;
 use domain::journeys::Deadlines;
 use event_store::relay::{Relay, RelayConfig, RelayStatus, Role};
 use event_store::{EventStore, StoreConfig};

@@ -111,10 +111,7 @@ const REFUSALS: &[(&str, &str)] = &[
 /// this document) included: the router's own refusals.
 const PUBLIC_REFUSALS: &[(&str, &str)] = &[
     ("500", "A bug; details are in the server log (`internal`)."),
-    (
-        "503",
-        "Too many requests are in flight (`unavailable`).",
-    ),
+    ("503", "Too many requests are in flight (`unavailable`)."),
 ];
 
 /// The component schemas that are response bodies: closed (every property

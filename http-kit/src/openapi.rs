@@ -272,8 +272,7 @@ impl utoipa::Modify for FieldDocs {
             return;
         };
         for (schema, field, description) in self.0 {
-            let Some(RefOr::T(Schema::Object(object))) = components.schemas.get_mut(*schema)
-            else {
+            let Some(RefOr::T(Schema::Object(object))) = components.schemas.get_mut(*schema) else {
                 continue;
             };
             let Some(RefOr::T(property)) = object.properties.get_mut(*field) else {

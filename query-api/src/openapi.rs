@@ -146,10 +146,7 @@ const PUBLIC_REFUSALS: &[(&str, &str)] = &[
         "A request body larger than the limit (`payload_too_large`).",
     ),
     ("500", "A bug; details are in the server log (`internal`)."),
-    (
-        "503",
-        "The API is shedding load (`unavailable`).",
-    ),
+    ("503", "The API is shedding load (`unavailable`)."),
 ];
 
 struct Finish;

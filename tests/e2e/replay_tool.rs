@@ -1077,7 +1077,13 @@ async fn run_replay_tool_on_a_terminal(database_url: &str, args: &[&str]) -> tes
     let database_url = database_url.to_owned();
     tokio::task::spawn_blocking(move || {
         let output = std::process::Command::new("script")
-            .args(["--quiet", "--return", "--command", &command_line, "/dev/null"])
+            .args([
+                "--quiet",
+                "--return",
+                "--command",
+                &command_line,
+                "/dev/null",
+            ])
             .env("DATABASE_URL", database_url)
             .env("SOUK_OPERATOR", "test-operator")
             .stdin(std::process::Stdio::null())
@@ -1115,7 +1121,14 @@ async fn history_on_a_terminal_is_a_table_with_one_row_per_event() {
     assert_eq!(shown.code, Some(0), "{shown:?}");
     let lines: Vec<&str> = shown.stdout.lines().collect();
     assert_eq!(lines.len(), 4, "a header and three events: {shown:?}");
-    for column in ["recorded at", "aggregate", "seq", "event", "actor", "correlation"] {
+    for column in [
+        "recorded at",
+        "aggregate",
+        "seq",
+        "event",
+        "actor",
+        "correlation",
+    ] {
         assert!(lines[0].contains(column), "{:?}", lines[0]);
     }
     let events: Vec<(&str, &str)> = lines[1..]
@@ -1137,7 +1150,10 @@ async fn history_on_a_terminal_is_a_table_with_one_row_per_event() {
     );
     assert!(lines[2].contains(&format!("admin {actor}")), "{}", lines[2]);
     assert!(lines[2].ends_with(&correlation.to_string()), "{}", lines[2]);
-    assert!(!shown.stdout.contains('{'), "no JSON on a terminal: {shown:?}");
+    assert!(
+        !shown.stdout.contains('{'),
+        "no JSON on a terminal: {shown:?}"
+    );
 
     // `--json` is JSON lines even on a terminal, and a pipe gets them too.
     let json = run_replay_tool_on_a_terminal(&db.url, &[&args[..], &["--json"]].concat()).await;
@@ -1145,6 +1161,20 @@ async fn history_on_a_terminal_is_a_table_with_one_row_per_event() {
     assert_eq!(json.json_lines().len(), 3);
     let piped = run_replay_tool(&db.url, &args).await;
     assert_eq!(piped.json_lines().len(), 3);
+}
+
+/// The one outcome of a `dead-letters retry --json` that applied nothing:
+/// exit 1, one line on stderr saying so, the outcome `expected`.
+fn not_applied(run: &tests::ToolRun, expected: &str) -> Value {
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert_eq!(
+        run.stderr.trim_end(),
+        "replay-tool: 1 of 1 parked events were not applied (see above)"
+    );
+    let outcomes = run.json_lines();
+    assert_eq!(outcomes.len(), 1, "{run:?}");
+    assert_eq!(outcomes[0]["outcome"], expected, "{run:?}");
+    outcomes[0].clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1162,15 +1192,15 @@ async fn a_parked_event_that_cannot_be_retried_exits_1_says_why_and_stays_parked
     .execute(&pool)
     .await
     .unwrap();
-    let deposit_path = format!("/wallets/{wallet}/deposits");
-    let deposited = app
-        .post(
-            &deposit_path,
-            Some(&admin),
-            &json!({"amount": {"amount": 700, "currency": "EUR"}, "reference": "poison-1"}),
-        )
-        .await;
-    assert_eq!(deposited.status, 200);
+    let (on, by) = (&app, &admin);
+    let deposit = move |amount: i64, reference: &'static str| async move {
+        let body = json!({"amount": {"amount": amount, "currency": "EUR"}, "reference": reference});
+        let answer = on
+            .post(&format!("/wallets/{wallet}/deposits"), Some(by), &body)
+            .await;
+        assert_eq!(answer.status, 200, "{:?}", answer.body);
+    };
+    deposit(700, "poison-1").await;
     wait_for_letters(&pool, 1).await;
     let letter: i64 = sqlx::query_scalar("SELECT id FROM dead_letters")
         .fetch_one(&pool)
@@ -1178,7 +1208,7 @@ async fn a_parked_event_that_cannot_be_retried_exits_1_says_why_and_stays_parked
         .unwrap();
     let letter = letter.to_string();
     let parked = || async {
-        sqlx::query_scalar::<_, (i64, i32)>("SELECT count(*), max(attempts) FROM dead_letters")
+        sqlx::query_as::<_, (i64, Option<i32>)>("SELECT count(*), max(attempts) FROM dead_letters")
             .fetch_one(&pool)
             .await
             .unwrap()
@@ -1186,18 +1216,16 @@ async fn a_parked_event_that_cannot_be_retried_exits_1_says_why_and_stays_parked
 
     // Refused: the read model still refuses the row.
     let refused = run_replay_tool(&app.db.url, &["dead-letters", "retry", &letter]).await;
-    assert_eq!(refused.code, Some(1), "{refused:?}");
-    assert_eq!(
-        refused.stderr.trim_end(),
-        "replay-tool: 1 of 1 parked events were not applied (see above)"
-    );
-    let outcome = &refused.json_lines()[0];
-    assert_eq!(outcome["outcome"], "refused", "{outcome}");
+    let outcome = not_applied(&refused, "refused");
     assert!(
         outcome["detail"].as_str().unwrap().contains("no_poison"),
         "the new error: {outcome}"
     );
-    assert_eq!(parked().await, (1, 1), "still parked, one attempt more");
+    assert_eq!(
+        parked().await,
+        (1, Some(1)),
+        "still parked, one attempt more"
+    );
 
     // Blocked: a later event of the wallet reached the read model since,
     // and applying the parked one now would put it out of order.
@@ -1205,30 +1233,17 @@ async fn a_parked_event_that_cannot_be_retried_exits_1_says_why_and_stays_parked
         .execute(&pool)
         .await
         .unwrap();
-    let later = app
-        .post(
-            &deposit_path,
-            Some(&admin),
-            &json!({"amount": {"amount": 50, "currency": "EUR"}, "reference": "fine"}),
-        )
-        .await;
-    assert_eq!(later.status, 200);
+    deposit(50, "fine").await;
     wait_caught_up(&pool).await;
     let blocked = run_replay_tool(&app.db.url, &["dead-letters", "retry", "--all"]).await;
-    assert_eq!(blocked.code, Some(1), "{blocked:?}");
-    assert_eq!(
-        blocked.stderr.trim_end(),
-        "replay-tool: 1 of 1 parked events were not applied (see above)"
-    );
-    let outcome = &blocked.json_lines()[0];
-    assert_eq!(outcome["outcome"], "blocked", "{outcome}");
+    let outcome = not_applied(&blocked, "blocked");
     let detail = outcome["detail"].as_str().unwrap();
     assert!(
         detail.contains("1 later event(s)")
             && detail.contains("replay-tool rebuild --projection wallets"),
         "{detail}"
     );
-    assert_eq!(parked().await, (1, 1), "not tried, still parked");
+    assert_eq!(parked().await, (1, Some(1)), "not tried, still parked");
     let available: i64 =
         sqlx::query_scalar("SELECT available FROM rm_wallets WHERE wallet_id = $1")
             .bind(wallet)
@@ -1238,7 +1253,8 @@ async fn a_parked_event_that_cannot_be_retried_exits_1_says_why_and_stays_parked
     assert_eq!(available, 50, "the read model is left as it was");
 
     // On a terminal the outcome is a table row, and the message the same.
-    let shown = run_replay_tool_on_a_terminal(&app.db.url, &["dead-letters", "retry", &letter]).await;
+    let shown =
+        run_replay_tool_on_a_terminal(&app.db.url, &["dead-letters", "retry", &letter]).await;
     assert_eq!(shown.code, Some(1), "{shown:?}");
     let row = shown
         .stdout
@@ -1256,6 +1272,9 @@ async fn a_parked_event_that_cannot_be_retried_exits_1_says_why_and_stays_parked
     // Unknown: one line, exit 1.
     let unknown = run_replay_tool(&app.db.url, &["dead-letters", "retry", "999999"]).await;
     assert_eq!(unknown.code, Some(1), "{unknown:?}");
-    assert_eq!(unknown.stderr.trim_end(), "replay-tool: no dead letter 999999");
+    assert_eq!(
+        unknown.stderr.trim_end(),
+        "replay-tool: no dead letter 999999"
+    );
     projector.stop().await;
 }

@@ -6,6 +6,7 @@
 use axum::extract::State;
 use axum::response::Response;
 use chrono::Utc;
+use domain::Decide;
 use domain::journeys::{self, JourneyError, Stream};
 use domain::listing::{Condition, Listing, ListingCommand, ListingDetails};
 use domain::reservation::{Reservation, ReservationCommand};
@@ -13,7 +14,6 @@ use domain::timeline::{ProductTimeline, TimelineCommand, TimelineEntry};
 use domain::values::{
     Actor, Description, HoldId, Label, ListingId, Location, ProductId, Reason, Title, Url, WalletId,
 };
-use domain::Decide;
 use event_store::journey::stream_refs;
 use event_store::{StreamRef, Timer};
 use http_kit::openapi::Routes;
@@ -61,7 +61,11 @@ const FIELDS: FieldDocs = FieldDocs(&[
     ("CreateListing", "category", "The category."),
     ("CreateListing", "subcategory", "The subcategory."),
     ("CreateListing", "condition", "The item's condition."),
-    ("CreateListing", "attributes", "What else describes the item."),
+    (
+        "CreateListing",
+        "attributes",
+        "What else describes the item.",
+    ),
     ("CreateListing", "images", "Pictures of the item."),
     ("UpdateListingDetails", "title", "The listing's title."),
     (

@@ -187,9 +187,7 @@ mod tests {
     use crate::DomainError;
     use crate::listing::{Condition, parse_attributes};
     use crate::timeline::ProductTimeline;
-    use crate::values::{
-        Currency, Description, Label, Location, Role, Title, Url, UserId,
-    };
+    use crate::values::{Currency, Description, Label, Location, Role, Title, Url, UserId};
     use crate::wallet::WalletCommand;
 
     fn now() -> DateTime<Utc> {
@@ -287,7 +285,12 @@ mod tests {
     fn a_listing_without_a_payout_wallet_touches_no_wallet() {
         let mut memory = Memory::default();
         let listing = new_listing(1, None);
-        assert!(!listing.streams().iter().any(|s| matches!(s, Stream::Wallet(_))));
+        assert!(
+            !listing
+                .streams()
+                .iter()
+                .any(|s| matches!(s, Stream::Wallet(_)))
+        );
 
         create(&mut memory, &listing).unwrap();
 
@@ -412,7 +415,10 @@ mod tests {
             })
             .unwrap_err();
 
-        assert_eq!(code(error), ("insufficient_stock", crate::Refusal::Conflict));
+        assert_eq!(
+            code(error),
+            ("insufficient_stock", crate::Refusal::Conflict)
+        );
         assert_eq!(memory.get::<Reservation>(listing_id(1)).available(), 3);
     }
 
@@ -423,13 +429,24 @@ mod tests {
         memory.given::<Listing>(listing_id(1), ListingCommand::Pause { actor: seller() });
         let paused = memory.get::<Listing>(listing_id(1));
         let error = hold_request(1).plan(&paused, hold_id(), now()).unwrap_err();
-        assert_eq!(code(error.clone()), ("listing_unavailable", crate::Refusal::Conflict));
-        assert_eq!(error.to_string(), format!("listing {} is paused", listing_id(1)));
+        assert_eq!(
+            code(error.clone()),
+            ("listing_unavailable", crate::Refusal::Conflict)
+        );
+        assert_eq!(
+            error.to_string(),
+            format!("listing {} is paused", listing_id(1))
+        );
 
         memory.given::<Listing>(listing_id(1), ListingCommand::Delete { actor: seller() });
         let deleted = memory.get::<Listing>(listing_id(1));
-        let error = hold_request(1).plan(&deleted, hold_id(), now()).unwrap_err();
-        assert_eq!(code(error), ("listing_unavailable", crate::Refusal::Conflict));
+        let error = hold_request(1)
+            .plan(&deleted, hold_id(), now())
+            .unwrap_err();
+        assert_eq!(
+            code(error),
+            ("listing_unavailable", crate::Refusal::Conflict)
+        );
 
         let error = hold_request(1)
             .plan(&Listing::default(), hold_id(), now())
