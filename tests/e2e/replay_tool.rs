@@ -200,13 +200,23 @@ async fn bad_flags_ids_times_and_tokens_exit_1_with_one_line_on_stderr() {
         assert!(run.stderr.starts_with("replay-tool: "), "{args:?}: {run:?}");
         assert!(!run.stderr.contains("panicked"), "{args:?}: {run:?}");
     }
-    let unreachable = run_replay_tool("postgres://nobody@127.0.0.1:1/none", &["verify"]).await;
+    let unreachable =
+        run_replay_tool("postgres://nobody:s3cret@127.0.0.1:1/none", &["verify"]).await;
     assert_eq!(unreachable.code, Some(1), "{unreachable:?}");
     assert_eq!(
         unreachable.stderr.trim_end().lines().count(),
         1,
         "{unreachable:?}"
     );
+    // It says which server it could not reach and why, and never the password.
+    assert!(
+        unreachable
+            .stderr
+            .starts_with("replay-tool: cannot reach Postgres at 127.0.0.1:1 ("),
+        "{unreachable:?}"
+    );
+    assert!(unreachable.stderr.contains("refused"), "{unreachable:?}");
+    assert!(!unreachable.stderr.contains("s3cret"), "{unreachable:?}");
     let help = run_replay_tool(&db.url, &["--help"]).await;
     assert_eq!(help.code, Some(0));
     assert!(help.stdout.contains("dead-letters"));
@@ -1244,13 +1254,13 @@ async fn a_parked_event_that_cannot_be_retried_exits_1_says_why_and_stays_parked
         "{detail}"
     );
     assert_eq!(parked().await, (1, Some(1)), "not tried, still parked");
-    let available: i64 =
-        sqlx::query_scalar("SELECT available FROM rm_wallets WHERE wallet_id = $1")
-            .bind(wallet)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-    assert_eq!(available, 50, "the read model is left as it was");
+    let entries: Vec<String> = sqlx::query_scalar(
+        "SELECT reference FROM rm_wallet_entries WHERE reference IN ('poison-1', 'fine')",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(entries, ["fine"], "the parked entry is still missing");
 
     // On a terminal the outcome is a table row, and the message the same.
     let shown =
