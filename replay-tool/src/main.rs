@@ -99,10 +99,26 @@ impl Database {
         };
         let pool =
             event_store::pool(&self.database_url, &config).context("parsing DATABASE_URL")?;
-        event_store::migrate(&pool)
-            .await
-            .context("connecting to the event store and applying migrations")?;
-        Ok(pool)
+        match event_store::migrate(&pool).await {
+            Ok(()) => Ok(pool),
+            // The pool only says it timed out: one direct attempt says why.
+            Err(error) if event_store::migration_unreachable(&error) => {
+                let options: sqlx::postgres::PgConnectOptions =
+                    self.database_url.parse().context("parsing DATABASE_URL")?;
+                let why = match sqlx::ConnectOptions::connect(&options).await {
+                    Err(error) => error.to_string(),
+                    Ok(_) => "it stopped answering".to_owned(),
+                };
+                anyhow::bail!(
+                    "cannot reach Postgres at {}:{} ({why}); is it running, and is DATABASE_URL right?",
+                    options.get_host(),
+                    options.get_port()
+                )
+            }
+            Err(error) => {
+                Err(anyhow::Error::new(error).context("applying the event store's migrations"))
+            }
+        }
     }
 }
 

@@ -200,13 +200,23 @@ async fn bad_flags_ids_times_and_tokens_exit_1_with_one_line_on_stderr() {
         assert!(run.stderr.starts_with("replay-tool: "), "{args:?}: {run:?}");
         assert!(!run.stderr.contains("panicked"), "{args:?}: {run:?}");
     }
-    let unreachable = run_replay_tool("postgres://nobody@127.0.0.1:1/none", &["verify"]).await;
+    let unreachable =
+        run_replay_tool("postgres://nobody:s3cret@127.0.0.1:1/none", &["verify"]).await;
     assert_eq!(unreachable.code, Some(1), "{unreachable:?}");
     assert_eq!(
         unreachable.stderr.trim_end().lines().count(),
         1,
         "{unreachable:?}"
     );
+    // It says which server it could not reach and why, and never the password.
+    assert!(
+        unreachable
+            .stderr
+            .starts_with("replay-tool: cannot reach Postgres at 127.0.0.1:1 ("),
+        "{unreachable:?}"
+    );
+    assert!(unreachable.stderr.contains("refused"), "{unreachable:?}");
+    assert!(!unreachable.stderr.contains("s3cret"), "{unreachable:?}");
     let help = run_replay_tool(&db.url, &["--help"]).await;
     assert_eq!(help.code, Some(0));
     assert!(help.stdout.contains("dead-letters"));
@@ -1163,6 +1173,20 @@ async fn history_on_a_terminal_is_a_table_with_one_row_per_event() {
     assert_eq!(piped.json_lines().len(), 3);
 }
 
+/// The one outcome of a `dead-letters retry --json` that applied nothing:
+/// exit 1, one line on stderr saying so, the outcome `expected`.
+fn not_applied(run: &tests::ToolRun, expected: &str) -> Value {
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert_eq!(
+        run.stderr.trim_end(),
+        "replay-tool: 1 of 1 parked events were not applied (see above)"
+    );
+    let outcomes = run.json_lines();
+    assert_eq!(outcomes.len(), 1, "{run:?}");
+    assert_eq!(outcomes[0]["outcome"], expected, "{run:?}");
+    outcomes[0].clone()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parked_event_that_cannot_be_retried_exits_1_says_why_and_stays_parked() {
     let app = spawn_app().await;
@@ -1178,15 +1202,15 @@ async fn a_parked_event_that_cannot_be_retried_exits_1_says_why_and_stays_parked
     .execute(&pool)
     .await
     .unwrap();
-    let deposit_path = format!("/wallets/{wallet}/deposits");
-    let deposited = app
-        .post(
-            &deposit_path,
-            Some(&admin),
-            &json!({"amount": {"amount": 700, "currency": "EUR"}, "reference": "poison-1"}),
-        )
-        .await;
-    assert_eq!(deposited.status, 200);
+    let (on, by) = (&app, &admin);
+    let deposit = move |amount: i64, reference: &'static str| async move {
+        let body = json!({"amount": {"amount": amount, "currency": "EUR"}, "reference": reference});
+        let answer = on
+            .post(&format!("/wallets/{wallet}/deposits"), Some(by), &body)
+            .await;
+        assert_eq!(answer.status, 200, "{:?}", answer.body);
+    };
+    deposit(700, "poison-1").await;
     wait_for_letters(&pool, 1).await;
     let letter: i64 = sqlx::query_scalar("SELECT id FROM dead_letters")
         .fetch_one(&pool)
@@ -1194,7 +1218,7 @@ async fn a_parked_event_that_cannot_be_retried_exits_1_says_why_and_stays_parked
         .unwrap();
     let letter = letter.to_string();
     let parked = || async {
-        sqlx::query_scalar::<_, (i64, i32)>("SELECT count(*), max(attempts) FROM dead_letters")
+        sqlx::query_as::<_, (i64, Option<i32>)>("SELECT count(*), max(attempts) FROM dead_letters")
             .fetch_one(&pool)
             .await
             .unwrap()
@@ -1202,18 +1226,16 @@ async fn a_parked_event_that_cannot_be_retried_exits_1_says_why_and_stays_parked
 
     // Refused: the read model still refuses the row.
     let refused = run_replay_tool(&app.db.url, &["dead-letters", "retry", &letter]).await;
-    assert_eq!(refused.code, Some(1), "{refused:?}");
-    assert_eq!(
-        refused.stderr.trim_end(),
-        "replay-tool: 1 of 1 parked events were not applied (see above)"
-    );
-    let outcome = &refused.json_lines()[0];
-    assert_eq!(outcome["outcome"], "refused", "{outcome}");
+    let outcome = not_applied(&refused, "refused");
     assert!(
         outcome["detail"].as_str().unwrap().contains("no_poison"),
         "the new error: {outcome}"
     );
-    assert_eq!(parked().await, (1, 1), "still parked, one attempt more");
+    assert_eq!(
+        parked().await,
+        (1, Some(1)),
+        "still parked, one attempt more"
+    );
 
     // Blocked: a later event of the wallet reached the read model since,
     // and applying the parked one now would put it out of order.
@@ -1221,37 +1243,24 @@ async fn a_parked_event_that_cannot_be_retried_exits_1_says_why_and_stays_parked
         .execute(&pool)
         .await
         .unwrap();
-    let later = app
-        .post(
-            &deposit_path,
-            Some(&admin),
-            &json!({"amount": {"amount": 50, "currency": "EUR"}, "reference": "fine"}),
-        )
-        .await;
-    assert_eq!(later.status, 200);
+    deposit(50, "fine").await;
     wait_caught_up(&pool).await;
     let blocked = run_replay_tool(&app.db.url, &["dead-letters", "retry", "--all"]).await;
-    assert_eq!(blocked.code, Some(1), "{blocked:?}");
-    assert_eq!(
-        blocked.stderr.trim_end(),
-        "replay-tool: 1 of 1 parked events were not applied (see above)"
-    );
-    let outcome = &blocked.json_lines()[0];
-    assert_eq!(outcome["outcome"], "blocked", "{outcome}");
+    let outcome = not_applied(&blocked, "blocked");
     let detail = outcome["detail"].as_str().unwrap();
     assert!(
         detail.contains("1 later event(s)")
             && detail.contains("replay-tool rebuild --projection wallets"),
         "{detail}"
     );
-    assert_eq!(parked().await, (1, 1), "not tried, still parked");
-    let available: i64 =
-        sqlx::query_scalar("SELECT available FROM rm_wallets WHERE wallet_id = $1")
-            .bind(wallet)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-    assert_eq!(available, 50, "the read model is left as it was");
+    assert_eq!(parked().await, (1, Some(1)), "not tried, still parked");
+    let entries: Vec<String> = sqlx::query_scalar(
+        "SELECT reference FROM rm_wallet_entries WHERE reference IN ('poison-1', 'fine')",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(entries, ["fine"], "the parked entry is still missing");
 
     // On a terminal the outcome is a table row, and the message the same.
     let shown =
