@@ -125,10 +125,10 @@ async fn fire(
         }
         None => None,
     };
-    let streams = timer.streams(|| {
+    let streams = timer.streams(|step| {
         order
             .as_ref()
-            .map(|(order_id, order)| journeys::order_streams(*order_id, order))
+            .map(|(order_id, order)| journeys::order_streams(*order_id, order, step))
             .unwrap_or_default()
     });
     let now = Utc::now();

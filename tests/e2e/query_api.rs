@@ -189,7 +189,7 @@ async fn insert_wallet(pool: &PgPool, owner: Uuid, available: i64) -> Uuid {
     sqlx::query(
         "INSERT INTO rm_wallets (wallet_id, owner_id, currency, available, held, pending_incoming,
                                  created_at, updated_at, version)
-         VALUES ($1, $2, 'EUR', $3, 250, 75, now(), now(), 3)",
+         VALUES ($1, $2, 'EUR', $3, 250, 0, now(), now(), 3)",
     )
     .bind(id)
     .bind(owner)
@@ -208,6 +208,23 @@ async fn insert_wallet_entry(pool: &PgPool, wallet: Uuid, sequence: i64) {
     )
     .bind(wallet)
     .bind(sequence)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// An escrow of `amount` held by another wallet for an order of this payee.
+async fn insert_escrow(pool: &PgPool, payee: Uuid, amount: i64, status: &str) {
+    sqlx::query(
+        "INSERT INTO rm_escrows (order_id, payer_wallet_id, payee_wallet_id, amount, status,
+                                 held_at)
+         VALUES ($1, $2, $3, $4, $5, now())",
+    )
+    .bind(Uuid::now_v7())
+    .bind(Uuid::now_v7())
+    .bind(payee)
+    .bind(amount)
+    .bind(status)
     .execute(pool)
     .await
     .unwrap();
@@ -329,6 +346,11 @@ async fn a_wallet_is_seen_by_its_owner_admins_and_auditors_only() {
     let owner = User::new("buyer");
     let wallet = insert_wallet(&pool, owner.id, 1_250).await;
     insert_wallet_entry(&pool, wallet, 1).await;
+    // Pending incoming is the open escrows naming the wallet as payee; a
+    // settled one no longer counts.
+    insert_escrow(&pool, wallet, 50, "open").await;
+    insert_escrow(&pool, wallet, 25, "open").await;
+    insert_escrow(&pool, wallet, 900, "captured").await;
     let api = spawn_query_api(&db).await;
 
     let seen = api.ok(&format!("/wallets/{wallet}"), &owner).await;

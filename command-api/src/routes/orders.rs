@@ -10,7 +10,7 @@ use axum::extract::State;
 use axum::response::Response;
 use chrono::Utc;
 use domain::Decide;
-use domain::journeys::{self, JourneyError};
+use domain::journeys::{self, JourneyError, OrderStep};
 use domain::listing::Listing;
 use domain::order::{
     AddressLine, OptionalAddressLine, Order, OrderCommand, PaymentMethod, PostalCode, Rating,
@@ -284,6 +284,7 @@ pub(crate) fn journey_error(error: JourneyError) -> ApiError {
 pub(crate) async fn order_journey<P, R>(
     store: &event_store::EventStore,
     order_id: OrderId,
+    step: OrderStep,
     context: event_store::CommandContext,
     idempotency: Option<event_store::IdempotencyKey>,
     journey: P,
@@ -298,7 +299,7 @@ where
     }
     store
         .execute_multi(
-            stream_refs(journeys::order_streams(order_id, &order)),
+            stream_refs(journeys::order_streams(order_id, &order, step)),
             context,
             idempotency,
             move |plan| Ok(journey(plan)?),
@@ -314,6 +315,7 @@ async fn order_step<P>(
     meta: &RequestMeta,
     body_sha256: &[u8; 32],
     order_id: OrderId,
+    step: OrderStep,
     journey: P,
 ) -> Result<Response, ApiError>
 where
@@ -322,6 +324,7 @@ where
     order_journey(
         &state.store,
         order_id,
+        step,
         meta.context(user),
         meta.idempotency(user, body_sha256),
         journey,
@@ -362,9 +365,17 @@ async fn confirm_payment(
         Utc::now(),
         state.deadlines,
     );
-    order_step(&state, &user, &meta, &body.sha256, order_id, move |plan| {
-        journeys::confirm_payment(plan, order_id, actor, reference.clone(), now, &deadlines)
-    })
+    order_step(
+        &state,
+        &user,
+        &meta,
+        &body.sha256,
+        order_id,
+        OrderStep::ConfirmPayment,
+        move |plan| {
+            journeys::confirm_payment(plan, order_id, actor, reference.clone(), now, &deadlines)
+        },
+    )
     .await
 }
 
@@ -403,17 +414,25 @@ async fn ship(
         Utc::now(),
         state.deadlines,
     );
-    order_step(&state, &user, &meta, &body.sha256, order_id, move |plan| {
-        journeys::ship(
-            plan,
-            order_id,
-            actor,
-            carrier.clone(),
-            tracking_number.clone(),
-            now,
-            &deadlines,
-        )
-    })
+    order_step(
+        &state,
+        &user,
+        &meta,
+        &body.sha256,
+        order_id,
+        OrderStep::Ship,
+        move |plan| {
+            journeys::ship(
+                plan,
+                order_id,
+                actor,
+                carrier.clone(),
+                tracking_number.clone(),
+                now,
+                &deadlines,
+            )
+        },
+    )
     .await
 }
 
@@ -441,6 +460,7 @@ async fn deliver(
         &meta,
         &EMPTY_BODY_SHA256,
         order_id,
+        OrderStep::Deliver,
         move |plan| journeys::deliver(plan, order_id, actor, now, &deadlines),
     )
     .await
@@ -465,6 +485,7 @@ async fn release_escrow(
         &meta,
         &EMPTY_BODY_SHA256,
         order_id,
+        OrderStep::ReleaseEscrow,
         move |plan| journeys::release_escrow(plan, order_id, actor, now),
     )
     .await
@@ -522,9 +543,15 @@ async fn cancel(
 ) -> Result<Response, ApiError> {
     let reason = field("reason", Reason::parse("reason", &body.value.reason))?;
     let (order_id, actor) = (OrderId::from_uuid(id), user.actor());
-    order_step(&state, &user, &meta, &body.sha256, order_id, move |plan| {
-        journeys::cancel(plan, order_id, actor, reason.clone(), None)
-    })
+    order_step(
+        &state,
+        &user,
+        &meta,
+        &body.sha256,
+        order_id,
+        OrderStep::Cancel,
+        move |plan| journeys::cancel(plan, order_id, actor, reason.clone(), None),
+    )
     .await
 }
 
@@ -579,6 +606,7 @@ async fn mark_returned(
         &meta,
         &EMPTY_BODY_SHA256,
         order_id,
+        OrderStep::MarkReturned,
         move |plan| journeys::mark_returned(plan, order_id, actor),
     )
     .await
@@ -603,6 +631,7 @@ async fn refund(
         &meta,
         &EMPTY_BODY_SHA256,
         order_id,
+        OrderStep::Refund,
         move |plan| journeys::refund(plan, order_id, actor),
     )
     .await

@@ -30,7 +30,7 @@ pub use checkout::{Checkout, CheckoutLine, CheckoutRequest, OrderOutcome, Planne
 pub use holds::release_hold;
 pub use listings::{HoldRequest, NewListing, PlannedHold};
 pub use orders::{
-    cancel, complete, confirm_payment, deliver, mark_returned, order_streams, refund,
+    OrderStep, cancel, complete, confirm_payment, deliver, mark_returned, order_streams, refund,
     release_escrow, ship,
 };
 pub use timers::{Fired, fire};

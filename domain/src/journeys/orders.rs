@@ -18,20 +18,46 @@ use crate::wallet::{Wallet, WalletCommand};
 
 use super::CONFIRMED_ORDER_HOLD;
 
-/// The streams an order's steps touch: the order, its lines' pools and
-/// products, and its wallets.
-pub fn order_streams(order_id: OrderId, order: &Order) -> Vec<Stream> {
+/// A step of an order after checkout: it names the streams the step's unit
+/// of work declares ([`order_streams`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OrderStep {
+    ConfirmPayment,
+    Ship,
+    Deliver,
+    ReleaseEscrow,
+    Complete,
+    Cancel,
+    MarkReturned,
+    Refund,
+}
+
+/// The streams `step` of order `order_id` touches, and no more: each one
+/// declared is a lane the step queues on. The seller's wallet is written
+/// only when money reaches or leaves it (a capture, a refund after a
+/// return, and a cancellation, which settles the expected escrow a checkout
+/// recorded before pending funds became a read model), so a busy seller's
+/// payments confirmations and shipments do not queue on it.
+pub fn order_streams(order_id: OrderId, order: &Order, step: OrderStep) -> Vec<Stream> {
+    use OrderStep::*;
+    let pools = matches!(step, ConfirmPayment | Ship | Cancel);
+    let products = matches!(step, Ship | Deliver | MarkReturned);
+    let buyer_wallet = matches!(step, Deliver | ReleaseEscrow | Cancel | Refund);
+    let seller_wallet = buyer_wallet;
     let mut streams = vec![Stream::Order(order_id)];
     for line in order.lines() {
-        streams.push(Stream::Reservation(line.listing_id));
-        streams.push(Stream::Timeline(line.product_id));
+        if pools {
+            streams.push(Stream::Reservation(line.listing_id));
+        }
+        if products {
+            streams.push(Stream::Timeline(line.product_id));
+        }
     }
-    for wallet in [order.buyer_wallet(), order.seller_wallet()]
-        .into_iter()
-        .flatten()
-    {
-        streams.push(Stream::Wallet(wallet));
-    }
+    let wallets = [
+        order.buyer_wallet().filter(|_| buyer_wallet),
+        order.seller_wallet().filter(|_| seller_wallet),
+    ];
+    streams.extend(wallets.into_iter().flatten().map(Stream::Wallet));
     streams
 }
 

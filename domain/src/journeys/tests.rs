@@ -541,17 +541,32 @@ fn confirmed_order(method: PaymentMethod) -> (Memory, OrderId) {
     (memory, outcomes[0].order_id)
 }
 
+/// Runs `journey` over the streams `step` of the order declares (a stream
+/// it touches undeclared fails the test).
 fn run(
     memory: &mut Memory,
     order_id: OrderId,
+    step: OrderStep,
     journey: impl FnOnce(&mut Memory) -> Result<(), JourneyError>,
 ) -> Result<(), JourneyError> {
     let order = memory.get::<Order>(order_id);
-    memory.when(order_streams(order_id, &order), journey)
+    memory.when(order_streams(order_id, &order, step), journey)
+}
+
+/// Fires `timer` of order `order_id` over the streams it declares.
+fn fire_timer(
+    memory: &mut Memory,
+    order_id: OrderId,
+    timer: Timer,
+    at: DateTime<Utc>,
+) -> Result<Fired, JourneyError> {
+    let order = memory.get::<Order>(order_id);
+    let streams = timer.streams(|step| order_streams(order_id, &order, step));
+    memory.when(streams, |stage| fire(stage, timer, at))
 }
 
 fn ship_it(memory: &mut Memory, order_id: OrderId, at: DateTime<Utc>) -> Result<(), JourneyError> {
-    run(memory, order_id, |stage| {
+    run(memory, order_id, OrderStep::Ship, |stage| {
         ship(
             stage,
             order_id,
@@ -569,7 +584,7 @@ fn deliver_it(
     order_id: OrderId,
     at: DateTime<Utc>,
 ) -> Result<(), JourneyError> {
-    run(memory, order_id, |stage| {
+    run(memory, order_id, OrderStep::Deliver, |stage| {
         deliver(stage, order_id, buyer(), at, &deadlines())
     })
 }
@@ -646,7 +661,7 @@ fn an_order_whose_seller_expected_the_escrow_settles_that_entry() {
 
     // Cancelled: the legacy entry is dropped with the refund.
     let (mut memory, order_id) = legacy_confirmed_order();
-    run(&mut memory, order_id, |stage| {
+    run(&mut memory, order_id, OrderStep::Cancel, |stage| {
         cancel(stage, order_id, buyer(), reason("changed my mind"), None)
     })
     .unwrap();
@@ -681,20 +696,18 @@ fn escrow_is_captured_once_whether_the_clock_or_the_buyer_comes_first() {
     // The clock first, then the buyer.
     let (mut memory, order_id) = confirmed_order(PaymentMethod::WalletEscrow);
     ship_it(&mut memory, order_id, t(0)).unwrap();
-    let early = memory.when(
-        order_streams(order_id, &memory.get::<Order>(order_id)),
-        |stage| fire(stage, Timer::EscrowRelease { order_id }, t(1)),
+    let early = fire_timer(
+        &mut memory,
+        order_id,
+        Timer::EscrowRelease { order_id },
+        t(1),
     );
     assert!(early.unwrap_err().is_too_early());
-    let fired = memory.when(
-        order_streams(order_id, &memory.get::<Order>(order_id)),
-        |stage| {
-            fire(
-                stage,
-                Timer::EscrowRelease { order_id },
-                t(0) + TimeDelta::days(7),
-            )
-        },
+    let fired = fire_timer(
+        &mut memory,
+        order_id,
+        Timer::EscrowRelease { order_id },
+        t(0) + TimeDelta::days(7),
     );
     assert_eq!(fired, Ok(Fired::Done));
     assert_eq!(memory.get::<Wallet>(wallet(1)).available(), 1_000);
@@ -706,15 +719,11 @@ fn escrow_is_captured_once_whether_the_clock_or_the_buyer_comes_first() {
     let (mut memory, order_id) = confirmed_order(PaymentMethod::WalletEscrow);
     ship_it(&mut memory, order_id, t(0)).unwrap();
     deliver_it(&mut memory, order_id, t(2)).unwrap();
-    let fired = memory.when(
-        order_streams(order_id, &memory.get::<Order>(order_id)),
-        |stage| {
-            fire(
-                stage,
-                Timer::EscrowRelease { order_id },
-                t(0) + TimeDelta::days(7),
-            )
-        },
+    let fired = fire_timer(
+        &mut memory,
+        order_id,
+        Timer::EscrowRelease { order_id },
+        t(0) + TimeDelta::days(7),
     );
     assert_eq!(fired, Ok(Fired::NothingToDo("escrow_already_released")));
     assert!(memory.all_events().is_empty());
@@ -725,15 +734,15 @@ fn escrow_is_captured_once_whether_the_clock_or_the_buyer_comes_first() {
 fn an_admin_releases_escrow_when_due_and_a_buyer_may_not() {
     let (mut memory, order_id) = confirmed_order(PaymentMethod::WalletEscrow);
     ship_it(&mut memory, order_id, t(0)).unwrap();
-    let refused = run(&mut memory, order_id, |stage| {
+    let refused = run(&mut memory, order_id, OrderStep::ReleaseEscrow, |stage| {
         release_escrow(stage, order_id, buyer(), t(1))
     });
     assert_eq!(code(refused.unwrap_err()), "forbidden");
-    let early = run(&mut memory, order_id, |stage| {
+    let early = run(&mut memory, order_id, OrderStep::ReleaseEscrow, |stage| {
         release_escrow(stage, order_id, admin(), t(1))
     });
     assert_eq!(code(early.unwrap_err()), "not_yet_due");
-    run(&mut memory, order_id, |stage| {
+    run(&mut memory, order_id, OrderStep::ReleaseEscrow, |stage| {
         release_escrow(stage, order_id, admin(), t(0) + TimeDelta::days(7))
     })
     .unwrap();
@@ -746,10 +755,7 @@ fn the_order_completes_by_itself_when_the_return_window_closes() {
     ship_it(&mut memory, order_id, t(0)).unwrap();
     deliver_it(&mut memory, order_id, t(1)).unwrap();
     let fire_at = |memory: &mut Memory, at| {
-        let streams = order_streams(order_id, &memory.get::<Order>(order_id));
-        memory.when(streams, |stage| {
-            fire(stage, Timer::ReturnWindowEnd { order_id }, at)
-        })
+        fire_timer(memory, order_id, Timer::ReturnWindowEnd { order_id }, at)
     };
     assert!(fire_at(&mut memory, t(2)).unwrap_err().is_too_early());
     let closed = t(1) + TimeDelta::days(14) + TimeDelta::seconds(1);
@@ -767,7 +773,7 @@ fn the_order_completes_by_itself_when_the_return_window_closes() {
 #[test]
 fn cancelling_releases_the_stock_and_refunds_the_escrow() {
     let (mut memory, order_id) = confirmed_order(PaymentMethod::WalletEscrow);
-    run(&mut memory, order_id, |stage| {
+    run(&mut memory, order_id, OrderStep::Cancel, |stage| {
         cancel(stage, order_id, buyer(), reason("changed my mind"), None)
     })
     .unwrap();
@@ -780,7 +786,7 @@ fn cancelling_releases_the_stock_and_refunds_the_escrow() {
     // The seller's wallet never heard of the order.
     assert!(memory.events::<Wallet>(wallet(1)).is_empty());
     assert_eq!(memory.get::<Wallet>(wallet(1)).available(), 0);
-    let again = run(&mut memory, order_id, |stage| {
+    let again = run(&mut memory, order_id, OrderStep::Cancel, |stage| {
         cancel(stage, order_id, buyer(), reason("again"), None)
     });
     assert_eq!(code(again.unwrap_err()), "illegal_transition");
@@ -789,10 +795,12 @@ fn cancelling_releases_the_stock_and_refunds_the_escrow() {
 #[test]
 fn an_order_not_shipped_in_time_is_cancelled_and_refunded_by_its_timer() {
     let (mut memory, order_id) = confirmed_order(PaymentMethod::WalletEscrow);
-    let streams = order_streams(order_id, &memory.get::<Order>(order_id));
-    let fired = memory.when(streams.clone(), |stage| {
-        fire(stage, Timer::ShipBy { order_id }, t(0) + TimeDelta::days(5))
-    });
+    let fired = fire_timer(
+        &mut memory,
+        order_id,
+        Timer::ShipBy { order_id },
+        t(0) + TimeDelta::days(5),
+    );
     assert_eq!(fired, Ok(Fired::Done));
     assert_eq!(
         memory.get::<Order>(order_id).status(),
@@ -803,10 +811,12 @@ fn an_order_not_shipped_in_time_is_cancelled_and_refunded_by_its_timer() {
     // Shipped in time: the timer has nothing left to do.
     let (mut memory, order_id) = confirmed_order(PaymentMethod::WalletEscrow);
     ship_it(&mut memory, order_id, t(1)).unwrap();
-    let streams = order_streams(order_id, &memory.get::<Order>(order_id));
-    let fired = memory.when(streams, |stage| {
-        fire(stage, Timer::ShipBy { order_id }, t(0) + TimeDelta::days(5))
-    });
+    let fired = fire_timer(
+        &mut memory,
+        order_id,
+        Timer::ShipBy { order_id },
+        t(0) + TimeDelta::days(5),
+    );
     assert_eq!(fired, Ok(Fired::NothingToDo("illegal_transition")));
     assert!(memory.all_events().is_empty());
 }
@@ -814,9 +824,11 @@ fn an_order_not_shipped_in_time_is_cancelled_and_refunded_by_its_timer() {
 #[test]
 fn a_bank_transfer_is_paid_or_cancelled_by_its_timer() {
     let (mut memory, order_id) = confirmed_order(PaymentMethod::BankTransfer);
-    let fired = memory.when(
-        order_streams(order_id, &memory.get::<Order>(order_id)),
-        |stage| fire(stage, Timer::UnpaidOrder { order_id }, t(72)),
+    let fired = fire_timer(
+        &mut memory,
+        order_id,
+        Timer::UnpaidOrder { order_id },
+        t(72),
     );
     assert_eq!(fired, Ok(Fired::Done));
     assert_eq!(
@@ -827,7 +839,7 @@ fn a_bank_transfer_is_paid_or_cancelled_by_its_timer() {
 
     let (mut memory, order_id) = confirmed_order(PaymentMethod::BankTransfer);
     let reference = Reference::parse("reference", "wire-1").unwrap();
-    let refused = run(&mut memory, order_id, |stage| {
+    let refused = run(&mut memory, order_id, OrderStep::ConfirmPayment, |stage| {
         confirm_payment(
             stage,
             order_id,
@@ -838,7 +850,7 @@ fn a_bank_transfer_is_paid_or_cancelled_by_its_timer() {
         )
     });
     assert_eq!(code(refused.unwrap_err()), "forbidden");
-    run(&mut memory, order_id, |stage| {
+    run(&mut memory, order_id, OrderStep::ConfirmPayment, |stage| {
         confirm_payment(
             stage,
             order_id,
@@ -862,9 +874,12 @@ fn a_bank_transfer_is_paid_or_cancelled_by_its_timer() {
         [(Timer::ShipBy { order_id }, t(2) + TimeDelta::days(5))]
     );
     // The unpaid timer now finds the order moved on.
-    let fired = memory.when(order_streams(order_id, &order), |stage| {
-        fire(stage, Timer::UnpaidOrder { order_id }, t(72))
-    });
+    let fired = fire_timer(
+        &mut memory,
+        order_id,
+        Timer::UnpaidOrder { order_id },
+        t(72),
+    );
     assert_eq!(fired, Ok(Fired::NothingToDo("illegal_transition")));
 }
 
@@ -881,11 +896,11 @@ fn a_returned_order_is_refunded_from_the_sellers_wallet() {
             now: t(2),
         },
     );
-    let early = run(&mut memory, order_id, |stage| {
+    let early = run(&mut memory, order_id, OrderStep::Refund, |stage| {
         refund(stage, order_id, seller(0))
     });
     assert_eq!(code(early.unwrap_err()), "illegal_transition");
-    run(&mut memory, order_id, |stage| {
+    run(&mut memory, order_id, OrderStep::MarkReturned, |stage| {
         mark_returned(stage, order_id, seller(0))
     })
     .unwrap();
@@ -894,7 +909,7 @@ fn a_returned_order_is_refunded_from_the_sellers_wallet() {
             .events::<ProductTimeline>(product(1))
             .contains(&"EntryRecorded")
     );
-    run(&mut memory, order_id, |stage| {
+    run(&mut memory, order_id, OrderStep::Refund, |stage| {
         refund(stage, order_id, seller(0))
     })
     .unwrap();
@@ -912,7 +927,7 @@ fn a_buyers_hold_expires_unless_an_order_took_it() {
         listing_id: listing(1),
         hold_id: held,
     };
-    let streams = timer.streams(Vec::new);
+    let streams = timer.streams(|_| Vec::new());
     let early = memory.when(streams.clone(), |stage| fire(stage, timer, t(0)));
     assert!(early.unwrap_err().is_too_early());
     assert_eq!(
@@ -937,7 +952,11 @@ fn a_buyers_hold_expires_unless_an_order_took_it() {
         hold_id: held,
     };
     assert_eq!(
-        memory.when(timer.streams(Vec::new), |stage| fire(stage, timer, t(2))),
+        memory.when(timer.streams(|_| Vec::new()), |stage| fire(
+            stage,
+            timer,
+            t(2)
+        )),
         Ok(Fired::NothingToDo("reservation_in_order"))
     );
 }
@@ -990,4 +1009,28 @@ fn timers_are_stored_as_the_rows_written_before_the_enum_existed() {
         crate::process::deterministic_command_id("escrow-auto-release", &[&order_id.to_string()])
     );
     assert!(Timer::from_row("nonsense", &json!({})).is_err());
+}
+
+#[test]
+fn only_the_steps_that_move_the_sellers_money_declare_the_sellers_wallet() {
+    let (memory, order_id) = confirmed_order(PaymentMethod::WalletEscrow);
+    let order = memory.get::<Order>(order_id);
+    let declares_seller_wallet =
+        |step| order_streams(order_id, &order, step).contains(&Stream::Wallet(wallet(1)));
+    for step in [
+        OrderStep::ConfirmPayment,
+        OrderStep::Ship,
+        OrderStep::Complete,
+        OrderStep::MarkReturned,
+    ] {
+        assert!(!declares_seller_wallet(step), "{step:?}");
+    }
+    for step in [
+        OrderStep::Deliver,
+        OrderStep::ReleaseEscrow,
+        OrderStep::Cancel,
+        OrderStep::Refund,
+    ] {
+        assert!(declares_seller_wallet(step), "{step:?}");
+    }
 }

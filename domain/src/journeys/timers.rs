@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 
-use super::{JourneyError, Stage, Stream, Timer, key};
+use super::{JourneyError, OrderStep, Stage, Stream, Timer, key};
 use crate::order::OrderStatus;
 use crate::reservation::{Reservation, ReservationCommand};
 use crate::values::{Actor, Reason};
@@ -18,12 +18,14 @@ pub enum Fired {
 }
 
 impl Timer {
-    /// The streams firing the timer touches, given its order's streams
-    /// (`order_streams`, read by the caller) for the order timers.
-    pub fn streams(&self, order_streams: impl FnOnce() -> Vec<Stream>) -> Vec<Stream> {
+    /// The streams firing the timer touches, given its order's streams for
+    /// a step (`order_streams` over the order the caller read).
+    pub fn streams(&self, order_streams: impl FnOnce(OrderStep) -> Vec<Stream>) -> Vec<Stream> {
         match self {
             Self::HoldExpiry { listing_id, .. } => vec![Stream::Reservation(*listing_id)],
-            _ => order_streams(),
+            Self::UnpaidOrder { .. } | Self::ShipBy { .. } => order_streams(OrderStep::Cancel),
+            Self::EscrowRelease { .. } => order_streams(OrderStep::ReleaseEscrow),
+            Self::ReturnWindowEnd { .. } => order_streams(OrderStep::Complete),
         }
     }
 
