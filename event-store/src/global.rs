@@ -33,6 +33,12 @@
 //! holder without one may already have an id in xip(S): while any holder has
 //! none, H falls back to xmin(S), the smallest id in xip(S).
 //!
+//! On a hot standby (a query API's read-only replica) the primary's locks
+//! are not in `pg_locks`, so no writer can be seen: there H is xmin(S), the
+//! classic horizon. The standby's snapshots know the primary's running
+//! transactions (it replays their ids), so every transaction below xmin(S)
+//! has ended there, and a reader of the standby never skips an event either.
+//!
 //! The price: a long-running *event-writing* transaction holds the horizon
 //! back and the reader waits (it never skips). Callers watch
 //! [`horizon_lag`] to make such a stall visible.
@@ -143,7 +149,9 @@ const HORIZON: &str = "WITH locks AS MATERIALIZED (
                 CASE WHEN EXISTS (SELECT 1 FROM writers
                                    WHERE virtualtransaction NOT IN (
                                          SELECT virtualtransaction FROM ids))
-                     THEN pg_snapshot_xmin(s)::text END
+                     THEN pg_snapshot_xmin(s)::text END,
+                -- A hot standby sees none of the primary's locks.
+                CASE WHEN pg_is_in_recovery() THEN pg_snapshot_xmin(s)::text END
            FROM snapshot";
 
 /// Where readers of the global order stop (see the module doc).
@@ -159,8 +167,12 @@ pub struct Horizon {
 
 /// The horizon H of the module doc, read now.
 pub async fn horizon(pool: &PgPool) -> Result<Horizon, sqlx::Error> {
-    let (xmax, writer, unlocked_writer): (String, Option<String>, Option<String>) =
-        sqlx::query_as(HORIZON).fetch_one(pool).await?;
+    let (xmax, writer, unlocked_writer, standby): (
+        String,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+    ) = sqlx::query_as(HORIZON).fetch_one(pool).await?;
     let parse = |text: &str| {
         text.parse::<u64>().map_err(|error| {
             sqlx::Error::Decode(format!("`{text}` is not a transaction id: {error}").into())
@@ -173,6 +185,14 @@ pub async fn horizon(pool: &PgPool) -> Result<Horizon, sqlx::Error> {
     for bound in [writer, unlocked_writer].into_iter().flatten() {
         horizon.below = horizon.below.min(parse(&bound)?);
         horizon.writer_running = true;
+    }
+    if let Some(xmin) = standby {
+        let xmin = parse(&xmin)?;
+        if xmin < horizon.below {
+            // Some transaction of the primary still runs: it may be a writer.
+            horizon.below = xmin;
+            horizon.writer_running = true;
+        }
     }
     Ok(horizon)
 }

@@ -8,8 +8,15 @@
 //! reads the current state from the other routes). It decides each event's
 //! recipients from the event itself (`OrderPlaced` names buyer and seller,
 //! `WalletOpened` the owner) or, for later events, from a bounded cache of
-//! those and then the read models (`rm_orders`, `rm_wallets`), and hands the
+//! those and then the aggregate's first event in the event store (never
+//! from the read models, which may not have applied it yet), and hands the
 //! notification to each of the recipients' open streams.
+//!
+//! A stream resumed with `Last-Event-ID` replays the user's notifications
+//! after that position from the event store: of the user's orders and
+//! wallets the read models list (changed since about then), and of those
+//! whose events the read models have not applied yet, found in the event
+//! store by the parties their first event names.
 //!
 //! Everything is bounded: the number of open streams (in all and per user),
 //! each stream's buffer (a client that falls behind gets `event: lagged` and
@@ -33,6 +40,7 @@ use sqlx::PgPool;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use uuid::Uuid;
 
+use crate::catch_up::Projection;
 use crate::config::Config;
 
 /// Orders and wallets whose parties are remembered without a query.
@@ -49,6 +57,9 @@ pub struct NotificationConfig {
     pub max_streams_per_user: usize,
     pub buffer: usize,
     pub keep_alive: Duration,
+    /// The projections' partition count (`SOUK_PARTITIONS`): a resumption
+    /// reads how far the orders and wallets read models have caught up.
+    pub partitions: u32,
 }
 
 impl From<&Config> for NotificationConfig {
@@ -60,6 +71,7 @@ impl From<&Config> for NotificationConfig {
             max_streams_per_user: config.max_streams_per_user.max(1),
             buffer: config.notification_buffer.max(1),
             keep_alive: Duration::from_secs(config.notification_keep_alive_s.max(1)),
+            partitions: config.partitions.max(1),
         }
     }
 }
@@ -70,6 +82,9 @@ pub const REPLAY_WINDOW: chrono::TimeDelta = chrono::TimeDelta::hours(24);
 pub const REPLAY_MAX_EVENTS: i64 = 1_000;
 /// Most orders and wallets one resumption looks at.
 const REPLAY_MAX_AGGREGATES: i64 = 10_000;
+/// Most order and wallet events a resumption scans beyond what the read
+/// models have applied; read models further behind give `reset`.
+const REPLAY_MAX_UNPROJECTED: i64 = 50_000;
 
 /// One notification, as sent on a stream.
 #[derive(Debug, Clone, PartialEq)]
@@ -302,8 +317,9 @@ impl Notifications {
             ));
         }
         // The user's orders changed since a little before that event (clocks
-        // of writers differ), and wallets: the aggregates to replay.
-        let aggregates: Vec<(String, String)> = sqlx::query_as(
+        // of writers differ), and wallets: the aggregates to replay. The read
+        // models hold those whose events they have applied ...
+        let mut aggregates: Vec<(String, String)> = sqlx::query_as(
             "(SELECT 'Order', order_id::text FROM rm_orders
                WHERE buyer_id = $1 AND updated_at >= $2
               UNION ALL
@@ -318,6 +334,17 @@ impl Notifications {
         .bind(REPLAY_MAX_AGGREGATES + 1)
         .fetch_all(pool)
         .await?;
+        // ... and the event store the others: orders and wallets with events
+        // after both the resumption point and what the read models applied,
+        // whose first event (`OrderPlaced`, `WalletOpened`) names the user.
+        let Some(unprojected) = self.unprojected_aggregates(resume).await? else {
+            return Ok(Replay::Reset(
+                "the read models are too far behind to replay; reload",
+            ));
+        };
+        aggregates.extend(unprojected);
+        aggregates.sort();
+        aggregates.dedup();
         if aggregates.len() as i64 > REPLAY_MAX_AGGREGATES {
             return Ok(Replay::Reset("too many orders and wallets to replay"));
         }
@@ -346,6 +373,55 @@ impl Notifications {
             }
         }
         Ok(Replay::Events(replayed))
+    }
+
+    /// The user's orders and wallets with events after `resume.after` that
+    /// the orders or wallets read model has not applied yet, from the event
+    /// store; `None` when more than [`REPLAY_MAX_UNPROJECTED`] such events
+    /// would have to be scanned.
+    async fn unprojected_aggregates(
+        &self,
+        resume: Resume,
+    ) -> Result<Option<Vec<(String, String)>>, sqlx::Error> {
+        let pool = &self.hub.pool;
+        let partitions = self.hub.config.partitions;
+        let rows = crate::catch_up::checkpoints(pool, partitions).await?;
+        let caught_up = crate::catch_up::caught_up(&rows, partitions);
+        let applied = [Projection::Orders, Projection::Wallets]
+            .into_iter()
+            .map(|projection| caught_up.of(projection).unwrap_or_default())
+            .min()
+            .unwrap_or_default();
+        let from = applied.max(resume.after);
+        let (scanned, types, ids): (i64, Vec<String>, Vec<String>) = sqlx::query_as(
+            "WITH scanned AS MATERIALIZED (
+                 SELECT aggregate_type, aggregate_id FROM events
+                  WHERE (transaction_id, position) > ($1::text::xid8, $2)
+                    AND aggregate_type IN ('Order', 'Wallet')
+                  ORDER BY events.transaction_id, events.position
+                  LIMIT $4),
+             theirs AS (
+                 SELECT DISTINCT s.aggregate_type, s.aggregate_id
+                   FROM (SELECT DISTINCT aggregate_type, aggregate_id FROM scanned) s
+                   JOIN events first
+                     ON first.aggregate_type = s.aggregate_type
+                    AND first.aggregate_id = s.aggregate_id AND first.sequence = 1
+                  WHERE first.payload -> 'OrderPlaced' ->> 'buyer' = $3
+                     OR first.payload -> 'OrderPlaced' ->> 'seller' = $3
+                     OR first.payload -> 'WalletOpened' ->> 'owner' = $3)
+             SELECT (SELECT count(*) FROM scanned),
+                    coalesce(array_agg(aggregate_type), '{}'),
+                    coalesce(array_agg(aggregate_id), '{}')
+               FROM theirs",
+        )
+        .bind(from.transaction_id.to_string())
+        .bind(from.position)
+        .bind(resume.user.to_string())
+        .bind(REPLAY_MAX_UNPROJECTED + 1)
+        .fetch_one(pool)
+        .await?;
+        let aggregates = types.into_iter().zip(ids).collect();
+        Ok((scanned <= REPLAY_MAX_UNPROJECTED).then_some(aggregates))
     }
 
     /// The consumer: reads the stream and delivers notifications until
@@ -768,14 +844,12 @@ impl Recipients {
         let parties = match self.orders.get(&order_id) {
             Some(parties) => *parties,
             None => {
-                let row: Option<(Uuid, Uuid)> =
-                    sqlx::query_as("SELECT buyer_id, seller_id FROM rm_orders WHERE order_id = $1")
-                        .bind(order_id)
-                        .fetch_optional(&self.pool)
-                        .await?;
-                let Some((buyer, seller)) = row else {
+                let placed = self.first_event("Order", order_id, "OrderPlaced").await?;
+                let (Some(buyer), Some(seller)) =
+                    (uuid_at(&placed, "buyer"), uuid_at(&placed, "seller"))
+                else {
                     metrics::counter!("souk_notifications_undeliverable_total").increment(1);
-                    tracing::debug!(%order_id, "an order event for an order not yet projected");
+                    tracing::warn!(%order_id, "an order event for an order that was never placed");
                     return Ok(Vec::new());
                 };
                 let parties = Parties { buyer, seller };
@@ -869,22 +943,51 @@ impl Recipients {
         Ok(notifications)
     }
 
-    /// Whose `wallet_id` is (cached); `None` for a wallet not yet projected.
+    /// The body of the first event of an aggregate (`event_type`, which
+    /// names its parties), from the event store: it committed before any
+    /// later event of the aggregate, so it is there whatever the read models
+    /// have applied. `Null` when there is no such event.
+    async fn first_event(
+        &self,
+        aggregate_type: &str,
+        id: Uuid,
+        event_type: &str,
+    ) -> Result<Value, sqlx::Error> {
+        let body: Option<Option<String>> = sqlx::query_scalar(
+            "SELECT (payload -> $3)::text FROM events
+              WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence = 1",
+        )
+        .bind(aggregate_type)
+        .bind(id.to_string())
+        .bind(event_type)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(body
+            .flatten()
+            .and_then(|text| serde_json::from_str(&text).ok())
+            .unwrap_or(Value::Null))
+    }
+
+    /// Whose `wallet_id` is (cached); `None` for a wallet never opened.
     async fn owner_of(&mut self, wallet_id: Uuid) -> Result<Option<Owner>, sqlx::Error> {
         if let Some(owner) = self.wallets.get(&wallet_id) {
             return Ok(Some(owner.clone()));
         }
-        let row: Option<(Uuid, String)> =
-            sqlx::query_as("SELECT owner_id, currency FROM rm_wallets WHERE wallet_id = $1")
-                .bind(wallet_id)
-                .fetch_optional(&self.pool)
-                .await?;
-        let Some((owner, currency)) = row else {
+        let opened = self
+            .first_event("Wallet", wallet_id, "WalletOpened")
+            .await?;
+        let (Some(owner), Some(currency)) = (
+            uuid_at(&opened, "owner"),
+            opened.get("currency").and_then(Value::as_str),
+        ) else {
             metrics::counter!("souk_notifications_undeliverable_total").increment(1);
-            tracing::debug!(%wallet_id, "a wallet event for a wallet not yet projected");
+            tracing::warn!(%wallet_id, "a wallet event for a wallet that was never opened");
             return Ok(None);
         };
-        let owner = Owner { owner, currency };
+        let owner = Owner {
+            owner,
+            currency: currency.to_owned(),
+        };
         self.wallets.insert(wallet_id, owner.clone());
         Ok(Some(owner))
     }

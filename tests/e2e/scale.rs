@@ -658,6 +658,49 @@ async fn the_query_api_serves_from_a_hot_standby_and_after_waits_for_its_replay(
     assert_eq!(answered.0, 200, "{}", answered.1);
     assert_eq!(answered.1["available"], 500, "{}", answered.1);
 
+    // An event writer still runs on the primary. The standby sees none of
+    // its locks, yet its horizon stays at or below the writer's id, so a
+    // reader of the global order on the standby (a resumed notification
+    // stream) cannot pass an event that may still commit before the others.
+    let mut writer = primary_pool.begin().await.unwrap();
+    let writer_id: i64 = sqlx::query_scalar(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
+                             payload, metadata, prev_hash, hash)
+         VALUES ('Wallet', gen_random_uuid()::text, 1, 'Probe', '1', '{}', '{}',
+                 '\\x00'::bytea, '\\x00'::bytea)
+         RETURNING transaction_id::text::bigint",
+    )
+    .fetch_one(&mut *writer)
+    .await
+    .unwrap();
+    // A committed statement flushes the WAL up to it, the writer's insert
+    // included, and the standby is waited for until it has replayed it.
+    for statement in [
+        "CREATE TABLE souk_wal_probe (x int)",
+        "DROP TABLE souk_wal_probe",
+    ] {
+        sqlx::query(statement).execute(&primary_pool).await.unwrap();
+    }
+    let flushed: String = sqlx::query_scalar("SELECT pg_current_wal_flush_lsn()::text")
+        .fetch_one(&primary_pool)
+        .await
+        .unwrap();
+    let standby_pool = sqlx::PgPool::connect(&standby.admin_url()).await.unwrap();
+    eventually("the standby replays the writer's insert", || async {
+        sqlx::query_scalar::<_, bool>("SELECT pg_last_wal_replay_lsn() >= $1::pg_lsn")
+            .bind(&flushed)
+            .fetch_one(&standby_pool)
+            .await
+            .unwrap_or(false)
+    })
+    .await;
+    let horizon = event_store::global::horizon(&standby_pool).await.unwrap();
+    assert!(
+        horizon.below <= writer_id as u64 && horizon.writer_running,
+        "the standby's horizon {horizon:?} passes the running writer {writer_id}"
+    );
+    writer.rollback().await.unwrap();
+
     reads.stop().await;
     commands.stop().await;
     let _ = stop_projector.send(());

@@ -917,3 +917,87 @@ async fn the_demo_page_searches_orders_and_shows_the_live_order_status() {
     assert_eq!(&screenshot[1..4], b"PNG");
     full.stop().await;
 }
+
+#[tokio::test]
+async fn a_resumed_stream_replays_orders_the_read_models_have_not_applied_yet() {
+    let mut full = crate::query_api::FullPath::start(30_000).await;
+    full.wait_notifications_live().await;
+    let seller = User::new("seller");
+    let seller_wallet = full.app.funded_wallet(&seller, "EUR", 0).await;
+    let listing = full
+        .app
+        .listing(&seller, 1_500, 2, Some(seller_wallet))
+        .await;
+    let buyer = User::new("buyer");
+    let buyer_wallet = full.app.funded_wallet(&buyer, "EUR", 0).await;
+    let deposited = full
+        .app
+        .post(
+            &format!("/wallets/{buyer_wallet}/deposits"),
+            Some(&User::new("admin")),
+            &json!({"amount": {"amount": 5_000, "currency": "EUR"}, "reference": "top-up"}),
+        )
+        .await;
+    assert_eq!(deposited.status, 200, "{:?}", deposited.body);
+    let last_seen = deposited.body["position"].as_str().unwrap().to_owned();
+
+    // The read models stop here: the order below is in the event store only.
+    full.stop_projector().await;
+    let placed = full
+        .app
+        .post(
+            "/orders",
+            Some(&buyer),
+            &json!({
+                "lines": [{"listing_id": listing, "quantity": 1}],
+                "shipping_address": {"name": "Ana Ruiz", "line1": "3 rue Mercière", "city": "Lyon", "postal_code": "69002", "country": "FR"},
+                "payment_method": "wallet_escrow",
+                "wallet_id": buyer_wallet,
+            }),
+        )
+        .await;
+    assert_eq!(placed.status, 201, "{:?}", placed.body);
+    let order = placed.id();
+
+    // The buyer's browser resumes after the deposit: the order's placement,
+    // its confirmation and its funds held, found without the read models.
+    let ticket = ticket_for(&full.api, &buyer).await;
+    let mut resumed = Browser::new(Browser::open(&full.api, &ticket, Some(&last_seen)).await);
+    assert_eq!(resumed.expect_next().await.event, "ready");
+    let mut replayed = Vec::new();
+    while let Some(event) = resumed.next(std::time::Duration::from_secs(3)).await {
+        replayed.push(event);
+    }
+    let summary: Vec<(String, serde_json::Value)> = replayed
+        .iter()
+        .map(|event| {
+            let what = event
+                .data
+                .get("status")
+                .cloned()
+                .unwrap_or_else(|| event.data["event_type"].clone());
+            (event.event.clone(), what)
+        })
+        .collect();
+    let mut kinds = summary.clone();
+    kinds.sort_by_key(|(event, what)| format!("{event}{what}"));
+    assert_eq!(
+        kinds,
+        [
+            ("funds_held".to_owned(), json!("FundsHeld")),
+            ("order_status".to_owned(), json!("confirmed")),
+            ("order_status".to_owned(), json!("placed")),
+        ],
+        "{replayed:?}"
+    );
+    assert_eq!(summary[0].1, json!("placed"), "{replayed:?}");
+    let mut after = last_seen.clone();
+    for event in &replayed {
+        assert_eq!(event.data["order_id"], json!(order.to_string()));
+        let id = event.id.clone().expect("every notification has an id");
+        assert!(id > after, "in order, none twice: {replayed:?}");
+        after = id;
+    }
+    drop(resumed);
+    full.stop().await;
+}
