@@ -224,6 +224,31 @@ impl NatsCluster {
     pub fn start_again(&mut self, index: usize) -> anyhow::Result<()> {
         self.nodes[index].start_again()
     }
+
+    /// How many nodes the cluster has.
+    pub fn size(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Kills every node (the whole cluster is down).
+    pub fn stop_all(&mut self) -> anyhow::Result<()> {
+        for node in &mut self.nodes {
+            node.stop()?;
+        }
+        Ok(())
+    }
+
+    /// Starts every node again with its store, all spawned before any is
+    /// waited for (as at [`Self::start`]).
+    pub fn start_all_again(&mut self) -> anyhow::Result<()> {
+        for node in &mut self.nodes {
+            node.spawn()?;
+        }
+        for node in &mut self.nodes {
+            node.wait_ready()?;
+        }
+        Ok(())
+    }
 }
 
 /// Connects to the NATS server at `url` (or one of a comma-separated list),

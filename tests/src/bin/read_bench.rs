@@ -2,15 +2,17 @@
 //! run, one table.
 //!
 //! ```sh
-//! cargo run --release -p tests --bin read-bench            # all three phases
+//! cargo run --release -p tests --bin read-bench            # all four phases
 //! cargo run --release -p tests --bin read-bench -- --help  # flags
 //! ```
 //!
 //! It builds `command-api` (with its relay), `projector` and `query-api`
 //! with its own profile, starts each as a process of its own on a database
 //! created for the run and on a private `nats-server` (so that NATS can be
-//! stopped without disturbing anything else on the machine), seeds listings
-//! and wallets over HTTP, then measures:
+//! stopped without disturbing anything else on the machine), or with
+//! `--nats-cluster N` on N private `nats-server`s routed as one cluster
+//! (the services get every node in `NATS_URL` and `SOUK_STREAM_REPLICAS=N`),
+//! seeds listings and wallets over HTTP, then measures:
 //!
 //! 1. **lag**: `--rate` commands per second (open loop: each command is sent
 //!    at its scheduled time whether or not earlier ones finished) for
@@ -25,10 +27,24 @@
 //!    gzip`; an answer that is not gzipped counts as an error); latencies
 //!    count from each request's scheduled time, so a stalled server cannot
 //!    hide its queue.
-//! 3. **catch-up**: NATS is killed, `--outage-events` deposits are committed
-//!    over HTTP (commands keep succeeding), NATS is started again, and the
-//!    time is measured until the relay has published every event and every
-//!    partition of every projection has applied them.
+//! 3. **catch-up**: NATS is killed (with a cluster: every node, so the
+//!    stream is unavailable), `--outage-events` deposits are committed over
+//!    HTTP (commands keep succeeding), NATS is started again (every node,
+//!    with its store), and the time is measured until the relay has
+//!    published every event and every partition of every projection has
+//!    applied them.
+//! 4. **search**: `--search-listings` listings of varied titles, categories,
+//!    conditions and prices are created through the command API
+//!    (`SEARCH_WRITERS` at a time), and the bench waits until the projector
+//!    has projected and indexed them all (embedded index). `/search` is then
+//!    asked at `--search-rate` (open loop) for `--search-seconds`, rotating a
+//!    word, a word with a typo, a filtered query, a sorted query and a second
+//!    page. Then a Meilisearch server started by the bench (`MEILI_BIN`, else
+//!    `meilisearch` on `PATH`, else `../shared/bin/meilisearch`) takes over:
+//!    the projector and the query API are restarted with
+//!    `SEARCH_BACKEND=meilisearch`, the projector refills the empty index
+//!    (timed), and the same load runs again. A word or typo query that finds
+//!    nothing, or a second page that is empty, counts as an error.
 //!
 //! Both APIs run with a rate limit per user (`--rate-limit`, also the burst)
 //! too high to trigger, so that the limiter's cost is in every figure.
@@ -53,7 +69,8 @@ use tests::bench_kit::{
     ChildGuard, Databases, TempDir, free_port, in_parallel, log_tail, percentile_ms, verdict,
     wait_healthy,
 };
-use tests::nats::NatsServer;
+use tests::meili::{MeiliServer, meili_bin};
+use tests::nats::{NatsCluster, NatsServer};
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
@@ -68,18 +85,30 @@ const OUTAGE_WRITERS: usize = 64;
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(600);
 /// How often catch-up progress is read from the database.
 const CATCH_UP_POLL: Duration = Duration::from_millis(10);
+/// Concurrent connections that create the search phase's listings.
+const SEARCH_WRITERS: usize = 128;
+/// Longest wait for the search index to hold every listing.
+const INDEX_TIMEOUT: Duration = Duration::from_secs(1_800);
 const STREAM: &str = "souk_read_bench";
+/// The run's Meilisearch index (`_v<document version>` added by Souk).
+const MEILI_INDEX: &str = "souk_read_bench";
 
-// The targets of the issue, printed beside the figures.
+// The targets of the issues, printed beside the figures.
 const TARGET_LAG_P99_MS: f64 = 200.0;
-const TARGET_CATCH_UP_PER_S: f64 = 10_000.0;
+const TARGET_LAG_P99_MS_CLUSTER: f64 = 100.0;
+const TARGET_CATCH_UP_PER_S: f64 = 30_000.0;
+const TARGET_CATCH_UP_PER_S_CLUSTER: f64 = 20_000.0;
 const TARGET_GET_P99_MS: f64 = 10.0;
+const TARGET_SEARCH_P99_MS_EMBEDDED: f64 = 10.0;
+const TARGET_SEARCH_P99_MS_MEILI: f64 = 25.0;
+const TARGET_MEILI_REFILL_PER_S: f64 = 5_000.0;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Phase {
     Lag,
     Get,
     CatchUp,
+    Search,
 }
 
 /// Souk's read-side benchmark (see the docs of `tests/src/bin/read_bench.rs`).
@@ -118,6 +147,23 @@ struct Args {
     #[arg(long, default_value_t = 1_000_000)]
     rate_limit: u32,
 
+    /// NATS nodes: 0 runs one private nats-server; N runs N nodes routed as
+    /// one cluster, with the stream replicated N times.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=7))]
+    nats_cluster: u8,
+
+    /// Listings the search phase creates and searches.
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    search_listings: u64,
+
+    /// Requests per second of the search phase (per backend).
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=20_000))]
+    search_rate: u64,
+
+    /// Measured seconds of the search phase (per backend).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3_600))]
+    search_seconds: u64,
+
     /// Listings (and wallets) the load spreads over.
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     aggregates: u64,
@@ -127,7 +173,7 @@ struct Args {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "lag,get,catch-up"
+        default_value = "lag,get,catch-up,search"
     )]
     phases: Vec<Phase>,
 
@@ -161,6 +207,13 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: &Args, databases: &Databases) -> anyhow::Result<()> {
+    let meili = if args.phases.contains(&Phase::Search) {
+        Some(meili_bin().context(
+            "the search phase needs a meilisearch binary (MEILI_BIN, PATH or ../shared/bin/meilisearch)",
+        )?)
+    } else {
+        None
+    };
     let bins = tests::bench_kit::service_binaries(
         &[
             ("command-api", "command-api"),
@@ -178,6 +231,10 @@ async fn run(args: &Args, databases: &Databases) -> anyhow::Result<()> {
             Phase::Lag => report.lag = Some(system.lag(args, &seeded).await?),
             Phase::Get => report.get = Some(system.get(args, &seeded).await?),
             Phase::CatchUp => report.catch_up = Some(system.catch_up(args, &seeded).await?),
+            Phase::Search => {
+                let bin = meili.as_deref().context("no meilisearch binary")?;
+                report.search = Some(system.search(args, &seeded, bin).await?);
+            }
         }
         system.check_alive()?;
     }
@@ -197,24 +254,84 @@ struct Service {
     metrics_url: String,
 }
 
+/// The run's private NATS: one server, or the nodes of one cluster.
+enum Nats {
+    Single(NatsServer),
+    Cluster(NatsCluster),
+}
+
+impl Nats {
+    /// `nodes` 0: one server; else a cluster of that many nodes.
+    fn start(nodes: u8) -> anyhow::Result<Self> {
+        Ok(if nodes == 0 {
+            Self::Single(NatsServer::start().context("starting a private nats-server")?)
+        } else {
+            Self::Cluster(
+                NatsCluster::start(nodes.into())
+                    .with_context(|| format!("starting a {nodes}-node NATS cluster"))?,
+            )
+        })
+    }
+
+    /// What `NATS_URL` takes: every node, comma separated.
+    fn url(&self) -> String {
+        match self {
+            Self::Single(server) => server.url(),
+            Self::Cluster(cluster) => cluster.urls(),
+        }
+    }
+
+    /// The stream's replica count the services are given.
+    fn replicas(&self) -> usize {
+        match self {
+            Self::Single(_) => 1,
+            Self::Cluster(cluster) => cluster.size(),
+        }
+    }
+
+    /// The outage: every server is killed.
+    fn stop(&mut self) -> anyhow::Result<()> {
+        match self {
+            Self::Single(server) => server.stop(),
+            Self::Cluster(cluster) => cluster.stop_all(),
+        }
+    }
+
+    /// Every server started again with its store.
+    fn start_again(&mut self) -> anyhow::Result<()> {
+        match self {
+            Self::Single(server) => server.start_again(),
+            Self::Cluster(cluster) => cluster.start_all_again(),
+        }
+    }
+}
+
 /// The three services, their private NATS and their database.
 struct System {
-    // Dropped in this order: the services first, then NATS and the files.
+    // Dropped in this order: the services first, then Meilisearch, NATS and
+    // the files.
     services: Vec<Service>,
-    nats: NatsServer,
+    meili: Option<MeiliServer>,
+    nats: Nats,
     pool: PgPool,
     client: reqwest::Client,
     command_base: String,
     query_base: String,
     private_pem: Vec<u8>,
     log_dir: PathBuf,
+    bins: PathBuf,
+    /// The environment every service gets.
+    env: Vec<(&'static str, String)>,
+    rate_limit: u32,
+    query_port: u16,
+    metrics_port: u16,
     _dir: TempDir,
 }
 
 impl System {
     async fn start(bins: &Path, databases: &Databases, args: &Args) -> anyhow::Result<Self> {
         let log_dir = args.log_dir.as_deref();
-        let nats = NatsServer::start().context("starting a private nats-server")?;
+        let nats = Nats::start(args.nats_cluster)?;
         let (database_url, _) = databases.create().await?;
         let dir = TempDir::new()?;
         let private_key = dir.0.join("jwt-private.pem");
@@ -228,34 +345,25 @@ impl System {
             .build()
             .context("building the HTTP client")?;
         let (command_port, query_port, metrics_port) = (free_port()?, free_port()?, free_port()?);
-        let nats_url = nats.url();
         // The run's own search index: the default (./data/search) is the
         // local system's, which the run's projector would clear.
         let search_dir = dir.0.join("search");
-        let common = |command: &mut Command| {
-            command
-                .env("SEARCH_INDEX_DIR", &search_dir)
-                .env("DATABASE_URL", &database_url)
-                .env("NATS_URL", &nats_url)
-                .env("SOUK_STREAM", STREAM)
-                .env("SOUK_JWT_PUBLIC_KEY", &public_key)
-                .env("SOUK_JWT_PRIVATE_KEY", &private_key)
-                .env(
-                    "RUST_LOG",
-                    std::env::var("SOUK_BENCH_LOG").unwrap_or_else(|_| "info".into()),
-                );
-            if args.rate_limit > 0 {
-                command
-                    .env("SOUK_RATE_LIMIT", args.rate_limit.to_string())
-                    .env("SOUK_RATE_BURST", args.rate_limit.to_string());
-            } else {
-                command
-                    .env_remove("SOUK_RATE_LIMIT")
-                    .env_remove("SOUK_RATE_BURST");
-            }
-        };
+        let env = vec![
+            ("SEARCH_INDEX_DIR", search_dir.display().to_string()),
+            ("DATABASE_URL", database_url.clone()),
+            ("NATS_URL", nats.url()),
+            ("SOUK_STREAM_REPLICAS", nats.replicas().to_string()),
+            ("SOUK_STREAM", STREAM.to_owned()),
+            ("SOUK_JWT_PUBLIC_KEY", public_key.display().to_string()),
+            ("SOUK_JWT_PRIVATE_KEY", private_key.display().to_string()),
+            (
+                "RUST_LOG",
+                std::env::var("SOUK_BENCH_LOG").unwrap_or_else(|_| "info".into()),
+            ),
+        ];
         let mut system = Self {
             services: Vec::new(),
+            meili: None,
             nats,
             pool: PgPoolOptions::new()
                 .max_connections(4)
@@ -275,29 +383,79 @@ impl System {
                 }
                 None => dir.0.clone(),
             },
+            bins: bins.to_path_buf(),
+            env,
+            rate_limit: args.rate_limit,
+            query_port,
+            metrics_port,
             _dir: dir,
         };
         // The command API first: it applies the migrations and its relay
         // creates the stream.
-        let mut command_api = Command::new(bins.join("command-api"));
-        common(&mut command_api);
+        let mut command_api = system.command("command-api");
         command_api.env("COMMAND_API_ADDR", format!("127.0.0.1:{command_port}"));
         let health = format!("{}/health", system.command_base);
         system.spawn("command-api", command_api, &health).await?;
-        let mut projector = Command::new(bins.join("projector"));
-        common(&mut projector);
-        projector.env(
-            "SOUK_PROJECTOR_METRICS_ADDR",
-            format!("127.0.0.1:{metrics_port}"),
-        );
-        let health = format!("http://127.0.0.1:{metrics_port}/health");
-        system.spawn("projector", projector, &health).await?;
-        let mut query_api = Command::new(bins.join("query-api"));
-        common(&mut query_api);
-        query_api.env("QUERY_API_ADDR", format!("127.0.0.1:{query_port}"));
-        let health = format!("{}/health", system.query_base);
-        system.spawn("query-api", query_api, &health).await?;
+        system.spawn_projector("projector", &[]).await?;
+        system.spawn_query_api("query-api", &[]).await?;
         Ok(system)
+    }
+
+    /// A service's command with the environment every service gets.
+    fn command(&self, bin: &str) -> Command {
+        let mut command = Command::new(self.bins.join(bin));
+        command.envs(self.env.iter().map(|(name, value)| (name, value)));
+        if self.rate_limit > 0 {
+            command
+                .env("SOUK_RATE_LIMIT", self.rate_limit.to_string())
+                .env("SOUK_RATE_BURST", self.rate_limit.to_string());
+        } else {
+            command
+                .env_remove("SOUK_RATE_LIMIT")
+                .env_remove("SOUK_RATE_BURST");
+        }
+        command
+    }
+
+    /// Starts the projector as `name` (its log's name) with `extra`
+    /// environment.
+    async fn spawn_projector(
+        &mut self,
+        name: &'static str,
+        extra: &[(&str, String)],
+    ) -> anyhow::Result<()> {
+        let mut projector = self.command("projector");
+        projector
+            .env(
+                "SOUK_PROJECTOR_METRICS_ADDR",
+                format!("127.0.0.1:{}", self.metrics_port),
+            )
+            .envs(extra.iter().map(|(name, value)| (name, value)));
+        let health = format!("http://127.0.0.1:{}/health", self.metrics_port);
+        self.spawn(name, projector, &health).await
+    }
+
+    /// Starts the query API as `name` (its log's name) with `extra`
+    /// environment, on the run's query port.
+    async fn spawn_query_api(
+        &mut self,
+        name: &'static str,
+        extra: &[(&str, String)],
+    ) -> anyhow::Result<()> {
+        let mut query_api = self.command("query-api");
+        query_api
+            .env("QUERY_API_ADDR", format!("127.0.0.1:{}", self.query_port))
+            .envs(extra.iter().map(|(name, value)| (name, value)));
+        let health = format!("{}/health", self.query_base);
+        self.spawn(name, query_api, &health).await
+    }
+
+    /// Kills the services whose name starts with `prefix`, and saves their
+    /// metrics first.
+    async fn stop_services(&mut self, prefix: &str) {
+        self.save_metrics().await;
+        self.services
+            .retain(|service| !service.name.starts_with(prefix));
     }
 
     async fn spawn(
@@ -569,7 +727,7 @@ impl System {
             "catch-up: NATS stopped; committing {} deposits",
             args.outage_events
         );
-        self.nats.stop()?;
+        self.nats.stop().context("stopping NATS")?;
         let before = self.event_count().await?;
         let written = Instant::now();
         let deposits: Arc<Vec<String>> = Arc::new(
@@ -605,10 +763,14 @@ impl System {
         eprintln!(
             "catch-up: {events} events committed in {write_seconds:.1} s with NATS down; starting NATS"
         );
-        self.nats.start_again()?;
+        self.nats.start_again().context("starting NATS again")?;
         let restarted = Instant::now();
         let mut relay_seconds = None;
+        let mut resumed_seconds = None;
         loop {
+            if resumed_seconds.is_none() && self.relay_past(current).await? {
+                resumed_seconds = Some(restarted.elapsed().as_secs_f64());
+            }
             if relay_seconds.is_none() && self.relay_at(target).await? {
                 relay_seconds = Some(restarted.elapsed().as_secs_f64());
             }
@@ -624,9 +786,218 @@ impl System {
         Ok(CatchUp {
             events,
             write_seconds,
+            resumed_seconds: resumed_seconds.unwrap_or(f64::NAN),
             relay_seconds: relay_seconds.unwrap_or(f64::NAN),
             total_seconds: restarted.elapsed().as_secs_f64(),
         })
+    }
+
+    /// Phase 4: `/search` over `--search-listings` listings, on the embedded
+    /// index and then on a Meilisearch server the bench starts.
+    async fn search(
+        &mut self,
+        args: &Args,
+        seeded: &Seeded,
+        meili_server: &Path,
+    ) -> anyhow::Result<SearchRun> {
+        ensure!(self.meili.is_none(), "the search phase runs once per run");
+        let count = args.search_listings as usize;
+        eprintln!("search: creating {count} listings through the command API");
+        let sellers = (0..SEARCH_SELLERS)
+            .map(|_| self.token(Uuid::now_v7(), "seller"))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let created = Instant::now();
+        in_parallel(count, SEARCH_WRITERS, |i| {
+            let (client, url, seller) = (
+                self.client.clone(),
+                format!("{}/listings", self.command_base),
+                sellers[i % sellers.len()].clone(),
+            );
+            async move {
+                let answer = post(&client, &url, &seller, &search_listing(i)).await?;
+                ensure!(
+                    answer.status == 201,
+                    "POST /listings answered {}: {}",
+                    answer.status,
+                    answer.body
+                );
+                Ok(())
+            }
+        })
+        .await?;
+        let create_seconds = created.elapsed().as_secs_f64();
+        eprintln!(
+            "search: created in {create_seconds:.1} s; waiting for the projector and the embedded index"
+        );
+        let target = self.last_position().await?;
+        self.wait_caught_up(target).await?;
+        self.wait_indexed(|| async { Ok(true) }).await?;
+        let embedded_indexed_seconds = created.elapsed().as_secs_f64() - create_seconds;
+        let listings = self.listing_count().await?;
+        let embedded = self.search_load(args, seeded, "embedded").await?;
+        self.check_alive()?;
+
+        eprintln!("search: starting Meilisearch; the projector refills its empty index");
+        let meili = MeiliServer::start(meili_server)
+            .await
+            .context("starting meilisearch")?;
+        let env = vec![
+            ("SEARCH_BACKEND", "meilisearch".to_owned()),
+            ("MEILI_URL", meili.url().to_owned()),
+            ("MEILI_API_KEY", meili.key().to_owned()),
+            ("MEILI_INDEX", MEILI_INDEX.to_owned()),
+        ];
+        let stats_url = format!(
+            "{}/indexes/{MEILI_INDEX}_v{}/stats",
+            meili.url(),
+            projections::search::DOCUMENT_VERSION
+        );
+        let key = meili.key().to_owned();
+        self.meili = Some(meili);
+        self.stop_services("projector").await;
+        self.stop_services("query-api").await;
+        let refilled = Instant::now();
+        self.spawn_projector("projector-meili", &env).await?;
+        let client = self.client.clone();
+        self.wait_indexed(|| {
+            let (client, stats_url, key) = (client.clone(), stats_url.clone(), key.clone());
+            async move {
+                let answer = client
+                    .get(&stats_url)
+                    .bearer_auth(&key)
+                    .send()
+                    .await
+                    .context("asking Meilisearch for the index's stats")?;
+                if !answer.status().is_success() {
+                    return Ok(false);
+                }
+                let stats: Value = answer.json().await.context("reading the index's stats")?;
+                let documents = stats["numberOfDocuments"].as_u64().unwrap_or(0);
+                let indexing = stats["isIndexing"].as_bool().unwrap_or(false);
+                Ok(documents >= listings && !indexing)
+            }
+        })
+        .await?;
+        let meili_refill_seconds = refilled.elapsed().as_secs_f64();
+        self.spawn_query_api("query-api-meili", &env).await?;
+        let meili = self.search_load(args, seeded, "meilisearch").await?;
+        Ok(SearchRun {
+            listings,
+            create_seconds,
+            embedded_indexed_seconds,
+            meili_refill_seconds,
+            embedded,
+            meili,
+        })
+    }
+
+    async fn listing_count(&self) -> anyhow::Result<u64> {
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM rm_listings")
+            .fetch_one(&self.pool)
+            .await
+            .context("counting listings")?;
+        Ok(count as u64)
+    }
+
+    /// Waits until no listing waits for the index (`search_pending` is
+    /// empty) and `backend_done` holds.
+    async fn wait_indexed<F, Fut>(&mut self, backend_done: F) -> anyhow::Result<()>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = anyhow::Result<bool>>,
+    {
+        let started = Instant::now();
+        loop {
+            let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM search_pending")
+                .fetch_one(&self.pool)
+                .await
+                .context("counting listings not yet indexed")?;
+            if pending == 0 && backend_done().await? {
+                return Ok(());
+            }
+            ensure!(
+                started.elapsed() < INDEX_TIMEOUT,
+                "the search index was not filled within {INDEX_TIMEOUT:?} ({pending} pending)"
+            );
+            self.check_alive()?;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The open-loop search load on the query API as it runs now.
+    async fn search_load(
+        &self,
+        args: &Args,
+        seeded: &Seeded,
+        backend: &str,
+    ) -> anyhow::Result<Measured> {
+        // The second page of each word, as a client following next_cursor
+        // would ask it.
+        let mut cursors = Vec::with_capacity(NOUNS.len());
+        for (noun, _) in NOUNS {
+            let first = self
+                .client
+                .get(format!("{}/search", self.query_base))
+                .bearer_auth(&*seeded.buyer)
+                .query(&[("q", *noun), ("limit", "20")])
+                .send()
+                .await
+                .context("asking for a first page")?;
+            let first = answer(first).await?;
+            ensure!(
+                first.status == 200,
+                "GET /search?q={noun} answered {}: {}",
+                first.status,
+                first.body
+            );
+            cursors.push(first.body["next_cursor"].as_str().map(str::to_owned));
+        }
+        eprintln!(
+            "search ({backend}): /search at {}/s for {} s (+{} s warm-up)",
+            args.search_rate, args.search_seconds, args.warmup_seconds
+        );
+        let counter = Arc::new(AtomicU64::new(0));
+        let client = self.client.clone();
+        let buyer = seeded.buyer.clone();
+        let url: Arc<str> = Arc::from(format!("{}/search", self.query_base));
+        let cursors = Arc::new(cursors);
+        let op = move |scheduled: Instant| {
+            let n = counter.fetch_add(1, Ordering::Relaxed);
+            let (client, buyer, url, cursors) =
+                (client.clone(), buyer.clone(), url.clone(), cursors.clone());
+            async move {
+                let query = SearchQuery::nth(n, &cursors);
+                let response = client
+                    .get(&*url)
+                    .bearer_auth(&*buyer)
+                    .query(&query.params)
+                    .send()
+                    .await
+                    .context("GET /search")?;
+                let seen = answer(response).await?;
+                ensure!(
+                    seen.status == 200,
+                    "GET /search?{:?} answered {}: {}",
+                    query.params,
+                    seen.status,
+                    seen.body
+                );
+                let items = seen.body["items"].as_array().map_or(0, Vec::len);
+                ensure!(
+                    !query.must_match || items > 0,
+                    "GET /search?{:?} found nothing",
+                    query.params
+                );
+                Ok(scheduled.elapsed())
+            }
+        };
+        open_loop(
+            args.search_rate,
+            args.warmup_seconds,
+            args.search_seconds,
+            op,
+        )
+        .await
     }
 
     async fn event_count(&self) -> anyhow::Result<u64> {
@@ -655,6 +1026,20 @@ impl System {
         )
         .bind(target.0)
         .bind(target.1)
+        .bind(STREAM)
+        .fetch_one(&self.pool)
+        .await
+        .context("reading the relay's checkpoint")
+    }
+
+    /// Whether the relay has published anything after `position`.
+    async fn relay_past(&self, position: (i64, i64)) -> anyhow::Result<bool> {
+        sqlx::query_scalar(
+            "SELECT COALESCE(bool_or((transaction_id, position) > ($1, $2)), false)
+               FROM relay_checkpoints WHERE stream = $3",
+        )
+        .bind(position.0)
+        .bind(position.1)
         .bind(STREAM)
         .fetch_one(&self.pool)
         .await
@@ -735,6 +1120,158 @@ async fn answer(response: reqwest::Response) -> anyhow::Result<Answer> {
         status,
         body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
     })
+}
+
+// ---------------------------------------------------------------------------
+// The search phase's listings and queries.
+
+/// Sellers the search phase's listings spread over.
+const SEARCH_SELLERS: usize = 64;
+
+/// Nouns of titles and queries (each at least 6 letters, so that one
+/// letter less is a typo both backends tolerate), with their category.
+const NOUNS: &[(&str, &str)] = &[
+    ("jacket", "fashion"),
+    ("sweater", "fashion"),
+    ("handbag", "fashion"),
+    ("sneakers", "fashion"),
+    ("trousers", "fashion"),
+    ("scarves", "fashion"),
+    ("camera", "electronics"),
+    ("laptop", "electronics"),
+    ("speaker", "electronics"),
+    ("monitor", "electronics"),
+    ("headphones", "electronics"),
+    ("tablet", "electronics"),
+    ("bicycle", "sports"),
+    ("helmet", "sports"),
+    ("racket", "sports"),
+    ("skateboard", "sports"),
+    ("backpack", "sports"),
+    ("snowboard", "sports"),
+    ("teapot", "home"),
+    ("armchair", "home"),
+    ("mirror", "home"),
+    ("blanket", "home"),
+    ("lantern", "home"),
+    ("cushion", "home"),
+    ("guitar", "music"),
+    ("violin", "music"),
+    ("keyboard", "music"),
+    ("amplifier", "music"),
+    ("turntable", "music"),
+    ("trumpet", "music"),
+    ("cookbook", "books"),
+    ("encyclopedia", "books"),
+    ("dictionary", "books"),
+    ("comics", "books"),
+    ("paperback", "books"),
+    ("magazine", "books"),
+];
+const ADJECTIVES: &[&str] = &[
+    "vintage", "leather", "wooden", "compact", "classic", "handmade", "wireless", "folding",
+    "antique", "modern", "electric", "portable",
+];
+const COLOURS: &[&str] = &["black", "white", "red", "blue", "green", "brown", "grey"];
+const CONDITIONS: &[&str] = &["new", "like_new", "good", "fair", "poor"];
+const CITIES: &[(&str, &str)] = &[
+    ("Lyon", "FR"),
+    ("Paris", "FR"),
+    ("Berlin", "DE"),
+    ("Madrid", "ES"),
+    ("Milan", "IT"),
+    ("Lisbon", "PT"),
+];
+const SORTS: &[&str] = &["price_asc", "price_desc", "newest"];
+
+/// A well-spread number from `n` (splitmix64), so that consecutive
+/// listings and queries differ in every field.
+fn spread(n: u64) -> usize {
+    let mut z = n.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)) as usize
+}
+
+fn pick<T: Copy>(items: &[T], h: usize, salt: usize) -> T {
+    items[(h / salt.max(1)) % items.len()]
+}
+
+/// The search phase's `i`th listing.
+fn search_listing(i: usize) -> Value {
+    let h = spread(i as u64);
+    let (noun, category) = pick(NOUNS, h, 1);
+    let (other, _) = pick(NOUNS, h, 37);
+    let adjective = pick(ADJECTIVES, h, 1_301);
+    let second = pick(ADJECTIVES, h, 15_601);
+    let colour = pick(COLOURS, h, 187_213);
+    let condition = pick(CONDITIONS, h, 1_310_491);
+    let (city, country) = pick(CITIES, h, 6_552_457);
+    let mut title = format!("{adjective} {colour} {noun}");
+    title[..1].make_ascii_uppercase();
+    json!({
+        "title": title,
+        "description": format!(
+            "A {second} {noun} in {} condition, from {city}. Goes well with a {other}.",
+            condition.replace('_', " ")
+        ),
+        "category": category,
+        "condition": condition,
+        "price": {"amount": 500 + (h / 39_315_743) % 60_000, "currency": "EUR"},
+        "quantity": 1 + (h / 7) % 5,
+        "location": {"city": city, "country": country},
+    })
+}
+
+/// One `/search` request of the load.
+struct SearchQuery {
+    params: Vec<(&'static str, String)>,
+    /// A query the data certainly matches: finding nothing is an error.
+    must_match: bool,
+}
+
+impl SearchQuery {
+    /// The `n`th query: in turn a word, a word with a typo, a filtered
+    /// word, a sorted adjective and a second page (`cursors`: each noun's
+    /// next_cursor after its first page of 20).
+    fn nth(n: u64, cursors: &[Option<String>]) -> Self {
+        let h = spread(n);
+        let noun_index = h % NOUNS.len();
+        let (noun, category) = NOUNS[noun_index];
+        let (params, must_match) = match n % 5 {
+            0 => (vec![("q", noun.to_owned())], true),
+            1 => {
+                // One letter less in the middle of the word.
+                let mut typo = noun.to_owned();
+                typo.remove(noun.len() / 2);
+                (vec![("q", typo)], true)
+            }
+            2 => (
+                vec![
+                    ("q", noun.to_owned()),
+                    ("category", category.to_owned()),
+                    ("condition", pick(CONDITIONS, h, 41).to_owned()),
+                    ("max_price", (5_000 + (h / 43) % 50_000).to_string()),
+                ],
+                false,
+            ),
+            3 => (
+                vec![
+                    ("q", pick(ADJECTIVES, h, 47).to_owned()),
+                    ("sort", pick(SORTS, h, 53).to_owned()),
+                ],
+                true,
+            ),
+            _ => {
+                let mut params = vec![("q", noun.to_owned()), ("limit", "20".to_owned())];
+                if let Some(cursor) = &cursors[noun_index] {
+                    params.push(("cursor", cursor.clone()));
+                }
+                (params, true)
+            }
+        };
+        Self { params, must_match }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -857,8 +1394,27 @@ fn record(measured: &mut Measured, (counted, outcome): (bool, anyhow::Result<Dur
 struct CatchUp {
     events: u64,
     write_seconds: f64,
+    /// From NATS back up to the relay's first publication (with a cluster:
+    /// mostly its recovery, a meta leader and a stream leader elected).
+    resumed_seconds: f64,
     relay_seconds: f64,
     total_seconds: f64,
+}
+
+/// What the search phase measured.
+#[derive(Debug)]
+struct SearchRun {
+    /// Listings in the read model (the phase's and the seeded ones).
+    listings: u64,
+    /// Creating the phase's listings through the command API.
+    create_seconds: f64,
+    /// From the last creation to the embedded index holding every listing.
+    embedded_indexed_seconds: f64,
+    /// From the projector's start on Meilisearch to its index holding
+    /// every listing.
+    meili_refill_seconds: f64,
+    embedded: Measured,
+    meili: Measured,
 }
 
 #[derive(Debug, Default)]
@@ -866,6 +1422,7 @@ struct Report {
     lag: Option<Measured>,
     get: Option<Measured>,
     catch_up: Option<CatchUp>,
+    search: Option<SearchRun>,
 }
 
 /// One row of the table for an open-loop phase measured against a p99
@@ -887,10 +1444,24 @@ fn latency_row(out: &mut String, phase: &str, load: &str, m: &Measured, target_p
 impl Report {
     fn render(&self, args: &Args) -> String {
         let mut out = String::new();
+        let cluster = args.nats_cluster > 0;
+        let nats = if cluster {
+            format!(
+                "a {}-node NATS cluster, stream replicas {}",
+                args.nats_cluster, args.nats_cluster
+            )
+        } else {
+            "one nats-server".to_owned()
+        };
+        let (target_lag, target_catch_up) = if cluster {
+            (TARGET_LAG_P99_MS_CLUSTER, TARGET_CATCH_UP_PER_S_CLUSTER)
+        } else {
+            (TARGET_LAG_P99_MS, TARGET_CATCH_UP_PER_S)
+        };
         let _ = writeln!(
             out,
             "\nSouk read-side benchmark: command-api + relay, projector, query-api as processes; \
-             {} cores; {} listings and {} wallets",
+             {nats}; {} cores; {} listings and {} wallets",
             std::thread::available_parallelism().map_or(0, |n| n.get()),
             args.aggregates,
             args.aggregates
@@ -902,13 +1473,7 @@ impl Report {
         let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
         if let Some(m) = &self.lag {
             let load = format!("{} cmd/s × {} s", args.rate, args.seconds);
-            latency_row(
-                &mut out,
-                "commit → visible (?after=)",
-                &load,
-                m,
-                TARGET_LAG_P99_MS,
-            );
+            latency_row(&mut out, "commit → visible (?after=)", &load, m, target_lag);
         }
         if let Some(m) = &self.get {
             let load = format!(
@@ -923,24 +1488,73 @@ impl Report {
             );
             latency_row(&mut out, "GET /listings/{id}", &load, m, TARGET_GET_P99_MS);
         }
+        if let Some(s) = &self.search {
+            let load = format!(
+                "{} req/s × {} s, {} listings, word/typo/filter/sort/page",
+                args.search_rate, args.search_seconds, s.listings
+            );
+            latency_row(
+                &mut out,
+                "GET /search, embedded",
+                &load,
+                &s.embedded,
+                TARGET_SEARCH_P99_MS_EMBEDDED,
+            );
+            latency_row(
+                &mut out,
+                "GET /search, Meilisearch",
+                &load,
+                &s.meili,
+                TARGET_SEARCH_P99_MS_MEILI,
+            );
+        }
         if let Some(c) = &self.catch_up {
             let rate = c.events as f64 / c.total_seconds;
             let _ = writeln!(
                 out,
-                "\nCatch-up after a NATS outage: {} events committed while NATS was down ({:.1} s, {:.0} commands/s).",
+                "\nCatch-up after a NATS outage ({}): {} events committed while NATS was down ({:.1} s, {:.0} commands/s).",
+                if cluster {
+                    "every node killed, then all restarted"
+                } else {
+                    "the server killed, then restarted"
+                },
                 c.events,
                 c.write_seconds,
                 c.events as f64 / c.write_seconds
             );
             let _ = writeln!(
                 out,
-                "From NATS back up: relay published all in {:.2} s ({:.0} events/s); every projection \
-                 applied all in {:.2} s: **{:.0} events/s** (target ≥ {TARGET_CATCH_UP_PER_S}: {}).",
+                "From NATS back up: relay published its first event after {:.2} s and all in {:.2} s \
+                 ({:.0} events/s); every projection applied all in {:.2} s: **{:.0} events/s** \
+                 (target ≥ {target_catch_up}: {}).",
+                c.resumed_seconds,
                 c.relay_seconds,
                 c.events as f64 / c.relay_seconds,
                 c.total_seconds,
                 rate,
-                verdict(rate >= TARGET_CATCH_UP_PER_S)
+                verdict(rate >= target_catch_up)
+            );
+        }
+        if let Some(s) = &self.search {
+            let created = args.search_listings as f64;
+            let refill = s.listings as f64 / s.meili_refill_seconds;
+            let _ = writeln!(
+                out,
+                "\nSearch data: {} listings created through the command API in {:.1} s ({:.0}/s); \
+                 the embedded index held them all {:.2} s after the last.",
+                args.search_listings,
+                s.create_seconds,
+                created / s.create_seconds,
+                s.embedded_indexed_seconds
+            );
+            let _ = writeln!(
+                out,
+                "Meilisearch refill of an empty index, from the projector's start (process start \
+                 included): {} listings in {:.1} s: **{refill:.0} listings/s** \
+                 (target ≥ {TARGET_MEILI_REFILL_PER_S}: {}).",
+                s.listings,
+                s.meili_refill_seconds,
+                verdict(refill >= TARGET_MEILI_REFILL_PER_S)
             );
         }
         out
