@@ -44,6 +44,7 @@
 //! [`horizon_lag`] to make such a stall visible.
 
 use chrono::{DateTime, Utc};
+use sqlx::PgExecutor;
 use sqlx::postgres::PgPool;
 use uuid::Uuid;
 
@@ -165,14 +166,15 @@ pub struct Horizon {
     pub writer_running: bool,
 }
 
-/// The horizon H of the module doc, read now.
-pub async fn horizon(pool: &PgPool) -> Result<Horizon, sqlx::Error> {
+/// The horizon H of the module doc, read now through `db` (a pool, or a
+/// connection of the caller's own, as the relay's).
+pub async fn horizon<'c>(db: impl PgExecutor<'c>) -> Result<Horizon, sqlx::Error> {
     let (xmax, writer, unlocked_writer, standby): (
         String,
         Option<String>,
         Option<String>,
         Option<String>,
-    ) = sqlx::query_as(HORIZON).fetch_one(pool).await?;
+    ) = sqlx::query_as(HORIZON).fetch_one(db).await?;
     let parse = |text: &str| {
         text.parse::<u64>().map_err(|error| {
             sqlx::Error::Decode(format!("`{text}` is not a transaction id: {error}").into())
@@ -210,8 +212,8 @@ pub async fn read_after(
 
 /// Up to `limit` events after `after` and below `horizon`, in global order.
 /// `horizon` must have been read (with [`horizon`]) before this is called.
-pub async fn read_below(
-    pool: &PgPool,
+pub async fn read_below<'c>(
+    db: impl PgExecutor<'c>,
     after: Position,
     horizon: Horizon,
     limit: i64,
@@ -235,7 +237,7 @@ pub async fn read_below(
     .bind(after.position)
     .bind(limit.clamp(1, 10_000))
     .bind(horizon.below.to_string())
-    .fetch_all(pool)
+    .fetch_all(db)
     .await?;
     rows.into_iter().map(from_row).collect()
 }
@@ -318,13 +320,13 @@ fn from_row(
 /// How far the horizon lags: the age in seconds of the oldest event-writing
 /// transaction still running, or 0 when none runs. A large value means
 /// readers of the global order are waiting on that transaction.
-pub async fn horizon_lag(pool: &PgPool) -> Result<f64, sqlx::Error> {
+pub async fn horizon_lag<'c>(db: impl PgExecutor<'c>) -> Result<f64, sqlx::Error> {
     let age: Option<f64> = sqlx::query_scalar(&format!(
         "SELECT EXTRACT(EPOCH FROM now() - min(xact_start))::float8
            FROM pg_stat_activity
           WHERE pid IN ({WRITER_PIDS})"
     ))
-    .fetch_one(pool)
+    .fetch_one(db)
     .await?;
     Ok(age.unwrap_or(0.0).max(0.0))
 }

@@ -3,12 +3,16 @@
 //! One relay per JetStream stream leads at a time: it holds a Postgres
 //! advisory lock (derived from the stream's name) on a connection of its own;
 //! every other instance is a standby that tries the lock again every few
-//! seconds. The leader reads the global order after its checkpoint with
-//! [`global::read_after`] (which never skips a late commit), publishes a
-//! batch on `<stream>.events.<AggregateType>.<partition>` with the event id
-//! as `Nats-Msg-Id`, awaits the acks in order, and only then stores the
-//! checkpoint (`relay_checkpoints`), once per batch, through the lock's
-//! connection: a relay whose session died cannot move it.
+//! seconds. The leader reads the global order after its checkpoint
+//! ([`global::horizon`], then [`global::read_below`]: it never skips a late
+//! commit), publishes a batch on
+//! `<stream>.events.<AggregateType>.<partition>` with the event id as
+//! `Nats-Msg-Id`, awaits the acks in order (reading the next batch
+//! meanwhile), and only then stores the checkpoint (`relay_checkpoints`),
+//! once per batch. Every query of the leader runs on the lock's connection:
+//! a relay whose session died cannot move the checkpoint, and the relay
+//! never waits for a connection of the pool it was given, which the
+//! commands of its process keep busy under load.
 //!
 //! Publishing is at least once. After a failure the relay publishes again
 //! from its checkpoint, and JetStream drops the copies it already holds
@@ -39,7 +43,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::context::{ContextBuilder, PublishErrorKind};
 use async_nats::jetstream::{self, stream};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions};
-use sqlx::{ConnectOptions, Connection};
+use sqlx::{ConnectOptions, Connection, PgExecutor};
 use tokio::sync::{Notify, watch};
 use uuid::Uuid;
 
@@ -557,7 +561,7 @@ impl Relay {
         loop {
             if observed_at.is_none_or(|at| at.elapsed() >= config.metrics_interval) {
                 observed_at = Some(Instant::now());
-                self.observe(checkpoint, &mut stall).await;
+                self.observe(&mut lock, checkpoint, &mut stall).await;
             }
             if lock_used_at.elapsed() >= LOCK_CHECK_EVERY {
                 if let Err(error) = bounded("checking the lock session", lock.ping()).await {
@@ -630,35 +634,28 @@ impl Relay {
             // would.
             let read = match prefetched.take() {
                 Some(read) => Ok(read),
-                None => self.read_after(checkpoint).await,
+                None => self.read_after(&mut lock, checkpoint).await,
             };
             let (horizon, batch) = match read {
                 Ok(read) => read,
-                Err(error) => {
-                    if failing.ready() {
-                        tracing::warn!(stream, %error, "relay cannot read events; retrying");
-                    }
-                    tokio::time::sleep(backoff.next_delay()).await;
-                    continue;
-                }
+                // The read runs on the lock's session: an error may mean
+                // that session is gone, and with it the lead.
+                Err(error) => return error,
             };
+            lock_used_at = Instant::now();
             if batch.is_empty() {
                 self.idle(&wake, horizon).await;
                 continue;
             }
 
-            // A full batch says more events wait: read the next batch while
-            // this one's acks come back. It is only used once this batch's
-            // checkpoint is stored; a failure on the way drops it.
+            // Read the next batch while this one's acks come back (under
+            // load, the events committed meanwhile): a batch then costs the
+            // longer of its read and its publish, not their sum. It is only
+            // used once this batch's checkpoint is stored; a failure on the
+            // way drops it. When it finds nothing, the relay idles below
+            // until the next commit wakes it.
             let last = batch.last().map_or(checkpoint, |event| event.position);
-            let full = batch.len() >= config.batch_max;
-            let read_ahead = async {
-                if full {
-                    self.read_after(last).await.ok()
-                } else {
-                    None
-                }
-            };
+            let read_ahead = async { self.read_after(&mut lock, last).await.ok() };
             let publish_at = Instant::now();
             let (published, read_ahead) = tokio::join!(self.publish(js, &batch), read_ahead);
             let duplicates = match published {
@@ -698,22 +695,23 @@ impl Relay {
                 status.duplicates += duplicates;
             });
             prefetched = read_ahead;
-            if !full {
-                self.idle(&wake, horizon).await;
-            }
         }
     }
 
-    /// The next batch of the global order after `after`, below the horizon.
+    /// The next batch of the global order after `after`, below the horizon,
+    /// read on the lock's session: the relay never queues for a connection
+    /// behind the commands of the pool it was given (under load their
+    /// queue, not the two queries, was most of each batch's read).
     async fn read_after(
         &self,
+        lock: &mut PgConnection,
         after: Position,
     ) -> Result<(global::Horizon, Vec<RecordedEvent>), RelayError> {
         let read_at = Instant::now();
         let read = async {
-            let horizon = global::horizon(&self.pool).await?;
+            let horizon = global::horizon(&mut *lock).await?;
             let events =
-                global::read_below(&self.pool, after, horizon, self.config.batch_max as i64)
+                global::read_below(&mut *lock, after, horizon, self.config.batch_max as i64)
                     .await?;
             Ok::<_, sqlx::Error>((horizon, events))
         };
@@ -805,9 +803,9 @@ impl Relay {
     }
 
     /// Refreshes the lag and horizon metrics, and logs a stall.
-    async fn observe(&self, checkpoint: Position, stall: &mut Stall) {
+    async fn observe(&self, lock: &mut PgConnection, checkpoint: Position, stall: &mut Stall) {
         let stream = self.config.stream.as_str();
-        match bounded("measuring the horizon", global::horizon_lag(&self.pool)).await {
+        match bounded("measuring the horizon", global::horizon_lag(&mut *lock)).await {
             Ok(age) => {
                 metrics::gauge!("souk_relay_horizon_age_seconds", &self.labels()).set(age);
                 self.status
@@ -816,7 +814,7 @@ impl Relay {
                     StallNews::Warn => {
                         let holder = bounded(
                             "naming the horizon's holder",
-                            oldest_transaction(&self.pool),
+                            oldest_transaction(&mut *lock),
                         )
                         .await
                         .ok()
@@ -844,7 +842,7 @@ impl Relay {
             }
             Err(error) => tracing::debug!(stream, %error, "cannot measure the horizon"),
         }
-        match bounded("measuring the lag", lag_events(&self.pool, checkpoint)).await {
+        match bounded("measuring the lag", lag_events(&mut *lock, checkpoint)).await {
             Ok(lag) => {
                 metrics::gauge!("souk_relay_lag_events", &self.labels()).set(lag as f64);
                 self.status.send_modify(|status| status.lag_events = lag);
@@ -931,7 +929,7 @@ async fn store_checkpoint(
 }
 
 /// Committed events after `after`, counted up to [`LAG_COUNT_MAX`].
-async fn lag_events(pool: &PgPool, after: Position) -> Result<i64, sqlx::Error> {
+async fn lag_events<'c>(db: impl PgExecutor<'c>, after: Position) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(
         "SELECT count(*) FROM (SELECT 1 FROM events
                                 WHERE (transaction_id, position) > ($1::text::xid8, $2)
@@ -940,7 +938,7 @@ async fn lag_events(pool: &PgPool, after: Position) -> Result<i64, sqlx::Error> 
     .bind(after.transaction_id.to_string())
     .bind(after.position)
     .bind(LAG_COUNT_MAX)
-    .fetch_one(pool)
+    .fetch_one(db)
     .await
 }
 
@@ -957,7 +955,7 @@ struct Holder {
 type HolderRow = (i32, Option<String>, Option<String>, Option<String>);
 
 /// The oldest event-writing transaction still running.
-async fn oldest_transaction(pool: &PgPool) -> Result<Option<Holder>, sqlx::Error> {
+async fn oldest_transaction<'c>(db: impl PgExecutor<'c>) -> Result<Option<Holder>, sqlx::Error> {
     let row: Option<HolderRow> = sqlx::query_as(&format!(
         "SELECT pid, datname::text, application_name, state
            FROM pg_stat_activity
@@ -966,7 +964,7 @@ async fn oldest_transaction(pool: &PgPool) -> Result<Option<Holder>, sqlx::Error
           LIMIT 1",
         global::WRITER_PIDS
     ))
-    .fetch_optional(pool)
+    .fetch_optional(db)
     .await?;
     Ok(row.map(|(pid, database, application, state)| Holder {
         pid,

@@ -3,7 +3,7 @@
 //! transaction held open holds the relay back (visibly) without making it
 //! skip; a NATS outage loses and duplicates nothing; two relays on one stream
 //! publish through one leader and hand over; a commit wakes the relay, in
-//! its process or another.
+//! its process or another; the relay publishes while its pool is taken.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -385,6 +385,47 @@ async fn two_relays_on_one_stream_publish_through_one_leader_that_hands_over() {
 
     stop_second.send(()).unwrap();
     second_running.await.unwrap();
+}
+
+/// Under load the commands of a process hold the connections of its pool
+/// (an insert waiting for its WAL flush keeps one). The relay reads, and
+/// observes, on its lock's session: it must keep publishing while every
+/// connection of the pool it was given is taken, not queue behind them.
+#[tokio::test]
+async fn the_relay_publishes_while_every_connection_of_its_pool_is_taken() {
+    let db = TestDb::migrated().await;
+    let pool = db.pool().await;
+    let stream = TestStream::new(&nats_url());
+    let relay_pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&db.url)
+        .await
+        .unwrap();
+    let (mut status, stop, running) = start_relay(&relay_pool, &stream.name, "busy-pool");
+    wait_for_role(&mut status, Role::Leader).await;
+
+    let held = [
+        relay_pool.acquire().await.unwrap(),
+        relay_pool.acquire().await.unwrap(),
+    ];
+    insert_probes(&pool, 20).await;
+    // Far less than the pool's acquire timeout (30 s): a relay queuing for
+    // one of those connections publishes nothing in time.
+    tokio::time::timeout(
+        Duration::from_secs(15),
+        status.wait_for(|status| status.published >= 20),
+    )
+    .await
+    .expect("the relay published while its pool was taken")
+    .expect("the relay is running");
+    let messages = wait_for_messages(&stream.url, &stream.name, 20, WAIT)
+        .await
+        .unwrap();
+    drop(held);
+    assert_exactly(&messages, &all_events(&pool).await);
+
+    stop.send(()).unwrap();
+    running.await.unwrap();
 }
 
 /// The fallback poll of the relays of the two tests below: far longer than
