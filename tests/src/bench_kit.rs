@@ -337,3 +337,13 @@ pub async fn run_with_databases(
     outcome?;
     dropped
 }
+
+/// A background task that is aborted when this is dropped.
+#[derive(Debug)]
+pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
