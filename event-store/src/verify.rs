@@ -409,9 +409,10 @@ impl Checker {
             position,
         };
         let report = &mut self.report;
-        let same = self.stream.as_ref().is_some_and(|s| {
-            s.aggregate_type == aggregate_type && s.aggregate_id == aggregate_id
-        });
+        let same = self
+            .stream
+            .as_ref()
+            .is_some_and(|s| s.aggregate_type == aggregate_type && s.aggregate_id == aggregate_id);
         if !same {
             if let Some(ended) = self.stream.take() {
                 end_stream(report, ended);
