@@ -19,11 +19,11 @@
 //! Everything is read in one `REPEATABLE READ` snapshot, so a log that grows
 //! meanwhile is verified as of one instant: each transaction's events (and
 //! heads) are either all seen or not at all. The events are streamed in
-//! primary-key order with their head joined in (no sort, no page restarts).
+//! primary-key order with their head merged in (no sort, no page restarts).
 
 use futures::TryStreamExt;
-use sqlx::Connection;
-use sqlx::postgres::PgPool;
+use sqlx::postgres::{PgPool, PgRow};
+use sqlx::{Connection, Row as _};
 use uuid::Uuid;
 
 use crate::anchor::{self, Anchor};
@@ -155,23 +155,10 @@ pub struct VerifyOptions<'a> {
     pub anchor: Option<Anchor>,
 }
 
-type Row = (
-    String,
-    String,
-    i64,
-    String,
-    String,
-    String,
-    String,
-    Uuid,
-    chrono::DateTime<chrono::Utc>,
-    Vec<u8>,
-    Vec<u8>,
-    i64,
-    i64,
-    Option<i64>,
-    Option<Vec<u8>>,
-);
+/// Rows handed from the reading task to the checking one at a time.
+const ROWS_PER_BATCH: usize = 1024;
+/// Batches in flight between them (what bounds the memory used).
+const BATCHES_IN_FLIGHT: usize = 4;
 
 /// The stream being checked.
 struct Stream {
@@ -200,6 +187,11 @@ pub async fn verify_chains(
 }
 
 /// Verifies what `options` asks, in one snapshot (see the module doc).
+///
+/// Two tasks share the work: this one reads the rows (the socket, TLS and
+/// the protocol), a blocking one checks them (hashes, invariants), so the
+/// two run on two cores; a bounded channel of row batches between them keeps
+/// the memory constant.
 pub async fn verify(
     pool: &PgPool,
     options: &VerifyOptions<'_>,
@@ -209,15 +201,40 @@ pub async fn verify(
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .execute(&mut *tx)
         .await?;
-    let mut report = VerifyReport {
+    // The rows are wanted in primary-key order, which the primary keys of
+    // `events` and `stream_heads` give by a merge join. Left to itself the
+    // planner prefers to sort the whole log (on disk, in parallel workers,
+    // n log n: it slowed verify down as the log grew). Nor is a JIT worth
+    // compiling for one streaming query.
+    sqlx::raw_sql(
+        "SET LOCAL enable_sort = off; SET LOCAL max_parallel_workers_per_gather = 0;
+         SET LOCAL jit = off",
+    )
+    .execute(&mut *tx)
+    .await?;
+    let report = VerifyReport {
         invariants_checked: options.invariants,
         ..VerifyReport::default()
     };
-    let mut auditor = options.invariants.then(domain::audit::Auditor::new);
     let only_type = options.only.map(|(t, _)| t);
     let only_id = options.only.map(|(_, i)| i);
-    {
-        let mut rows = sqlx::query_as::<_, Row>(
+    let (batches, mut to_check) = tokio::sync::mpsc::channel::<Vec<PgRow>>(BATCHES_IN_FLIGHT);
+    let mut checker = Checker {
+        report,
+        auditor: options.invariants.then(domain::audit::Auditor::new),
+        stream: None,
+    };
+    let checking = tokio::task::spawn_blocking(move || {
+        while let Some(rows) = to_check.blocking_recv() {
+            for row in &rows {
+                checker.row(row)?;
+            }
+        }
+        checker.end_stream();
+        Ok::<_, sqlx::Error>(checker)
+    });
+    let read = async {
+        let mut rows = sqlx::query(
             "SELECT e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, e.event_version,
                     e.payload::text, e.metadata::text, e.event_id, e.recorded_at, e.prev_hash,
                     e.hash, e.transaction_id::text::bigint, e.position, h.sequence, h.hash
@@ -230,116 +247,33 @@ pub async fn verify(
         .bind(only_type)
         .bind(only_id)
         .fetch(&mut *tx);
-        let mut stream: Option<Stream> = None;
+        let mut batch = Vec::with_capacity(ROWS_PER_BATCH);
         while let Some(row) = rows.try_next().await? {
-            let (
-                aggregate_type,
-                aggregate_id,
-                sequence,
-                event_type,
-                event_version,
-                payload,
-                metadata,
-                event_id,
-                recorded_at,
-                stored_prev,
-                stored_hash,
-                transaction_id,
-                position,
-                head_sequence,
-                head_hash,
-            ) = row;
-            let at = Position {
-                transaction_id: transaction_id as u64,
-                position,
-            };
-            let same = stream.as_ref().is_some_and(|s| {
-                s.aggregate_type == aggregate_type && s.aggregate_id == aggregate_id
-            });
-            if !same {
-                if let Some(ended) = stream.take() {
-                    end_stream(&mut report, ended);
-                }
-                report.aggregates_checked += 1;
-                if let Some(auditor) = auditor.as_mut()
-                    && let Err(finding) = auditor.start(&aggregate_type)
-                {
-                    report.violation(Violation {
-                        position: Some(at),
-                        aggregate_type: Some(aggregate_type.clone()),
-                        aggregate_id: Some(aggregate_id.clone()),
-                        sequence: Some(sequence),
-                        code: finding.code,
-                        message: finding.message,
-                    });
-                }
-                stream = Some(Stream {
-                    aggregate_type: aggregate_type.clone(),
-                    aggregate_id: aggregate_id.clone(),
-                    expected_sequence: 1,
-                    prev_hash: GENESIS_HASH,
-                    last_sequence: 0,
-                    last_position: at,
-                    head: head_sequence.zip(head_hash),
-                });
-            }
-            let Some(current) = stream.as_mut() else {
-                continue;
-            };
-            report.events_checked += 1;
-            let problem = |kind| Problem {
-                aggregate_type: aggregate_type.clone(),
-                aggregate_id: aggregate_id.clone(),
-                sequence,
-                position: Some(at),
-                kind,
-            };
-            if sequence != current.expected_sequence {
-                report.problem(problem(ProblemKind::SequenceGap));
-            }
-            if stored_prev.as_slice() != current.prev_hash.as_slice() {
-                report.problem(problem(ProblemKind::BrokenLink));
-            }
-            // The link is checked against what is stored, and the content
-            // against the stored prev_hash, so each problem is named once.
-            let stored_prev_array: [u8; 32] =
-                stored_prev.as_slice().try_into().unwrap_or(GENESIS_HASH);
-            let recomputed = ChainedFields {
-                aggregate_type: &aggregate_type,
-                aggregate_id: &aggregate_id,
-                sequence,
-                event_type: &event_type,
-                event_version: &event_version,
-                event_id,
-                recorded_at_micros: recorded_at.timestamp_micros(),
-                payload: &payload,
-                metadata: &metadata,
-            }
-            .hash(&stored_prev_array);
-            if recomputed.as_slice() != stored_hash.as_slice() {
-                report.problem(problem(ProblemKind::Altered));
-            }
-            if let Some(auditor) = auditor.as_mut() {
-                for finding in auditor.event(&event_type, &event_version, &payload) {
-                    report.violation(Violation {
-                        position: Some(at),
-                        aggregate_type: Some(aggregate_type.clone()),
-                        aggregate_id: Some(aggregate_id.clone()),
-                        sequence: Some(sequence),
-                        code: finding.code,
-                        message: finding.message,
-                    });
+            batch.push(row);
+            if batch.len() == ROWS_PER_BATCH {
+                let full = std::mem::replace(&mut batch, Vec::with_capacity(ROWS_PER_BATCH));
+                if batches.send(full).await.is_err() {
+                    // The checker stopped: its error is the one to report.
+                    return Ok(());
                 }
             }
-            current.expected_sequence = sequence + 1;
-            current.prev_hash = stored_hash.as_slice().try_into().unwrap_or(GENESIS_HASH);
-            current.last_sequence = sequence;
-            current.last_position = at;
         }
-        if let Some(ended) = stream.take() {
-            end_stream(&mut report, ended);
+        if !batch.is_empty() {
+            let _ = batches.send(batch).await;
         }
-    }
+        Ok::<_, sqlx::Error>(())
+    };
+    let read = read.await;
+    drop(batches);
+    let checked = checking
+        .await
+        .map_err(|error| sqlx::Error::Protocol(format!("the verifying task failed: {error}")))?;
+    read?;
+    let Checker {
+        mut report,
+        auditor,
+        ..
+    } = checked?;
 
     // Heads whose stream has no event left at all.
     let orphans: Vec<(String, String, i64)> = sqlx::query_as(
@@ -442,6 +376,132 @@ pub async fn verify(
     .collect();
     tx.commit().await?;
     Ok(report)
+}
+
+/// What the checking task keeps: the report so far, the invariants'
+/// replay and the stream being checked.
+struct Checker {
+    report: VerifyReport,
+    auditor: Option<domain::audit::Auditor>,
+    stream: Option<Stream>,
+}
+
+impl Checker {
+    /// Checks one row of the verify query (its columns in that order).
+    fn row(&mut self, row: &PgRow) -> Result<(), sqlx::Error> {
+        // The query fixes every column's type, so they are decoded without
+        // checking it again on every row; text is borrowed from the row.
+        let aggregate_type: &str = row.try_get_unchecked(0)?;
+        let aggregate_id: &str = row.try_get_unchecked(1)?;
+        let sequence: i64 = row.try_get_unchecked(2)?;
+        let event_type: &str = row.try_get_unchecked(3)?;
+        let event_version: &str = row.try_get_unchecked(4)?;
+        let payload: &str = row.try_get_unchecked(5)?;
+        let metadata: &str = row.try_get_unchecked(6)?;
+        let event_id: Uuid = row.try_get_unchecked(7)?;
+        let recorded_at: chrono::DateTime<chrono::Utc> = row.try_get_unchecked(8)?;
+        let stored_prev: &[u8] = row.try_get_unchecked(9)?;
+        let stored_hash: &[u8] = row.try_get_unchecked(10)?;
+        let transaction_id: i64 = row.try_get_unchecked(11)?;
+        let position: i64 = row.try_get_unchecked(12)?;
+        let at = Position {
+            transaction_id: transaction_id as u64,
+            position,
+        };
+        let report = &mut self.report;
+        let same = self
+            .stream
+            .as_ref()
+            .is_some_and(|s| s.aggregate_type == aggregate_type && s.aggregate_id == aggregate_id);
+        if !same {
+            if let Some(ended) = self.stream.take() {
+                end_stream(report, ended);
+            }
+            report.aggregates_checked += 1;
+            if let Some(auditor) = self.auditor.as_mut()
+                && let Err(finding) = auditor.start(aggregate_type)
+            {
+                report.violation(Violation {
+                    position: Some(at),
+                    aggregate_type: Some(aggregate_type.to_owned()),
+                    aggregate_id: Some(aggregate_id.to_owned()),
+                    sequence: Some(sequence),
+                    code: finding.code,
+                    message: finding.message,
+                });
+            }
+            let head_sequence: Option<i64> = row.try_get_unchecked(13)?;
+            let head_hash: Option<Vec<u8>> = row.try_get_unchecked(14)?;
+            self.stream = Some(Stream {
+                aggregate_type: aggregate_type.to_owned(),
+                aggregate_id: aggregate_id.to_owned(),
+                expected_sequence: 1,
+                prev_hash: GENESIS_HASH,
+                last_sequence: 0,
+                last_position: at,
+                head: head_sequence.zip(head_hash),
+            });
+        }
+        let Some(current) = self.stream.as_mut() else {
+            return Ok(());
+        };
+        report.events_checked += 1;
+        let problem = |kind| Problem {
+            aggregate_type: aggregate_type.to_owned(),
+            aggregate_id: aggregate_id.to_owned(),
+            sequence,
+            position: Some(at),
+            kind,
+        };
+        if sequence != current.expected_sequence {
+            report.problem(problem(ProblemKind::SequenceGap));
+        }
+        if stored_prev != current.prev_hash.as_slice() {
+            report.problem(problem(ProblemKind::BrokenLink));
+        }
+        // The link is checked against what is stored, and the content
+        // against the stored prev_hash, so each problem is named once.
+        let stored_prev_array: [u8; 32] = stored_prev.try_into().unwrap_or(GENESIS_HASH);
+        let recomputed = ChainedFields {
+            aggregate_type,
+            aggregate_id,
+            sequence,
+            event_type,
+            event_version,
+            event_id,
+            recorded_at_micros: recorded_at.timestamp_micros(),
+            payload,
+            metadata,
+        }
+        .hash(&stored_prev_array);
+        if recomputed.as_slice() != stored_hash {
+            report.problem(problem(ProblemKind::Altered));
+        }
+        if let Some(auditor) = self.auditor.as_mut() {
+            for finding in auditor.event(event_type, event_version, payload) {
+                report.violation(Violation {
+                    position: Some(at),
+                    aggregate_type: Some(aggregate_type.to_owned()),
+                    aggregate_id: Some(aggregate_id.to_owned()),
+                    sequence: Some(sequence),
+                    code: finding.code,
+                    message: finding.message,
+                });
+            }
+        }
+        current.expected_sequence = sequence + 1;
+        current.prev_hash = stored_hash.try_into().unwrap_or(GENESIS_HASH);
+        current.last_sequence = sequence;
+        current.last_position = at;
+        Ok(())
+    }
+
+    /// Ends the last stream.
+    fn end_stream(&mut self) {
+        if let Some(ended) = self.stream.take() {
+            end_stream(&mut self.report, ended);
+        }
+    }
 }
 
 type SkipRow = (

@@ -496,23 +496,33 @@ async fn build(
     };
     progress(&state);
     let mut conn = batch_connection(pool).await?;
-    loop {
-        let events = read_after(pool, from, batch_events)
-            .await
-            .context("reading the global order")?;
-        let Some(last) = events.last().map(|event| event.position) else {
-            break;
+    let mut events = read_after(pool, from, batch_events)
+        .await
+        .context("reading the global order")?;
+    while let Some(last) = events.last().map(|event| event.position) {
+        // The next batch is read (on another connection) while this one is
+        // applied: Postgres reads while this process decodes and writes.
+        let apply = async {
+            let mut tx = conn.begin().await.context("beginning a rebuild batch")?;
+            for job in jobs.iter_mut() {
+                replay_job(&mut tx, job, partitions, &events).await?;
+            }
+            tx.commit().await.context("committing a rebuild batch")
         };
-        let mut tx = conn.begin().await.context("beginning a rebuild batch")?;
-        for job in jobs.iter_mut() {
-            replay_job(&mut tx, job, partitions, &events).await?;
-        }
-        tx.commit().await.context("committing a rebuild batch")?;
+        let read_next = async {
+            read_after(pool, last, batch_events)
+                .await
+                .context("reading the global order")
+        };
+        let (applied, next) = tokio::join!(apply, read_next);
+        applied?;
+        let next = next?;
         from = last;
         state.events_read += events.len() as u64;
         state.events_total = state.events_total.max(state.events_read);
         state.position = from;
         progress(&state);
+        events = next;
     }
     tracing::info!(
         projections = ?state.projections,

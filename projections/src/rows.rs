@@ -2,8 +2,8 @@
 //!
 //! A batch loads every row its events touch with one query per table, applies
 //! the events to those rows in memory, and writes the rows back with one
-//! statement per table. Rows travel as JSON: `to_jsonb(row)` on the way in,
-//! `jsonb_populate_recordset` on the way out, so each table is described once
+//! statement per table. Rows travel as JSON text: `to_json(row)` on the way in,
+//! `json_populate_recordset` on the way out, so each table is described once
 //! (a serde struct and its column list) instead of once per bound column.
 
 use serde::Serialize;
@@ -48,16 +48,19 @@ pub(crate) async fn load<T: DeserializeOwned>(
     if keys.is_empty() {
         return Ok(Vec::new());
     }
-    let rows: Vec<serde_json::Value> = sqlx::query_scalar(&format!(
-        "SELECT to_jsonb(t) FROM {} t WHERE {key_column} = ANY($1)",
+    // Each row as JSON text (`to_json` writes it straight out, where
+    // `to_jsonb` would build and sort a jsonb first), parsed straight into
+    // the row struct.
+    let rows: Vec<String> = sqlx::query_scalar(&format!(
+        "SELECT to_json(t)::text FROM {} t WHERE {key_column} = ANY($1)",
         table.qualified(schema)
     ))
     .bind(keys)
     .fetch_all(conn)
     .await?;
-    rows.into_iter()
+    rows.iter()
         .map(|row| {
-            serde_json::from_value(row).map_err(|error| {
+            serde_json::from_str(row).map_err(|error| {
                 sqlx::Error::Decode(
                     format!("a row of {} does not decode: {error}", table.name).into(),
                 )
@@ -97,14 +100,17 @@ async fn write<T: Serialize>(
     if rows.is_empty() {
         return Ok(());
     }
-    let json = serde_json::to_value(rows).map_err(|error| {
+    // Serialized straight to text (no `serde_json::Value` tree on the way)
+    // and read as `json`: Postgres parses it once per row into the record,
+    // where `jsonb` would first build and key-sort a whole jsonb document.
+    let json = serde_json::to_string(rows).map_err(|error| {
         sqlx::Error::Encode(format!("a row of {} does not encode: {error}", table.name).into())
     })?;
     let qualified = table.qualified(schema);
     let columns = table.columns.join(", ");
     let mut sql = format!(
         "INSERT INTO {qualified} ({columns})
-         SELECT {columns} FROM jsonb_populate_recordset(NULL::{qualified}, $1)"
+         SELECT {columns} FROM json_populate_recordset(NULL::{qualified}, $1::json)"
     );
     if update_existing {
         let updates: Vec<String> = table

@@ -3,6 +3,7 @@
 //! ```sh
 //! cargo run --release -p tests --bin audit-bench                    # 250,000 and 1,000,000 events
 //! cargo run --release -p tests --bin audit-bench -- --sizes 100000  # one smaller log
+//! cargo run --release -p tests --bin audit-bench -- --sizes 200000 --load-into URL  # keep a log
 //! ```
 //!
 //! For each log size it creates a database of its own and fills it fast
@@ -79,11 +80,24 @@ struct Args {
     /// Seed of the simulated marketplace.
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// Only load a log of the first size into this (existing, empty)
+    /// database and keep it, measuring nothing: a log to profile the tools on.
+    #[arg(long)]
+    load_into: Option<String>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(url) = &args.load_into {
+        let pool = PgPoolOptions::new().max_connections(2).connect(url).await?;
+        event_store::migrate(&pool).await?;
+        let size = args.sizes.first().copied().unwrap_or(250_000);
+        let written = load(&pool, size, args.seed).await?;
+        sqlx::query("VACUUM ANALYZE events").execute(&pool).await?;
+        eprintln!("loaded {written} events into {url}");
+        return Ok(());
+    }
     run_with_databases(&args.admin_url.clone(), async |databases| {
         let dir =
             service_binaries(&[("replay-tool", "replay-tool")], args.binaries.as_deref()).await?;
