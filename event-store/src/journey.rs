@@ -60,6 +60,26 @@ pub fn stream_refs(streams: impl IntoIterator<Item = Stream>) -> Vec<StreamRef> 
     streams.into_iter().map(StreamRef::from).collect()
 }
 
+/// The stream references of a journey's declared streams, those in
+/// `created` declared new (see [`StreamRef::new_stream`]).
+pub fn stream_refs_creating(
+    streams: impl IntoIterator<Item = Stream>,
+    created: impl IntoIterator<Item = Stream>,
+) -> Vec<StreamRef> {
+    let created: std::collections::BTreeSet<Stream> = created.into_iter().collect();
+    streams
+        .into_iter()
+        .map(|stream| {
+            let reference = StreamRef::from(stream);
+            if created.contains(&stream) {
+                reference.new_stream()
+            } else {
+                reference
+            }
+        })
+        .collect()
+}
+
 impl Timer {
     /// The row of journey timer `timer`, due at `due_at`.
     pub fn of(timer: domain::journeys::Timer, due_at: DateTime<Utc>) -> Self {
@@ -85,7 +105,7 @@ impl Stage for Plan<'_> {
             .map_err(journey_error)
     }
 
-    fn savepoint(&self) -> Savepoint {
+    fn savepoint(&mut self) -> Savepoint {
         Plan::savepoint(self)
     }
 

@@ -71,6 +71,23 @@ impl Default for StoreConfig {
     }
 }
 
+/// The INSERT of events from the arrays `$1`..`$11` of [`EventColumns`],
+/// returning what [`positions_of`] reads.
+macro_rules! insert_events_sql {
+    () => {
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
+                             payload, metadata, recorded_at, event_id, prev_hash, hash)
+         SELECT aggregate_type, aggregate_id, sequence, event_type, event_version,
+                payload::json, metadata::json, recorded_at, event_id, prev_hash, hash
+           FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::text[], $5::text[], $6::text[],
+                       $7::text[], $8::timestamptz[], $9::uuid[], $10::bytea[], $11::bytea[])
+             AS t(aggregate_type, aggregate_id, sequence, event_type, event_version, payload,
+                  metadata, recorded_at, event_id, prev_hash, hash)
+         RETURNING aggregate_type, aggregate_id, sequence, position,
+                   transaction_id::text::bigint"
+    };
+}
+
 /// An Idempotency-Key, scoped to the user who sent it, with a hash of the
 /// request it came with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -284,7 +301,9 @@ pub(crate) struct NewRow {
 }
 
 /// Decides `command` on `cached` and, when accepted, applies the events to it
-/// and returns them as chained rows.
+/// and returns them as chained rows. Every fallible step (deciding,
+/// serializing) comes before the first event is applied, so a refusal or an
+/// error leaves `cached` as it was: callers need no copy to fall back on.
 fn decide_rows<A: Decide>(
     cached: &mut Cached<A>,
     aggregate_id: &str,
@@ -295,18 +314,31 @@ fn decide_rows<A: Decide>(
         .state
         .decide(command)
         .map_err(|error| ExecError::rejected(&error))?;
+    chain_rows(cached, aggregate_id, events, context)
+}
+
+/// Serializes and chains `events` after `cached`, then applies them to it.
+/// Applies nothing when serializing fails.
+fn chain_rows<A: Decide>(
+    cached: &mut Cached<A>,
+    aggregate_id: &str,
+    events: Vec<A::Event>,
+    context: &CommandContext,
+) -> Result<Vec<NewRow>, ExecError> {
     let mut rows = Vec::with_capacity(events.len());
-    for event in events {
+    let mut version = cached.version;
+    let mut last_hash = cached.last_hash;
+    for event in &events {
         let event_type = event.event_type();
         let event_version = event.event_version();
-        let payload = serde_json::to_string(&event)
+        let payload = serde_json::to_string(event)
             .map_err(|error| ExecError::Internal(format!("serializing an event: {error}")))?;
         let recorded_at = now_micros();
         let event_id = Uuid::now_v7();
         let metadata =
             serde_json::to_string(&EventMetadata::new(context, event_id, recorded_at))
                 .map_err(|error| ExecError::Internal(format!("serializing metadata: {error}")))?;
-        let sequence = cached.version + 1;
+        let sequence = version + 1;
         let hash = ChainedFields {
             aggregate_type: A::TYPE,
             aggregate_id,
@@ -318,7 +350,7 @@ fn decide_rows<A: Decide>(
             payload: &payload,
             metadata: &metadata,
         }
-        .hash(&cached.last_hash);
+        .hash(&last_hash);
         rows.push(NewRow {
             aggregate_type: A::TYPE,
             aggregate_id: aggregate_id.to_owned(),
@@ -329,13 +361,17 @@ fn decide_rows<A: Decide>(
             metadata,
             recorded_at,
             event_id,
-            prev_hash: cached.last_hash,
+            prev_hash: last_hash,
             hash,
         });
-        cached.state.apply(event);
-        cached.version = sequence;
-        cached.last_hash = hash;
+        version = sequence;
+        last_hash = hash;
     }
+    for event in events {
+        cached.state.apply(event);
+    }
+    cached.version = version;
+    cached.last_hash = last_hash;
     Ok(rows)
 }
 
@@ -561,7 +597,8 @@ impl EventStore {
         batch: &[Pending<A>],
     ) -> Result<Vec<Result<Accepted, ExecError>>, ExecError> {
         let pool = &self.inner.pool;
-        let original = take_cached::<A>(slot, pool, id).await?;
+        let mut working = take_cached::<A>(slot, pool, id).await?;
+        let start_version = working.version;
         let keys: Vec<&IdempotencyKey> = batch
             .iter()
             .filter_map(|p| p.idempotency.as_ref())
@@ -580,7 +617,8 @@ impl EventStore {
             SameAs(usize),
             Write { last_row: usize },
         }
-        let mut working = original.clone();
+        // Decided on the cached state itself: a refused command changes
+        // nothing, so no copy is needed to fall back on.
         let mut rows: Vec<NewRow> = Vec::new();
         let mut plans = Vec::with_capacity(batch.len());
         let mut first_with_key: HashMap<(&str, &str), usize> = HashMap::new();
@@ -629,7 +667,7 @@ impl EventStore {
         if rows.is_empty() {
             // Nothing to write: every command was refused or replayed.
             drop(tx);
-            *slot = Some(Box::new(original));
+            *slot = Some(Box::new(working));
         } else {
             let timers: Vec<Timer> = plans
                 .iter()
@@ -637,17 +675,21 @@ impl EventStore {
                 .filter(|(_, plan)| matches!(plan, Plan::Write { .. }))
                 .flat_map(|(index, _)| batch[index].reply_with.timers.iter().cloned())
                 .collect();
-            let snapshot_due = self.snapshot_due(original.version, working.version);
-            // The events alone are one INSERT statement, atomic on its own:
-            // without idempotency records, timers or a snapshot, it runs
-            // outside an explicit transaction, one round trip instead of
-            // three (BEGIN and COMMIT were most of the write path's).
-            if tx.is_none() && (!timers.is_empty() || snapshot_due) {
-                tx = Some(pool.begin().await.map_err(db_error)?);
-            }
+            let snapshots: Vec<SnapshotRow> = snapshot_row(
+                id,
+                self.inner.config.snapshot_every,
+                start_version,
+                &working,
+            )?
+            .into_iter()
+            .collect();
+            // One statement appends the events, arms the timers and writes a
+            // due snapshot, atomic on its own: no explicit transaction
+            // unless idempotency records follow (they hold the positions
+            // that statement returns).
             let positions = match tx.as_mut() {
-                Some(tx) => insert_rows(&mut **tx, &rows).await?,
-                None => insert_rows(pool, &rows).await?,
+                Some(tx) => write_unit(&mut **tx, &rows, &timers, &snapshots).await?,
+                None => write_unit(pool, &rows, &timers, &snapshots).await?,
             };
             let mut records = Vec::new();
             for (index, plan) in plans.iter_mut().enumerate() {
@@ -666,10 +708,7 @@ impl EventStore {
                 }
             }
             if let Some(mut tx) = tx {
-                insert_idempotency(&mut tx, &records).await?;
-                insert_timers(&mut tx, &timers).await?;
-                self.maybe_snapshot(&mut tx, A::TYPE, id, original.version, &working)
-                    .await?;
+                insert_idempotency(&mut *tx, &records).await?;
                 tx.commit().await.map_err(db_error)?;
             }
             self.inner.commits.committed();
@@ -694,47 +733,6 @@ impl EventStore {
             results.push(result);
         }
         Ok(results)
-    }
-
-    /// Whether going from `from_version` to `to_version` passes a multiple
-    /// of `snapshot_every`, so a snapshot is written.
-    fn snapshot_due(&self, from_version: i64, to_version: i64) -> bool {
-        let every = self.inner.config.snapshot_every.max(1);
-        to_version / every != from_version / every
-    }
-
-    async fn maybe_snapshot<A: Decide>(
-        &self,
-        tx: &mut Transaction<'static, Postgres>,
-        aggregate_type: &str,
-        id: &str,
-        from_version: i64,
-        cached: &Cached<A>,
-    ) -> Result<(), ExecError> {
-        if !self.snapshot_due(from_version, cached.version) {
-            return Ok(());
-        }
-        let payload = serde_json::to_value(&cached.state)
-            .map_err(|error| ExecError::Internal(format!("serializing a snapshot: {error}")))?;
-        sqlx::query(
-            "INSERT INTO snapshots (aggregate_type, aggregate_id, last_sequence, last_hash, payload, state_version)
-             VALUES ($1, $2, $3, $4, $5, $6)
-             ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE
-                SET last_sequence = excluded.last_sequence, last_hash = excluded.last_hash,
-                    payload = excluded.payload, state_version = excluded.state_version,
-                    taken_at = now()
-              WHERE snapshots.last_sequence < excluded.last_sequence",
-        )
-        .bind(aggregate_type)
-        .bind(id)
-        .bind(cached.version)
-        .bind(&cached.last_hash[..])
-        .bind(payload)
-        .bind(A::STATE_VERSION)
-        .execute(&mut **tx)
-        .await
-        .map_err(db_error)?;
-        Ok(())
     }
 
     /// Executes a command that changes several aggregates atomically. The
@@ -780,7 +778,14 @@ impl EventStore {
         F: Fn(&R, &Committed) -> (u16, Value) + Send + Sync,
     {
         streams.sort_by(|a, b| a.key.cmp(&b.key));
-        streams.dedup_by(|a, b| a.key == b.key);
+        // A stream declared twice is new only if declared new both times.
+        streams.dedup_by(|later, kept| {
+            let same = later.key == kept.key;
+            if same {
+                kept.new &= later.new;
+            }
+            same
+        });
         let mut guards = Vec::with_capacity(streams.len());
         for stream in &streams {
             let lane = self.lane(&stream.key);
@@ -788,53 +793,93 @@ impl EventStore {
         }
         let pool = &self.inner.pool;
         let max_attempts = self.inner.config.max_attempts;
+        let snapshot_every = self.inner.config.snapshot_every;
         let mut backoff = Backoff::conflict();
-        for _ in 1..=max_attempts {
-            // Load what the cache does not hold.
-            for (stream, guard) in streams.iter().zip(guards.iter_mut()) {
+        for attempt in 1..=max_attempts {
+            // Load what the cache does not hold; a stream declared new
+            // starts empty, unless a conflict proved it is not. An assumed
+            // empty state is cached only once its events are committed
+            // (their sequence numbers prove it).
+            let mut assumed = vec![false; streams.len()];
+            for ((stream, guard), assumed) in streams
+                .iter()
+                .zip(guards.iter_mut())
+                .zip(assumed.iter_mut())
+            {
                 if guard.is_none() {
-                    **guard =
-                        Some((stream.loader)(pool.clone(), stream.key.aggregate_id.clone()).await?);
+                    *assumed = stream.new && attempt == 1;
+                    **guard = Some(if *assumed {
+                        (stream.fresh)()
+                    } else {
+                        (stream.loader)(pool.clone(), stream.key.aggregate_id.clone()).await?
+                    });
                 }
             }
-            let mut staged = Plan::new(&context);
-            for (stream, guard) in streams.iter().zip(guards.iter()) {
-                let state = guard
-                    .as_ref()
-                    .map(|state| (stream.cloner)(state.as_ref()))
-                    .ok_or_else(|| ExecError::Internal("stream not loaded".into()))?;
-                staged.entries.insert(
-                    stream.key.clone(),
-                    PlanEntry {
-                        working: state,
-                        start_version: (stream.version)(
-                            guard.as_ref().map(|s| s.as_ref()).unwrap_or(&()),
-                        ),
-                        rows: Vec::new(),
-                        cloner: stream.cloner,
-                    },
-                );
-            }
-            let mut tx = pool.begin().await.map_err(db_error)?;
+            // Idempotency records carry the positions of the events, so
+            // they follow the events' statement in one transaction.
+            let mut tx = None;
             if let Some(key) = &idempotency {
-                let stored = stored_responses(&mut tx, &[key]).await?;
+                let tx = tx.insert(pool.begin().await.map_err(db_error)?);
+                let stored = stored_responses(tx, &[key]).await?;
                 if let Some((hash, status, body)) =
                     stored.get(&(key.scope.clone(), key.key.clone()))
                 {
                     return replay(key, hash, *status, body);
                 }
             }
-            let result = plan(&mut staged)?;
+            // The plan works on the cached states themselves (no copy); they
+            // go back to the cache when committed, or when unchanged.
+            let mut staged = Plan::new(&context);
+            for (stream, guard) in streams.iter().zip(guards.iter_mut()) {
+                let state = guard
+                    .take()
+                    .ok_or_else(|| ExecError::Internal("stream not loaded".into()))?;
+                staged.entries.insert(
+                    stream.key.clone(),
+                    PlanEntry {
+                        start_version: (stream.version)(state.as_ref()),
+                        working: state,
+                        rows: Vec::new(),
+                        saved_in: 0,
+                    },
+                );
+            }
+            let result = match plan(&mut staged) {
+                Ok(result) => result,
+                Err(error) => {
+                    // A stream that staged nothing is as it was (a refused
+                    // decision changes nothing, a rollback restores it);
+                    // the others are loaded again when next used.
+                    for ((guard, entry), assumed) in guards
+                        .iter_mut()
+                        .zip(staged.entries.into_values())
+                        .zip(&assumed)
+                    {
+                        if entry.rows.is_empty() && !assumed {
+                            **guard = Some(entry.working);
+                        }
+                    }
+                    return Err(error);
+                }
+            };
             let rows: Vec<NewRow> = staged
                 .entries
                 .values()
                 .flat_map(|entry| entry.rows.iter().cloned())
                 .collect();
             let outcome = async {
-                let positions = if rows.is_empty() {
-                    Vec::new()
-                } else {
-                    insert_rows(&mut *tx, &rows).await?
+                let mut snapshots = Vec::new();
+                for (stream, entry) in streams.iter().zip(staged.entries.values()) {
+                    snapshots.extend((stream.snapshot)(
+                        &stream.key.aggregate_id,
+                        snapshot_every,
+                        entry.start_version,
+                        entry.working.as_ref(),
+                    )?);
+                }
+                let positions = match tx.as_mut() {
+                    Some(tx) => write_unit(&mut **tx, &rows, &staged.timers, &snapshots).await?,
+                    None => write_unit(pool, &rows, &staged.timers, &snapshots).await?,
                 };
                 let mut committed = Committed::default();
                 for (row, position) in rows.iter().zip(&positions) {
@@ -845,21 +890,10 @@ impl EventStore {
                     committed.last = committed.last.max(*position);
                 }
                 let (status, body) = respond(&result, &committed);
-                if let Some(key) = &idempotency {
-                    insert_idempotency(&mut tx, &[(key.clone(), status, body.clone())]).await?;
+                if let (Some(key), Some(mut tx)) = (&idempotency, tx) {
+                    insert_idempotency(&mut *tx, &[(key.clone(), status, body.clone())]).await?;
+                    tx.commit().await.map_err(db_error)?;
                 }
-                insert_timers(&mut tx, &staged.timers).await?;
-                for (stream, entry) in streams.iter().zip(staged.entries.values()) {
-                    (stream.snapshot)(
-                        self,
-                        &mut tx,
-                        &stream.key.aggregate_id,
-                        entry.start_version,
-                        entry.working.as_ref(),
-                    )
-                    .await?;
-                }
-                tx.commit().await.map_err(db_error)?;
                 Ok::<_, ExecError>(Accepted {
                     status,
                     body,
@@ -869,7 +903,14 @@ impl EventStore {
             .await;
             match outcome {
                 Ok(accepted) => {
-                    for (guard, entry) in guards.iter_mut().zip(staged.entries.into_values()) {
+                    for ((guard, entry), assumed) in guards
+                        .iter_mut()
+                        .zip(staged.entries.into_values())
+                        .zip(&assumed)
+                    {
+                        if entry.rows.is_empty() && *assumed {
+                            continue;
+                        }
                         **guard = Some(entry.working);
                     }
                     if !rows.is_empty() {
@@ -880,19 +921,12 @@ impl EventStore {
                     return Ok(accepted);
                 }
                 Err(ExecError::Conflict(_)) => {
-                    for guard in guards.iter_mut() {
-                        **guard = None;
-                    }
+                    // The guards were emptied above: everything is reloaded.
                     metrics::counter!("souk_command_conflicts_total", "aggregate" => "multi")
                         .increment(1);
                     backoff.wait().await;
                 }
-                Err(error) => {
-                    for guard in guards.iter_mut() {
-                        **guard = None;
-                    }
-                    return Err(error);
-                }
+                Err(error) => return Err(error),
             }
         }
         Err(ExecError::Conflict(max_attempts))
@@ -964,7 +998,7 @@ async fn stored_responses(
 }
 
 async fn insert_timers(
-    tx: &mut Transaction<'static, Postgres>,
+    executor: impl sqlx::PgExecutor<'_>,
     timers: &[Timer],
 ) -> Result<(), ExecError> {
     if timers.is_empty() {
@@ -985,14 +1019,14 @@ async fn insert_timers(
     .bind(&kinds)
     .bind(&due)
     .bind(&payloads)
-    .execute(&mut **tx)
+    .execute(executor)
     .await
     .map_err(db_error)?;
     Ok(())
 }
 
 async fn insert_idempotency(
-    tx: &mut Transaction<'static, Postgres>,
+    executor: impl sqlx::PgExecutor<'_>,
     records: &[(IdempotencyKey, u16, Value)],
 ) -> Result<(), ExecError> {
     if records.is_empty() {
@@ -1019,54 +1053,141 @@ async fn insert_idempotency(
     .bind(&hashes)
     .bind(&statuses)
     .bind(&bodies)
-    .execute(&mut **tx)
+    .execute(executor)
     .await
     .map_err(db_error)?;
     Ok(())
 }
 
-/// Inserts `rows` and returns the position of each, in order.
-async fn insert_rows(
+/// Appends `rows`, arms `timers` and writes `snapshots` in ONE statement
+/// (data-modifying CTEs), atomic on its own, and returns the position of
+/// each row, in order. The events' statement triggers (writer lock, stream
+/// heads, relay wake-up) fire as for a plain INSERT. With nothing but
+/// events it is the plain INSERT of [`insert_rows`].
+async fn write_unit(
     executor: impl sqlx::PgExecutor<'_>,
     rows: &[NewRow],
+    timers: &[Timer],
+    snapshots: &[SnapshotRow],
 ) -> Result<Vec<Position>, ExecError> {
-    let types: Vec<&str> = rows.iter().map(|r| r.aggregate_type).collect();
-    let ids: Vec<&str> = rows.iter().map(|r| r.aggregate_id.as_str()).collect();
-    let sequences: Vec<i64> = rows.iter().map(|r| r.sequence).collect();
-    let event_types: Vec<&str> = rows.iter().map(|r| r.event_type.as_str()).collect();
-    let versions: Vec<&str> = rows.iter().map(|r| r.event_version.as_str()).collect();
-    let payloads: Vec<&str> = rows.iter().map(|r| r.payload.as_str()).collect();
-    let metadata: Vec<&str> = rows.iter().map(|r| r.metadata.as_str()).collect();
-    let recorded: Vec<chrono::DateTime<chrono::Utc>> = rows.iter().map(|r| r.recorded_at).collect();
-    let event_ids: Vec<Uuid> = rows.iter().map(|r| r.event_id).collect();
-    let prev_hashes: Vec<Vec<u8>> = rows.iter().map(|r| r.prev_hash.to_vec()).collect();
-    let hashes: Vec<Vec<u8>> = rows.iter().map(|r| r.hash.to_vec()).collect();
-    let inserted: Vec<(String, String, i64, i64, i64)> = sqlx::query_as(
-        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
-                             payload, metadata, recorded_at, event_id, prev_hash, hash)
-         SELECT aggregate_type, aggregate_id, sequence, event_type, event_version,
-                payload::json, metadata::json, recorded_at, event_id, prev_hash, hash
-           FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::text[], $5::text[], $6::text[],
-                       $7::text[], $8::timestamptz[], $9::uuid[], $10::bytea[], $11::bytea[])
-             AS t(aggregate_type, aggregate_id, sequence, event_type, event_version, payload,
-                  metadata, recorded_at, event_id, prev_hash, hash)
-         RETURNING aggregate_type, aggregate_id, sequence, position,
-                   transaction_id::text::bigint",
-    )
-    .bind(&types)
-    .bind(&ids)
-    .bind(&sequences)
-    .bind(&event_types)
-    .bind(&versions)
-    .bind(&payloads)
-    .bind(&metadata)
-    .bind(&recorded)
-    .bind(&event_ids)
-    .bind(&prev_hashes)
-    .bind(&hashes)
-    .fetch_all(executor)
-    .await
-    .map_err(db_error)?;
+    if rows.is_empty() {
+        // Nothing appended, so no snapshot is due either.
+        insert_timers(executor, timers).await?;
+        return Ok(Vec::new());
+    }
+    if timers.is_empty() && snapshots.is_empty() {
+        return insert_rows(executor, rows).await;
+    }
+    let events = EventColumns::of(rows);
+    let timer_ids: Vec<Uuid> = timers.iter().map(|t| t.timer_id).collect();
+    let timer_kinds: Vec<&str> = timers.iter().map(|t| t.kind.as_str()).collect();
+    let timer_due: Vec<chrono::DateTime<chrono::Utc>> = timers.iter().map(|t| t.due_at).collect();
+    let timer_payloads: Vec<String> = timers.iter().map(|t| t.payload.to_string()).collect();
+    let snap_types: Vec<&str> = snapshots.iter().map(|s| s.aggregate_type).collect();
+    let snap_ids: Vec<&str> = snapshots.iter().map(|s| s.aggregate_id.as_str()).collect();
+    let snap_versions: Vec<i64> = snapshots.iter().map(|s| s.version).collect();
+    let snap_hashes: Vec<Vec<u8>> = snapshots.iter().map(|s| s.last_hash.to_vec()).collect();
+    let snap_payloads: Vec<&str> = snapshots.iter().map(|s| s.payload.as_str()).collect();
+    let snap_state_versions: Vec<i32> = snapshots.iter().map(|s| s.state_version).collect();
+    let query = sqlx::query_as(concat!(
+        "WITH appended AS (",
+        insert_events_sql!(),
+        "), armed AS (
+            INSERT INTO timers (timer_id, kind, due_at, payload)
+            SELECT timer_id, kind, due_at, payload::jsonb
+              FROM UNNEST($12::uuid[], $13::text[], $14::timestamptz[], $15::text[])
+                AS t(timer_id, kind, due_at, payload)
+            ON CONFLICT (timer_id) DO NOTHING
+         ), snapped AS (
+            INSERT INTO snapshots AS s (aggregate_type, aggregate_id, last_sequence, last_hash,
+                                        payload, state_version)
+            SELECT aggregate_type, aggregate_id, last_sequence, last_hash, payload::jsonb,
+                   state_version
+              FROM UNNEST($16::text[], $17::text[], $18::int8[], $19::bytea[], $20::text[],
+                          $21::int4[])
+                AS t(aggregate_type, aggregate_id, last_sequence, last_hash, payload,
+                     state_version)
+            ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE
+               SET last_sequence = excluded.last_sequence, last_hash = excluded.last_hash,
+                   payload = excluded.payload, state_version = excluded.state_version,
+                   taken_at = now()
+             WHERE s.last_sequence < excluded.last_sequence
+         )
+         SELECT * FROM appended"
+    ));
+    let inserted: Vec<(String, String, i64, i64, i64)> = events
+        .bind(query)
+        .bind(&timer_ids)
+        .bind(&timer_kinds)
+        .bind(&timer_due)
+        .bind(&timer_payloads)
+        .bind(&snap_types)
+        .bind(&snap_ids)
+        .bind(&snap_versions)
+        .bind(&snap_hashes)
+        .bind(&snap_payloads)
+        .bind(&snap_state_versions)
+        .fetch_all(executor)
+        .await
+        .map_err(db_error)?;
+    positions_of(rows, inserted)
+}
+
+/// The columns of rows to insert, as the arrays bound to `$1`..`$11`.
+struct EventColumns<'r> {
+    types: Vec<&'r str>,
+    ids: Vec<&'r str>,
+    sequences: Vec<i64>,
+    event_types: Vec<&'r str>,
+    versions: Vec<&'r str>,
+    payloads: Vec<&'r str>,
+    metadata: Vec<&'r str>,
+    recorded: Vec<chrono::DateTime<chrono::Utc>>,
+    event_ids: Vec<Uuid>,
+    prev_hashes: Vec<Vec<u8>>,
+    hashes: Vec<Vec<u8>>,
+}
+
+type Inserted = (String, String, i64, i64, i64);
+
+impl<'r> EventColumns<'r> {
+    fn of(rows: &'r [NewRow]) -> Self {
+        Self {
+            types: rows.iter().map(|r| r.aggregate_type).collect(),
+            ids: rows.iter().map(|r| r.aggregate_id.as_str()).collect(),
+            sequences: rows.iter().map(|r| r.sequence).collect(),
+            event_types: rows.iter().map(|r| r.event_type.as_str()).collect(),
+            versions: rows.iter().map(|r| r.event_version.as_str()).collect(),
+            payloads: rows.iter().map(|r| r.payload.as_str()).collect(),
+            metadata: rows.iter().map(|r| r.metadata.as_str()).collect(),
+            recorded: rows.iter().map(|r| r.recorded_at).collect(),
+            event_ids: rows.iter().map(|r| r.event_id).collect(),
+            prev_hashes: rows.iter().map(|r| r.prev_hash.to_vec()).collect(),
+            hashes: rows.iter().map(|r| r.hash.to_vec()).collect(),
+        }
+    }
+
+    fn bind<'q>(
+        &'q self,
+        query: sqlx::query::QueryAs<'q, Postgres, Inserted, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::QueryAs<'q, Postgres, Inserted, sqlx::postgres::PgArguments> {
+        query
+            .bind(&self.types)
+            .bind(&self.ids)
+            .bind(&self.sequences)
+            .bind(&self.event_types)
+            .bind(&self.versions)
+            .bind(&self.payloads)
+            .bind(&self.metadata)
+            .bind(&self.recorded)
+            .bind(&self.event_ids)
+            .bind(&self.prev_hashes)
+            .bind(&self.hashes)
+    }
+}
+
+/// The position of each of `rows`, in order, from what the INSERT returned.
+fn positions_of(rows: &[NewRow], inserted: Vec<Inserted>) -> Result<Vec<Position>, ExecError> {
     let by_row: HashMap<(String, String, i64), Position> = inserted
         .into_iter()
         .map(|(aggregate_type, aggregate_id, sequence, position, xid)| {
@@ -1093,30 +1214,45 @@ async fn insert_rows(
         .collect()
 }
 
+/// Inserts `rows` and returns the position of each, in order.
+async fn insert_rows(
+    executor: impl sqlx::PgExecutor<'_>,
+    rows: &[NewRow],
+) -> Result<Vec<Position>, ExecError> {
+    let events = EventColumns::of(rows);
+    let inserted: Vec<Inserted> = events
+        .bind(sqlx::query_as(insert_events_sql!()))
+        .fetch_all(executor)
+        .await
+        .map_err(db_error)?;
+    positions_of(rows, inserted)
+}
+
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 type Loader = fn(PgPool, String) -> BoxFuture<Result<Box<dyn Any + Send + Sync>, ExecError>>;
-type Cloner = fn(&(dyn Any + Send + Sync)) -> Box<dyn Any + Send + Sync>;
+type Fresh = fn() -> Box<dyn Any + Send + Sync>;
 type VersionOf = fn(&(dyn Any + Send + Sync)) -> i64;
-type Snapshotter = for<'a> fn(
-    &'a EventStore,
-    &'a mut Transaction<'static, Postgres>,
-    &'a str,
-    i64,
-    &'a (dyn Any + Send + Sync),
-) -> Pin<Box<dyn Future<Output = Result<(), ExecError>> + Send + 'a>>;
+type Snapshotter =
+    fn(&str, i64, i64, &(dyn Any + Send + Sync)) -> Result<Option<SnapshotRow>, ExecError>;
 
 /// A stream (one aggregate instance) that a unit of work reads or writes.
 pub struct StreamRef {
     key: LaneKey,
+    /// Declared new: no load query, the unit of work starts from the empty
+    /// state (a stream that exists after all is a conflict, then loaded).
+    new: bool,
     loader: Loader,
-    cloner: Cloner,
+    fresh: Fresh,
     version: VersionOf,
     snapshot: Snapshotter,
 }
 
 impl std::fmt::Debug for StreamRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("StreamRef").field(&self.key).finish()
+        f.debug_tuple("StreamRef")
+            .field(&self.key)
+            .field(&self.new)
+            .finish()
     }
 }
 
@@ -1131,53 +1267,100 @@ impl StreamRef {
                 Ok(Box::new(cached) as Box<dyn Any + Send + Sync>)
             })
         }
-        fn clone<A: Decide>(state: &(dyn Any + Send + Sync)) -> Box<dyn Any + Send + Sync> {
-            match state.downcast_ref::<Cached<A>>() {
-                Some(cached) => Box::new(cached.clone()),
-                None => Box::new(Cached::<A>::default()),
-            }
+        fn fresh<A: Decide>() -> Box<dyn Any + Send + Sync> {
+            Box::new(Cached::<A>::default())
         }
         fn version<A: Decide>(state: &(dyn Any + Send + Sync)) -> i64 {
             state
                 .downcast_ref::<Cached<A>>()
                 .map_or(0, |cached| cached.version)
         }
-        fn snapshot<'a, A: Decide>(
-            store: &'a EventStore,
-            tx: &'a mut Transaction<'static, Postgres>,
-            id: &'a str,
+        fn snapshot<A: Decide>(
+            id: &str,
+            every: i64,
             from_version: i64,
-            state: &'a (dyn Any + Send + Sync),
-        ) -> Pin<Box<dyn Future<Output = Result<(), ExecError>> + Send + 'a>> {
-            Box::pin(async move {
-                match state.downcast_ref::<Cached<A>>() {
-                    Some(cached) => {
-                        store
-                            .maybe_snapshot(tx, A::TYPE, id, from_version, cached)
-                            .await
-                    }
-                    None => Ok(()),
-                }
-            })
+            state: &(dyn Any + Send + Sync),
+        ) -> Result<Option<SnapshotRow>, ExecError> {
+            match state.downcast_ref::<Cached<A>>() {
+                Some(cached) => snapshot_row(id, every, from_version, cached),
+                None => Ok(None),
+            }
         }
         Self {
             key: LaneKey {
                 aggregate_type: A::TYPE,
                 aggregate_id: id.into(),
             },
+            new: false,
             loader: load::<A>,
-            cloner: clone::<A>,
+            fresh: fresh::<A>,
             version: version::<A>,
             snapshot: snapshot::<A>,
         }
     }
+
+    /// Declares the stream new (an id the caller has just generated, such
+    /// as a checkout's order): the unit of work skips loading it and starts
+    /// from the empty state. Safe if wrong: its first event then collides
+    /// with the stored one (a concurrency conflict), and the retry loads it.
+    pub fn new_stream(mut self) -> Self {
+        self.new = true;
+        self
+    }
+
+    /// Whether the stream was declared new.
+    pub fn is_new(&self) -> bool {
+        self.new
+    }
+}
+
+/// A snapshot to write with a unit of work's events.
+#[derive(Debug, Clone)]
+pub(crate) struct SnapshotRow {
+    aggregate_type: &'static str,
+    aggregate_id: String,
+    version: i64,
+    last_hash: [u8; 32],
+    payload: String,
+    state_version: i32,
+}
+
+/// Whether going from `from_version` to `to_version` passes a multiple of
+/// `every`, so a snapshot is written.
+fn snapshot_due(every: i64, from_version: i64, to_version: i64) -> bool {
+    let every = every.max(1);
+    to_version / every != from_version / every
+}
+
+/// The snapshot of `cached` when one is due since `from_version`.
+fn snapshot_row<A: Decide>(
+    id: &str,
+    every: i64,
+    from_version: i64,
+    cached: &Cached<A>,
+) -> Result<Option<SnapshotRow>, ExecError> {
+    if !snapshot_due(every, from_version, cached.version) {
+        return Ok(None);
+    }
+    let payload = serde_json::to_string(&cached.state)
+        .map_err(|error| ExecError::Internal(format!("serializing a snapshot: {error}")))?;
+    Ok(Some(SnapshotRow {
+        aggregate_type: A::TYPE,
+        aggregate_id: id.to_owned(),
+        version: cached.version,
+        last_hash: cached.last_hash,
+        payload,
+        state_version: A::STATE_VERSION,
+    }))
 }
 
 struct PlanEntry {
     working: Box<dyn Any + Send + Sync>,
     start_version: i64,
     rows: Vec<NewRow>,
-    cloner: Cloner,
+    /// The savepoint epoch in which this entry's state was last saved to the
+    /// undo log (see [`Plan::savepoint`]).
+    saved_in: u64,
 }
 
 /// The states of a unit of work's streams, and the events staged so far.
@@ -1185,6 +1368,21 @@ pub struct Plan<'c> {
     entries: BTreeMap<LaneKey, PlanEntry>,
     context: &'c CommandContext,
     timers: Vec<Timer>,
+    /// Incremented by every savepoint and rollback; 0 before the first
+    /// savepoint (nothing to undo, nothing saved).
+    epoch: u64,
+    /// States as they were before their first change in an epoch: what a
+    /// rollback puts back. An entry is copied only when it changes, at most
+    /// once per epoch, so a savepoint costs nothing for the streams that
+    /// do not change after it (a listing read at checkout).
+    undo: Vec<Undo>,
+}
+
+struct Undo {
+    epoch: u64,
+    key: LaneKey,
+    working: Box<dyn Any + Send + Sync>,
+    rows: usize,
 }
 
 impl std::fmt::Debug for Plan<'_> {
@@ -1197,7 +1395,7 @@ impl std::fmt::Debug for Plan<'_> {
 
 /// A point a [`Plan`] can go back to, undoing what was staged after it.
 pub struct Savepoint {
-    entries: Vec<(LaneKey, Box<dyn Any + Send + Sync>, usize)>,
+    epoch: u64,
     timers: usize,
 }
 
@@ -1213,6 +1411,8 @@ impl<'c> Plan<'c> {
             entries: BTreeMap::new(),
             context,
             timers: Vec::new(),
+            epoch: 0,
+            undo: Vec::new(),
         }
     }
 
@@ -1253,9 +1453,25 @@ impl<'c> Plan<'c> {
             .working
             .downcast_mut::<Cached<A>>()
             .ok_or_else(|| ExecError::Internal("stream type mismatch".into()))?;
-        let mut trial = cached.clone();
-        let rows = decide_rows(&mut trial, id, command, context)?;
-        *cached = trial;
+        // Refused: nothing changed, nothing to save.
+        let events = cached
+            .state
+            .decide(command)
+            .map_err(|error| ExecError::rejected(&error))?;
+        if events.is_empty() {
+            return Ok(0);
+        }
+        if self.epoch > 0 && entry.saved_in != self.epoch {
+            self.undo.push(Undo {
+                epoch: self.epoch,
+                key,
+                working: Box::new(cached.clone()),
+                rows: entry.rows.len(),
+            });
+            entry.saved_in = self.epoch;
+        }
+        // `chain_rows` changes nothing when it fails.
+        let rows = chain_rows(cached, id, events, context)?;
         let count = rows.len();
         entry.rows.extend(rows);
         Ok(count)
@@ -1263,31 +1479,34 @@ impl<'c> Plan<'c> {
 
     /// Remembers the current states, to undo later steps with
     /// [`Plan::rollback_to`] (a compensation that never reaches the log).
-    pub fn savepoint(&self) -> Savepoint {
+    /// Copies nothing now: a stream's state is copied when it first changes
+    /// after the savepoint.
+    pub fn savepoint(&mut self) -> Savepoint {
+        self.epoch += 1;
         Savepoint {
-            entries: self
-                .entries
-                .iter()
-                .map(|(key, entry)| {
-                    (
-                        key.clone(),
-                        (entry.cloner)(entry.working.as_ref()),
-                        entry.rows.len(),
-                    )
-                })
-                .collect(),
+            epoch: self.epoch,
             timers: self.timers.len(),
         }
     }
 
     pub fn rollback_to(&mut self, savepoint: Savepoint) {
         self.timers.truncate(savepoint.timers);
-        for (key, working, rows) in savepoint.entries {
-            if let Some(entry) = self.entries.get_mut(&key) {
-                entry.working = working;
-                entry.rows.truncate(rows);
+        // Newest first, so each stream ends as it was at its oldest copy
+        // since the savepoint: as it was at the savepoint.
+        while self
+            .undo
+            .last()
+            .is_some_and(|undo| undo.epoch >= savepoint.epoch)
+        {
+            let Some(undo) = self.undo.pop() else { break };
+            if let Some(entry) = self.entries.get_mut(&undo.key) {
+                entry.working = undo.working;
+                entry.rows.truncate(undo.rows);
             }
         }
+        // A new epoch: the next change of any stream is saved again, for
+        // the savepoints still open before this one.
+        self.epoch += 1;
     }
 
     /// Arms `timer` in the transaction of the staged events.
@@ -1298,5 +1517,119 @@ impl<'c> Plan<'c> {
     /// Whether anything is staged.
     pub fn is_empty(&self) -> bool {
         self.entries.values().all(|entry| entry.rows.is_empty())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use domain::Aggregate;
+    use domain::values::{Actor, Currency, Money, Reference, Role, UserId, WalletId};
+    use domain::wallet::{Wallet, WalletCommand};
+
+    use super::*;
+
+    fn admin() -> Actor {
+        Actor::new(UserId::new(), Role::Admin)
+    }
+
+    fn deposit(amount: i64) -> WalletCommand {
+        WalletCommand::Deposit {
+            actor: admin(),
+            amount: Money::parse_positive(amount, "EUR").unwrap(),
+            reference: Reference::parse("reference", "test").unwrap(),
+        }
+    }
+
+    /// A plan over two new wallets, the first one opened.
+    fn plan(context: &CommandContext) -> (Plan<'_>, String, String) {
+        let mut plan = Plan::new(context);
+        let ids = [WalletId::new(), WalletId::new()];
+        for id in ids {
+            plan.entries.insert(
+                LaneKey {
+                    aggregate_type: Wallet::TYPE,
+                    aggregate_id: id.to_string(),
+                },
+                PlanEntry {
+                    working: Box::new(Cached::<Wallet>::default()),
+                    start_version: 0,
+                    rows: Vec::new(),
+                    saved_in: 0,
+                },
+            );
+        }
+        let owner = Actor::new(UserId::new(), Role::Buyer);
+        plan.decide::<Wallet>(
+            &ids[0].to_string(),
+            WalletCommand::Open {
+                actor: owner,
+                wallet_id: ids[0],
+                currency: Currency::parse("EUR").unwrap(),
+            },
+        )
+        .unwrap();
+        (plan, ids[0].to_string(), ids[1].to_string())
+    }
+
+    fn rows_of(plan: &Plan, id: &str) -> usize {
+        plan.entries
+            .iter()
+            .find(|(key, _)| key.aggregate_id == id)
+            .map_or(0, |(_, entry)| entry.rows.len())
+    }
+
+    #[test]
+    fn a_rollback_restores_the_states_and_rows_of_its_savepoint_only() {
+        let context = CommandContext::new(Uuid::now_v7(), "admin", Uuid::now_v7());
+        let (mut plan, wallet, untouched) = plan(&context);
+        let outer = plan.savepoint();
+        plan.decide::<Wallet>(&wallet, deposit(10)).unwrap();
+        let inner = plan.savepoint();
+        plan.decide::<Wallet>(&wallet, deposit(20)).unwrap();
+        plan.decide::<Wallet>(&wallet, deposit(40)).unwrap();
+        assert_eq!(plan.state::<Wallet>(&wallet).unwrap().available(), 70);
+        // Copied once per savepoint, and only the stream that changed.
+        assert_eq!(plan.undo.len(), 2);
+
+        plan.rollback_to(inner);
+        assert_eq!(plan.state::<Wallet>(&wallet).unwrap().available(), 10);
+        assert_eq!(plan.version::<Wallet>(&wallet).unwrap(), 2);
+        assert_eq!(rows_of(&plan, &wallet), 2);
+
+        // Changes after the rollback are undone by the outer savepoint too.
+        plan.decide::<Wallet>(&wallet, deposit(5)).unwrap();
+        assert_eq!(plan.state::<Wallet>(&wallet).unwrap().available(), 15);
+        plan.rollback_to(outer);
+        assert_eq!(plan.state::<Wallet>(&wallet).unwrap().available(), 0);
+        assert_eq!(plan.version::<Wallet>(&wallet).unwrap(), 1);
+        assert_eq!(rows_of(&plan, &wallet), 1);
+        assert!(plan.undo.is_empty());
+        assert!(!plan.state::<Wallet>(&untouched).unwrap().exists());
+
+        // The chain goes on from the restored head: sequence 2 follows 1.
+        plan.decide::<Wallet>(&wallet, deposit(1)).unwrap();
+        let entry = plan
+            .entries
+            .values()
+            .find(|entry| !entry.rows.is_empty())
+            .unwrap();
+        assert_eq!(entry.rows[1].sequence, 2);
+        assert_eq!(entry.rows[1].prev_hash, entry.rows[0].hash);
+    }
+
+    #[test]
+    fn a_refused_decision_changes_and_copies_nothing() {
+        let context = CommandContext::new(Uuid::now_v7(), "admin", Uuid::now_v7());
+        let (mut plan, wallet, untouched) = plan(&context);
+        let _savepoint = plan.savepoint();
+        // Depositing into a wallet that was never opened is refused.
+        assert!(matches!(
+            plan.decide::<Wallet>(&untouched, deposit(10)),
+            Err(ExecError::Rejected { .. })
+        ));
+        assert!(plan.undo.is_empty());
+        assert_eq!(rows_of(&plan, &untouched), 0);
+        assert_eq!(rows_of(&plan, &wallet), 1);
+        assert!(!plan.is_empty());
     }
 }

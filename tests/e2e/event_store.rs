@@ -10,6 +10,7 @@ use domain::Decide;
 use domain::values::{Actor, Currency, Money, Reference, Role, UserId, WalletId};
 use domain::wallet::{Wallet, WalletCommand};
 use event_store::global::read_after;
+use event_store::store::StreamRef;
 use event_store::verify::{ProblemKind, verify_chains};
 use event_store::{CommandContext, EventStore, Position, Reply, StoreConfig};
 use sqlx::postgres::PgPool;
@@ -483,6 +484,224 @@ async fn a_refused_command_writes_nothing_and_keeps_the_cache_right() {
         .unwrap();
     assert_eq!(count, 3);
     assert!(state.exists());
+}
+
+/// The plan of the test below: open the wallet if it looks new, else
+/// deposit 7 cents into it.
+fn open_or_deposit(
+    wallet_id: WalletId,
+) -> impl Fn(&mut event_store::store::Plan) -> Result<&'static str, event_store::ExecError>
++ Send
++ Sync
++ 'static {
+    move |plan| {
+        let id = wallet_id.to_string();
+        if plan.state::<Wallet>(&id)?.exists() {
+            plan.decide::<Wallet>(
+                &id,
+                WalletCommand::Deposit {
+                    actor: admin(),
+                    amount: Money::parse_positive(7, "EUR").unwrap(),
+                    reference: Reference::parse("reference", "after all").unwrap(),
+                },
+            )?;
+            Ok("deposited")
+        } else {
+            plan.decide::<Wallet>(
+                &id,
+                WalletCommand::Open {
+                    actor: Actor::new(UserId::new(), Role::Buyer),
+                    wallet_id,
+                    currency: Currency::parse("EUR").unwrap(),
+                },
+            )?;
+            Ok("opened")
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_stream_wrongly_declared_new_is_a_conflict_then_decided_on_its_stored_state() {
+    let db = TestDb::migrated().await;
+    let (store, pool) = store_on(&db).await;
+    let wallet = open_wallet(&store).await;
+    deposit(&store, wallet, 100).await;
+
+    // Another process (an empty cache) declares the existing wallet new:
+    // its first try starts from the empty state and opens it, the INSERT of
+    // sequence 1 collides, and the retry loads the wallet and deposits.
+    let other = EventStore::new(pool.clone(), StoreConfig::default());
+    let accepted = other
+        .execute_multi(
+            vec![StreamRef::of::<Wallet>(wallet.to_string()).new_stream()],
+            context(),
+            None,
+            open_or_deposit(wallet),
+            |outcome, committed| {
+                (
+                    200,
+                    serde_json::json!({"outcome": outcome, "position": committed.last().token()}),
+                )
+            },
+        )
+        .await
+        .expect("retried after the conflict");
+    assert_eq!(accepted.body["outcome"], "deposited");
+    let (state, version) = other.state::<Wallet>(&wallet.to_string()).await.unwrap();
+    assert_eq!(
+        (state.available(), version),
+        (107, 3),
+        "the cache holds the stored state"
+    );
+    let (stored, _) = EventStore::new(pool.clone(), StoreConfig::default())
+        .load::<Wallet>(&wallet.to_string())
+        .await
+        .unwrap();
+    assert_eq!(stored.available(), 107);
+    assert!(verify_chains(&pool, None).await.unwrap().is_intact());
+
+    // Declared new and really new: written from the empty state, no load.
+    let fresh = WalletId::new();
+    let accepted = other
+        .execute_multi(
+            vec![StreamRef::of::<Wallet>(fresh.to_string()).new_stream()],
+            context(),
+            None,
+            open_or_deposit(fresh),
+            |outcome, _| (201, serde_json::json!({"outcome": outcome})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(accepted.body["outcome"], "opened");
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        count, 4,
+        "open + deposit, the retried deposit, the new wallet's opening"
+    );
+}
+
+/// A unit of work: deposit `amount` into `wallet` and arm timer `timer_id`.
+fn deposit_with_timer(
+    wallet: WalletId,
+    amount: i64,
+    timer_id: Uuid,
+) -> impl Fn(&mut event_store::store::Plan) -> Result<(), event_store::ExecError> + Send + Sync + 'static
+{
+    move |plan| {
+        plan.decide::<Wallet>(
+            &wallet.to_string(),
+            WalletCommand::Deposit {
+                actor: admin(),
+                amount: Money::parse_positive(amount, "EUR").unwrap(),
+                reference: Reference::parse("reference", "unit").unwrap(),
+            },
+        )?;
+        plan.schedule(event_store::store::Timer {
+            timer_id,
+            kind: "test".into(),
+            due_at: chrono::Utc::now(),
+            payload: serde_json::json!({"amount": amount}),
+        });
+        Ok(())
+    }
+}
+
+/// A unit of work with a timer and a due snapshot commits them with its
+/// events (one statement), and only with them.
+#[tokio::test]
+async fn a_unit_of_work_writes_its_timer_and_snapshot_with_its_events() {
+    let db = TestDb::migrated().await;
+    let pool = db.pool().await;
+    let store = EventStore::new(
+        pool.clone(),
+        StoreConfig {
+            snapshot_every: 2,
+            ..StoreConfig::default()
+        },
+    );
+    let wallet = open_wallet(&store).await;
+    let timer_id = Uuid::now_v7();
+    let unit = |amount| deposit_with_timer(wallet, amount, timer_id);
+    store
+        .execute_multi(
+            vec![StreamRef::of::<Wallet>(wallet.to_string())],
+            context(),
+            None,
+            unit(5),
+            |_, committed| {
+                (
+                    200,
+                    serde_json::json!({"position": committed.last().token()}),
+                )
+            },
+        )
+        .await
+        .unwrap();
+    let timers: i64 = sqlx::query_scalar("SELECT count(*) FROM timers WHERE timer_id = $1")
+        .bind(timer_id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(timers, 1);
+    let (last_sequence, payload): (i64, serde_json::Value) =
+        sqlx::query_as("SELECT last_sequence, payload FROM snapshots WHERE aggregate_id = $1")
+            .bind(wallet.to_string())
+            .fetch_one(&pool)
+            .await
+            .expect("version 2 crosses snapshot_every");
+    assert_eq!(last_sequence, 2);
+    assert_eq!(
+        serde_json::from_value::<Wallet>(payload)
+            .unwrap()
+            .available(),
+        5
+    );
+    let heads: i64 =
+        sqlx::query_scalar("SELECT sequence FROM stream_heads WHERE aggregate_id = $1")
+            .bind(wallet.to_string())
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(heads, 2, "the stream head moved with the events");
+
+    // A second process with a stale cache: its statement collides, and
+    // the retry, decided on the stored state, writes the next snapshot.
+    let other = EventStore::new(
+        pool.clone(),
+        StoreConfig {
+            snapshot_every: 2,
+            ..StoreConfig::default()
+        },
+    );
+    other.state::<Wallet>(&wallet.to_string()).await.unwrap();
+    deposit(&store, wallet, 1).await;
+    other
+        .execute_multi(
+            vec![StreamRef::of::<Wallet>(wallet.to_string())],
+            context(),
+            None,
+            unit(10),
+            |_, _| (200, serde_json::json!({})),
+        )
+        .await
+        .unwrap();
+    let (last_sequence, payload): (i64, serde_json::Value) =
+        sqlx::query_as("SELECT last_sequence, payload FROM snapshots WHERE aggregate_id = $1")
+            .bind(wallet.to_string())
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(last_sequence, 4);
+    assert_eq!(
+        serde_json::from_value::<Wallet>(payload)
+            .unwrap()
+            .available(),
+        16
+    );
+    assert!(verify_chains(&pool, None).await.unwrap().is_intact());
 }
 
 /// Writers the test below runs at once, and events each commits (one per

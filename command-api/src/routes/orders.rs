@@ -19,7 +19,7 @@ use domain::order::{
 use domain::values::{
     Actor, Comment, HoldId, Label, ListingId, OrderId, Reason, Reference, ValidationError, WalletId,
 };
-use event_store::journey::stream_refs;
+use event_store::journey::{stream_refs, stream_refs_creating};
 use event_store::{ExecError, Plan};
 use http_kit::openapi::Routes;
 use http_kit::openapi::{AcceptedBody, FieldDocs, text, text_or_null};
@@ -180,7 +180,7 @@ async fn checkout(
     let accepted = state
         .store
         .execute_multi(
-            stream_refs(checkout.streams()),
+            stream_refs_creating(checkout.streams(), checkout.created_streams()),
             meta.context(&user),
             meta.idempotency(&user, &body.sha256),
             move |plan| Ok(checkout.run(plan, now, &deadlines)?),

@@ -165,6 +165,16 @@ impl Checkout {
         streams
     }
 
+    /// The streams the checkout creates: its orders, whose ids `plan` has
+    /// just generated, so they have no events yet (an executor may skip
+    /// loading them).
+    pub fn created_streams(&self) -> Vec<Stream> {
+        self.orders
+            .iter()
+            .map(|order| Stream::Order(order.order_id))
+            .collect()
+    }
+
     /// Places every order of the checkout at `now`.
     pub fn run<S: Stage>(
         &self,

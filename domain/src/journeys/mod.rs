@@ -58,7 +58,7 @@ pub trait Stage {
     /// nothing and comes back as [`JourneyError::Refused`].
     fn decide<A: Decide>(&mut self, id: &str, command: A::Command) -> Result<(), JourneyError>;
 
-    fn savepoint(&self) -> Self::Savepoint;
+    fn savepoint(&mut self) -> Self::Savepoint;
 
     fn rollback_to(&mut self, savepoint: Self::Savepoint);
 

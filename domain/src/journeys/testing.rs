@@ -185,7 +185,7 @@ impl Stage for Memory {
         Ok(())
     }
 
-    fn savepoint(&self) -> MemorySavepoint {
+    fn savepoint(&mut self) -> MemorySavepoint {
         MemorySavepoint {
             states: self.states.clone(),
             events: self.events.len(),

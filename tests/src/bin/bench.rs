@@ -228,6 +228,15 @@ struct Args {
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     checkout_sellers: u64,
 
+    /// Open-loop checkout rates, checkouts per second (comma-separated,
+    /// e.g. `800,1000`): after their closed-loop rounds, the checkout rows
+    /// run again at each rate, the checkouts scheduled evenly over the
+    /// `--concurrency` connections and each one's latency counted from its
+    /// scheduled time (a connection that falls behind sends late, and that
+    /// wait counts).
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    checkout_rate: Vec<u32>,
+
     /// Maintenance database the benchmark creates its databases from.
     #[arg(
         long,
@@ -299,7 +308,7 @@ async fn run(args: &Args, databases: &Databases) -> anyhow::Result<()> {
         let http = HttpTarget::set_up(args, databases, &binary()?, None).await?;
         targets.push(Target::Http(http));
     }
-    let measured = measure_rounds(args, &mut targets, "").await?;
+    let measured = measure_rounds(args, &mut targets, "", None).await?;
     for (target, measured) in targets.into_iter().zip(measured) {
         match target {
             Target::Raw(_) => report.raw = Some(measured),
@@ -323,7 +332,7 @@ async fn run(args: &Args, databases: &Databases) -> anyhow::Result<()> {
                 HttpTarget::set_up(args, databases, &binary()?, Some(args.rate_limit)).await?,
             ),
         ];
-        let measured = measure_rounds(args, &mut pair, "limiter: ").await?;
+        let measured = measure_rounds(args, &mut pair, "limiter: ", None).await?;
         for (target, measured) in pair.into_iter().zip(measured) {
             let Target::Http(http) = target else {
                 bail!("a row other than HTTP in the limiter group");
@@ -359,7 +368,18 @@ async fn run(args: &Args, databases: &Databases) -> anyhow::Result<()> {
                 CheckoutTarget::set_up(args, &api, shape).await?,
             ));
         }
-        let measured = measure_rounds(args, &mut targets, "").await?;
+        let measured = measure_rounds(args, &mut targets, "", None).await?;
+        for &rate in &args.checkout_rate {
+            let label = format!("open loop {rate}/s: ");
+            let at_rate = measure_rounds(args, &mut targets, &label, Some(rate)).await?;
+            for (target, measured) in targets.iter().zip(at_rate) {
+                report.checkouts_open.push(OpenRun {
+                    name: target.name().to_owned(),
+                    rate,
+                    measured,
+                });
+            }
+        }
         api.check_alive()?;
         let pool = PgPoolOptions::new()
             .max_connections(1)
@@ -401,6 +421,7 @@ async fn measure_rounds(
     args: &Args,
     targets: &mut [Target],
     label: &str,
+    rate: Option<u32>,
 ) -> anyhow::Result<Vec<Measured>> {
     let mut measured: Vec<Measured> = targets.iter().map(|_| Measured::default()).collect();
     for round in 0..args.rounds as usize {
@@ -410,7 +431,7 @@ async fn measure_rounds(
             let target = &mut targets[index];
             let remaining = args.max_commands.saturating_sub(measured[index].commands);
             let ops = target.start_slice(args).await?;
-            let slice = drive(args, ops, target.server_pid(), remaining).await;
+            let slice = drive(args, ops, target.server_pid(), remaining, rate).await;
             target.end_slice().await?;
             let slice = slice?;
             eprintln!(
@@ -687,25 +708,49 @@ impl Measured {
 
 /// Runs one op per task, in a loop, for the warm-up then one slice of
 /// measured time (or until `max_commands` measured commands were started).
+/// Closed loop (`rate` None): each task sends its next op as soon as the
+/// last one is answered. Open loop: `rate` ops per second in all, task `t`
+/// of `n` sending its `k`-th at `(k * n + t) / rate` seconds from the start
+/// (or as soon as its previous op is answered, if later), its latency
+/// counted from that scheduled time.
 async fn drive(
     args: &Args,
     ops: Vec<Op>,
     server_pid: Option<u32>,
     max_commands: u64,
+    rate: Option<u32>,
 ) -> anyhow::Result<Measured> {
     let start = Instant::now();
     let measure_from = start + Duration::from_secs(args.warmup_seconds);
     let stop_at = measure_from + args.slice();
     let started = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::with_capacity(ops.len());
-    for mut op in ops {
+    let task_count = ops.len();
+    let mut tasks = Vec::with_capacity(task_count);
+    for (t, mut op) in ops.into_iter().enumerate() {
         let started = started.clone();
+        // (interval between this task's ops, its first op's offset)
+        let pace = rate.map(|rate| {
+            let rate = f64::from(rate);
+            (
+                Duration::from_secs_f64(task_count as f64 / rate),
+                Duration::from_secs_f64(t as f64 / rate),
+            )
+        });
         tasks.push(tokio::spawn(async move {
             let mut latencies_us = Vec::new();
             let mut errors = 0u64;
             let mut first_error = None;
+            let mut sent = 0u32;
             loop {
-                let begun = Instant::now();
+                let begun = match pace {
+                    Some((every, offset)) => {
+                        let due = start + offset + every * sent;
+                        sent += 1;
+                        tokio::time::sleep_until(due.into()).await;
+                        due
+                    }
+                    None => Instant::now(),
+                };
                 if begun >= stop_at {
                     break;
                 }
@@ -1734,6 +1779,14 @@ impl CheckoutTarget {
     }
 }
 
+/// A checkout row driven open loop at `rate` checkouts per second.
+#[derive(Debug, Clone)]
+struct OpenRun {
+    name: String,
+    rate: u32,
+    measured: Measured,
+}
+
 /// What a checkout row measured and counted.
 #[derive(Debug, Clone)]
 struct CheckoutRun {
@@ -1854,6 +1907,8 @@ struct Report {
     limiter_off: Option<Measured>,
     limiter_on: Option<Measured>,
     checkouts: Vec<CheckoutRun>,
+    /// The checkout rows again at each `--checkout-rate`.
+    checkouts_open: Vec<OpenRun>,
     snapshot: Option<SnapshotRun>,
 }
 
@@ -2116,6 +2171,27 @@ impl Report {
                     many.name,
                     one.name,
                     verdict(ratio >= TARGET_SELLERS_VS_ONE_SELLER && many.measured.errors == 0)
+                );
+            }
+            if !self.checkouts_open.is_empty() {
+                let _ = writeln!(
+                    out,
+                    "  open loop (checkouts scheduled at a fixed rate over the {} connections, latency from the scheduled time):",
+                    args.concurrency
+                );
+            }
+            for run in &self.checkouts_open {
+                let m = &run.measured;
+                let p99 = m.percentile_ms(99.0);
+                let _ = writeln!(
+                    out,
+                    "  {:<24} at {:>5}/s: {:>6.0}/s answered, p50 {:.2} ms, p99 {p99:.2} ms, {} errors   p99 <= {TARGET_CHECKOUT_P99_MS:.0} ms: {}",
+                    run.name,
+                    run.rate,
+                    m.per_second(),
+                    m.percentile_ms(50.0),
+                    m.errors,
+                    verdict(p99 <= TARGET_CHECKOUT_P99_MS && m.errors == 0)
                 );
             }
         }
