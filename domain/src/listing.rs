@@ -226,6 +226,55 @@ impl ListingDetails {
     }
 }
 
+/// A partial change of a listing's details: a field left `None` keeps its
+/// value. The merge is pure; the listing validates the result.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DetailChanges {
+    pub title: Option<Title>,
+    pub description: Option<Description>,
+    pub category: Option<Label>,
+    /// A new subcategory; `None` keeps the current one (there is no way to
+    /// clear it).
+    pub subcategory: Option<Label>,
+    pub condition: Option<Condition>,
+    pub location: Option<Location>,
+    /// Replaces all attributes.
+    pub attributes: Option<Attributes>,
+    /// Replaces all images.
+    pub images: Option<Vec<Url>>,
+}
+
+impl DetailChanges {
+    /// `details` with these changes over them.
+    pub fn apply(self, mut details: ListingDetails) -> ListingDetails {
+        if let Some(v) = self.title {
+            details.title = v
+        }
+        if let Some(v) = self.description {
+            details.description = v
+        }
+        if let Some(v) = self.category {
+            details.category = v
+        }
+        if let Some(v) = self.subcategory {
+            details.subcategory = Some(v)
+        }
+        if let Some(v) = self.condition {
+            details.condition = v
+        }
+        if let Some(v) = self.location {
+            details.location = v
+        }
+        if let Some(v) = self.attributes {
+            details.attributes = v
+        }
+        if let Some(v) = self.images {
+            details.images = v
+        }
+        details
+    }
+}
+
 /// State of one listing. Meaningful only once [`Decide::exists`].
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Listing {

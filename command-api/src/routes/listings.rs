@@ -1,5 +1,6 @@
 //! Listing routes: create (`domain::journeys::NewListing`: listing, stock
-//! pool and timeline entry in one transaction), price, details,
+//! pool and timeline entry in one transaction), price
+//! (`domain::journeys::PriceChange`), details (`domain::journeys::DetailsUpdate`),
 //! pause/resume/delete, stock, reservations (`domain::journeys::HoldRequest`)
 //! and their release (`domain::journeys::release_hold`).
 
@@ -8,14 +9,13 @@ use axum::response::Response;
 use chrono::Utc;
 use domain::Decide;
 use domain::journeys::{self, JourneyError, Stream};
-use domain::listing::{Condition, Listing, ListingCommand, ListingDetails};
+use domain::listing::{Condition, DetailChanges, Listing, ListingCommand, ListingDetails};
 use domain::reservation::{Reservation, ReservationCommand};
-use domain::timeline::{ProductTimeline, TimelineCommand, TimelineEntry};
 use domain::values::{
     Actor, Description, HoldId, Label, ListingId, Location, ProductId, Reason, Title, Url, WalletId,
 };
+use event_store::Timer;
 use event_store::journey::stream_refs;
-use event_store::{StreamRef, Timer};
 use http_kit::openapi::Routes;
 use http_kit::openapi::{AcceptedBody, FieldDocs, text, text_or_null};
 use http_kit::{ApiError, AuthUser, IdPair, IdPath, JsonBody, RequestMeta};
@@ -305,42 +305,19 @@ async fn change_price(
     let price = body.value.price.parse("price")?;
     let listing_id = ListingId::from_uuid(id);
     let product_id = existing_listing(&state, listing_id).await?.product_id();
-    let actor = user.actor();
+    let change = journeys::PriceChange {
+        listing_id,
+        product_id,
+        actor: user.actor(),
+        price,
+    };
     let accepted = state
         .store
         .execute_multi(
-            vec![
-                StreamRef::of::<Listing>(listing_id.to_string()),
-                StreamRef::of::<ProductTimeline>(product_id.to_string()),
-            ],
+            stream_refs(change.streams()),
             meta.context(&user),
             meta.idempotency(&user, &body.sha256),
-            move |plan| {
-                plan.decide::<Listing>(
-                    &listing_id.to_string(),
-                    ListingCommand::ChangePrice {
-                        actor,
-                        price: price.clone(),
-                    },
-                )?;
-                if plan
-                    .state::<ProductTimeline>(&product_id.to_string())?
-                    .exists()
-                {
-                    plan.decide::<ProductTimeline>(
-                        &product_id.to_string(),
-                        TimelineCommand::Record {
-                            actor: Actor::system(),
-                            product_id,
-                            entry: TimelineEntry::PriceChanged {
-                                listing_id,
-                                price: price.clone(),
-                            },
-                        },
-                    )?;
-                }
-                Ok(())
-            },
+            move |plan| Ok(change.run(plan)?),
             move |(), committed| single_body::<Listing>(200, &listing_id.to_string(), committed),
         )
         .await
@@ -381,48 +358,6 @@ pub struct UpdateDetails {
     attributes: Option<serde_json::Map<String, serde_json::Value>>,
     #[schema(schema_with = crate::openapi::images_or_null)]
     images: Option<Vec<String>>,
-}
-
-#[derive(Debug, Clone, Default)]
-struct DetailChanges {
-    title: Option<Title>,
-    description: Option<Description>,
-    category: Option<Label>,
-    subcategory: Option<Label>,
-    condition: Option<Condition>,
-    location: Option<Location>,
-    attributes: Option<domain::listing::Attributes>,
-    images: Option<Vec<Url>>,
-}
-
-impl DetailChanges {
-    fn apply(self, mut details: ListingDetails) -> ListingDetails {
-        if let Some(v) = self.title {
-            details.title = v
-        }
-        if let Some(v) = self.description {
-            details.description = v
-        }
-        if let Some(v) = self.category {
-            details.category = v
-        }
-        if let Some(v) = self.subcategory {
-            details.subcategory = Some(v)
-        }
-        if let Some(v) = self.condition {
-            details.condition = v
-        }
-        if let Some(v) = self.location {
-            details.location = v
-        }
-        if let Some(v) = self.attributes {
-            details.attributes = v
-        }
-        if let Some(v) = self.images {
-            details.images = v
-        }
-        details
-    }
 }
 
 /// Change a listing's details
@@ -479,25 +414,18 @@ async fn update_details(
         images: request.images.as_deref().map(parse_images).transpose()?,
     };
     let listing_id = ListingId::from_uuid(id);
-    let actor = user.actor();
+    let update = journeys::DetailsUpdate {
+        listing_id,
+        actor: user.actor(),
+        changes,
+    };
     let accepted = state
         .store
         .execute_multi(
-            vec![StreamRef::of::<Listing>(listing_id.to_string())],
+            stream_refs(update.streams()),
             meta.context(&user),
             meta.idempotency(&user, &body.sha256),
-            move |plan| {
-                let current = plan
-                    .state::<Listing>(&listing_id.to_string())?
-                    .details()
-                    .clone();
-                let details = changes.clone().apply(current);
-                plan.decide::<Listing>(
-                    &listing_id.to_string(),
-                    ListingCommand::UpdateDetails { actor, details },
-                )?;
-                Ok(())
-            },
+            move |plan| Ok(update.run(plan)?),
             move |(), committed| single_body::<Listing>(200, &listing_id.to_string(), committed),
         )
         .await

@@ -1,14 +1,16 @@
 //! A seller lists an item: the listing, its stock pool and its product's
 //! timeline entry are written together, after the payout wallet (when one
 //! is named) is checked to be the seller's own and in the price's currency.
-//! A buyer's hold outside an order is planned here too: only an active
-//! listing takes one.
+//! A seller changes a listing's price (recorded on its product's timeline
+//! when the product has one) or its details (a partial change merged over
+//! the current ones). A buyer's hold outside an order is planned here too:
+//! only an active listing takes one.
 
 use chrono::{DateTime, Utc};
 
 use super::{JourneyError, Stage, Stream, Timer, key};
 use crate::Decide;
-use crate::listing::{Listing, ListingCommand, ListingDetails, ListingStatus};
+use crate::listing::{DetailChanges, Listing, ListingCommand, ListingDetails, ListingStatus};
 use crate::reservation::{Reservation, ReservationCommand};
 use crate::timeline::{ProductTimeline, TimelineCommand, TimelineEntry};
 use crate::values::{Actor, HoldId, ListingId, Money, ProductId, WalletId};
@@ -113,6 +115,89 @@ impl NewListing {
     }
 }
 
+/// A seller's (or an admin's) new price for a listing. The product is the
+/// listing's own, read before the unit of work so that its timeline can be
+/// declared; a listing's product never changes.
+#[derive(Debug, Clone)]
+pub struct PriceChange {
+    pub listing_id: ListingId,
+    pub product_id: ProductId,
+    pub actor: Actor,
+    /// The new price of one unit, in the listing's currency.
+    pub price: Money,
+}
+
+impl PriceChange {
+    /// Every stream the change reads or writes.
+    pub fn streams(&self) -> Vec<Stream> {
+        vec![
+            Stream::Listing(self.listing_id),
+            Stream::Timeline(self.product_id),
+        ]
+    }
+
+    /// Changes the price (the listing refuses someone who may not manage
+    /// it, a missing or deleted listing, another currency, the same price)
+    /// and records `PriceChanged` on the product's timeline if it exists;
+    /// a listing whose product has no timeline still changes its price.
+    pub fn run<S: Stage>(&self, stage: &mut S) -> Result<(), JourneyError> {
+        stage.decide::<Listing>(
+            &key(self.listing_id),
+            ListingCommand::ChangePrice {
+                actor: self.actor,
+                price: self.price.clone(),
+            },
+        )?;
+        if !stage
+            .state::<ProductTimeline>(&key(self.product_id))?
+            .exists()
+        {
+            return Ok(());
+        }
+        stage.decide::<ProductTimeline>(
+            &key(self.product_id),
+            TimelineCommand::Record {
+                actor: Actor::system(),
+                product_id: self.product_id,
+                entry: TimelineEntry::PriceChanged {
+                    listing_id: self.listing_id,
+                    price: self.price.clone(),
+                },
+            },
+        )
+    }
+}
+
+/// A seller's (or an admin's) change of some of a listing's details.
+#[derive(Debug, Clone)]
+pub struct DetailsUpdate {
+    pub listing_id: ListingId,
+    pub actor: Actor,
+    pub changes: DetailChanges,
+}
+
+impl DetailsUpdate {
+    /// Every stream the update reads or writes.
+    pub fn streams(&self) -> Vec<Stream> {
+        vec![Stream::Listing(self.listing_id)]
+    }
+
+    /// Merges the changes over the listing's current details and replaces
+    /// them (the listing refuses someone who may not manage it, a missing
+    /// or deleted listing, details out of bounds).
+    pub fn run<S: Stage>(&self, stage: &mut S) -> Result<(), JourneyError> {
+        let current = stage.state::<Listing>(&key(self.listing_id))?.details();
+        let details = self.changes.clone().apply(current.clone());
+        stage.decide::<Listing>(
+            &key(self.listing_id),
+            ListingCommand::UpdateDetails {
+                actor: self.actor,
+                details,
+            },
+        )
+    }
+}
+
 /// A buyer's request to hold stock of a listing outside an order.
 #[derive(Debug, Clone)]
 pub struct HoldRequest {
@@ -185,7 +270,7 @@ mod tests {
     use super::super::testing::Memory;
     use super::*;
     use crate::DomainError;
-    use crate::listing::{Condition, parse_attributes};
+    use crate::listing::{Condition, DetailChanges, parse_attributes};
     use crate::timeline::ProductTimeline;
     use crate::values::{Currency, Description, Label, Location, Role, Title, Url, UserId};
     use crate::wallet::WalletCommand;
@@ -473,5 +558,233 @@ mod tests {
             }
             other => panic!("not a reserve: {other:?}"),
         }
+    }
+
+    // ---- price ---------------------------------------------------------------
+
+    fn admin() -> Actor {
+        Actor::new(UserId::from_uuid(Uuid::from_u128(99)), Role::Admin)
+    }
+    fn price_change(actor: Actor, price: Money) -> PriceChange {
+        PriceChange {
+            listing_id: listing_id(1),
+            product_id: product_id(),
+            actor,
+            price,
+        }
+    }
+    fn change_price(memory: &mut Memory, change: &PriceChange) -> Result<(), JourneyError> {
+        memory.when(change.streams(), |stage| change.run(stage))
+    }
+
+    #[test]
+    fn a_new_price_changes_the_listing_and_is_recorded_on_its_products_timeline() {
+        let mut memory = Memory::default();
+        create(&mut memory, &new_listing(1, None)).unwrap();
+
+        change_price(&mut memory, &price_change(seller(), money(3_900, "EUR"))).unwrap();
+
+        assert_eq!(
+            memory.events::<Listing>(listing_id(1)),
+            ["ListingPriceChanged"]
+        );
+        assert_eq!(
+            memory.events::<ProductTimeline>(product_id()),
+            ["EntryRecorded"]
+        );
+        assert_eq!(
+            memory.get::<Listing>(listing_id(1)).price(),
+            &money(3_900, "EUR")
+        );
+        assert_eq!(memory.get::<ProductTimeline>(product_id()).entries(), 2);
+        assert!(memory.timers().is_empty());
+    }
+
+    #[test]
+    fn an_admin_changes_the_price_too() {
+        let mut memory = Memory::default();
+        create(&mut memory, &new_listing(1, None)).unwrap();
+
+        change_price(&mut memory, &price_change(admin(), money(3_900, "EUR"))).unwrap();
+
+        assert_eq!(
+            memory.get::<Listing>(listing_id(1)).price(),
+            &money(3_900, "EUR")
+        );
+    }
+
+    #[test]
+    fn a_listing_whose_product_has_no_timeline_still_changes_its_price() {
+        let mut memory = Memory::default();
+        // A listing created before products had timelines.
+        memory.given::<Listing>(
+            listing_id(1),
+            ListingCommand::Create {
+                actor: seller(),
+                listing_id: listing_id(1),
+                product_id: product_id(),
+                details: details(),
+                price: money(4_500, "EUR"),
+                payout_wallet: None,
+            },
+        );
+
+        change_price(&mut memory, &price_change(seller(), money(3_900, "EUR"))).unwrap();
+
+        assert_eq!(memory.all_events(), ["Listing:ListingPriceChanged"]);
+        assert!(!memory.get::<ProductTimeline>(product_id()).exists());
+    }
+
+    #[test]
+    fn a_price_change_is_refused_and_writes_nothing() {
+        let mut memory = Memory::default();
+        create(&mut memory, &new_listing(1, None)).unwrap();
+        let cases = [
+            (
+                price_change(other_seller(), money(3_900, "EUR")),
+                ("forbidden", crate::Refusal::Forbidden),
+            ),
+            (
+                price_change(buyer(), money(3_900, "EUR")),
+                ("forbidden", crate::Refusal::Forbidden),
+            ),
+            (
+                price_change(seller(), money(3_900, "USD")),
+                ("currency_mismatch", crate::Refusal::Invalid),
+            ),
+            (
+                price_change(seller(), money(4_500, "EUR")),
+                ("no_change", crate::Refusal::Conflict),
+            ),
+        ];
+        for (change, expected) in cases {
+            let error = change_price(&mut memory, &change).unwrap_err();
+
+            assert_eq!(code(error), expected, "{change:?}");
+            assert!(memory.all_events().is_empty(), "{change:?}");
+            assert_eq!(
+                memory.get::<Listing>(listing_id(1)).price(),
+                &money(4_500, "EUR")
+            );
+            assert_eq!(memory.get::<ProductTimeline>(product_id()).entries(), 1);
+        }
+    }
+
+    #[test]
+    fn a_deleted_or_missing_listing_keeps_its_price() {
+        let mut memory = Memory::default();
+        let error =
+            change_price(&mut memory, &price_change(seller(), money(3_900, "EUR"))).unwrap_err();
+        assert_eq!(code(error), ("listing_not_found", crate::Refusal::NotFound));
+        assert!(memory.all_events().is_empty());
+
+        create(&mut memory, &new_listing(1, None)).unwrap();
+        memory.given::<Listing>(listing_id(1), ListingCommand::Delete { actor: seller() });
+        let error =
+            change_price(&mut memory, &price_change(seller(), money(3_900, "EUR"))).unwrap_err();
+        assert_eq!(code(error), ("listing_deleted", crate::Refusal::Conflict));
+        assert!(memory.all_events().is_empty());
+        assert_eq!(memory.get::<ProductTimeline>(product_id()).entries(), 1);
+    }
+
+    #[test]
+    fn a_price_change_declares_the_listing_and_its_products_timeline() {
+        assert_eq!(
+            price_change(seller(), money(1, "EUR")).streams(),
+            [
+                Stream::Listing(listing_id(1)),
+                Stream::Timeline(product_id())
+            ]
+        );
+    }
+
+    // ---- details -------------------------------------------------------------
+
+    fn details_update(actor: Actor, changes: DetailChanges) -> DetailsUpdate {
+        DetailsUpdate {
+            listing_id: listing_id(1),
+            actor,
+            changes,
+        }
+    }
+    fn update(memory: &mut Memory, update: &DetailsUpdate) -> Result<(), JourneyError> {
+        memory.when(update.streams(), |stage| update.run(stage))
+    }
+    fn title(text: &str) -> Title {
+        Title::parse("title", text).unwrap()
+    }
+
+    #[test]
+    fn changed_details_are_merged_over_the_current_ones() {
+        let mut memory = Memory::default();
+        create(&mut memory, &new_listing(1, None)).unwrap();
+        let changes = DetailChanges {
+            title: Some(title("Oak side table")),
+            subcategory: Some(Label::parse("subcategory", "tables").unwrap()),
+            images: Some(vec![]),
+            ..DetailChanges::default()
+        };
+
+        update(&mut memory, &details_update(seller(), changes)).unwrap();
+
+        assert_eq!(memory.all_events(), ["Listing:ListingDetailsUpdated"]);
+        let after = memory.get::<Listing>(listing_id(1)).details().clone();
+        let expected = ListingDetails {
+            title: title("Oak side table"),
+            subcategory: Some(Label::parse("subcategory", "tables").unwrap()),
+            images: vec![],
+            ..details()
+        };
+        assert_eq!(after, expected);
+    }
+
+    #[test]
+    fn no_changes_keep_every_field_and_an_admin_may_update() {
+        let mut memory = Memory::default();
+        create(&mut memory, &new_listing(1, None)).unwrap();
+
+        update(
+            &mut memory,
+            &details_update(admin(), DetailChanges::default()),
+        )
+        .unwrap();
+
+        assert_eq!(memory.all_events(), ["Listing:ListingDetailsUpdated"]);
+        assert_eq!(memory.get::<Listing>(listing_id(1)).details(), &details());
+        assert_eq!(DetailChanges::default().apply(details()), details());
+    }
+
+    #[test]
+    fn a_details_update_is_refused_and_writes_nothing() {
+        let mut memory = Memory::default();
+        let changes = DetailChanges {
+            title: Some(title("Oak side table")),
+            ..DetailChanges::default()
+        };
+        let error = update(&mut memory, &details_update(seller(), changes.clone())).unwrap_err();
+        assert_eq!(code(error), ("listing_not_found", crate::Refusal::NotFound));
+
+        create(&mut memory, &new_listing(1, None)).unwrap();
+        for actor in [other_seller(), buyer()] {
+            let error = update(&mut memory, &details_update(actor, changes.clone())).unwrap_err();
+            assert_eq!(code(error), ("forbidden", crate::Refusal::Forbidden));
+            assert!(memory.all_events().is_empty());
+        }
+        let too_many = DetailChanges {
+            images: Some(vec![
+                Url::parse("image", "https://img.example/a.jpg")
+                    .unwrap();
+                crate::listing::MAX_IMAGES + 1
+            ]),
+            ..DetailChanges::default()
+        };
+        let error = update(&mut memory, &details_update(seller(), too_many)).unwrap_err();
+        assert_eq!(code(error), ("too_many", crate::Refusal::Invalid));
+
+        memory.given::<Listing>(listing_id(1), ListingCommand::Delete { actor: seller() });
+        let error = update(&mut memory, &details_update(seller(), changes)).unwrap_err();
+        assert_eq!(code(error), ("listing_deleted", crate::Refusal::Conflict));
+        assert!(memory.all_events().is_empty());
+        assert_eq!(memory.get::<Listing>(listing_id(1)).details(), &details());
     }
 }

@@ -12,8 +12,8 @@
 //! [`JourneyError`], [`Timer`], [`Deadlines`]); `checkout` places orders;
 //! `orders` holds the follow-up steps of an order (payment, shipping,
 //! delivery, escrow release, completion, cancellation, return, refund);
-//! `listings` creates a listing with its stock pool and timeline entry, and
-//! plans a buyer's hold; `holds` releases and expires stock holds; `timers`
+//! `listings` creates a listing with its stock pool and timeline entry,
+//! changes its price and details, and plans a buyer's hold; `holds` releases and expires stock holds; `timers`
 //! fires a [`Timer`] through the same code as a user's command.
 
 mod checkout;
@@ -28,7 +28,7 @@ mod timers;
 
 pub use checkout::{Checkout, CheckoutLine, CheckoutRequest, OrderOutcome, PlannedOrder};
 pub use holds::release_hold;
-pub use listings::{HoldRequest, NewListing, PlannedHold};
+pub use listings::{DetailsUpdate, HoldRequest, NewListing, PlannedHold, PriceChange};
 pub use orders::{
     OrderStep, cancel, complete, confirm_payment, deliver, mark_returned, order_streams, refund,
     release_escrow, ship,
