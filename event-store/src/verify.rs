@@ -409,6 +409,15 @@ impl Checker {
             position,
         };
         let report = &mut self.report;
+        // An invariant's finding at this event.
+        let violation = |finding: domain::audit::Finding| Violation {
+            position: Some(at),
+            aggregate_type: Some(aggregate_type.to_owned()),
+            aggregate_id: Some(aggregate_id.to_owned()),
+            sequence: Some(sequence),
+            code: finding.code,
+            message: finding.message,
+        };
         let same = self
             .stream
             .as_ref()
@@ -421,14 +430,7 @@ impl Checker {
             if let Some(auditor) = self.auditor.as_mut()
                 && let Err(finding) = auditor.start(aggregate_type)
             {
-                report.violation(Violation {
-                    position: Some(at),
-                    aggregate_type: Some(aggregate_type.to_owned()),
-                    aggregate_id: Some(aggregate_id.to_owned()),
-                    sequence: Some(sequence),
-                    code: finding.code,
-                    message: finding.message,
-                });
+                report.violation(violation(finding));
             }
             let head_sequence: Option<i64> = row.try_get_unchecked(13)?;
             let head_hash: Option<Vec<u8>> = row.try_get_unchecked(14)?;
@@ -479,14 +481,7 @@ impl Checker {
         }
         if let Some(auditor) = self.auditor.as_mut() {
             for finding in auditor.event(event_type, event_version, payload) {
-                report.violation(Violation {
-                    position: Some(at),
-                    aggregate_type: Some(aggregate_type.to_owned()),
-                    aggregate_id: Some(aggregate_id.to_owned()),
-                    sequence: Some(sequence),
-                    code: finding.code,
-                    message: finding.message,
-                });
+                report.violation(violation(finding));
             }
         }
         current.expected_sequence = sequence + 1;

@@ -401,7 +401,7 @@ impl Notifications {
                   ORDER BY events.transaction_id, events.position
                   LIMIT $4),
              theirs AS (
-                 SELECT DISTINCT s.aggregate_type, s.aggregate_id
+                 SELECT s.aggregate_type, s.aggregate_id
                    FROM (SELECT DISTINCT aggregate_type, aggregate_id FROM scanned) s
                    JOIN events first
                      ON first.aggregate_type = s.aggregate_type

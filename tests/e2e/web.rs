@@ -587,6 +587,31 @@ impl Browser {
     }
 }
 
+/// `buyer` checks out `quantity` of `listing`, paid from `wallet` in
+/// escrow; the order's id.
+async fn buy(
+    app: &tests::TestApp,
+    buyer: &User,
+    listing: uuid::Uuid,
+    quantity: u32,
+    wallet: uuid::Uuid,
+) -> uuid::Uuid {
+    let placed = app
+        .post(
+            "/orders",
+            Some(buyer),
+            &json!({
+                "lines": [{"listing_id": listing, "quantity": quantity}],
+                "shipping_address": {"name": "Ana Ruiz", "line1": "3 rue Mercière", "city": "Lyon", "postal_code": "69002", "country": "FR"},
+                "payment_method": "wallet_escrow",
+                "wallet_id": wallet,
+            }),
+        )
+        .await;
+    assert_eq!(placed.status, 201, "{:?}", placed.body);
+    placed.id()
+}
+
 async fn ticket_for(api: &crate::query_api::QueryApi, user: &User) -> String {
     let answer = api
         .client
@@ -631,21 +656,7 @@ async fn a_ticket_opens_a_stream_once_and_a_stream_resumes_after_a_query_api_res
     assert_eq!(body["error"]["code"], "unauthorized");
     assert_eq!(stream.expect_next().await.event, "ready");
 
-    let placed = full
-        .app
-        .post(
-            "/orders",
-            Some(&buyer),
-            &json!({
-                "lines": [{"listing_id": listing, "quantity": 2}],
-                "shipping_address": {"name": "Ana Ruiz", "line1": "3 rue Mercière", "city": "Lyon", "postal_code": "69002", "country": "FR"},
-                "payment_method": "wallet_escrow",
-                "wallet_id": buyer_wallet,
-            }),
-        )
-        .await;
-    assert_eq!(placed.status, 201, "{:?}", placed.body);
-    let order = placed.id();
+    let order = buy(&full.app, &buyer, listing, 2, buyer_wallet).await;
 
     // Placed, funds held, confirmed: each with its position as its id.
     let mut seen = Vec::new();
@@ -943,21 +954,7 @@ async fn a_resumed_stream_replays_orders_the_read_models_have_not_applied_yet() 
 
     // The read models stop here: the order below is in the event store only.
     full.stop_projector().await;
-    let placed = full
-        .app
-        .post(
-            "/orders",
-            Some(&buyer),
-            &json!({
-                "lines": [{"listing_id": listing, "quantity": 1}],
-                "shipping_address": {"name": "Ana Ruiz", "line1": "3 rue Mercière", "city": "Lyon", "postal_code": "69002", "country": "FR"},
-                "payment_method": "wallet_escrow",
-                "wallet_id": buyer_wallet,
-            }),
-        )
-        .await;
-    assert_eq!(placed.status, 201, "{:?}", placed.body);
-    let order = placed.id();
+    let order = buy(&full.app, &buyer, listing, 1, buyer_wallet).await;
 
     // The buyer's browser resumes after the deposit: the order's placement,
     // its confirmation and its funds held, found without the read models.
