@@ -29,6 +29,7 @@ use std::any::Any;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use domain::{Decide, DomainError, DomainEvent, Refusal};
@@ -242,6 +243,8 @@ struct LaneQueue {
 struct Lane {
     queue: Mutex<LaneQueue>,
     cache: Arc<tokio::sync::Mutex<ErasedState>>,
+    /// The store's use clock when this lane was last looked up.
+    last_used: AtomicU64,
 }
 
 struct Pending<A: Decide> {
@@ -418,6 +421,9 @@ struct Inner {
     pool: PgPool,
     config: StoreConfig,
     lanes: Mutex<HashMap<LaneKey, Arc<Lane>>>,
+    /// Counts lane lookups: the lanes' `last_used` tells the recently used
+    /// from the idle.
+    use_clock: AtomicU64,
     /// Wakes the relay after each commit that appended events.
     commits: CommitSignal,
 }
@@ -432,6 +438,7 @@ impl EventStore {
                 pool,
                 config,
                 lanes: Mutex::new(HashMap::new()),
+                use_clock: AtomicU64::new(0),
             }),
         }
     }
@@ -451,18 +458,26 @@ impl EventStore {
     }
 
     fn lane(&self, key: &LaneKey) -> Arc<Lane> {
+        let now = self.inner.use_clock.fetch_add(1, Ordering::Relaxed);
         let mut lanes = self.inner.lanes.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(lane) = lanes.get(key) {
+            lane.last_used.store(now, Ordering::Relaxed);
             return lane.clone();
         }
-        if lanes.len() >= self.inner.config.cache_max {
-            // Forget idle lanes (and their cached states). A lane in use is
-            // also held by its worker or by a unit of work.
-            lanes.retain(|_, lane| Arc::strong_count(lane) > 1);
-            metrics::counter!("souk_store_cache_evictions_total").increment(1);
-        }
-        let lane = Arc::new(Lane::default());
+        let cache_max = self.inner.config.cache_max;
+        let evicted = if lanes.len() >= cache_max {
+            evict_least_recently_used(&mut lanes, cache_max - cache_max / EVICT_SHARE)
+        } else {
+            Vec::new()
+        };
+        let lane = Arc::new(Lane {
+            last_used: AtomicU64::new(now),
+            ..Lane::default()
+        });
         lanes.insert(key.clone(), lane.clone());
+        drop(lanes);
+        // Their states are freed here, not while every lookup waits.
+        drop(evicted);
         lane
     }
 
@@ -931,6 +946,48 @@ impl EventStore {
         }
         Err(ExecError::Conflict(max_attempts))
     }
+}
+
+/// The share of `StoreConfig::cache_max` that one eviction frees (a
+/// quarter), so that evictions are rare and each costs one pass.
+const EVICT_SHARE: usize = 4;
+
+/// Forgets the idle lanes (and their cached states) that were used least
+/// recently, until at most `keep` lanes remain or only lanes in use do, and
+/// returns them. A lane in use is also held by its worker or by a unit of
+/// work. Forgetting every idle lane at once, as this store first did, threw
+/// the hot aggregates' states away with the cold ones (a checkout leaves a
+/// new order's lane behind, so a busy process reached the bound every
+/// `cache_max` checkouts): every hot listing, stock pool and wallet was
+/// then loaded again at once, each command waiting for its own.
+fn evict_least_recently_used(
+    lanes: &mut HashMap<LaneKey, Arc<Lane>>,
+    keep: usize,
+) -> Vec<Arc<Lane>> {
+    let mut idle: Vec<u64> = lanes
+        .values()
+        .filter(|lane| Arc::strong_count(lane) == 1)
+        .map(|lane| lane.last_used.load(Ordering::Relaxed))
+        .collect();
+    let excess = lanes.len().saturating_sub(keep).min(idle.len());
+    if excess == 0 {
+        return Vec::new();
+    }
+    // The last use of the `excess`-th least recently used idle lane: that
+    // lane and every idle one used before it go.
+    let (_, &mut threshold, _) = idle.select_nth_unstable(excess - 1);
+    let mut evicted = Vec::with_capacity(excess);
+    lanes.retain(|_, lane| {
+        let evict =
+            Arc::strong_count(lane) == 1 && lane.last_used.load(Ordering::Relaxed) <= threshold;
+        if evict {
+            evicted.push(lane.clone());
+        }
+        !evict
+    });
+    metrics::counter!("souk_store_cache_evictions_total").increment(1);
+    metrics::counter!("souk_store_cache_evicted_total").increment(evicted.len() as u64);
+    evicted
 }
 
 fn replay(
@@ -1538,6 +1595,57 @@ mod tests {
             amount: Money::parse_positive(amount, "EUR").unwrap(),
             reference: Reference::parse("reference", "test").unwrap(),
         }
+    }
+
+    fn key(id: usize) -> LaneKey {
+        LaneKey {
+            aggregate_type: "Wallet",
+            aggregate_id: id.to_string(),
+        }
+    }
+
+    fn lanes_used_in_order(count: usize) -> HashMap<LaneKey, Arc<Lane>> {
+        (0..count)
+            .map(|id| {
+                let lane = Lane {
+                    last_used: AtomicU64::new(id as u64),
+                    ..Lane::default()
+                };
+                (key(id), Arc::new(lane))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_eviction_forgets_the_least_recently_used_idle_lanes_only() {
+        let mut lanes = lanes_used_in_order(10);
+        // Lane 1 is in use (a worker holds it) and lane 2 was used again last.
+        let in_use = lanes[&key(1)].clone();
+        lanes[&key(2)].last_used.store(100, Ordering::Relaxed);
+
+        let evicted = evict_least_recently_used(&mut lanes, 6);
+
+        assert_eq!(evicted.len(), 4);
+        let mut kept: Vec<usize> = lanes
+            .keys()
+            .map(|key| key.aggregate_id.parse().unwrap())
+            .collect();
+        kept.sort_unstable();
+        // 0, 3, 4 and 5 were the idle lanes used least recently.
+        assert_eq!(kept, [1, 2, 6, 7, 8, 9]);
+        drop(in_use);
+    }
+
+    #[test]
+    fn an_eviction_keeps_every_lane_in_use_even_past_the_bound() {
+        let mut lanes = lanes_used_in_order(4);
+        let held: Vec<Arc<Lane>> = lanes.values().cloned().collect();
+
+        assert!(evict_least_recently_used(&mut lanes, 1).is_empty());
+        assert_eq!(lanes.len(), 4);
+        drop(held);
+        assert_eq!(evict_least_recently_used(&mut lanes, 1).len(), 3);
+        assert!(lanes.contains_key(&key(3)));
     }
 
     /// A plan over two new wallets, the first one opened.

@@ -51,9 +51,33 @@ pub fn metrics_handle() -> PrometheusHandle {
             // Fails only if another recorder is installed (then we still
             // render ours, just without the global counters).
             let _ = metrics::set_global_recorder(recorder);
+            spawn_upkeep(handle.clone());
             handle
         })
         .clone()
+}
+
+/// How often recorded histogram samples are folded into their buckets.
+const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The recorder keeps every histogram sample until it is folded into its
+/// buckets, which only a render (a scrape of `/metrics`) or an upkeep does:
+/// without one, a process nobody scrapes grows by every sample it records
+/// (several per request), and the first scrape then folds them all at once
+/// on an async worker. A thread of its own folds them every
+/// [`UPKEEP_EVERY`], off the async workers.
+fn spawn_upkeep(handle: PrometheusHandle) {
+    let spawned = std::thread::Builder::new()
+        .name("metrics-upkeep".to_owned())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(UPKEEP_EVERY);
+                handle.run_upkeep();
+            }
+        });
+    if let Err(error) = spawned {
+        tracing::warn!(%error, "cannot start the metrics upkeep thread");
+    }
 }
 
 /// `/metrics`: the Prometheus text of this process's metrics.

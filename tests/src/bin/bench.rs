@@ -249,6 +249,13 @@ struct Args {
     /// A `command-api` binary to use instead of building one.
     #[arg(long)]
     command_api: Option<PathBuf>,
+
+    /// Appends every measured command to this CSV file (`slice label, row,
+    /// scheduled or sent time in Unix milliseconds, latency in
+    /// milliseconds, ok`), to find when slow answers happen and set them
+    /// beside the database's and the services' own traces.
+    #[arg(long)]
+    timeline: Option<PathBuf>,
 }
 
 impl Args {
@@ -452,6 +459,16 @@ async fn measure_rounds(
             if let Some(error) = &slice.first_error {
                 eprintln!("  first error: {error}");
             }
+            let (slow, shown) = slow_windows(&slice.timeline);
+            if slow > 0 {
+                eprintln!(
+                    "  {slow} windows of {} ms with an answer >= {SLOW_WINDOW_MS} ms (UTC, by due time): {shown}",
+                    WINDOW.as_millis()
+                );
+            }
+            if let Some(path) = &args.timeline {
+                append_timeline(path, label, target.name(), &slice.timeline)?;
+            }
             measured[index].absorb(slice);
         }
     }
@@ -538,6 +555,83 @@ struct Measured {
     cpu: Cpu,
     /// Commands per second of each slice.
     slices_per_second: Vec<f64>,
+    /// Every measured command of the last slice, in the order the tasks
+    /// reported them (not kept across slices).
+    timeline: Vec<Sample>,
+}
+
+/// One measured command: when it was due (open loop) or sent (closed
+/// loop), in microseconds since the Unix epoch, how long its answer took
+/// from then, and whether it succeeded.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    at_unix_us: u64,
+    latency_us: u32,
+    ok: bool,
+}
+
+/// Width of the windows the slow answers of a slice are grouped in.
+const WINDOW: Duration = Duration::from_millis(100);
+/// A window whose slowest answer took at least this long is listed.
+const SLOW_WINDOW_MS: u32 = 100;
+/// Most slow windows listed per slice.
+const SLOW_WINDOWS_SHOWN: usize = 12;
+
+/// The windows of [`WINDOW`] (by due time) whose slowest command took at
+/// least [`SLOW_WINDOW_MS`], as `HH:MM:SS.s max ms (commands)`, slowest
+/// first, and how many there were.
+fn slow_windows(timeline: &[Sample]) -> (usize, String) {
+    let window_us = WINDOW.as_micros() as u64;
+    let mut windows: std::collections::BTreeMap<u64, (u32, u32)> = Default::default();
+    for sample in timeline {
+        let entry = windows.entry(sample.at_unix_us / window_us).or_default();
+        entry.0 = entry.0.max(sample.latency_us);
+        entry.1 += 1;
+    }
+    let mut slow: Vec<(u64, u32, u32)> = windows
+        .into_iter()
+        .filter(|(_, (max, _))| *max >= SLOW_WINDOW_MS * 1000)
+        .map(|(window, (max, count))| (window, max, count))
+        .collect();
+    let total = slow.len();
+    slow.sort_by_key(|(_, max, _)| std::cmp::Reverse(*max));
+    let shown = slow
+        .iter()
+        .take(SLOW_WINDOWS_SHOWN)
+        .map(|(window, max, count)| {
+            let at = chrono::DateTime::from_timestamp_micros((window * window_us) as i64)
+                .map_or_else(
+                    || "?".to_owned(),
+                    |at| at.format("%H:%M:%S%.1f").to_string(),
+                );
+            format!("{at} {} ms ({count})", max / 1000)
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    (total, shown)
+}
+
+/// Appends a slice's commands to the `--timeline` file.
+fn append_timeline(path: &Path, label: &str, row: &str, timeline: &[Sample]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let mut out = std::io::BufWriter::new(file);
+    let label = label.trim_end_matches([':', ' ']);
+    for sample in timeline {
+        writeln!(
+            out,
+            "{label},{row},{:.3},{:.3},{}",
+            sample.at_unix_us as f64 / 1000.0,
+            f64::from(sample.latency_us) / 1000.0,
+            u8::from(sample.ok)
+        )?;
+    }
+    out.flush()
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// CPU seconds spent by this process, the command API (HTTP row only) and
@@ -721,6 +815,10 @@ async fn drive(
     rate: Option<u32>,
 ) -> anyhow::Result<Measured> {
     let start = Instant::now();
+    // The wall clock at `start`, to date the samples.
+    let start_unix_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_micros() as u64);
     let measure_from = start + Duration::from_secs(args.warmup_seconds);
     let stop_at = measure_from + args.slice();
     let started = Arc::new(AtomicU64::new(0));
@@ -738,6 +836,7 @@ async fn drive(
         });
         tasks.push(tokio::spawn(async move {
             let mut latencies_us = Vec::new();
+            let mut timeline = Vec::new();
             let mut errors = 0u64;
             let mut first_error = None;
             let mut sent = 0u32;
@@ -766,6 +865,11 @@ async fn drive(
                 if !measuring {
                     continue;
                 }
+                timeline.push(Sample {
+                    at_unix_us: start_unix_us + (begun - start).as_micros() as u64,
+                    latency_us: took.as_micros().min(u128::from(u32::MAX)) as u32,
+                    ok: outcome.is_ok(),
+                });
                 match outcome {
                     Ok(()) => latencies_us.push(took.as_micros().min(u128::from(u32::MAX)) as u32),
                     Err(error) => {
@@ -774,7 +878,7 @@ async fn drive(
                     }
                 }
             }
-            (latencies_us, errors, first_error, Instant::now())
+            (latencies_us, timeline, errors, first_error, Instant::now())
         }));
     }
     let cpu_at_start = tokio::spawn(async move {
@@ -784,9 +888,10 @@ async fn drive(
     let mut result = Measured::default();
     let mut last_done = measure_from;
     for task in tasks {
-        let (latencies_us, errors, first_error, done) =
+        let (latencies_us, timeline, errors, first_error, done) =
             task.await.context("a load task panicked")?;
         result.latencies_us.extend(latencies_us);
+        result.timeline.extend(timeline);
         result.errors += errors;
         if result.first_error.is_none() {
             result.first_error = first_error;
