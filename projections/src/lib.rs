@@ -27,6 +27,7 @@
 //! Every read-model table belongs to exactly one projection and can be
 //! rebuilt from the event store; none is a source of truth.
 
+mod balance;
 mod config;
 mod engine;
 mod listings;

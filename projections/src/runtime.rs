@@ -6,9 +6,11 @@
 //! 1. It opens a Postgres connection of its own and takes the partition's
 //!    advisory lock on it (`pg_try_advisory_lock`). One process at a time
 //!    consumes a partition; other projector processes stand by and take over
-//!    when the holder's session ends. Every batch is written through that
-//!    connection, so a session that lost its lock (its connection died)
-//!    cannot commit anything.
+//!    when the holder's session ends. Processes running a projection share
+//!    its partitions: each holds at most `ceil(partitions / processes)` of
+//!    them and gives back any above that (see `balance`). Every batch is
+//!    written through that connection, so a session that lost its lock (its
+//!    connection died) cannot commit anything.
 //! 2. It points the durable consumer `<projection>_p<partition>` (filter
 //!    `<stream>.events.<Type>.<partition>` for a projection of one aggregate
 //!    type, `<stream>.events.*.<partition>` for listings; "ack all", so one
@@ -81,6 +83,7 @@ use sqlx::{Connection, PgConnection};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::balance::Balance;
 use crate::config::ProjectorConfig;
 use crate::engine::{Kind, apply_isolated, apply_unguarded, is_data_error};
 use crate::park::{DeadLetter, park};
@@ -138,6 +141,8 @@ struct Shared {
     search_pending: CommitSignal,
     /// What `/health` shows.
     readiness: watch::Sender<Readiness>,
+    /// This process's share of each projection's partitions.
+    balance: Balance,
 }
 
 /// A projector ready to run: connected, migrated, its stream ensured.
@@ -165,6 +170,10 @@ pub struct Readiness {
     pub nats: bool,
     /// The partitions run (connected, migrated, stream ensured).
     pub running: bool,
+    /// Partitions (of every projection it runs) this process holds, and
+    /// how many there are: see `balance`.
+    pub partitions_held: u32,
+    pub partitions_total: u32,
     /// Why it is not ready, while it is not.
     pub problem: Option<String>,
 }
@@ -186,6 +195,8 @@ impl Readiness {
             "database": if self.database { "up" } else { "down" },
             "nats": if self.nats { "connected" } else { "unreachable" },
             "partitions": if self.running { "running" } else { "starting" },
+            "partitions_held": self.partitions_held,
+            "partitions_total": self.partitions_total,
         });
         if let Some(problem) = &self.problem
             && !self.ready()
@@ -328,6 +339,7 @@ pub async fn build_watched(
             jetstream,
             relay_mark: watch::Sender::new(None),
             search_pending: CommitSignal::new(pool.clone(), crate::search::CHANNEL),
+            balance: Balance::new(&kinds, config.partitions(), readiness.clone()),
             readiness,
         }),
         pool,
@@ -371,6 +383,23 @@ impl Projector {
             self.pool.clone(),
             stopped.clone(),
         ));
+        let counting = {
+            let shared = self.shared.clone();
+            let stopped = stopped.clone();
+            tokio::spawn(async move {
+                let config = &shared.config;
+                shared
+                    .balance
+                    .keep_counting(
+                        shared.connect_options.clone(),
+                        config.stream.clone(),
+                        config.standby_retry(),
+                        config.backoff_max(),
+                        stopped,
+                    )
+                    .await;
+            })
+        };
         let mut tasks = JoinSet::new();
         let mut specs = HashMap::new();
         let partitions = self.shared.config.partitions();
@@ -432,6 +461,7 @@ impl Projector {
             tasks.abort_all();
         }
         watcher.abort();
+        counting.abort();
         tracing::info!("projector stopped");
         Ok(())
     }
@@ -449,6 +479,20 @@ impl Projector {
             standing_by: false,
         }
         .run()
+    }
+}
+
+/// A partition this process holds, or is trying to take: dropped, it is
+/// no longer counted in the process's share.
+struct Held {
+    shared: Arc<Shared>,
+    kind: Kind,
+    partition: u32,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.shared.balance.release(self.kind, self.partition);
     }
 }
 
@@ -606,32 +650,9 @@ impl Partition {
         .await
         .context("connecting to Postgres timed out")?
         .context("connecting to Postgres")?;
-        let (kind, partition) = (self.kind, self.partition);
-        let stopped = self.stopped();
-        let standing_by = &mut self.standing_by;
-        let leads = leader::lead(
-            &mut conn,
-            partition_lock_key(kind, partition),
-            config.standby_retry(),
-            stopped,
-            || {
-                // Said once per stand-by, not once per session.
-                if !*standing_by {
-                    *standing_by = true;
-                    tracing::info!(
-                        projection = kind.name(),
-                        partition,
-                        "another projector holds this partition; standing by"
-                    );
-                }
-            },
-        )
-        .await
-        .context("taking the partition's lock")?;
-        if !leads {
+        let Some(_held) = self.take_lock(&mut conn).await? else {
             return Ok(());
-        }
-        self.standing_by = false;
+        };
         sqlx::query(
             "INSERT INTO projection_checkpoints (projection, partition) VALUES ($1, $2)
              ON CONFLICT DO NOTHING",
@@ -655,6 +676,14 @@ impl Partition {
         let mut caught_up = checkpoint.caught_up;
         let mut relay_moved = self.shared.relay_mark.subscribe();
         while !self.stopping() {
+            if self.shared.balance.give_back(self.kind, self.partition) {
+                tracing::info!(
+                    projection = self.kind.name(),
+                    partition = self.partition,
+                    "giving this partition back: another projector process runs this projection"
+                );
+                return Ok(());
+            }
             // Read before the fetch: see "The idle watermark".
             let relay_mark = *relay_moved.borrow_and_update();
             let messages = fetch(&consumer, batch_max).await?;
@@ -717,6 +746,46 @@ impl Partition {
             }
         }
         Ok(())
+    }
+
+    /// Takes the partition's lock on `conn`, trying only while this process
+    /// holds less than its share of the projection (see `balance`) and
+    /// standing by otherwise: `None` when the projector stops first. The
+    /// guard gives the place back when the session ends.
+    async fn take_lock(&mut self, conn: &mut PgConnection) -> anyhow::Result<Option<Held>> {
+        let (kind, partition) = (self.kind, self.partition);
+        let balance = &self.shared.balance;
+        loop {
+            if balance.reserve(kind, partition) {
+                let held = Held {
+                    shared: self.shared.clone(),
+                    kind,
+                    partition,
+                };
+                let key = partition_lock_key(kind, partition);
+                if leader::try_lead(conn, key)
+                    .await
+                    .context("taking the partition's lock")?
+                {
+                    self.standing_by = false;
+                    return Ok(Some(held));
+                }
+            }
+            // Said once per stand-by, not once per try.
+            if !self.standing_by {
+                self.standing_by = true;
+                tracing::info!(
+                    projection = kind.name(),
+                    partition,
+                    "another projector holds this partition; standing by"
+                );
+            }
+            let stopped = self.stopped();
+            tokio::select! {
+                () = stopped => return Ok(None),
+                () = tokio::time::sleep(self.shared.config.standby_retry()) => {}
+            }
+        }
     }
 
     async fn load_checkpoint(&self, conn: &mut PgConnection) -> anyhow::Result<Checkpoint> {

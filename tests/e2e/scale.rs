@@ -426,23 +426,43 @@ async fn two_projector_processes_share_the_work_and_one_takes_over_when_the_othe
         config.partitions = PARTITIONS
     })
     .await;
-    let env = [("SOUK_PARTITIONS", "4")];
+    let env = [
+        ("SOUK_PARTITIONS", "4"),
+        ("SOUK_PROJECTOR_STANDBY_RETRY_MS", "300"),
+    ];
     let mut first = ProjectorProcess::start(&app.db.url, &app.nats_url, &app.stream, &env)
         .expect("starting the first projector");
-    eventually("the first projector is ready", || async {
-        matches!(first.health().await, Some((200, _)))
+    eventually("the first projector holds every partition", || async {
+        matches!(held(&first).await, Some((held, total)) if held == total && total > 0)
     })
     .await;
     let second = ProjectorProcess::start(&app.db.url, &app.nats_url, &app.stream, &env)
         .expect("starting the second projector");
-    eventually("the second projector is ready", || async {
-        matches!(second.health().await, Some((200, _)))
+    // Each holds half of each projection's partitions: the first gives back
+    // what the second takes.
+    let total = held(&first).await.expect("the first projector's health").1;
+    eventually("the two projectors hold half the partitions each", || async {
+        let (first, second) = (held(&first).await, held(&second).await);
+        first == Some((total / 2, total)) && second == Some((total / 2, total))
     })
     .await;
+    let shares = sqlx::query_scalar::<_, i64>(
+        "SELECT count(DISTINCT pid) FROM pg_locks
+          WHERE locktype = 'advisory' AND objsubid = 2
+            AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    .fetch_one(&app.db.pool().await)
+    .await
+    .unwrap();
+    assert_eq!(shares, 2, "each process holds its member locks on one connection");
 
     let owners: Vec<User> = (0..24).map(|_| User::new("buyer")).collect();
     fund_wallets(&app, &owners[..12]).await;
     first.kill();
+    eventually("the survivor takes over every partition", || async {
+        held(&second).await == Some((total, total))
+    })
+    .await;
     fund_wallets(&app, &owners[12..]).await;
 
     let pool = app.db.pool().await;
@@ -461,6 +481,18 @@ async fn two_projector_processes_share_the_work_and_one_takes_over_when_the_othe
         .await
         .unwrap();
     assert_eq!(wallets, 24);
+}
+
+/// The partitions a projector process holds and how many there are, from
+/// its `/health` (while it answers ready).
+async fn held(projector: &ProjectorProcess) -> Option<(u64, u64)> {
+    match projector.health().await {
+        Some((200, body)) => Some((
+            body["partitions_held"].as_u64()?,
+            body["partitions_total"].as_u64()?,
+        )),
+        _ => None,
+    }
 }
 
 #[tokio::test]

@@ -702,8 +702,13 @@ impl System {
     }
 
     /// Phase 2: `GET /listings/{id}` latency at a fixed request rate, each
-    /// answer gzipped.
+    /// answer gzipped. It starts once the projections have applied what
+    /// earlier phases wrote, so it measures reads, not a backlog being
+    /// worked off beside them.
     async fn get(&self, args: &Args, seeded: &Seeded) -> anyhow::Result<Measured> {
+        eprintln!("get: waiting until the projections are current");
+        let current = self.last_position().await?;
+        self.wait_caught_up(current).await?;
         eprintln!(
             "get: GET /listings/{{id}} at {}/s for {} s (+{} s warm-up)",
             args.get_rate, args.get_seconds, args.warmup_seconds
