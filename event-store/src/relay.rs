@@ -7,9 +7,14 @@
 //! ([`global::horizon`], then [`global::read_below`]: it never skips a late
 //! commit), publishes a batch on
 //! `<stream>.events.<AggregateType>.<partition>` with the event id as
-//! `Nats-Msg-Id`, awaits the acks in order (reading the next batch
-//! meanwhile), and only then stores the checkpoint (`relay_checkpoints`),
-//! once per batch. Every query of the leader runs on the lock's connection:
+//! `Nats-Msg-Id`, awaits the acks in order, and only then stores the
+//! checkpoint (`relay_checkpoints`). While a full batch's acks come back it
+//! reads the next batch; while that one is sent and stored by JetStream, it
+//! awaits the acks of the batch before and checkpoints it (at most two
+//! batches in flight): catching up after an outage costs the slowest of
+//! read, publish and checkpoint per batch, not their sum. A partial batch
+//! (the relay has caught up) is checkpointed as soon as its acks are in.
+//! Every query of the leader runs on the lock's connection:
 //! a relay whose session died cannot move the checkpoint, and the relay
 //! never waits for a connection of the pool it was given, which the
 //! commands of its process keep busy under load.
@@ -36,6 +41,7 @@
 //! `souk_relay_lag_events`, `souk_relay_horizon_age_seconds`,
 //! `souk_relay_connected`, `souk_relay_leader`.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -557,6 +563,10 @@ impl Relay {
         let mut observed_at: Option<Instant> = None;
         let mut lock_used_at = Instant::now();
         let mut prefetched = None;
+        // Batches sent whose acks are not all in yet, oldest first, and the
+        // last event sent: the next read starts after it.
+        let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+        let mut sent_up_to = checkpoint;
 
         loop {
             if observed_at.is_none_or(|at| at.elapsed() >= config.metrics_interval) {
@@ -596,6 +606,10 @@ impl Relay {
                 if nats_down.ready() {
                     tracing::warn!(stream, url = %redacted(&config.nats_url), "NATS connection lost; events wait in Postgres");
                 }
+                // What was in flight is published again from the checkpoint.
+                in_flight.clear();
+                prefetched = None;
+                sent_up_to = checkpoint;
                 // The client reconnects by itself; looking at its state costs
                 // nothing, so publishing resumes as soon as it is back.
                 tokio::time::sleep(NATS_STATE_POLL).await;
@@ -629,12 +643,11 @@ impl Relay {
                 stream_ready = true;
             }
 
-            // A batch read while the previous one was being published
-            // starts right after the checkpoint just stored, as a read now
-            // would.
+            // A batch read ahead starts right after the last event sent, as a
+            // read now would.
             let read = match prefetched.take() {
                 Some(read) => Ok(read),
-                None => self.read_after(&mut lock, checkpoint).await,
+                None => self.read_after(&mut lock, sent_up_to).await,
             };
             let (horizon, batch) = match read {
                 Ok(read) => read,
@@ -643,57 +656,83 @@ impl Relay {
                 Err(error) => return error,
             };
             lock_used_at = Instant::now();
-            if batch.is_empty() {
+            if batch.is_empty() && in_flight.is_empty() {
                 self.idle(&wake, horizon).await;
                 continue;
             }
 
-            // Read the next batch while this one's acks come back (under
-            // load, the events committed meanwhile): a batch then costs the
-            // longer of its read and its publish, not their sum. It is only
-            // used once this batch's checkpoint is stored; a failure on the
-            // way drops it. When it finds nothing, the relay idles below
-            // until the next commit wakes it.
-            let last = batch.last().map_or(checkpoint, |event| event.position);
-            let read_ahead = async { self.read_after(&mut lock, last).await.ok() };
-            let publish_at = Instant::now();
-            let (published, read_ahead) = tokio::join!(self.publish(js, &batch), read_ahead);
-            let duplicates = match published {
-                Ok(duplicates) => duplicates,
-                Err(error) => {
-                    if matches!(&error, PublishFailure::Nats(kind, _) if *kind == PublishErrorKind::StreamNotFound)
-                    {
-                        stream_ready = false;
+            // A full batch says more waits: it stays in flight while the
+            // batch before it is confirmed and checkpointed and the next one
+            // is read, so JetStream always has a batch to store (catching up
+            // after an outage is bound by the slowest of read, publish and
+            // checkpoint, not their sum). A partial batch means the relay
+            // has caught up: it is confirmed and checkpointed at once, so
+            // that the checkpoint follows the last publish.
+            let full = batch.len() >= config.batch_max;
+            if !batch.is_empty() {
+                match self.send(js, &batch).await {
+                    Ok(sent) => {
+                        sent_up_to = sent.last;
+                        in_flight.push_back(sent);
                     }
-                    if failing.ready() {
-                        tracing::warn!(stream, %error, at = %checkpoint, "relay publish failed; publishing again from the checkpoint");
+                    Err(error) => {
+                        in_flight.clear();
+                        sent_up_to = checkpoint;
+                        if self.publish_failed(&error, checkpoint, &mut failing) {
+                            stream_ready = false;
+                        }
+                        tokio::time::sleep(backoff.next_delay()).await;
+                        continue;
+                    }
+                }
+            }
+            let keep = usize::from(full);
+            let read_ahead = async {
+                if batch.is_empty() {
+                    None
+                } else {
+                    self.read_after(&mut lock, sent_up_to).await.ok()
+                }
+            };
+            let (confirmed, read_ahead) =
+                tokio::join!(self.confirm(&mut in_flight, keep), read_ahead);
+            let confirmed = match confirmed {
+                Ok(confirmed) => confirmed,
+                Err(error) => {
+                    // Everything after the checkpoint is published again;
+                    // JetStream drops the copies it already holds.
+                    in_flight.clear();
+                    sent_up_to = checkpoint;
+                    if self.publish_failed(&error, checkpoint, &mut failing) {
+                        stream_ready = false;
                     }
                     tokio::time::sleep(backoff.next_delay()).await;
                     continue;
                 }
             };
-
-            self.step_done("publish", publish_at);
-            let checkpoint_at = Instant::now();
-            if let Err(error) = store_checkpoint(&mut lock, stream, last, batch.len()).await {
-                return error;
+            if let Some(last) = confirmed.last {
+                let checkpoint_at = Instant::now();
+                if let Err(error) =
+                    store_checkpoint(&mut lock, stream, last, confirmed.events).await
+                {
+                    return error;
+                }
+                self.step_done("checkpoint", checkpoint_at);
+                lock_used_at = Instant::now();
+                checkpoint = last;
+                backoff.reset();
+                metrics::counter!("souk_relay_published_total", &self.labels())
+                    .increment(confirmed.events as u64);
+                metrics::counter!("souk_relay_duplicates_total", &self.labels())
+                    .increment(confirmed.duplicates);
+                metrics::gauge!("souk_relay_checkpoint_position", &self.labels())
+                    .set(checkpoint.position as f64);
+                self.status.send_modify(|status| {
+                    status.checkpoint = checkpoint;
+                    status.published += confirmed.events as u64;
+                    status.duplicates += confirmed.duplicates;
+                });
             }
-            self.step_done("checkpoint", checkpoint_at);
-            metrics::histogram!("souk_relay_batch_events", &self.labels())
-                .record(batch.len() as f64);
-            lock_used_at = Instant::now();
-            checkpoint = last;
-            backoff.reset();
-            metrics::counter!("souk_relay_published_total", &self.labels())
-                .increment(batch.len() as u64);
-            metrics::counter!("souk_relay_duplicates_total", &self.labels()).increment(duplicates);
-            metrics::gauge!("souk_relay_checkpoint_position", &self.labels())
-                .set(checkpoint.position as f64);
-            self.status.send_modify(|status| {
-                status.checkpoint = checkpoint;
-                status.published += batch.len() as u64;
-                status.duplicates += duplicates;
-            });
             prefetched = read_ahead;
         }
     }
@@ -747,16 +786,17 @@ impl Relay {
         Ok((client, js))
     }
 
-    /// Publishes `batch` pipelined (every message sent, then every ack
-    /// awaited in order); returns how many JetStream already held.
-    async fn publish(
+    /// Sends every message of `batch` without waiting for its ack (the
+    /// context bounds the acks in flight); the acks are awaited by
+    /// [`Relay::confirm`].
+    async fn send(
         &self,
         js: &jetstream::Context,
         batch: &[RecordedEvent],
-    ) -> Result<u64, PublishFailure> {
+    ) -> Result<InFlight, PublishFailure> {
         let config = &self.config;
-        let whole_batch = config.ack_timeout * 2 + Duration::from_secs(5);
-        let publishing = async {
+        let sent_at = Instant::now();
+        let sending = async {
             let mut acks = Vec::with_capacity(batch.len());
             for event in batch {
                 let subject = fanout::event_subject(
@@ -774,20 +814,71 @@ impl Relay {
                     .map_err(|error| PublishFailure::Nats(error.kind(), error.to_string()))?;
                 acks.push(ack);
             }
-            let mut duplicates = 0;
-            for ack in acks {
-                let ack = ack
-                    .await
-                    .map_err(|error| PublishFailure::Nats(error.kind(), error.to_string()))?;
-                if ack.duplicate {
-                    duplicates += 1;
-                }
-            }
-            Ok(duplicates)
+            Ok(acks)
         };
-        tokio::time::timeout(whole_batch, publishing)
+        let acks = tokio::time::timeout(self.batch_timeout(), sending)
             .await
-            .unwrap_or(Err(PublishFailure::TimedOut))
+            .unwrap_or(Err(PublishFailure::TimedOut))?;
+        Ok(InFlight {
+            last: batch.last().map_or(Position::START, |event| event.position),
+            acks,
+            sent_at,
+        })
+    }
+
+    /// The longest a batch's messages may take to be sent, or its acks to
+    /// come back.
+    fn batch_timeout(&self) -> Duration {
+        self.config.ack_timeout * 2 + Duration::from_secs(5)
+    }
+
+    /// Awaits, in order, the acks of the oldest batches in flight until
+    /// `keep` remain; returns the last event they cover and how many
+    /// messages JetStream acknowledged (and of those, already held).
+    async fn confirm(
+        &self,
+        in_flight: &mut VecDeque<InFlight>,
+        keep: usize,
+    ) -> Result<Confirmed, PublishFailure> {
+        let mut confirmed = Confirmed::default();
+        while in_flight.len() > keep {
+            let Some(batch) = in_flight.pop_front() else {
+                break;
+            };
+            let events = batch.acks.len();
+            let acks = async {
+                let mut duplicates = 0;
+                for ack in batch.acks {
+                    let ack = ack
+                        .await
+                        .map_err(|error| PublishFailure::Nats(error.kind(), error.to_string()))?;
+                    duplicates += u64::from(ack.duplicate);
+                }
+                Ok(duplicates)
+            };
+            confirmed.duplicates += tokio::time::timeout(self.batch_timeout(), acks)
+                .await
+                .unwrap_or(Err(PublishFailure::TimedOut))?;
+            self.step_done("publish", batch.sent_at);
+            metrics::histogram!("souk_relay_batch_events", &self.labels()).record(events as f64);
+            confirmed.events += events;
+            confirmed.last = Some(batch.last);
+        }
+        Ok(confirmed)
+    }
+
+    /// Says (at most every [`WARN_EVERY`]) that a publish failed; returns
+    /// whether the stream is missing (to be created again).
+    fn publish_failed(
+        &self,
+        error: &PublishFailure,
+        checkpoint: Position,
+        failing: &mut Every,
+    ) -> bool {
+        if failing.ready() {
+            tracing::warn!(stream = %self.config.stream, %error, at = %checkpoint, "relay publish failed; publishing again from the checkpoint");
+        }
+        matches!(error, PublishFailure::Nats(kind, _) if *kind == PublishErrorKind::StreamNotFound)
     }
 
     /// Waits for a wake-up or the poll interval. While an event writer holds
@@ -850,6 +941,23 @@ impl Relay {
             Err(error) => tracing::debug!(stream, %error, "cannot measure the relay's lag"),
         }
     }
+}
+
+/// A batch whose messages were sent and whose acks are awaited.
+struct InFlight {
+    /// The batch's last event: the checkpoint once every ack up to it is in.
+    last: Position,
+    acks: Vec<async_nats::jetstream::context::PublishAckFuture>,
+    sent_at: Instant,
+}
+
+/// What [`Relay::confirm`] found acknowledged.
+#[derive(Debug, Default)]
+struct Confirmed {
+    /// The last event of the last batch acknowledged whole.
+    last: Option<Position>,
+    events: usize,
+    duplicates: u64,
 }
 
 /// Why a batch was not (fully) acknowledged.

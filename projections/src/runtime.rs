@@ -21,8 +21,10 @@
 //!    resume, so a consumer left with unacknowledged messages by a killed
 //!    process can never deliver newer messages before older ones.
 //! 3. It fetches up to `batch_max` messages and applies them in one
-//!    transaction: the projection's shared advisory lock (see `rebuild`) and
-//!    the checkpoint row `FOR UPDATE` (one statement), every message after the checkpoint's
+//!    transaction (when more messages wait, it fetches the next batch
+//!    meanwhile; the consumer allows two batches unacknowledged): the
+//!    projection's shared advisory lock (see `rebuild`) and the checkpoint
+//!    row `FOR UPDATE` (one statement), every message after the checkpoint's
 //!    position applied in order (those at or before it are redeliveries and
 //!    are skipped; events of aggregate types the projection does not read
 //!    only move the checkpoint), refused events parked in `dead_letters`,
@@ -541,15 +543,29 @@ fn decode(message: &Message, stream_sequence: u64) -> Delivered {
 
 /// Where an event's time went before this partition got it: from its
 /// commit (`recorded_at`, taken in its transaction) to the relay's publish,
-/// and from the publish to this delivery.
-fn observe_delivery(kind: Kind, event: &RecordedEvent, published_unix_ns: i128) {
-    let now_ns = i128::from(Utc::now().timestamp_nanos_opt().unwrap_or(0));
-    let recorded_ns = i128::from(event.recorded_at.timestamp_nanos_opt().unwrap_or(0));
-    let seconds = |ns: i128| (ns.max(0) as f64) / 1e9;
-    metrics::histogram!("souk_projection_publish_delay_seconds", "projection" => kind.name())
-        .record(seconds(published_unix_ns - recorded_ns));
-    metrics::histogram!("souk_projection_delivery_delay_seconds", "projection" => kind.name())
-        .record(seconds(now_ns - published_unix_ns));
+/// and from the publish to this delivery. The histograms are looked up once
+/// per session rather than once per message.
+struct DelayHistograms {
+    publish: metrics::Histogram,
+    delivery: metrics::Histogram,
+}
+
+impl DelayHistograms {
+    fn new(kind: Kind) -> Self {
+        Self {
+            publish: metrics::histogram!("souk_projection_publish_delay_seconds", "projection" => kind.name()),
+            delivery: metrics::histogram!("souk_projection_delivery_delay_seconds", "projection" => kind.name()),
+        }
+    }
+
+    fn observe(&self, event: &RecordedEvent, published_unix_ns: i128) {
+        let now_ns = i128::from(Utc::now().timestamp_nanos_opt().unwrap_or(0));
+        let recorded_ns = i128::from(event.recorded_at.timestamp_nanos_opt().unwrap_or(0));
+        let seconds = |ns: i128| (ns.max(0) as f64) / 1e9;
+        self.publish
+            .record(seconds(published_unix_ns - recorded_ns));
+        self.delivery.record(seconds(now_ns - published_unix_ns));
+    }
 }
 
 struct Partition {
@@ -594,12 +610,14 @@ impl Partition {
                         backoff.reset();
                     }
                     // NATS is away: start again as soon as the client has
-                    // reconnected, not after a backoff grown during the outage.
+                    // reconnected, not after a backoff grown during the outage
+                    // (nor any backoff: the catch-up starts at once).
                     if !self.nats_connected() {
                         if !self.until_nats_connected().await {
                             return;
                         }
                         backoff.reset();
+                        continue;
                     }
                     let stopped = self.stopped();
                     tokio::select! {
@@ -676,6 +694,10 @@ impl Partition {
         let mut next_consumer_sequence = 1;
         let mut caught_up = checkpoint.caught_up;
         let mut relay_moved = self.shared.relay_mark.subscribe();
+        // A batch fetched while the one before was applied, with the relay's
+        // mark read before its fetch.
+        let mut prefetched: Option<(Option<Position>, Vec<Message>)> = None;
+        let delays = DelayHistograms::new(self.kind);
         while !self.stopping() {
             if self.shared.balance.give_back(self.kind, self.partition) {
                 tracing::info!(
@@ -685,9 +707,14 @@ impl Partition {
                 );
                 return Ok(());
             }
-            // Read before the fetch: see "The idle watermark".
-            let relay_mark = *relay_moved.borrow_and_update();
-            let messages = fetch(&consumer, batch_max).await?;
+            let (relay_mark, messages) = match prefetched.take() {
+                Some(fetched) => fetched,
+                None => {
+                    // Read before the fetch: see "The idle watermark".
+                    let relay_mark = *relay_moved.borrow_and_update();
+                    (relay_mark, fetch(&consumer, batch_max).await?)
+                }
+            };
             if messages.is_empty() {
                 if let Some(mark) = relay_mark
                     && mark > caught_up
@@ -730,14 +757,29 @@ impl Partition {
                 drained = info.pending == 0;
                 let one = decode(message, info.stream_sequence);
                 if let Ok(event) = &one.body {
-                    observe_delivery(self.kind, event, info.published.unix_timestamp_nanos());
+                    delays.observe(event, info.published.unix_timestamp_nanos());
                 }
                 delivered.push(one);
             }
             // Drained: every event up to the mark read before the fetch was in
             // the stream then, so it is in this batch or was applied before.
             let raise_to = relay_mark.filter(|_| drained);
-            caught_up = caught_up.max(self.apply(&mut conn, &delivered, raise_to).await?);
+            // More waits (catching up): fetch the next batch while this one
+            // is applied. The consumer allows two batches unacknowledged.
+            let fetch_ahead = async {
+                if drained {
+                    return None;
+                }
+                let relay_mark = *relay_moved.borrow_and_update();
+                Some(
+                    fetch(&consumer, batch_max)
+                        .await
+                        .map(|messages| (relay_mark, messages)),
+                )
+            };
+            let (applied, fetched_ahead) =
+                tokio::join!(self.apply(&mut conn, &delivered, raise_to), fetch_ahead);
+            caught_up = caught_up.max(applied?);
             // The consumer acknowledges all: the last message acknowledges
             // the batch.
             if let Some(last) = messages.last() {
@@ -745,6 +787,7 @@ impl Partition {
                     .await
                     .map_err(|error| anyhow::anyhow!("acknowledging a batch: {error}"))?;
             }
+            prefetched = fetched_ahead.transpose()?;
         }
         Ok(())
     }
@@ -1019,10 +1062,11 @@ impl Partition {
 
         let labels = self.labels();
         let now = Utc::now();
+        let commit_to_visible =
+            metrics::histogram!("souk_projection_commit_to_visible_seconds", &labels);
         for event in &handled {
             let seconds = (now - event.recorded_at).num_microseconds().unwrap_or(0) as f64 / 1e6;
-            metrics::histogram!("souk_projection_commit_to_visible_seconds", &labels)
-                .record(seconds.max(0.0));
+            commit_to_visible.record(seconds.max(0.0));
         }
         metrics::counter!("souk_projection_events_applied_total", &labels)
             .increment(applied as u64);

@@ -1,7 +1,8 @@
 //! The relay, against real Postgres and real NATS: committed events reach
 //! JetStream in global order on their type and partition subjects; a
 //! transaction held open holds the relay back (visibly) without making it
-//! skip; a NATS outage loses and duplicates nothing; two relays on one stream
+//! skip; a NATS outage loses and duplicates nothing, also in a backlog of
+//! many batches in flight together; two relays on one stream
 //! publish through one leader and hand over; a commit wakes the relay, in
 //! its process or another; the relay publishes while its pool is taken.
 
@@ -309,6 +310,19 @@ fn start_relay(
     config.instance = instance.to_owned();
     config.poll_interval = Duration::from_millis(50);
     config.standby_retry = Duration::from_millis(200);
+    run_relay(pool, config)
+}
+
+/// Starts a relay configured as `config`; stops it when the sender is used
+/// or dropped.
+fn run_relay(
+    pool: &PgPool,
+    config: RelayConfig,
+) -> (
+    watch::Receiver<RelayStatus>,
+    oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
     let relay = Relay::new(pool.clone(), config);
     let status = relay.status();
     let (stop, stopped) = oneshot::channel::<()>();
@@ -385,6 +399,52 @@ async fn two_relays_on_one_stream_publish_through_one_leader_that_hands_over() {
 
     stop_second.send(()).unwrap();
     second_running.await.unwrap();
+}
+
+/// A backlog of many full batches is published with a batch in flight while
+/// the one before is confirmed and checkpointed; NATS then goes away, a
+/// second backlog waits in Postgres, and the relay publishes it from its
+/// checkpoint when NATS is back. The stream holds every event once, in
+/// global order, and the checkpoint names the last.
+#[tokio::test]
+async fn a_backlog_of_many_batches_reaches_the_stream_once_and_in_order_across_an_outage() {
+    let mut server = NatsServer::start().expect("starting a private nats-server");
+    let db = TestDb::migrated().await;
+    let pool = db.pool().await;
+    let stream = TestStream::new(&server.url());
+    insert_probes(&pool, 600).await;
+    let mut config = RelayConfig::new(server.url(), &stream.name);
+    config.instance = "small-batches".to_owned();
+    config.batch_max = 16;
+    config.poll_interval = Duration::from_millis(50);
+    let (mut status, stop, running) = run_relay(&pool, config);
+    wait_for_published(&mut status, 600).await;
+
+    server.stop().unwrap();
+    tokio::time::timeout(WAIT, status.wait_for(|status| !status.nats_connected))
+        .await
+        .expect("the relay saw NATS go")
+        .expect("the relay is running");
+    insert_probes(&pool, 200).await;
+    server.start_again().unwrap();
+
+    let events = all_events(&pool).await;
+    assert_eq!(events.len(), 800);
+    let messages = wait_for_messages(&stream.url, &stream.name, events.len(), WAIT)
+        .await
+        .unwrap();
+    assert_exactly(&messages, &events);
+    let last = events.last().map(|event| event.position);
+    tokio::time::timeout(
+        WAIT,
+        status.wait_for(|status| Some(status.checkpoint) == last),
+    )
+    .await
+    .expect("the checkpoint names the last event")
+    .expect("the relay is running");
+
+    stop.send(()).unwrap();
+    running.await.unwrap();
 }
 
 /// Under load the commands of a process hold the connections of its pool
