@@ -83,6 +83,16 @@ impl Kind {
         }
     }
 
+    /// Which of a rebuild's two write connections applies this projection:
+    /// the lanes are balanced by the rows a marketplace's log writes
+    /// (orders and timelines on one, wallets and listings on the other).
+    pub fn rebuild_lane(self) -> usize {
+        match self {
+            Kind::Orders | Kind::Timelines => 0,
+            Kind::Wallets | Kind::Listings => 1,
+        }
+    }
+
     /// The read-model tables this projection owns (and a rebuild replaces).
     pub fn tables(self) -> &'static [&'static str] {
         match self {

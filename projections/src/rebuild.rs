@@ -8,7 +8,12 @@
 //!    is replayed into it with `event_store::global::read_after` and the live
 //!    projector's own apply code. Several projections (`rebuild --all`) share
 //!    one pass over the log: each batch read is applied to every one of
-//!    them. Nothing live is touched; this can take as long as it takes.
+//!    them, on two connections at once (`Kind::rebuild_lane`), so two
+//!    Postgres backends write while the next batch is read. The copies keep
+//!    only their unique indexes while they fill (every row is found and
+//!    upserted by its key); the others are created once the rows are in,
+//!    before the swap, which costs less than maintaining them on every
+//!    write. Nothing live is touched; this can take as long as it takes.
 //! 2. **Progress is durable.** Each batch commits its rows together with the
 //!    projection's row in `projection_rebuilds` (its position and counts), so
 //!    a rebuild that was killed resumes exactly after its last batch when it
@@ -176,6 +181,7 @@ pub async fn rebuild_into(
         &mut |_| {},
     )
     .await?;
+    create_deferred_indexes(pool, kind, schema).await?;
     Ok(jobs.remove(0).report)
 }
 
@@ -232,6 +238,9 @@ pub async fn rebuild_projections(
         progress,
     )
     .await?;
+    for job in &jobs {
+        create_deferred_indexes(pool, job.kind, &job.report.schema).await?;
+    }
     swap(pool, &mut jobs, options.partitions, progress).await?;
     let _ = guard.close().await;
     Ok(jobs.into_iter().map(|job| job.report).collect())
@@ -495,27 +504,46 @@ async fn build(
         position: from,
     };
     progress(&state);
-    let mut conn = batch_connection(pool).await?;
+    // The projections are written on two connections at once (two
+    // Postgres backends, so two cores), each lane its own transaction per
+    // batch: every job records its own progress, so lanes that commit
+    // apart resume apart (`replay_job` skips what a job already has). A
+    // pool too small for two writers and a reader gets one lane.
+    let two_lanes = pool.options().get_max_connections() >= 3;
+    let (mut first, mut second): (Vec<&mut Job>, Vec<&mut Job>) = jobs
+        .iter_mut()
+        .partition(|job| !two_lanes || job.kind.rebuild_lane() == 0);
+    if first.is_empty() {
+        std::mem::swap(&mut first, &mut second);
+    }
+    let mut first_conn = batch_connection(pool).await?;
+    let mut second_conn = if second.is_empty() {
+        None
+    } else {
+        Some(batch_connection(pool).await?)
+    };
     let mut events = read_after(pool, from, batch_events)
         .await
         .context("reading the global order")?;
     while let Some(last) = events.last().map(|event| event.position) {
         // The next batch is read (on another connection) while this one is
         // applied: Postgres reads while this process decodes and writes.
-        let apply = async {
-            let mut tx = conn.begin().await.context("beginning a rebuild batch")?;
-            for job in jobs.iter_mut() {
-                replay_job(&mut tx, job, partitions, &events).await?;
+        let apply_first = apply_lane(&mut first_conn, &mut first, partitions, &events);
+        let apply_second = async {
+            match second_conn.as_mut() {
+                Some(conn) => apply_lane(conn, &mut second, partitions, &events).await,
+                None => Ok(()),
             }
-            tx.commit().await.context("committing a rebuild batch")
         };
         let read_next = async {
             read_after(pool, last, batch_events)
                 .await
                 .context("reading the global order")
         };
-        let (applied, next) = tokio::join!(apply, read_next);
-        applied?;
+        let (applied_first, applied_second, next) =
+            tokio::join!(apply_first, apply_second, read_next);
+        applied_first?;
+        applied_second?;
         let next = next?;
         from = last;
         state.events_read += events.len() as u64;
@@ -532,6 +560,20 @@ async fn build(
         "projections rebuilt aside"
     );
     Ok(())
+}
+
+/// Applies `events` to each job of a lane in one transaction on `conn`.
+async fn apply_lane(
+    conn: &mut PgConnection,
+    lane: &mut [&mut Job],
+    partitions: u32,
+    events: &[RecordedEvent],
+) -> anyhow::Result<()> {
+    let mut tx = conn.begin().await.context("beginning a rebuild batch")?;
+    for job in lane.iter_mut() {
+        replay_job(&mut tx, job, partitions, events).await?;
+    }
+    tx.commit().await.context("committing a rebuild batch")
 }
 
 /// A connection for rebuild batches: they need not wait for the WAL flush,
@@ -899,7 +941,17 @@ async fn create_schema(conn: &mut PgConnection, kind: Kind, schema: &str) -> any
         .with_context(|| format!("creating {schema}.{table}"))?;
         let live = indexes(conn, "public", table).await?;
         for (name, shape) in indexes(conn, schema, table).await? {
-            if let Some((live_name, _)) = live.iter().find(|(_, live_shape)| *live_shape == shape)
+            if !shape.unique {
+                // Not needed to build (rows are looked up and upserted by
+                // their primary key): made once the rows are in, before
+                // the swap (`create_deferred_indexes`), instead of being
+                // maintained on every write of the build.
+                sqlx::query(&format!("DROP INDEX {schema}.{}", quote(&name)))
+                    .execute(&mut *conn)
+                    .await
+                    .with_context(|| format!("deferring the index {name}"))?;
+            } else if let Some((live_name, _)) =
+                live.iter().find(|(_, live_shape)| *live_shape == shape)
                 && *live_name != name
             {
                 sqlx::query(&format!(
@@ -916,14 +968,46 @@ async fn create_schema(conn: &mut PgConnection, kind: Kind, schema: &str) -> any
     Ok(())
 }
 
-/// The indexes of `schema.table`: each name with its definition minus the
-/// name and the table (`UNIQUE ... USING btree (col)`), which is what two
-/// copies of a table's index have in common.
+/// Creates in `schema` every index of the live tables of `kind` that the
+/// rebuilt tables lack (the ones `create_schema` deferred), named like the
+/// live ones. Each `CREATE INDEX` is atomic: a rebuild killed here resumes
+/// and creates the ones still missing.
+async fn create_deferred_indexes(pool: &PgPool, kind: Kind, schema: &str) -> anyhow::Result<()> {
+    let mut conn = pool.acquire().await.context("connecting to Postgres")?;
+    for table in kind.tables() {
+        let built = indexes(&mut conn, schema, table).await?;
+        for (name, shape) in indexes(&mut conn, "public", table).await? {
+            if built.iter().any(|(_, built_shape)| *built_shape == shape) {
+                continue;
+            }
+            sqlx::query(&format!(
+                "CREATE {}INDEX {} ON {schema}.{table} USING {}",
+                if shape.unique { "UNIQUE " } else { "" },
+                quote(&name),
+                shape.using
+            ))
+            .execute(&mut *conn)
+            .await
+            .with_context(|| format!("creating the index {name} of {schema}.{table}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// What two copies of a table's index have in common: uniqueness and the
+/// definition after `USING` (method, columns, `INCLUDE`, `WHERE`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct IndexShape {
+    unique: bool,
+    using: String,
+}
+
+/// The indexes of `schema.table`: each name with its shape.
 async fn indexes(
     conn: &mut PgConnection,
     schema: &str,
     table: &str,
-) -> anyhow::Result<Vec<(String, String)>> {
+) -> anyhow::Result<Vec<(String, IndexShape)>> {
     let rows: Vec<(String, String)> = sqlx::query_as(
         "SELECT c.relname::text, pg_get_indexdef(c.oid)
            FROM pg_index i
@@ -943,8 +1027,9 @@ async fn indexes(
             let unique = definition.starts_with("CREATE UNIQUE");
             let using = definition
                 .split_once(" USING ")
-                .map_or(definition.as_str(), |(_, rest)| rest);
-            (name, format!("{unique} {using}"))
+                .map_or(definition.as_str(), |(_, rest)| rest)
+                .to_owned();
+            (name, IndexShape { unique, using })
         })
         .collect())
 }
