@@ -578,7 +578,7 @@ const SLOW_WINDOW_MS: u32 = 100;
 const SLOW_WINDOWS_SHOWN: usize = 12;
 
 /// The windows of [`WINDOW`] (by due time) whose slowest command took at
-/// least [`SLOW_WINDOW_MS`], as `HH:MM:SS.s max ms (commands)`, slowest
+/// least [`SLOW_WINDOW_MS`], as `HH:MM:SS.mmm max ms (commands)`, slowest
 /// first, and how many there were.
 fn slow_windows(timeline: &[Sample]) -> (usize, String) {
     let window_us = WINDOW.as_micros() as u64;
@@ -602,7 +602,7 @@ fn slow_windows(timeline: &[Sample]) -> (usize, String) {
             let at = chrono::DateTime::from_timestamp_micros((window * window_us) as i64)
                 .map_or_else(
                     || "?".to_owned(),
-                    |at| at.format("%H:%M:%S%.1f").to_string(),
+                    |at| at.format("%H:%M:%S%.3f").to_string(),
                 );
             format!("{at} {} ms ({count})", max / 1000)
         })
