@@ -669,33 +669,28 @@ impl Relay {
             // has caught up: it is confirmed and checkpointed at once, so
             // that the checkpoint follows the last publish.
             let full = batch.len() >= config.batch_max;
-            if !batch.is_empty() {
-                match self.send(js, &batch).await {
-                    Ok(sent) => {
-                        sent_up_to = sent.last;
-                        in_flight.push_back(sent);
-                    }
-                    Err(error) => {
-                        in_flight.clear();
-                        sent_up_to = checkpoint;
-                        if self.publish_failed(&error, checkpoint, &mut failing) {
-                            stream_ready = false;
-                        }
-                        tokio::time::sleep(backoff.next_delay()).await;
-                        continue;
-                    }
-                }
-            }
-            let keep = usize::from(full);
-            let read_ahead = async {
-                if batch.is_empty() {
-                    None
-                } else {
-                    self.read_after(&mut lock, sent_up_to).await.ok()
-                }
+            let sent = if batch.is_empty() {
+                Ok(())
+            } else {
+                self.send(js, &batch).await.map(|sent| {
+                    sent_up_to = sent.last;
+                    in_flight.push_back(sent);
+                })
             };
-            let (confirmed, read_ahead) =
-                tokio::join!(self.confirm(&mut in_flight, keep), read_ahead);
+            let (confirmed, read_ahead) = match sent {
+                Ok(()) => {
+                    let keep = usize::from(full);
+                    let read_ahead = async {
+                        if batch.is_empty() {
+                            None
+                        } else {
+                            self.read_after(&mut lock, sent_up_to).await.ok()
+                        }
+                    };
+                    tokio::join!(self.confirm(&mut in_flight, keep), read_ahead)
+                }
+                Err(error) => (Err(error), None),
+            };
             let confirmed = match confirmed {
                 Ok(confirmed) => confirmed,
                 Err(error) => {

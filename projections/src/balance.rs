@@ -299,16 +299,19 @@ mod tests {
         let readiness = Readiness::channel();
         let balance = Balance::new(&[Kind::Wallets], 4, readiness.clone());
         let held = || readiness.borrow().partitions_held;
+        let members = |count| {
+            balance
+                .share(Kind::Wallets)
+                .members
+                .store(count, Ordering::Relaxed)
+        };
         assert_eq!(readiness.borrow().partitions_total, 4);
         for partition in 0..4 {
             assert!(balance.reserve(Kind::Wallets, partition), "alone: all four");
         }
         assert_eq!(held(), 4);
         // A second process joins: the share is 2, partitions 3 then 2 go.
-        balance
-            .share(Kind::Wallets)
-            .members
-            .store(2, Ordering::Relaxed);
+        members(2);
         assert!(!balance.give_back(Kind::Wallets, 0));
         assert!(!balance.give_back(Kind::Wallets, 2), "3 goes first");
         assert!(balance.give_back(Kind::Wallets, 3));
@@ -317,15 +320,9 @@ mod tests {
         assert!(!balance.reserve(Kind::Wallets, 3), "no more than its share");
         assert_eq!(held(), 2);
         // Three processes: a share of 2 still (ceil 4/3); alone again: all.
-        balance
-            .share(Kind::Wallets)
-            .members
-            .store(3, Ordering::Relaxed);
+        members(3);
         assert!(!balance.give_back(Kind::Wallets, 1));
-        balance
-            .share(Kind::Wallets)
-            .members
-            .store(1, Ordering::Relaxed);
+        members(1);
         assert!(balance.reserve(Kind::Wallets, 3));
         balance.release(Kind::Wallets, 3);
         assert_eq!(held(), 2);

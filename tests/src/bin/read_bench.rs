@@ -706,9 +706,7 @@ impl System {
     /// earlier phases wrote, so it measures reads, not a backlog being
     /// worked off beside them.
     async fn get(&self, args: &Args, seeded: &Seeded) -> anyhow::Result<Measured> {
-        eprintln!("get: waiting until the projections are current");
-        let current = self.last_position().await?;
-        self.wait_caught_up(current).await?;
+        self.wait_current("get").await?;
         eprintln!(
             "get: GET /listings/{{id}} at {}/s for {} s (+{} s warm-up)",
             args.get_rate, args.get_seconds, args.warmup_seconds
@@ -760,9 +758,7 @@ impl System {
 
     /// Phase 3: catch-up after a NATS outage.
     async fn catch_up(&mut self, args: &Args, seeded: &Seeded) -> anyhow::Result<CatchUp> {
-        eprintln!("catch-up: waiting until the projections are current");
-        let current = self.last_position().await?;
-        self.wait_caught_up(current).await?;
+        let current = self.wait_current("catch-up").await?;
         eprintln!(
             "catch-up: NATS stopped; committing {} deposits",
             args.outage_events
@@ -1098,6 +1094,15 @@ impl System {
         .fetch_one(&self.pool)
         .await
         .context("reading the projections' checkpoints")
+    }
+
+    /// Waits until the relay and every projection have reached the last
+    /// event written so far (before `phase` starts); returns its position.
+    async fn wait_current(&self, phase: &str) -> anyhow::Result<(i64, i64)> {
+        eprintln!("{phase}: waiting until the projections are current");
+        let current = self.last_position().await?;
+        self.wait_caught_up(current).await?;
+        Ok(current)
     }
 
     async fn wait_caught_up(&self, target: (i64, i64)) -> anyhow::Result<()> {
