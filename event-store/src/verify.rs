@@ -23,7 +23,7 @@
 
 use futures::TryStreamExt;
 use sqlx::postgres::{PgPool, PgRow};
-use sqlx::{Connection, Row as _};
+use sqlx::{Connection, PgConnection, Row as _};
 use uuid::Uuid;
 
 use crate::anchor::{self, Anchor};
@@ -140,6 +140,20 @@ impl VerifyReport {
             self.violations.push(violation);
         }
     }
+
+    /// Appends the report of the streams after this report's: the lists
+    /// stay in key order and keep their first [`MAX_PROBLEMS`].
+    fn append(&mut self, later: VerifyReport) {
+        self.events_checked += later.events_checked;
+        self.aggregates_checked += later.aggregates_checked;
+        let room = MAX_PROBLEMS.saturating_sub(self.problems.len());
+        self.problems.extend(later.problems.into_iter().take(room));
+        self.problems_found += later.problems_found;
+        let room = MAX_PROBLEMS.saturating_sub(self.violations.len());
+        self.violations
+            .extend(later.violations.into_iter().take(room));
+        self.violations_found += later.violations_found;
+    }
 }
 
 pub const MAX_PROBLEMS: usize = 1000;
@@ -188,92 +202,79 @@ pub async fn verify_chains(
 
 /// Verifies what `options` asks, in one snapshot (see the module doc).
 ///
-/// Two tasks share the work: this one reads the rows (the socket, TLS and
-/// the protocol), a blocking one checks them (hashes, invariants), so the
-/// two run on two cores; a bounded channel of row batches between them keeps
-/// the memory constant.
+/// A whole log is checked in two halves at once, each on a connection of
+/// its own sharing the first one's snapshot (`pg_export_snapshot`): the
+/// streams before a middle key and the streams from it on. Each half has
+/// a task that reads the rows (the socket, TLS and the protocol) and a
+/// blocking one that checks them (hashes, invariants), with a bounded
+/// channel of row batches between them that keeps the memory constant.
+/// The halves are disjoint sets of whole streams, so their reports and
+/// invariant replays add up to one pass's (`Auditor::merge`).
 pub async fn verify(
     pool: &PgPool,
     options: &VerifyOptions<'_>,
 ) -> Result<VerifyReport, sqlx::Error> {
     let mut conn = pool.acquire().await?;
     let mut tx = conn.begin().await?;
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        .execute(&mut *tx)
-        .await?;
-    // The rows are wanted in primary-key order, which the primary keys of
-    // `events` and `stream_heads` give by a merge join. Left to itself the
-    // planner prefers to sort the whole log (on disk, in parallel workers,
-    // n log n: it slowed verify down as the log grew). Nor is a JIT worth
-    // compiling for one streaming query.
-    sqlx::raw_sql(
-        "SET LOCAL enable_sort = off; SET LOCAL max_parallel_workers_per_gather = 0;
-         SET LOCAL jit = off",
-    )
-    .execute(&mut *tx)
-    .await?;
-    let report = VerifyReport {
-        invariants_checked: options.invariants,
-        ..VerifyReport::default()
-    };
+    begin_reading(&mut tx, None).await?;
     let only_type = options.only.map(|(t, _)| t);
     let only_id = options.only.map(|(_, i)| i);
-    let (batches, mut to_check) = tokio::sync::mpsc::channel::<Vec<PgRow>>(BATCHES_IN_FLIGHT);
-    let mut checker = Checker {
-        report,
-        auditor: options.invariants.then(domain::audit::Auditor::new),
-        stream: None,
+    let middle = match options.only {
+        None if pool.options().get_max_connections() >= 2 => middle_stream(&mut tx).await?,
+        _ => None,
     };
-    let checking = tokio::task::spawn_blocking(move || {
-        while let Some(rows) = to_check.blocking_recv() {
-            for row in &rows {
-                checker.row(row)?;
+    let checked = match &middle {
+        Some(middle) => {
+            let snapshot: String = sqlx::query_scalar("SELECT pg_export_snapshot()")
+                .fetch_one(&mut *tx)
+                .await?;
+            let mut other_conn = pool.acquire().await?;
+            let mut other = other_conn.begin().await?;
+            begin_reading(&mut other, Some(&snapshot)).await?;
+            let middle = (middle.0.as_str(), middle.1.as_str());
+            let (first, second) = tokio::join!(
+                check(
+                    &mut tx,
+                    Streams {
+                        until: Some(middle),
+                        ..Streams::default()
+                    },
+                    options.invariants
+                ),
+                check(
+                    &mut other,
+                    Streams {
+                        from: Some(middle),
+                        ..Streams::default()
+                    },
+                    options.invariants
+                ),
+            );
+            other.commit().await?;
+            let (mut first, second) = (first?, second?);
+            first.report.append(second.report);
+            if let (Some(auditor), Some(other)) = (first.auditor.as_mut(), second.auditor) {
+                auditor.merge(other);
             }
+            first
         }
-        checker.end_stream();
-        Ok::<_, sqlx::Error>(checker)
-    });
-    let read = async {
-        let mut rows = sqlx::query(
-            "SELECT e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, e.event_version,
-                    e.payload::text, e.metadata::text, e.event_id, e.recorded_at, e.prev_hash,
-                    e.hash, e.transaction_id::text::bigint, e.position, h.sequence, h.hash
-               FROM events e
-               LEFT JOIN stream_heads h
-                      ON h.aggregate_type = e.aggregate_type AND h.aggregate_id = e.aggregate_id
-              WHERE $1::text IS NULL OR (e.aggregate_type = $1 AND e.aggregate_id = $2)
-              ORDER BY e.aggregate_type, e.aggregate_id, e.sequence",
-        )
-        .bind(only_type)
-        .bind(only_id)
-        .fetch(&mut *tx);
-        let mut batch = Vec::with_capacity(ROWS_PER_BATCH);
-        while let Some(row) = rows.try_next().await? {
-            batch.push(row);
-            if batch.len() == ROWS_PER_BATCH {
-                let full = std::mem::replace(&mut batch, Vec::with_capacity(ROWS_PER_BATCH));
-                if batches.send(full).await.is_err() {
-                    // The checker stopped: its error is the one to report.
-                    return Ok(());
-                }
-            }
+        None => {
+            check(
+                &mut tx,
+                Streams {
+                    only: options.only,
+                    ..Streams::default()
+                },
+                options.invariants,
+            )
+            .await?
         }
-        if !batch.is_empty() {
-            let _ = batches.send(batch).await;
-        }
-        Ok::<_, sqlx::Error>(())
     };
-    let read = read.await;
-    drop(batches);
-    let checked = checking
-        .await
-        .map_err(|error| sqlx::Error::Protocol(format!("the verifying task failed: {error}")))?;
-    read?;
     let Checker {
         mut report,
         auditor,
         ..
-    } = checked?;
+    } = checked;
 
     // Heads whose stream has no event left at all.
     let orphans: Vec<(String, String, i64)> = sqlx::query_as(
@@ -376,6 +377,148 @@ pub async fn verify(
     .collect();
     tx.commit().await?;
     Ok(report)
+}
+
+/// Makes `tx` a read-only `REPEATABLE READ` transaction, on `snapshot` (one
+/// exported by another transaction) if given, set for the verify query.
+async fn begin_reading(tx: &mut PgConnection, snapshot: Option<&str>) -> Result<(), sqlx::Error> {
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await?;
+    if let Some(snapshot) = snapshot {
+        // The id comes from `pg_export_snapshot` (hex digits and dashes);
+        // SET takes no bind parameters.
+        if !snapshot.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
+            return Err(sqlx::Error::Protocol(format!(
+                "`{snapshot}` is not a snapshot id"
+            )));
+        }
+        sqlx::query(&format!("SET TRANSACTION SNAPSHOT '{snapshot}'"))
+            .execute(&mut *tx)
+            .await?;
+    }
+    // The rows are wanted in primary-key order, which the primary keys of
+    // `events` and `stream_heads` give by a merge join. Left to itself the
+    // planner prefers to sort the whole log (on disk, in parallel workers,
+    // n log n: it slowed verify down as the log grew). Nor is a JIT worth
+    // compiling for one streaming query.
+    sqlx::raw_sql(
+        "SET LOCAL enable_sort = off; SET LOCAL max_parallel_workers_per_gather = 0;
+         SET LOCAL jit = off",
+    )
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// The first stream (by key) at or after which half of the log's events
+/// are, by the stream heads' counts: where the log is cut in two halves.
+/// The heads only balance the halves (whatever they say, the two ranges
+/// cover every key). `None` for an empty log.
+async fn middle_stream(tx: &mut PgConnection) -> Result<Option<(String, String)>, sqlx::Error> {
+    let total: Option<i64> = sqlx::query_scalar("SELECT sum(sequence)::bigint FROM stream_heads")
+        .fetch_one(&mut *tx)
+        .await?;
+    let Some(total) = total.filter(|total| *total > 1) else {
+        return Ok(None);
+    };
+    sqlx::query_as(
+        "SELECT aggregate_type, aggregate_id
+           FROM (SELECT aggregate_type, aggregate_id,
+                        sum(sequence) OVER (ORDER BY aggregate_type, aggregate_id) AS upto
+                   FROM stream_heads) heads
+          WHERE upto * 2 >= $1
+          ORDER BY aggregate_type, aggregate_id
+          LIMIT 1",
+    )
+    .bind(total)
+    .fetch_optional(&mut *tx)
+    .await
+}
+
+/// Which streams one pass reads: one, or those from a key (inclusive) until
+/// another (exclusive); a bound left out is open.
+#[derive(Debug, Clone, Copy, Default)]
+struct Streams<'a> {
+    only: Option<(&'a str, &'a str)>,
+    from: Option<(&'a str, &'a str)>,
+    until: Option<(&'a str, &'a str)>,
+}
+
+/// Reads and checks the rows of `streams` (see [`verify`]).
+async fn check(
+    tx: &mut PgConnection,
+    streams: Streams<'_>,
+    invariants: bool,
+) -> Result<Checker, sqlx::Error> {
+    let (batches, mut to_check) = tokio::sync::mpsc::channel::<Vec<PgRow>>(BATCHES_IN_FLIGHT);
+    let mut checker = Checker {
+        report: VerifyReport {
+            invariants_checked: invariants,
+            ..VerifyReport::default()
+        },
+        auditor: invariants.then(domain::audit::Auditor::new),
+        stream: None,
+    };
+    let checking = tokio::task::spawn_blocking(move || {
+        while let Some(rows) = to_check.blocking_recv() {
+            for row in &rows {
+                checker.row(row)?;
+            }
+        }
+        checker.end_stream();
+        Ok::<_, sqlx::Error>(checker)
+    });
+    let (only_type, only_id) = streams.only.unzip();
+    let (from_type, from_id) = streams.from.unzip();
+    let (until_type, until_id) = streams.until.unzip();
+    let read = async {
+        // The bounds are on both primary keys, so that each index scan
+        // starts and stops at them.
+        let mut rows = sqlx::query(
+            "SELECT e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, e.event_version,
+                    e.payload::text, e.metadata::text, e.event_id, e.recorded_at, e.prev_hash,
+                    e.hash, e.transaction_id::text::bigint, e.position, h.sequence, h.hash
+               FROM events e
+               LEFT JOIN stream_heads h
+                      ON h.aggregate_type = e.aggregate_type AND h.aggregate_id = e.aggregate_id
+                     AND ($3::text IS NULL OR (h.aggregate_type, h.aggregate_id) >= ($3, $4))
+                     AND ($5::text IS NULL OR (h.aggregate_type, h.aggregate_id) < ($5, $6))
+              WHERE ($1::text IS NULL OR (e.aggregate_type = $1 AND e.aggregate_id = $2))
+                AND ($3::text IS NULL OR (e.aggregate_type, e.aggregate_id) >= ($3, $4))
+                AND ($5::text IS NULL OR (e.aggregate_type, e.aggregate_id) < ($5, $6))
+              ORDER BY e.aggregate_type, e.aggregate_id, e.sequence",
+        )
+        .bind(only_type)
+        .bind(only_id)
+        .bind(from_type)
+        .bind(from_id)
+        .bind(until_type)
+        .bind(until_id)
+        .fetch(&mut *tx);
+        let mut batch = Vec::with_capacity(ROWS_PER_BATCH);
+        while let Some(row) = rows.try_next().await? {
+            batch.push(row);
+            if batch.len() == ROWS_PER_BATCH {
+                let full = std::mem::replace(&mut batch, Vec::with_capacity(ROWS_PER_BATCH));
+                if batches.send(full).await.is_err() {
+                    // The checker stopped: its error is the one to report.
+                    return Ok(());
+                }
+            }
+        }
+        if !batch.is_empty() {
+            let _ = batches.send(batch).await;
+        }
+        Ok::<_, sqlx::Error>(())
+    };
+    let read = read.await;
+    drop(batches);
+    let checked = checking
+        .await
+        .map_err(|error| sqlx::Error::Protocol(format!("the verifying task failed: {error}")))?;
+    read?;
+    checked
 }
 
 /// What the checking task keeps: the report so far, the invariants'

@@ -28,6 +28,7 @@
 //! rebuilt from the event store; none is a source of truth.
 
 mod balance;
+mod columns;
 mod config;
 mod engine;
 mod listings;

@@ -7,9 +7,11 @@
 //!    the live ones' names) and of `dead_letters`, and the whole global order
 //!    is replayed into it with `event_store::global::read_after` and the live
 //!    projector's own apply code. Several projections (`rebuild --all`) share
-//!    one pass over the log: each batch read is applied to every one of
-//!    them, on two connections at once (`Kind::rebuild_lane`), so two
-//!    Postgres backends write while the next batch is read. The copies keep
+//!    one pass over the log: one task reads it ahead, batch after batch, and
+//!    each projection applies every batch on a connection of its own (a
+//!    lane; fewer lanes when the pool is small, see `build`), without waiting
+//!    for the others, so that several Postgres backends write while this
+//!    process decodes and the next batches are read. The copies keep
 //!    only their unique indexes while they fill (every row is found and
 //!    upserted by its key); the others are created once the rows are in,
 //!    before the swap, which costs less than maintaining them on every
@@ -51,6 +53,7 @@
 //! projector) is gone, one still refused keeps its id and gets the new error,
 //! and an event an operator skipped (`dead_letter_actions`) stays skipped.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -149,7 +152,7 @@ fn kind_of(projection: &str) -> anyhow::Result<Kind> {
 }
 
 /// One projection being rebuilt.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Job {
     kind: Kind,
     report: RebuildReport,
@@ -473,8 +476,21 @@ async fn tables_exist(conn: &mut PgConnection, kind: Kind, schema: &str) -> anyh
     Ok(found == names.len() as i64)
 }
 
+/// Batches the reader of a build may be ahead of its slowest lane: what
+/// bounds the events a build holds in memory.
+const BATCHES_AHEAD: usize = 2;
+
 /// Replays the global order from the jobs' positions until nothing more is
 /// committed.
+///
+/// A pipeline of tasks: one reads the global order batch after batch, and
+/// each lane (a connection of its own, one projection or a few) applies
+/// every batch to its jobs as soon as it has it, in its own transaction per
+/// batch. The lanes do not wait for each other: while one decodes and
+/// builds rows, the others' Postgres backends write and the reader reads
+/// ahead (at most [`BATCHES_AHEAD`] batches), so both cores stay busy.
+/// Every job records its own progress, so lanes that commit apart resume
+/// apart (`replay_job` skips what a job already has).
 async fn build(
     pool: &PgPool,
     jobs: &mut [Job],
@@ -483,7 +499,7 @@ async fn build(
     progress: &mut (dyn FnMut(&RebuildProgress) + Send),
 ) -> anyhow::Result<()> {
     let started = Instant::now();
-    let mut from = jobs
+    let from = jobs
         .iter()
         .map(|job| job.report.position)
         .min()
@@ -504,62 +520,139 @@ async fn build(
         position: from,
     };
     progress(&state);
-    // The projections are written on two connections at once (two
-    // Postgres backends, so two cores), each lane its own transaction per
-    // batch: every job records its own progress, so lanes that commit
-    // apart resume apart (`replay_job` skips what a job already has). A
-    // pool too small for two writers and a reader gets one lane.
-    let two_lanes = pool.options().get_max_connections() >= 3;
-    let (mut first, mut second): (Vec<&mut Job>, Vec<&mut Job>) = jobs
-        .iter_mut()
-        .partition(|job| !two_lanes || job.kind.rebuild_lane() == 0);
-    if first.is_empty() {
-        std::mem::swap(&mut first, &mut second);
+
+    let lanes = lanes_of(pool, jobs);
+    let (applied, mut applied_batches) = tokio::sync::mpsc::channel(BATCHES_AHEAD * lanes.len());
+    let mut senders = Vec::with_capacity(lanes.len());
+    let mut tasks = tokio::task::JoinSet::new();
+    for (lane, lane_jobs) in lanes.into_iter().enumerate() {
+        let (sender, batches) = tokio::sync::mpsc::channel(BATCHES_AHEAD);
+        senders.push(sender);
+        tasks.spawn(run_lane(
+            pool.clone(),
+            lane,
+            lane_jobs,
+            partitions,
+            batches,
+            applied.clone(),
+        ));
     }
-    let mut first_conn = batch_connection(pool).await?;
-    let mut second_conn = if second.is_empty() {
-        None
-    } else {
-        Some(batch_connection(pool).await?)
-    };
-    let mut events = read_after(pool, from, batch_events)
-        .await
-        .context("reading the global order")?;
-    while let Some(last) = events.last().map(|event| event.position) {
-        // The next batch is read (on another connection) while this one is
-        // applied: Postgres reads while this process decodes and writes.
-        let apply_first = apply_lane(&mut first_conn, &mut first, partitions, &events);
-        let apply_second = async {
-            match second_conn.as_mut() {
-                Some(conn) => apply_lane(conn, &mut second, partitions, &events).await,
-                None => Ok(()),
-            }
-        };
-        let read_next = async {
-            read_after(pool, last, batch_events)
-                .await
-                .context("reading the global order")
-        };
-        let (applied_first, applied_second, next) =
-            tokio::join!(apply_first, apply_second, read_next);
-        applied_first?;
-        applied_second?;
-        let next = next?;
-        from = last;
-        state.events_read += events.len() as u64;
-        state.events_total = state.events_total.max(state.events_read);
-        state.position = from;
+    drop(applied);
+    let lane_count = senders.len();
+    tasks.spawn(read_batches(pool.clone(), from, batch_events, senders));
+
+    // Progress is the slowest lane's.
+    let mut read_by_lane = vec![(0u64, from); lane_count];
+    while let Some((lane, events, position)) = applied_batches.recv().await {
+        let (read, at) = &mut read_by_lane[lane];
+        *read += events;
+        *at = position;
+        if let Some((read, at)) = read_by_lane.iter().min() {
+            state.events_read = *read;
+            state.events_total = state.events_total.max(*read);
+            state.position = *at;
+        }
         progress(&state);
-        events = next;
+    }
+    let mut failed = None;
+    while let Some(finished) = tasks.join_next().await {
+        match finished.context("a rebuild task failed") {
+            Ok(Ok(finished_jobs)) => {
+                for (index, job) in finished_jobs {
+                    jobs[index] = job;
+                }
+            }
+            Ok(Err(error)) | Err(error) => {
+                failed.get_or_insert(error);
+            }
+        }
+    }
+    if let Some(error) = failed {
+        return Err(error);
     }
     tracing::info!(
         projections = ?state.projections,
-        position = %from,
+        position = %state.position,
         events_read = state.events_read,
         seconds = started.elapsed().as_secs_f64(),
         "projections rebuilt aside"
     );
     Ok(())
+}
+
+/// A job with its index among the build's jobs.
+type LaneJob = (usize, Job);
+
+/// Splits the jobs into lanes, each to be applied on a connection of its
+/// own, keeping one connection of the pool for the reader: a lane per job
+/// when the pool allows, else the two lanes of `Kind::rebuild_lane`
+/// (balanced by the rows a marketplace's log writes), else one.
+fn lanes_of(pool: &PgPool, jobs: &[Job]) -> Vec<Vec<LaneJob>> {
+    let connections = pool.options().get_max_connections() as usize;
+    let count = connections.saturating_sub(1).clamp(1, jobs.len().max(1));
+    let mut lanes: Vec<Vec<LaneJob>> = (0..count).map(|_| Vec::new()).collect();
+    for (index, job) in jobs.iter().enumerate() {
+        let lane = if count >= jobs.len() {
+            index
+        } else if count >= 2 {
+            job.kind.rebuild_lane()
+        } else {
+            0
+        };
+        lanes[lane].push((index, job.clone()));
+    }
+    lanes.retain(|lane| !lane.is_empty());
+    lanes
+}
+
+/// Reads the global order after `from` until nothing more is committed,
+/// handing every batch to every lane.
+async fn read_batches(
+    pool: PgPool,
+    mut from: Position,
+    batch_events: i64,
+    lanes: Vec<tokio::sync::mpsc::Sender<Arc<Vec<RecordedEvent>>>>,
+) -> anyhow::Result<Vec<LaneJob>> {
+    loop {
+        let events = read_after(&pool, from, batch_events)
+            .await
+            .context("reading the global order")?;
+        let Some(last) = events.last().map(|event| event.position) else {
+            return Ok(Vec::new());
+        };
+        from = last;
+        let batch = Arc::new(events);
+        for lane in &lanes {
+            if lane.send(Arc::clone(&batch)).await.is_err() {
+                // The lane stopped: its error is the one to report.
+                return Ok(Vec::new());
+            }
+        }
+    }
+}
+
+/// Applies every batch it is handed to its jobs, one transaction per batch
+/// on a connection of its own, and says so on `applied` (lane, events,
+/// last position). Returns its jobs, their reports up to date.
+async fn run_lane(
+    pool: PgPool,
+    lane: usize,
+    mut jobs: Vec<LaneJob>,
+    partitions: u32,
+    mut batches: tokio::sync::mpsc::Receiver<Arc<Vec<RecordedEvent>>>,
+    applied: tokio::sync::mpsc::Sender<(usize, u64, Position)>,
+) -> anyhow::Result<Vec<LaneJob>> {
+    let mut conn = batch_connection(&pool).await?;
+    while let Some(events) = batches.recv().await {
+        let Some(last) = events.last().map(|event| event.position) else {
+            continue;
+        };
+        let mut lane_jobs: Vec<&mut Job> = jobs.iter_mut().map(|(_, job)| job).collect();
+        apply_lane(&mut conn, &mut lane_jobs, partitions, &events).await?;
+        // The build only stops listening once every lane is done.
+        let _ = applied.send((lane, events.len() as u64, last)).await;
+    }
+    Ok(jobs)
 }
 
 /// Applies `events` to each job of a lane in one transaction on `conn`.

@@ -2,14 +2,18 @@
 //!
 //! A batch loads every row its events touch with one query per table, applies
 //! the events to those rows in memory, and writes the rows back with one
-//! statement per table. Rows travel as JSON text: `to_json(row)` on the way in,
-//! `json_populate_recordset` on the way out, so each table is described once
-//! (a serde struct and its column list) instead of once per bound column.
+//! statement per table. Each table is described once (a serde struct and its
+//! column list) instead of once per bound column: rows come in as JSON text
+//! (`to_json(row)`) and go out as one typed array per column
+//! (`INSERT ... SELECT ... FROM UNNEST(...)`, see `columns`), which Postgres
+//! reads without parsing a JSON document or converting text.
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sqlx::PgConnection;
 use uuid::Uuid;
+
+use crate::columns;
 
 /// A read-model table: its name, primary key and the columns a row struct
 /// carries (in any order; the names must match the struct's fields).
@@ -100,17 +104,35 @@ async fn write<T: Serialize>(
     if rows.is_empty() {
         return Ok(());
     }
-    // Serialized straight to text (no `serde_json::Value` tree on the way)
-    // and read as `json`: Postgres parses it once per row into the record,
-    // where `jsonb` would first build and key-sort a whole jsonb document.
-    let json = serde_json::to_string(rows).map_err(|error| {
+    // One typed array per column, in Postgres's binary format (see
+    // `columns`): Postgres reads the values as they are.
+    let types = columns::column_types(conn, schema, table.name).await?;
+    let encode = |error: columns::EncodeError| {
         sqlx::Error::Encode(format!("a row of {} does not encode: {error}", table.name).into())
-    })?;
+    };
+    let mut values =
+        columns::Columns::new(table.name, table.columns, &types, rows.len()).map_err(encode)?;
+    for row in rows {
+        values.push(row).map_err(encode)?;
+    }
     let qualified = table.qualified(schema);
-    let columns = table.columns.join(", ");
+    let names = table.columns.join(", ");
+    let selected: Vec<String> = values
+        .columns
+        .iter()
+        .map(|(name, column_type, _)| format!("{name}{}", column_type.cast()))
+        .collect();
+    let arrays: Vec<String> = values
+        .columns
+        .iter()
+        .enumerate()
+        .map(|(index, (_, column_type, _))| format!("${}::{}", index + 1, column_type.array()))
+        .collect();
     let mut sql = format!(
-        "INSERT INTO {qualified} ({columns})
-         SELECT {columns} FROM json_populate_recordset(NULL::{qualified}, $1::json)"
+        "INSERT INTO {qualified} ({names})
+         SELECT {} FROM UNNEST({}) AS u({names})",
+        selected.join(", "),
+        arrays.join(", ")
     );
     if update_existing {
         let updates: Vec<String> = table
@@ -125,7 +147,11 @@ async fn write<T: Serialize>(
             updates.join(", ")
         ));
     }
-    sqlx::query(&sql).bind(json).execute(conn).await?;
+    let mut query = sqlx::query(&sql);
+    for (_, _, column) in values.columns {
+        query = column.bind(query);
+    }
+    query.execute(conn).await?;
     Ok(())
 }
 

@@ -91,10 +91,11 @@ pub struct Database {
 
 impl Database {
     /// A small pool on the event store, its migrations applied (replay-tool
-    /// is one of the writers that do).
+    /// is one of the writers that do). Six connections: `rebuild --all`
+    /// reads on one and applies each of the four projections on its own.
     pub async fn connect(&self) -> anyhow::Result<sqlx::PgPool> {
         let config = event_store::PoolConfig {
-            max_connections: 4,
+            max_connections: 6,
             ..event_store::PoolConfig::default()
         };
         let pool =
