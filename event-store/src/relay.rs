@@ -47,12 +47,13 @@
 //!
 //! Metrics (label `stream`): `souk_relay_published_total`,
 //! `souk_relay_duplicates_total`, `souk_relay_failures_total`,
+//! `souk_relay_foreign_messages_total`,
 //! `souk_relay_checkpoint_position`,
 //! `souk_relay_step_seconds` (label `step`), `souk_relay_batch_events`,
 //! `souk_relay_lag_events`, `souk_relay_horizon_age_seconds`,
 //! `souk_relay_connected`, `souk_relay_leader`.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -112,6 +113,13 @@ const HORIZON_RECHECK: Duration = Duration::from_millis(10);
 const REFUSED_RECHECK: Duration = Duration::from_secs(5);
 /// The lag metric counts at most this many events.
 const LAG_COUNT_MAX: i64 = 1_000_000;
+/// How many messages a sync looks back from the stream's end for the last
+/// one a relay published (past messages expired or another publisher's).
+const TAIL_LOOKBACK: u64 = 64;
+/// The most messages a sync reads after a failure to find those of the
+/// relay stored past a message of another publisher: more than can be in
+/// flight.
+const WINDOW_MAX: u64 = 2 * MAX_BATCH as u64 + TAIL_LOOKBACK;
 
 /// What a relay publishes, where, and how it paces itself.
 #[derive(Debug, Clone)]
@@ -586,6 +594,12 @@ impl Relay {
         // synced with the stream, and again after any failure.
         let mut in_flight: VecDeque<InFlight> = VecDeque::new();
         let mut cursor: Option<Cursor> = None;
+        // How far the stream is known to hold every event in order (from
+        // the last sync and the acks since), for the sync after a failure.
+        let mut stored: Option<Cursor> = None;
+        // Events the stream holds already past a message of another
+        // publisher (see `Relay::sync`): not sent again.
+        let mut skip: HashSet<Uuid> = HashSet::new();
 
         loop {
             if observed_at.is_none_or(|at| at.elapsed() >= config.metrics_interval) {
@@ -654,8 +668,13 @@ impl Relay {
             };
             let at = match cursor {
                 Some(at) => at,
-                None => match self.sync(&mut lock, handle, &mut checkpoint).await {
-                    Ok(at) => *cursor.insert(at),
+                None => match self.sync(&mut lock, handle, &mut checkpoint, stored).await {
+                    Ok((at, held)) => {
+                        stored = Some(at);
+                        skip = held;
+                        prefetched = None;
+                        *cursor.insert(at)
+                    }
                     Err(error @ RelayError::Nats { .. }) => {
                         if failing.ready() {
                             tracing::warn!(stream, %error, "relay cannot read where its stream ends; retrying");
@@ -677,7 +696,7 @@ impl Relay {
                 Some(read) => Ok(read),
                 None => self.read_after(&mut lock, at.after).await,
             };
-            let (horizon, batch) = match read {
+            let (horizon, mut batch) = match read {
                 Ok(read) => read,
                 // The read runs on the lock's session: an error may mean
                 // that session is gone, and with it the lead.
@@ -688,6 +707,11 @@ impl Relay {
                 self.idle(&wake, horizon).await;
                 continue;
             }
+            let read_up_to = batch.last().map_or(at.after, |event| event.position);
+            let full = batch.len() >= config.batch_max;
+            if !skip.is_empty() {
+                batch.retain(|event| !skip.remove(&event.event_id));
+            }
 
             // A full batch says more waits: it stays in flight while the
             // batch before it is confirmed and checkpointed and the next one
@@ -696,46 +720,48 @@ impl Relay {
             // checkpoint, not their sum). A partial batch means the relay
             // has caught up: it is confirmed and checkpointed at once, so
             // that the checkpoint follows the last publish.
-            let full = batch.len() >= config.batch_max;
-            let sent = if batch.is_empty() {
-                Ok(at)
-            } else {
-                self.send(js, &batch, at.sequence).await.map(|sent| {
-                    let next = sent.end();
-                    in_flight.push_back(sent);
-                    next
-                })
-            };
-            let (confirmed, read_ahead) = match sent {
+            let mut confirmed = Confirmed::default();
+            let sent = self
+                .send_batch(
+                    js,
+                    &batch,
+                    at,
+                    read_up_to,
+                    &mut in_flight,
+                    &mut stored,
+                    &mut confirmed,
+                )
+                .await;
+            let (confirmation, read_ahead) = match sent {
                 Ok(next) => {
                     cursor = Some(next);
                     let keep = usize::from(full);
                     let read_ahead = async {
-                        if batch.is_empty() {
+                        if next.after == at.after {
                             None
                         } else {
                             self.read_after(&mut lock, next.after).await.ok()
                         }
                     };
-                    tokio::join!(self.confirm(&mut in_flight, keep), read_ahead)
+                    tokio::join!(
+                        self.confirm(&mut in_flight, keep, &mut stored, &mut confirmed),
+                        read_ahead
+                    )
                 }
                 Err(error) => (Err(error), None),
             };
-            let confirmed = match confirmed {
-                Ok(confirmed) => confirmed,
-                Err(error) => {
-                    // Whatever is in flight may be stored or not: the next
-                    // run syncs with the stream and goes on from its end.
-                    in_flight.clear();
-                    cursor = None;
-                    self.failed();
-                    if self.publish_failed(&error, checkpoint, &mut failing) {
-                        stream_handle = None;
-                    }
-                    tokio::time::sleep(backoff.next_delay()).await;
-                    continue;
+            if let Err(error) = confirmation {
+                // Whatever is in flight may be stored or not: the next run
+                // syncs with the stream and goes on from its end.
+                in_flight.clear();
+                cursor = None;
+                self.failed();
+                if self.publish_failed(&error, checkpoint, &mut failing) {
+                    stream_handle = None;
                 }
-            };
+                tokio::time::sleep(backoff.next_delay()).await;
+                continue;
+            }
             if let Some(last) = confirmed.last {
                 let checkpoint_at = Instant::now();
                 if let Err(error) =
@@ -802,18 +828,49 @@ impl Relay {
     /// its last event is one of this database's, and decides where to go on
     /// ([`resume_point`]). Events an earlier leader published past the
     /// checkpoint are checkpointed here (`checkpoint` moves with them).
+    ///
+    /// After a failure (`known`: how far the stream held every event in
+    /// order), the messages stored since are checked first: a message of
+    /// another publisher in the slot of one of the relay's lets the later
+    /// ones in, each expecting the sequence before it. Publishing then goes
+    /// on after the last event known in order, and the events the stream
+    /// holds already past that message are returned, not to be sent again.
+    ///
     /// A NATS error is [`RelayError::Nats`]; any other error ends the lead.
     async fn sync(
         &self,
         lock: &mut PgConnection,
         handle: &stream::Stream,
         checkpoint: &mut Position,
-    ) -> Result<Cursor, RelayError> {
+        known: Option<Cursor>,
+    ) -> Result<(Cursor, HashSet<Uuid>), RelayError> {
         let stream = self.config.stream.as_str();
         let tail = read_tail(handle).await?;
+        let sequence = tail.sequence;
+        if let Some(known) = known
+            && let Some(held) = self
+                .stored_past_foreign(&mut *lock, handle, known, sequence)
+                .await?
+        {
+            let foreign_at = known.sequence + 1;
+            metrics::counter!("souk_relay_foreign_messages_total", &self.labels()).increment(1);
+            if held.is_empty() {
+                tracing::warn!(
+                    stream,
+                    sequence = foreign_at,
+                    "another publisher wrote to the stream (the relay must be its only publisher): going on after its message"
+                );
+            } else {
+                tracing::error!(stream, sequence = foreign_at, passed = held.len(), after = %known.after, "another publisher wrote to the stream (the relay must be its only publisher) while the relay published, and later events were stored past a refused one: publishing what they passed after them, out of order; projections that applied a later event of its partition skipped it, rebuild them");
+            }
+            let resume = Cursor {
+                after: known.after,
+                sequence,
+            };
+            return Ok((resume, held));
+        }
         check_tail(&mut *lock, stream, &tail).await?;
         let resume = resume_point(*checkpoint, &tail);
-        let sequence = tail.sequence;
         let at = *checkpoint;
         match resume {
             Resume::AtCheckpoint => {
@@ -830,13 +887,44 @@ impl Relay {
             }
             Resume::Unknown if sequence == 0 && *checkpoint == Position::START => {}
             Resume::Unknown => {
-                tracing::warn!(stream, sequence, %at, "the stream's last message is gone (purged, expired, or the stream was made again) or is not the relay's: publishing after the checkpoint; what the stream lost before it is not published again");
+                tracing::warn!(stream, sequence, %at, "the stream's last messages are gone (purged, expired, or the stream was made again) or not the relay's: publishing after the checkpoint; what the stream lost before it is not published again");
             }
         }
-        Ok(Cursor {
+        let resume = Cursor {
             after: resume.after(*checkpoint),
             sequence,
-        })
+        };
+        Ok((resume, HashSet::new()))
+    }
+
+    /// Whether a message of another publisher came into the stream after
+    /// `known` (up to `last_sequence`): `None` when the message after it is
+    /// the relay's next event (or there is none), else the relay's events
+    /// stored from that message on.
+    async fn stored_past_foreign(
+        &self,
+        lock: &mut PgConnection,
+        handle: &stream::Stream,
+        known: Cursor,
+        last_sequence: u64,
+    ) -> Result<Option<HashSet<Uuid>>, RelayError> {
+        let next = known.sequence + 1;
+        if last_sequence < next {
+            return Ok(None);
+        }
+        if let Some((_, position)) = message_event(handle, next).await?
+            && position > known.after
+            && !events_between(&mut *lock, known.after, position).await?
+        {
+            return Ok(None);
+        }
+        let mut held = HashSet::new();
+        for sequence in next..=last_sequence.min(next + WINDOW_MAX) {
+            if let Some((event_id, _)) = message_event(handle, sequence).await? {
+                held.insert(event_id);
+            }
+        }
+        Ok(Some(held))
     }
 
     /// The next batch of the global order after `after`, below the horizon,
@@ -888,6 +976,50 @@ impl Relay {
         Ok((client, js))
     }
 
+    /// Sends `batch`, the events read after `at` up to `read_up_to` that
+    /// the stream does not hold yet; returns where publishing goes on. With
+    /// nothing in flight, the first message goes alone and is confirmed
+    /// before the others are sent: when another publisher wrote to the
+    /// stream since the relay's last message, that one is refused, and no
+    /// later one can be stored in its place (each expects the sequence
+    /// before it, which the other's message would fill).
+    #[allow(clippy::too_many_arguments)] // the loop's state, lent for one batch
+    async fn send_batch(
+        &self,
+        js: &jetstream::Context,
+        batch: &[RecordedEvent],
+        at: Cursor,
+        read_up_to: Position,
+        in_flight: &mut VecDeque<InFlight>,
+        stored: &mut Option<Cursor>,
+        confirmed: &mut Confirmed,
+    ) -> Result<Cursor, PublishFailure> {
+        let mut rest = batch;
+        let mut sequence = at.sequence;
+        if in_flight.is_empty()
+            && let [first, others @ ..] = batch
+            && !others.is_empty()
+        {
+            in_flight.push_back(
+                self.send(js, std::slice::from_ref(first), sequence, first.position)
+                    .await?,
+            );
+            self.confirm(in_flight, 0, stored, confirmed).await?;
+            sequence += 1;
+            rest = others;
+        }
+        if rest.is_empty() {
+            return Ok(Cursor {
+                after: read_up_to,
+                sequence,
+            });
+        }
+        let sent = self.send(js, rest, sequence, read_up_to).await?;
+        let end = sent.end();
+        in_flight.push_back(sent);
+        Ok(end)
+    }
+
     /// Sends every message of `batch` without waiting for its ack (the
     /// context bounds the acks in flight); the acks are awaited by
     /// [`Relay::confirm`]. The stream's last message is at `after_sequence`
@@ -895,12 +1027,13 @@ impl Relay {
     /// it (`Nats-Expected-Last-Sequence`): when one is not stored, JetStream
     /// refuses every later one. Sequence 0 (an empty stream) cannot be
     /// expected: the first message of a stream expects nothing, and its ack
-    /// is checked instead.
+    /// is checked instead. The batch covers the global order up to `last`.
     async fn send(
         &self,
         js: &jetstream::Context,
         batch: &[RecordedEvent],
         after_sequence: u64,
+        last: Position,
     ) -> Result<InFlight, PublishFailure> {
         let config = &self.config;
         let sent_at = Instant::now();
@@ -934,7 +1067,8 @@ impl Relay {
             .await
             .unwrap_or(Err(PublishFailure::TimedOut))?;
         Ok(InFlight {
-            last: batch.last().map_or(Position::START, |event| event.position),
+            positions: batch.iter().map(|event| event.position).collect(),
+            last,
             first_sequence: after_sequence + 1,
             acks,
             sent_at,
@@ -948,23 +1082,27 @@ impl Relay {
     }
 
     /// Awaits, in order, the acks of the oldest batches in flight until
-    /// `keep` remain; returns the last event they cover and how many
-    /// messages JetStream acknowledged. Each message must be stored at the
-    /// sequence the relay counted, and none may be a duplicate: anything else
-    /// means another publisher writes the stream.
+    /// `keep` remain; adds to `confirmed` the last event they cover and how
+    /// many messages JetStream stored, and moves `stored` with each ack.
+    /// Each message must be stored at the sequence the relay counted, and
+    /// none may be a duplicate: anything else means another publisher
+    /// writes the stream.
     async fn confirm(
         &self,
         in_flight: &mut VecDeque<InFlight>,
         keep: usize,
-    ) -> Result<Confirmed, PublishFailure> {
-        let mut confirmed = Confirmed::default();
+        stored: &mut Option<Cursor>,
+        confirmed: &mut Confirmed,
+    ) -> Result<(), PublishFailure> {
         while in_flight.len() > keep {
             let Some(batch) = in_flight.pop_front() else {
                 break;
             };
             let events = batch.acks.len();
+            let end = batch.end();
             let acks = async {
-                for (expected, ack) in (batch.first_sequence..).zip(batch.acks) {
+                let messages = (batch.first_sequence..).zip(&batch.positions);
+                for ((expected, position), ack) in messages.zip(batch.acks) {
                     let ack = ack
                         .await
                         .map_err(|error| PublishFailure::Nats(error.kind(), error.to_string()))?;
@@ -977,18 +1115,23 @@ impl Relay {
                             stored: ack.sequence,
                         });
                     }
+                    *stored = Some(Cursor {
+                        after: *position,
+                        sequence: expected,
+                    });
                 }
                 Ok(())
             };
             tokio::time::timeout(self.batch_timeout(), acks)
                 .await
                 .unwrap_or(Err(PublishFailure::TimedOut))?;
+            *stored = Some(end);
             self.step_done("publish", batch.sent_at);
             metrics::histogram!("souk_relay_batch_events", &self.labels()).record(events as f64);
             confirmed.events += events;
             confirmed.last = Some(batch.last);
         }
-        Ok(confirmed)
+        Ok(())
     }
 
     /// Says (at most every [`WARN_EVERY`]) that a publish failed; returns
@@ -1081,7 +1224,11 @@ struct Cursor {
 
 /// A batch whose messages were sent and whose acks are awaited.
 struct InFlight {
-    /// The batch's last event: the checkpoint once every ack up to it is in.
+    /// The events of its messages, in order.
+    positions: Vec<Position>,
+    /// The end of the global order it covers (past its last event when
+    /// events the stream held already were left out): the checkpoint once
+    /// every ack up to it is in.
     last: Position,
     /// The stream sequence its first message must be stored at.
     first_sequence: u64,
@@ -1102,7 +1249,7 @@ impl InFlight {
 /// What [`Relay::confirm`] found acknowledged.
 #[derive(Debug, Default)]
 struct Confirmed {
-    /// The last event of the last batch acknowledged whole.
+    /// The end of the last batch acknowledged whole.
     last: Option<Position>,
     events: usize,
 }
@@ -1180,31 +1327,40 @@ fn resume_point(checkpoint: Position, tail: &Tail) -> Resume {
     }
 }
 
-/// Reads where `stream` ends: its last sequence and the event of its last
-/// message.
+/// Reads where `stream` ends: its last sequence, and the last event a
+/// relay published, looking back past up to [`TAIL_LOOKBACK`] messages
+/// that are gone or another publisher's.
 async fn read_tail(stream: &stream::Stream) -> Result<Tail, RelayError> {
     let info = stream
         .get_info()
         .await
         .map_err(|error| RelayError::nats("reading the stream's state", error))?;
     let sequence = info.state.last_sequence;
-    if sequence == 0 {
-        return Ok(Tail {
-            sequence,
-            event: None,
-        });
-    }
-    let message = match stream.get_raw_message(sequence).await {
-        Ok(message) => message,
-        Err(error) if error.kind() == RawMessageErrorKind::NoMessageFound => {
+    let first = sequence.saturating_sub(TAIL_LOOKBACK).max(1);
+    for at in (first..=sequence).rev() {
+        if let Some(event) = message_event(stream, at).await? {
             return Ok(Tail {
                 sequence,
-                event: None,
+                event: Some(event),
             });
         }
-        Err(error) => {
-            return Err(RelayError::nats("reading the stream's last message", error));
-        }
+    }
+    Ok(Tail {
+        sequence,
+        event: None,
+    })
+}
+
+/// The event of message `sequence` of `stream` (its `Nats-Msg-Id` and
+/// [`POSITION_HEADER`]): `None` when the message is gone or not a relay's.
+async fn message_event(
+    stream: &stream::Stream,
+    sequence: u64,
+) -> Result<Option<(Uuid, Position)>, RelayError> {
+    let message = match stream.get_raw_message(sequence).await {
+        Ok(message) => message,
+        Err(error) if error.kind() == RawMessageErrorKind::NoMessageFound => return Ok(None),
+        Err(error) => return Err(RelayError::nats("reading a message of the stream", error)),
     };
     let event_id = message
         .headers
@@ -1214,10 +1370,30 @@ async fn read_tail(stream: &stream::Stream) -> Result<Tail, RelayError> {
         .headers
         .get(POSITION_HEADER)
         .and_then(|token| Position::parse_token(token.as_str()).ok());
-    Ok(Tail {
-        sequence,
-        event: event_id.zip(position),
-    })
+    Ok(event_id.zip(position))
+}
+
+/// Whether any event lies strictly between `after` and `before` in the
+/// global order.
+async fn events_between(
+    lock: &mut PgConnection,
+    after: Position,
+    before: Position,
+) -> Result<bool, RelayError> {
+    bounded(
+        "looking for events between two",
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM events
+                             WHERE (transaction_id, position) > ($1::text::xid8, $2)
+                               AND (transaction_id, position) < ($3::text::xid8, $4))",
+        )
+        .bind(after.transaction_id.to_string())
+        .bind(after.position)
+        .bind(before.transaction_id.to_string())
+        .bind(before.position)
+        .fetch_one(&mut *lock),
+    )
+    .await
 }
 
 /// Refuses a stream whose last event this database does not hold at that
@@ -1490,6 +1666,10 @@ fn describe_metrics() {
         metrics::describe_counter!(
             "souk_relay_duplicates_total",
             "Publishes JetStream answered as duplicates of an event it held (another publisher writes the stream; the relay syncs again)."
+        );
+        metrics::describe_counter!(
+            "souk_relay_foreign_messages_total",
+            "Messages of another publisher the relay found in its stream after a failure (the relay must be its only publisher)."
         );
         metrics::describe_counter!(
             "souk_relay_failures_total",

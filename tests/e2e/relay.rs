@@ -652,6 +652,11 @@ async fn a_publish_refused_in_the_middle_of_a_window_is_stored_in_its_place_once
     .await
     .expect("the relay tried the large event twice")
     .expect("the relay is running");
+    assert_eq!(
+        stored_count(&stream.url, &stream.name).await.unwrap(),
+        15,
+        "no event after the refused one is stored while it waits"
+    );
     set_max_message_size(&stream, -1).await;
 
     let events = all_events(&pool).await;
@@ -799,4 +804,54 @@ async fn a_stream_ending_with_an_event_the_database_does_not_hold_is_refused() {
 
     stop_second.send(()).unwrap();
     second_running.await.unwrap();
+}
+
+/// A message of another publisher (the relay must be the stream's only
+/// one) written while the relay is idle: the relay's next message is
+/// refused (it expects the sequence before), alone, since the first message
+/// of a window is confirmed before the others are sent; the relay syncs,
+/// goes on after the other's message, and every event is stored once, in
+/// order.
+#[tokio::test]
+async fn a_message_of_another_publisher_between_two_windows_loses_and_reorders_nothing() {
+    let db = TestDb::migrated().await;
+    let pool = db.pool().await;
+    let stream = TestStream::new(&nats_url());
+    let (mut status, stop, running) = start_relay(&pool, &stream.name, "shared-stream");
+    insert_probes(&pool, 3).await;
+    wait_for_published(&mut status, 3).await;
+
+    let js = async_nats::jetstream::new(tests::nats::connect(&stream.url).await.unwrap());
+    js.publish(
+        event_subject(&stream.name, "Probe", 0),
+        "not an event".into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let mut writer = pool.begin().await.unwrap();
+    for _ in 0..10 {
+        insert_probe(&mut *writer).await;
+    }
+    writer.commit().await.unwrap();
+
+    let events = all_events(&pool).await;
+    let messages = wait_for_messages(&stream.url, &stream.name, events.len() + 1, WAIT)
+        .await
+        .unwrap();
+    assert_eq!(messages[3].message_id, None, "the other's message");
+    let relayed: Vec<StoredMessage> = messages
+        .into_iter()
+        .filter(|message| message.message_id.is_some())
+        .collect();
+    assert_exactly(&relayed, &events);
+    wait_for_published(&mut status, 13).await;
+    assert!(
+        status.borrow().failures >= 1,
+        "the relay's message was refused"
+    );
+
+    stop.send(()).unwrap();
+    running.await.unwrap();
 }
