@@ -13,9 +13,15 @@
 //!   relay or projector binds it (`stream_bindings`); another count later is
 //!   refused ([`bind_partitions`]). Changing it means a new stream: see
 //!   README ("Changing SOUK_PARTITIONS").
+//!
+//! The relay also refuses a stream whose last message is an event this
+//! database does not hold ([`BindingError::UnknownLastEvent`]): a stream fed
+//! by another copy of the database.
 
 use sqlx::PgExecutor;
 use uuid::Uuid;
+
+use crate::record::Position;
 
 /// Why a stream cannot be used as configured.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -37,6 +43,18 @@ pub enum BindingError {
         stream: String,
         owner: Uuid,
         this: Uuid,
+    },
+    /// The stream's last message is an event this database does not hold
+    /// at that position: the relay would skip or reorder events.
+    #[error(
+        "the last message of the stream `{stream}` is event {event_id} at position {position}, which this database does not hold there: \
+         the stream was fed from another copy of this database (one restored from a backup?); publishing on would skip or reorder events, \
+         so give this database a new SOUK_STREAM and rebuild its projections"
+    )]
+    UnknownLastEvent {
+        stream: String,
+        event_id: Uuid,
+        position: Position,
     },
 }
 

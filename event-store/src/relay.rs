@@ -19,11 +19,21 @@
 //! never waits for a connection of the pool it was given, which the
 //! commands of its process keep busy under load.
 //!
-//! Publishing is at least once. After a failure the relay publishes again
-//! from its checkpoint, and JetStream drops the copies it already holds
-//! (duplicate window [`DUPLICATE_WINDOW`]). Even two leaders for a moment (a
-//! lock lost with its connection) keep the stream in order: each publishes in
-//! order, and the stream keeps the first copy of each event.
+//! The stream is a gapless prefix of the global order, each event once,
+//! because the relay is its only publisher and checks where it ends. Each
+//! run of publishing (taking the lead, after any failure) starts with a sync
+//! (`Tail`, `resume_point`): the stream's last sequence and the
+//! `Souk-Position` of its last message say where to go on; events an earlier
+//! leader published past the checkpoint are checkpointed, not sent again.
+//! Every message then carries `Nats-Expected-Last-Sequence`, the sequence
+//! the message before it will have: when one publish is lost or refused,
+//! JetStream refuses every later one, and the relay drops what is in flight,
+//! syncs and publishes again from the stream's end, so no event is ever
+//! stored after a later one. An ack at another sequence than expected, or a
+//! duplicate, means someone else writes the stream: also a failure and a
+//! sync. The event id travels as `Nats-Msg-Id` (duplicate window
+//! [`DUPLICATE_WINDOW`]), so that two leaders for a moment (a lock lost with
+//! its connection) store one copy of an event both send.
 //!
 //! The relay is woken after each commit of events: in process by the
 //! writer's [`CommitSignal`] ([`Relay::woken_by`]), across processes by
@@ -36,17 +46,21 @@
 //! and a warning naming that transaction make such a stall visible.
 //!
 //! Metrics (label `stream`): `souk_relay_published_total`,
-//! `souk_relay_duplicates_total`, `souk_relay_checkpoint_position`,
+//! `souk_relay_duplicates_total`, `souk_relay_failures_total`,
+//! `souk_relay_foreign_messages_total`,
+//! `souk_relay_checkpoint_position`,
 //! `souk_relay_step_seconds` (label `step`), `souk_relay_batch_events`,
 //! `souk_relay_lag_events`, `souk_relay_horizon_age_seconds`,
 //! `souk_relay_connected`, `souk_relay_leader`.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use async_nats::header::{NATS_EXPECTED_LAST_SEQUENCE, NATS_MESSAGE_ID};
 use async_nats::jetstream::context::{ContextBuilder, PublishErrorKind};
+use async_nats::jetstream::stream::RawMessageErrorKind;
 use async_nats::jetstream::{self, stream};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgExecutor};
@@ -63,6 +77,10 @@ use crate::signal::CommitSignal;
 
 /// The channel writers notify after committing events (see [`CommitSignal`]).
 pub const NOTIFY_CHANNEL: &str = "souk_events";
+
+/// The header naming the event a message carries by its position token (see
+/// [`Position::token`]): what a relay reads to find where the stream ends.
+pub const POSITION_HEADER: &str = "Souk-Position";
 
 /// How long JetStream remembers a `Nats-Msg-Id`: a re-publish within this
 /// window after the first copy is dropped. It bounds how long an outage can
@@ -95,6 +113,13 @@ const HORIZON_RECHECK: Duration = Duration::from_millis(10);
 const REFUSED_RECHECK: Duration = Duration::from_secs(5);
 /// The lag metric counts at most this many events.
 const LAG_COUNT_MAX: i64 = 1_000_000;
+/// How many messages a sync looks back from the stream's end for the last
+/// one a relay published (past messages expired or another publisher's).
+const TAIL_LOOKBACK: u64 = 64;
+/// The most messages a sync reads after a failure to find those of the
+/// relay stored past a message of another publisher: more than can be in
+/// flight.
+const WINDOW_MAX: u64 = 2 * MAX_BATCH as u64 + TAIL_LOOKBACK;
 
 /// What a relay publishes, where, and how it paces itself.
 #[derive(Debug, Clone)]
@@ -333,10 +358,14 @@ pub struct RelayStatus {
     pub nats_connected: bool,
     /// The last event whose publish was acknowledged and recorded.
     pub checkpoint: Position,
-    /// Publishes this instance had acknowledged (duplicates included).
+    /// Events this instance published and JetStream stored.
     pub published: u64,
-    /// Of those, how many JetStream already held.
+    /// Publishes JetStream answered as duplicates of an event it held (each
+    /// a failure: the relay syncs with the stream again).
     pub duplicates: u64,
+    /// Runs of publishing that failed (a publish lost, refused or out of
+    /// sequence, NATS gone): each ends with a sync with the stream.
+    pub failures: u64,
     /// Committed events after the checkpoint, at the last measure.
     pub lag_events: i64,
     /// Age of the event-writing transaction holding the horizon back.
@@ -530,10 +559,7 @@ impl Relay {
             Ok(checkpoint) => checkpoint,
             Err(error) => return error,
         };
-        self.status
-            .send_modify(|status| status.checkpoint = checkpoint);
-        metrics::gauge!("souk_relay_checkpoint_position", &self.labels())
-            .set(checkpoint.position as f64);
+        self.show_checkpoint(checkpoint);
         let database = match bounded(
             "reading the database's identity",
             crate::binding::database_id(&mut lock),
@@ -555,7 +581,7 @@ impl Relay {
         }
 
         let mut nats: Option<(async_nats::Client, jetstream::Context)> = None;
-        let mut stream_ready = false;
+        let mut stream_handle: Option<stream::Stream> = None;
         let mut backoff = Backoff::new(config.backoff_max);
         let mut nats_down = Every::new(WARN_EVERY);
         let mut failing = Every::new(WARN_EVERY);
@@ -563,10 +589,17 @@ impl Relay {
         let mut observed_at: Option<Instant> = None;
         let mut lock_used_at = Instant::now();
         let mut prefetched = None;
-        // Batches sent whose acks are not all in yet, oldest first, and the
-        // last event sent: the next read starts after it.
+        // Batches sent whose acks are not all in yet, oldest first, and where
+        // the last message sent ends the stream: `None` until the relay has
+        // synced with the stream, and again after any failure.
         let mut in_flight: VecDeque<InFlight> = VecDeque::new();
-        let mut sent_up_to = checkpoint;
+        let mut cursor: Option<Cursor> = None;
+        // How far the stream is known to hold every event in order (from
+        // the last sync and the acks since), for the sync after a failure.
+        let mut stored: Option<Cursor> = None;
+        // Events the stream holds already past a message of another
+        // publisher (see `Relay::sync`): not sent again.
+        let mut skip: HashSet<Uuid> = HashSet::new();
 
         loop {
             if observed_at.is_none_or(|at| at.elapsed() >= config.metrics_interval) {
@@ -606,18 +639,23 @@ impl Relay {
                 if nats_down.ready() {
                     tracing::warn!(stream, url = %redacted(&config.nats_url), "NATS connection lost; events wait in Postgres");
                 }
-                // What was in flight is published again from the checkpoint.
+                // What was in flight may or may not be stored: the relay
+                // syncs with the stream once NATS is back.
+                if cursor.is_some() {
+                    self.failed();
+                }
                 in_flight.clear();
                 prefetched = None;
-                sent_up_to = checkpoint;
+                cursor = None;
                 // The client reconnects by itself; looking at its state costs
                 // nothing, so publishing resumes as soon as it is back.
                 tokio::time::sleep(NATS_STATE_POLL).await;
                 continue;
             }
-            if !stream_ready {
-                let handle = match ensure_stream(js, stream, config.replicas, database).await {
-                    Ok(handle) => handle,
+            let handle = match &stream_handle {
+                Some(handle) => handle,
+                None => match self.ready_stream(js, database).await {
+                    Ok(handle) => &*stream_handle.insert(handle),
                     Err(error @ RelayError::Refused(_)) => return error,
                     Err(error) => {
                         if failing.ready() {
@@ -626,30 +664,39 @@ impl Relay {
                         tokio::time::sleep(backoff.next_delay()).await;
                         continue;
                     }
-                };
-                let mismatch = replicas_mismatch(&handle, config.replicas);
-                if let Some(mismatch) = mismatch {
-                    tracing::warn!(
-                        stream,
-                        actual = mismatch.actual,
-                        configured = mismatch.configured,
-                        "{mismatch}"
-                    );
-                }
-                self.status.send_modify(|status| {
-                    status.replicas_mismatch = mismatch;
-                    status.refused = None;
-                });
-                stream_ready = true;
-            }
+                },
+            };
+            let at = match cursor {
+                Some(at) => at,
+                None => match self.sync(&mut lock, handle, &mut checkpoint, stored).await {
+                    Ok((at, held)) => {
+                        stored = Some(at);
+                        skip = held;
+                        prefetched = None;
+                        *cursor.insert(at)
+                    }
+                    Err(error @ RelayError::Nats { .. }) => {
+                        if failing.ready() {
+                            tracing::warn!(stream, %error, "relay cannot read where its stream ends; retrying");
+                        }
+                        // The stream may be gone: look it up (or create it)
+                        // again.
+                        stream_handle = None;
+                        tokio::time::sleep(backoff.next_delay()).await;
+                        continue;
+                    }
+                    // A refusal, or the lock's session failing.
+                    Err(error) => return error,
+                },
+            };
 
             // A batch read ahead starts right after the last event sent, as a
             // read now would.
             let read = match prefetched.take() {
                 Some(read) => Ok(read),
-                None => self.read_after(&mut lock, sent_up_to).await,
+                None => self.read_after(&mut lock, at.after).await,
             };
-            let (horizon, batch) = match read {
+            let (horizon, mut batch) = match read {
                 Ok(read) => read,
                 // The read runs on the lock's session: an error may mean
                 // that session is gone, and with it the lead.
@@ -660,6 +707,11 @@ impl Relay {
                 self.idle(&wake, horizon).await;
                 continue;
             }
+            let read_up_to = batch.last().map_or(at.after, |event| event.position);
+            let full = batch.len() >= config.batch_max;
+            if !skip.is_empty() {
+                batch.retain(|event| !skip.remove(&event.event_id));
+            }
 
             // A full batch says more waits: it stays in flight while the
             // batch before it is confirmed and checkpointed and the next one
@@ -668,43 +720,48 @@ impl Relay {
             // checkpoint, not their sum). A partial batch means the relay
             // has caught up: it is confirmed and checkpointed at once, so
             // that the checkpoint follows the last publish.
-            let full = batch.len() >= config.batch_max;
-            let sent = if batch.is_empty() {
-                Ok(())
-            } else {
-                self.send(js, &batch).await.map(|sent| {
-                    sent_up_to = sent.last;
-                    in_flight.push_back(sent);
-                })
-            };
-            let (confirmed, read_ahead) = match sent {
-                Ok(()) => {
+            let mut confirmed = Confirmed::default();
+            let sent = self
+                .send_batch(
+                    js,
+                    &batch,
+                    at,
+                    read_up_to,
+                    &mut in_flight,
+                    &mut stored,
+                    &mut confirmed,
+                )
+                .await;
+            let (confirmation, read_ahead) = match sent {
+                Ok(next) => {
+                    cursor = Some(next);
                     let keep = usize::from(full);
                     let read_ahead = async {
-                        if batch.is_empty() {
+                        if next.after == at.after {
                             None
                         } else {
-                            self.read_after(&mut lock, sent_up_to).await.ok()
+                            self.read_after(&mut lock, next.after).await.ok()
                         }
                     };
-                    tokio::join!(self.confirm(&mut in_flight, keep), read_ahead)
+                    tokio::join!(
+                        self.confirm(&mut in_flight, keep, &mut stored, &mut confirmed),
+                        read_ahead
+                    )
                 }
                 Err(error) => (Err(error), None),
             };
-            let confirmed = match confirmed {
-                Ok(confirmed) => confirmed,
-                Err(error) => {
-                    // Everything after the checkpoint is published again;
-                    // JetStream drops the copies it already holds.
-                    in_flight.clear();
-                    sent_up_to = checkpoint;
-                    if self.publish_failed(&error, checkpoint, &mut failing) {
-                        stream_ready = false;
-                    }
-                    tokio::time::sleep(backoff.next_delay()).await;
-                    continue;
+            if let Err(error) = confirmation {
+                // Whatever is in flight may be stored or not: the next run
+                // syncs with the stream and goes on from its end.
+                in_flight.clear();
+                cursor = None;
+                self.failed();
+                if self.publish_failed(&error, checkpoint, &mut failing) {
+                    stream_handle = None;
                 }
-            };
+                tokio::time::sleep(backoff.next_delay()).await;
+                continue;
+            }
             if let Some(last) = confirmed.last {
                 let checkpoint_at = Instant::now();
                 if let Err(error) =
@@ -714,22 +771,160 @@ impl Relay {
                 }
                 self.step_done("checkpoint", checkpoint_at);
                 lock_used_at = Instant::now();
-                checkpoint = last;
+                // After a sync found the stream behind the checkpoint, the
+                // events it lost are published again below the checkpoint.
+                checkpoint = checkpoint.max(last);
                 backoff.reset();
                 metrics::counter!("souk_relay_published_total", &self.labels())
                     .increment(confirmed.events as u64);
-                metrics::counter!("souk_relay_duplicates_total", &self.labels())
-                    .increment(confirmed.duplicates);
-                metrics::gauge!("souk_relay_checkpoint_position", &self.labels())
-                    .set(checkpoint.position as f64);
-                self.status.send_modify(|status| {
-                    status.checkpoint = checkpoint;
-                    status.published += confirmed.events as u64;
-                    status.duplicates += confirmed.duplicates;
-                });
+                self.show_checkpoint(checkpoint);
+                self.status
+                    .send_modify(|status| status.published += confirmed.events as u64);
             }
             prefetched = read_ahead;
         }
+    }
+
+    /// Shows where the checkpoint is, in the status and the metrics.
+    fn show_checkpoint(&self, checkpoint: Position) {
+        metrics::gauge!("souk_relay_checkpoint_position", &self.labels())
+            .set(checkpoint.position as f64);
+        self.status
+            .send_modify(|status| status.checkpoint = checkpoint);
+    }
+
+    /// Counts a run of publishing that failed.
+    fn failed(&self) {
+        metrics::counter!("souk_relay_failures_total", &self.labels()).increment(1);
+        self.status.send_modify(|status| status.failures += 1);
+    }
+
+    /// Ensures the stream (see [`ensure_stream`]) and shows a replica count
+    /// other than configured.
+    async fn ready_stream(
+        &self,
+        js: &jetstream::Context,
+        database: Uuid,
+    ) -> Result<stream::Stream, RelayError> {
+        let config = &self.config;
+        let handle = ensure_stream(js, &config.stream, config.replicas, database).await?;
+        let mismatch = replicas_mismatch(&handle, config.replicas);
+        if let Some(mismatch) = mismatch {
+            tracing::warn!(
+                stream = %config.stream,
+                actual = mismatch.actual,
+                configured = mismatch.configured,
+                "{mismatch}"
+            );
+        }
+        self.status.send_modify(|status| {
+            status.replicas_mismatch = mismatch;
+            status.refused = None;
+        });
+        Ok(handle)
+    }
+
+    /// Starts a run of publishing: reads where the stream ends, checks that
+    /// its last event is one of this database's, and decides where to go on
+    /// ([`resume_point`]). Events an earlier leader published past the
+    /// checkpoint are checkpointed here (`checkpoint` moves with them).
+    ///
+    /// After a failure (`known`: how far the stream held every event in
+    /// order), the messages stored since are checked first: a message of
+    /// another publisher in the slot of one of the relay's lets the later
+    /// ones in, each expecting the sequence before it. Publishing then goes
+    /// on after the last event known in order, and the events the stream
+    /// holds already past that message are returned, not to be sent again.
+    ///
+    /// A NATS error is [`RelayError::Nats`]; any other error ends the lead.
+    async fn sync(
+        &self,
+        lock: &mut PgConnection,
+        handle: &stream::Stream,
+        checkpoint: &mut Position,
+        known: Option<Cursor>,
+    ) -> Result<(Cursor, HashSet<Uuid>), RelayError> {
+        let stream = self.config.stream.as_str();
+        let tail = read_tail(handle).await?;
+        let sequence = tail.sequence;
+        if let Some(known) = known
+            && let Some(held) = self
+                .stored_past_foreign(&mut *lock, handle, known, sequence)
+                .await?
+        {
+            let foreign_at = known.sequence + 1;
+            metrics::counter!("souk_relay_foreign_messages_total", &self.labels()).increment(1);
+            if held.is_empty() {
+                tracing::warn!(
+                    stream,
+                    sequence = foreign_at,
+                    "another publisher wrote to the stream (the relay must be its only publisher): going on after its message"
+                );
+            } else {
+                tracing::error!(stream, sequence = foreign_at, passed = held.len(), after = %known.after, "another publisher wrote to the stream (the relay must be its only publisher) while the relay published, and later events were stored past a refused one: publishing what they passed after them, out of order; projections that applied a later event of its partition skipped it, rebuild them");
+            }
+            let resume = Cursor {
+                after: known.after,
+                sequence,
+            };
+            return Ok((resume, held));
+        }
+        check_tail(&mut *lock, stream, &tail).await?;
+        let resume = resume_point(*checkpoint, &tail);
+        let at = *checkpoint;
+        match resume {
+            Resume::AtCheckpoint => {
+                tracing::debug!(stream, sequence, %at, "the stream ends at the relay's checkpoint");
+            }
+            Resume::Ahead(last) => {
+                tracing::info!(stream, sequence, %at, stream_ends_at = %last, "the stream holds events past the checkpoint (an earlier leader published them): checkpointing them, not publishing them again");
+                store_checkpoint(&mut *lock, stream, last, 0).await?;
+                *checkpoint = last;
+                self.show_checkpoint(last);
+            }
+            Resume::Behind(last) => {
+                tracing::warn!(stream, sequence, %at, stream_ends_at = %last, "the stream lost events the relay's checkpoint says it published (a store lost or restored): publishing them again after its last event");
+            }
+            Resume::Unknown if sequence == 0 && *checkpoint == Position::START => {}
+            Resume::Unknown => {
+                tracing::warn!(stream, sequence, %at, "the stream's last messages are gone (purged, expired, or the stream was made again) or not the relay's: publishing after the checkpoint; what the stream lost before it is not published again");
+            }
+        }
+        let resume = Cursor {
+            after: resume.after(*checkpoint),
+            sequence,
+        };
+        Ok((resume, HashSet::new()))
+    }
+
+    /// Whether a message of another publisher came into the stream after
+    /// `known` (up to `last_sequence`): `None` when the message after it is
+    /// the relay's next event (or there is none), else the relay's events
+    /// stored from that message on.
+    async fn stored_past_foreign(
+        &self,
+        lock: &mut PgConnection,
+        handle: &stream::Stream,
+        known: Cursor,
+        last_sequence: u64,
+    ) -> Result<Option<HashSet<Uuid>>, RelayError> {
+        let next = known.sequence + 1;
+        if last_sequence < next {
+            return Ok(None);
+        }
+        if let Some((_, position)) = message_event(handle, next).await?
+            && position > known.after
+            && !events_between(&mut *lock, known.after, position).await?
+        {
+            return Ok(None);
+        }
+        let mut held = HashSet::new();
+        for sequence in next..=last_sequence.min(next + WINDOW_MAX) {
+            if let Some((event_id, _)) = message_event(handle, sequence).await? {
+                held.insert(event_id);
+            }
+        }
+        Ok(Some(held))
     }
 
     /// The next batch of the global order after `after`, below the horizon,
@@ -781,19 +976,70 @@ impl Relay {
         Ok((client, js))
     }
 
+    /// Sends `batch`, the events read after `at` up to `read_up_to` that
+    /// the stream does not hold yet; returns where publishing goes on. With
+    /// nothing in flight, the first message goes alone and is confirmed
+    /// before the others are sent: when another publisher wrote to the
+    /// stream since the relay's last message, that one is refused, and no
+    /// later one can be stored in its place (each expects the sequence
+    /// before it, which the other's message would fill).
+    #[allow(clippy::too_many_arguments)] // the loop's state, lent for one batch
+    async fn send_batch(
+        &self,
+        js: &jetstream::Context,
+        batch: &[RecordedEvent],
+        at: Cursor,
+        read_up_to: Position,
+        in_flight: &mut VecDeque<InFlight>,
+        stored: &mut Option<Cursor>,
+        confirmed: &mut Confirmed,
+    ) -> Result<Cursor, PublishFailure> {
+        let mut rest = batch;
+        let mut sequence = at.sequence;
+        if in_flight.is_empty()
+            && let [first, others @ ..] = batch
+            && !others.is_empty()
+        {
+            in_flight.push_back(
+                self.send(js, std::slice::from_ref(first), sequence, first.position)
+                    .await?,
+            );
+            self.confirm(in_flight, 0, stored, confirmed).await?;
+            sequence += 1;
+            rest = others;
+        }
+        if rest.is_empty() {
+            return Ok(Cursor {
+                after: read_up_to,
+                sequence,
+            });
+        }
+        let sent = self.send(js, rest, sequence, read_up_to).await?;
+        let end = sent.end();
+        in_flight.push_back(sent);
+        Ok(end)
+    }
+
     /// Sends every message of `batch` without waiting for its ack (the
     /// context bounds the acks in flight); the acks are awaited by
-    /// [`Relay::confirm`].
+    /// [`Relay::confirm`]. The stream's last message is at `after_sequence`
+    /// when the first one arrives, and each message expects the one before
+    /// it (`Nats-Expected-Last-Sequence`): when one is not stored, JetStream
+    /// refuses every later one. Sequence 0 (an empty stream) cannot be
+    /// expected: the first message of a stream expects nothing, and its ack
+    /// is checked instead. The batch covers the global order up to `last`.
     async fn send(
         &self,
         js: &jetstream::Context,
         batch: &[RecordedEvent],
+        after_sequence: u64,
+        last: Position,
     ) -> Result<InFlight, PublishFailure> {
         let config = &self.config;
         let sent_at = Instant::now();
         let sending = async {
             let mut acks = Vec::with_capacity(batch.len());
-            for event in batch {
+            for (expected_last, event) in (after_sequence..).zip(batch) {
                 let subject = fanout::event_subject(
                     &config.stream,
                     &subject_token(&event.aggregate_type),
@@ -801,8 +1047,14 @@ impl Relay {
                 );
                 let body = serde_json::to_vec(event).map_err(PublishFailure::Body)?;
                 let mut headers = async_nats::HeaderMap::new();
-                headers.insert("Nats-Msg-Id", event.event_id.to_string().as_str());
-                headers.insert("Souk-Position", event.position.token().as_str());
+                headers.insert(NATS_MESSAGE_ID, event.event_id.to_string().as_str());
+                headers.insert(POSITION_HEADER, event.position.token().as_str());
+                if expected_last > 0 {
+                    headers.insert(
+                        NATS_EXPECTED_LAST_SEQUENCE,
+                        expected_last.to_string().as_str(),
+                    );
+                }
                 let ack = js
                     .publish_with_headers(subject, headers, body.into())
                     .await
@@ -815,7 +1067,9 @@ impl Relay {
             .await
             .unwrap_or(Err(PublishFailure::TimedOut))?;
         Ok(InFlight {
-            last: batch.last().map_or(Position::START, |event| event.position),
+            positions: batch.iter().map(|event| event.position).collect(),
+            last,
+            first_sequence: after_sequence + 1,
             acks,
             sent_at,
         })
@@ -828,38 +1082,56 @@ impl Relay {
     }
 
     /// Awaits, in order, the acks of the oldest batches in flight until
-    /// `keep` remain; returns the last event they cover and how many
-    /// messages JetStream acknowledged (and of those, already held).
+    /// `keep` remain; adds to `confirmed` the last event they cover and how
+    /// many messages JetStream stored, and moves `stored` with each ack.
+    /// Each message must be stored at the sequence the relay counted, and
+    /// none may be a duplicate: anything else means another publisher
+    /// writes the stream.
     async fn confirm(
         &self,
         in_flight: &mut VecDeque<InFlight>,
         keep: usize,
-    ) -> Result<Confirmed, PublishFailure> {
-        let mut confirmed = Confirmed::default();
+        stored: &mut Option<Cursor>,
+        confirmed: &mut Confirmed,
+    ) -> Result<(), PublishFailure> {
         while in_flight.len() > keep {
             let Some(batch) = in_flight.pop_front() else {
                 break;
             };
             let events = batch.acks.len();
+            let end = batch.end();
             let acks = async {
-                let mut duplicates = 0;
-                for ack in batch.acks {
+                let messages = (batch.first_sequence..).zip(&batch.positions);
+                for ((expected, position), ack) in messages.zip(batch.acks) {
                     let ack = ack
                         .await
                         .map_err(|error| PublishFailure::Nats(error.kind(), error.to_string()))?;
-                    duplicates += u64::from(ack.duplicate);
+                    if ack.duplicate {
+                        return Err(PublishFailure::Duplicate(ack.sequence));
+                    }
+                    if ack.sequence != expected {
+                        return Err(PublishFailure::OutOfSequence {
+                            expected,
+                            stored: ack.sequence,
+                        });
+                    }
+                    *stored = Some(Cursor {
+                        after: *position,
+                        sequence: expected,
+                    });
                 }
-                Ok(duplicates)
+                Ok(())
             };
-            confirmed.duplicates += tokio::time::timeout(self.batch_timeout(), acks)
+            tokio::time::timeout(self.batch_timeout(), acks)
                 .await
                 .unwrap_or(Err(PublishFailure::TimedOut))?;
+            *stored = Some(end);
             self.step_done("publish", batch.sent_at);
             metrics::histogram!("souk_relay_batch_events", &self.labels()).record(events as f64);
             confirmed.events += events;
             confirmed.last = Some(batch.last);
         }
-        Ok(confirmed)
+        Ok(())
     }
 
     /// Says (at most every [`WARN_EVERY`]) that a publish failed; returns
@@ -870,8 +1142,12 @@ impl Relay {
         checkpoint: Position,
         failing: &mut Every,
     ) -> bool {
+        if let PublishFailure::Duplicate(_) = error {
+            metrics::counter!("souk_relay_duplicates_total", &self.labels()).increment(1);
+            self.status.send_modify(|status| status.duplicates += 1);
+        }
         if failing.ready() {
-            tracing::warn!(stream = %self.config.stream, %error, at = %checkpoint, "relay publish failed; publishing again from the checkpoint");
+            tracing::warn!(stream = %self.config.stream, %error, at = %checkpoint, "relay publish failed; syncing with the stream and publishing again from its end");
         }
         matches!(error, PublishFailure::Nats(kind, _) if *kind == PublishErrorKind::StreamNotFound)
     }
@@ -938,21 +1214,44 @@ impl Relay {
     }
 }
 
+/// Where publishing goes on: after the event `after`, whose message is
+/// (or will be) the stream's last, at `sequence` (0: the stream has none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Cursor {
+    after: Position,
+    sequence: u64,
+}
+
 /// A batch whose messages were sent and whose acks are awaited.
 struct InFlight {
-    /// The batch's last event: the checkpoint once every ack up to it is in.
+    /// The events of its messages, in order.
+    positions: Vec<Position>,
+    /// The end of the global order it covers (past its last event when
+    /// events the stream held already were left out): the checkpoint once
+    /// every ack up to it is in.
     last: Position,
+    /// The stream sequence its first message must be stored at.
+    first_sequence: u64,
     acks: Vec<async_nats::jetstream::context::PublishAckFuture>,
     sent_at: Instant,
+}
+
+impl InFlight {
+    /// Where publishing goes on once this batch is stored.
+    fn end(&self) -> Cursor {
+        Cursor {
+            after: self.last,
+            sequence: self.first_sequence + self.acks.len() as u64 - 1,
+        }
+    }
 }
 
 /// What [`Relay::confirm`] found acknowledged.
 #[derive(Debug, Default)]
 struct Confirmed {
-    /// The last event of the last batch acknowledged whole.
+    /// The end of the last batch acknowledged whole.
     last: Option<Position>,
     events: usize,
-    duplicates: u64,
 }
 
 /// Why a batch was not (fully) acknowledged.
@@ -960,10 +1259,173 @@ struct Confirmed {
 enum PublishFailure {
     #[error("encoding an event: {0}")]
     Body(serde_json::Error),
+    /// Also a message JetStream refused because the one before it was not
+    /// stored (`PublishErrorKind::WrongLastSequence`).
     #[error("{1}")]
     Nats(PublishErrorKind, String),
     #[error("the batch was not acknowledged in time")]
     TimedOut,
+    #[error(
+        "JetStream already held the event (at sequence {0}): another publisher writes the stream"
+    )]
+    Duplicate(u64),
+    #[error(
+        "a message was stored at sequence {stored}, not {expected}: another publisher writes the stream"
+    )]
+    OutOfSequence { expected: u64, stored: u64 },
+}
+
+/// Where the stream ends, as a sync reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Tail {
+    /// The stream's last sequence (0: nothing was ever stored).
+    sequence: u64,
+    /// The event of the last message (its `Nats-Msg-Id` and
+    /// [`POSITION_HEADER`]), when that message is still there and a relay
+    /// published it.
+    event: Option<(Uuid, Position)>,
+}
+
+/// How a run of publishing goes on from where the stream ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resume {
+    /// The stream ends with the checkpoint's event: publish after it.
+    AtCheckpoint,
+    /// The stream holds events past the checkpoint (an earlier leader
+    /// published them and lost its lead before checkpointing them):
+    /// checkpoint its last event and publish after it.
+    Ahead(Position),
+    /// The stream ends before the checkpoint: it lost events (a store lost,
+    /// or restored from a backup). Publish them again after its last event,
+    /// so that it stays a gapless prefix; projectors skip those they applied.
+    Behind(Position),
+    /// The stream names no last event: it is empty (new, or deleted and
+    /// made again), its last message is gone (purged or expired), or that
+    /// message is not the relay's. Publish after the checkpoint: a stream
+    /// emptied on purpose is not filled again with the whole history.
+    Unknown,
+}
+
+impl Resume {
+    /// The event after which publishing goes on.
+    fn after(self, checkpoint: Position) -> Position {
+        match self {
+            Self::AtCheckpoint | Self::Unknown => checkpoint,
+            Self::Ahead(last) | Self::Behind(last) => last,
+        }
+    }
+}
+
+/// Where a run of publishing goes on, given the checkpoint and where the
+/// stream ends.
+fn resume_point(checkpoint: Position, tail: &Tail) -> Resume {
+    match tail.event {
+        None => Resume::Unknown,
+        Some((_, last)) if last == checkpoint => Resume::AtCheckpoint,
+        Some((_, last)) if last > checkpoint => Resume::Ahead(last),
+        Some((_, last)) => Resume::Behind(last),
+    }
+}
+
+/// Reads where `stream` ends: its last sequence, and the last event a
+/// relay published, looking back past up to [`TAIL_LOOKBACK`] messages
+/// that are gone or another publisher's.
+async fn read_tail(stream: &stream::Stream) -> Result<Tail, RelayError> {
+    let info = stream
+        .get_info()
+        .await
+        .map_err(|error| RelayError::nats("reading the stream's state", error))?;
+    let sequence = info.state.last_sequence;
+    let first = sequence.saturating_sub(TAIL_LOOKBACK).max(1);
+    for at in (first..=sequence).rev() {
+        if let Some(event) = message_event(stream, at).await? {
+            return Ok(Tail {
+                sequence,
+                event: Some(event),
+            });
+        }
+    }
+    Ok(Tail {
+        sequence,
+        event: None,
+    })
+}
+
+/// The event of message `sequence` of `stream` (its `Nats-Msg-Id` and
+/// [`POSITION_HEADER`]): `None` when the message is gone or not a relay's.
+async fn message_event(
+    stream: &stream::Stream,
+    sequence: u64,
+) -> Result<Option<(Uuid, Position)>, RelayError> {
+    let message = match stream.get_raw_message(sequence).await {
+        Ok(message) => message,
+        Err(error) if error.kind() == RawMessageErrorKind::NoMessageFound => return Ok(None),
+        Err(error) => return Err(RelayError::nats("reading a message of the stream", error)),
+    };
+    let event_id = message
+        .headers
+        .get(NATS_MESSAGE_ID)
+        .and_then(|id| Uuid::parse_str(id.as_str()).ok());
+    let position = message
+        .headers
+        .get(POSITION_HEADER)
+        .and_then(|token| Position::parse_token(token.as_str()).ok());
+    Ok(event_id.zip(position))
+}
+
+/// Whether any event lies strictly between `after` and `before` in the
+/// global order.
+async fn events_between(
+    lock: &mut PgConnection,
+    after: Position,
+    before: Position,
+) -> Result<bool, RelayError> {
+    bounded(
+        "looking for events between two",
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM events
+                             WHERE (transaction_id, position) > ($1::text::xid8, $2)
+                               AND (transaction_id, position) < ($3::text::xid8, $4))",
+        )
+        .bind(after.transaction_id.to_string())
+        .bind(after.position)
+        .bind(before.transaction_id.to_string())
+        .bind(before.position)
+        .fetch_one(&mut *lock),
+    )
+    .await
+}
+
+/// Refuses a stream whose last event this database does not hold at that
+/// position: going on after it would skip events, going on before it would
+/// store events after later ones.
+async fn check_tail(lock: &mut PgConnection, stream: &str, tail: &Tail) -> Result<(), RelayError> {
+    let Some((event_id, position)) = tail.event else {
+        return Ok(());
+    };
+    let held: Option<(i64, i64)> = bounded(
+        "looking up the stream's last event",
+        sqlx::query_as(
+            "SELECT transaction_id::text::bigint, position FROM events WHERE event_id = $1",
+        )
+        .bind(event_id)
+        .fetch_optional(&mut *lock),
+    )
+    .await?;
+    let held = held.map(|(transaction_id, position)| Position {
+        transaction_id: transaction_id as u64,
+        position,
+    });
+    if held == Some(position) {
+        Ok(())
+    } else {
+        Err(crate::binding::BindingError::UnknownLastEvent {
+            stream: stream.to_owned(),
+            event_id,
+            position,
+        }
+        .into())
+    }
 }
 
 /// Takes the relay's lock on `connection`: `Ok(Ok)` holds it, `Ok(Err)`
@@ -1199,11 +1661,19 @@ fn describe_metrics() {
     DESCRIBED.call_once(|| {
         metrics::describe_counter!(
             "souk_relay_published_total",
-            "Events the relay published and JetStream acknowledged (duplicates included)."
+            "Events the relay published and JetStream stored."
         );
         metrics::describe_counter!(
             "souk_relay_duplicates_total",
-            "Publishes JetStream acknowledged as duplicates (a re-publish after a failure)."
+            "Publishes JetStream answered as duplicates of an event it held (another publisher writes the stream; the relay syncs again)."
+        );
+        metrics::describe_counter!(
+            "souk_relay_foreign_messages_total",
+            "Messages of another publisher the relay found in its stream after a failure (the relay must be its only publisher)."
+        );
+        metrics::describe_counter!(
+            "souk_relay_failures_total",
+            "Runs of publishing that failed (a publish lost, refused or out of sequence, NATS gone); each ends with a sync with the stream."
         );
         metrics::describe_histogram!(
             "souk_relay_step_seconds",
@@ -1289,6 +1759,38 @@ mod tests {
         assert_eq!(config.replicas, crate::nats::MAX_REPLICAS);
         assert_eq!(config.batch_max, MAX_BATCH);
         assert!(config.poll_interval >= Duration::from_millis(10));
+    }
+
+    #[test]
+    fn a_run_of_publishing_goes_on_after_the_streams_last_event_unless_it_names_none() {
+        let at = |position| Position {
+            transaction_id: 7,
+            position,
+        };
+        let tail = |position: Option<i64>| Tail {
+            sequence: 40,
+            event: position.map(|position| (Uuid::nil(), at(position))),
+        };
+        let checkpoint = at(30);
+        assert_eq!(
+            resume_point(checkpoint, &tail(Some(30))),
+            Resume::AtCheckpoint
+        );
+        // An earlier leader published past its checkpoint: nothing again.
+        assert_eq!(
+            resume_point(checkpoint, &tail(Some(35))),
+            Resume::Ahead(at(35))
+        );
+        assert_eq!(Resume::Ahead(at(35)).after(checkpoint), at(35));
+        // The stream lost events: they are published again, in order.
+        assert_eq!(
+            resume_point(checkpoint, &tail(Some(20))),
+            Resume::Behind(at(20))
+        );
+        assert_eq!(Resume::Behind(at(20)).after(checkpoint), at(20));
+        // Empty, purged, expired or foreign: after the checkpoint.
+        assert_eq!(resume_point(checkpoint, &tail(None)), Resume::Unknown);
+        assert_eq!(Resume::Unknown.after(checkpoint), checkpoint);
     }
 
     #[test]

@@ -5,12 +5,18 @@
 //! many batches in flight together; two relays on one stream
 //! publish through one leader and hand over; a commit wakes the relay, in
 //! its process or another; the relay publishes while its pool is taken.
+//! The stream stays a gapless prefix of the global order: a publish refused
+//! in the middle of a window is stored in its place once it goes through; a
+//! relay whose checkpoint is behind the stream goes on after the stream's
+//! end, and one whose stream lost events publishes them again, in order; a
+//! stream ending with an event the database does not hold is refused.
 
 use std::collections::HashSet;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
 use event_store::Position;
+use event_store::binding::BindingError;
 use event_store::fanout::{DEFAULT_PARTITIONS, event_subject, partition_of};
 use event_store::global::{RecordedEvent, read_after};
 use event_store::relay::{Relay, RelayConfig, RelayStatus, Role};
@@ -62,12 +68,18 @@ async fn all_events(pool: &PgPool) -> Vec<RecordedEvent> {
 /// Inserts a `Probe` event in `executor`'s transaction (or on its own);
 /// returns its place in the global order once committed.
 async fn insert_probe(executor: impl sqlx::PgExecutor<'_>) -> Position {
+    insert_probe_with(executor, "{}").await
+}
+
+/// [`insert_probe`] with `payload` (JSON text).
+async fn insert_probe_with(executor: impl sqlx::PgExecutor<'_>, payload: &str) -> Position {
     let (transaction_id, position): (i64, i64) = sqlx::query_as(
         "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
                              payload, metadata, prev_hash, hash)
-         VALUES ('Probe', gen_random_uuid()::text, 1, 'Probed', '1', '{}', '{}', '\\x00', '\\x00')
+         VALUES ('Probe', gen_random_uuid()::text, 1, 'Probed', '1', $1::json, '{}', '\\x00', '\\x00')
          RETURNING transaction_id::text::bigint, position",
     )
+    .bind(payload)
     .fetch_one(executor)
     .await
     .unwrap();
@@ -547,5 +559,299 @@ async fn a_commit_wakes_a_relay_of_another_process_through_a_notification() {
     open_wallet_and_wait_for_the_stream(&app, &stream.name).await;
     open_wallet_and_wait_for_the_stream(&app, &stream.name).await;
     let _ = stop.send(());
+    running.await.unwrap();
+}
+
+/// Sets the largest message `stream` stores (-1: no limit), keeping the rest
+/// of its configuration.
+async fn set_max_message_size(stream: &TestStream, bytes: i32) {
+    let js = async_nats::jetstream::new(tests::nats::connect(&stream.url).await.unwrap());
+    let mut handle = js.get_stream(&stream.name).await.unwrap();
+    let mut config = handle.info().await.unwrap().config.clone();
+    config.max_message_size = bytes;
+    js.update_stream(config).await.unwrap();
+}
+
+/// Moves the checkpoint of the relay of `stream` to `at`, backwards or
+/// forwards (the relay itself only ever moves it forwards).
+async fn set_checkpoint(pool: &PgPool, stream: &str, at: Position) {
+    let moved = sqlx::query(
+        "UPDATE relay_checkpoints SET transaction_id = $2, position = $3 WHERE stream = $1",
+    )
+    .bind(stream)
+    .bind(at.transaction_id as i64)
+    .bind(at.position)
+    .execute(pool)
+    .await
+    .unwrap();
+    assert_eq!(moved.rows_affected(), 1);
+}
+
+/// The checkpoint stored for the relay of `stream`.
+async fn stored_checkpoint(pool: &PgPool, stream: &str) -> Position {
+    let (transaction_id, position): (i64, i64) =
+        sqlx::query_as("SELECT transaction_id, position FROM relay_checkpoints WHERE stream = $1")
+            .bind(stream)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    Position {
+        transaction_id: transaction_id as u64,
+        position,
+    }
+}
+
+/// Waits until the relay's checkpoint is `at`.
+async fn wait_for_checkpoint(status: &mut watch::Receiver<RelayStatus>, at: Position) {
+    tokio::time::timeout(WAIT, status.wait_for(|status| status.checkpoint == at))
+        .await
+        .unwrap_or_else(|_| panic!("the relay's checkpoint never reached {at}"))
+        .expect("the relay is running");
+}
+
+/// One publish in the middle of a window is refused (its event is too
+/// large for the stream) while the later ones would be stored. JetStream
+/// refuses those too (each expects the one before it), the relay tries
+/// again from the stream's end, and once the limit is raised the event is
+/// stored in its place: never after later events, which a projector would
+/// then skip as redeliveries.
+#[tokio::test]
+async fn a_publish_refused_in_the_middle_of_a_window_is_stored_in_its_place_once_it_goes_through() {
+    let db = TestDb::migrated().await;
+    let pool = db.pool().await;
+    let stream = TestStream::new(&nats_url());
+    let mut config = RelayConfig::new(nats_url(), &stream.name);
+    config.instance = "refused-mid-window".to_owned();
+    config.batch_max = 8;
+    config.poll_interval = Duration::from_millis(50);
+    config.backoff_max = Duration::from_millis(100);
+    let (mut status, stop, running) = run_relay(&pool, config);
+    insert_probes(&pool, 5).await;
+    wait_for_published(&mut status, 5).await;
+
+    set_max_message_size(&stream, 4_096).await;
+    // Committed together, so that the relay sends them in one window of
+    // batches in flight: the large event is the 11th of 21.
+    let mut writer = pool.begin().await.unwrap();
+    for _ in 0..10 {
+        insert_probe(&mut *writer).await;
+    }
+    let large = json!({"blob": "x".repeat(16_384)}).to_string();
+    let refused = insert_probe_with(&mut *writer, &large).await;
+    for _ in 0..10 {
+        insert_probe(&mut *writer).await;
+    }
+    writer.commit().await.unwrap();
+
+    // The relay tries, fails, and tries again.
+    let failed_before = status.borrow().failures;
+    tokio::time::timeout(
+        WAIT,
+        status.wait_for(|status| status.failures >= failed_before + 2),
+    )
+    .await
+    .expect("the relay tried the large event twice")
+    .expect("the relay is running");
+    assert_eq!(
+        stored_count(&stream.url, &stream.name).await.unwrap(),
+        15,
+        "no event after the refused one is stored while it waits"
+    );
+    set_max_message_size(&stream, -1).await;
+
+    let events = all_events(&pool).await;
+    assert_eq!(events.len(), 26);
+    let messages = wait_for_messages(&stream.url, &stream.name, events.len(), WAIT)
+        .await
+        .unwrap();
+    assert_exactly(&messages, &events);
+    assert_eq!(messages[15].event().position, refused);
+    wait_for_checkpoint(&mut status, events[25].position).await;
+
+    stop.send(()).unwrap();
+    running.await.unwrap();
+}
+
+/// A leader that published events and lost its lead before checkpointing
+/// them leaves the checkpoint behind the stream. The next leader goes on
+/// after the stream's last event: it checkpoints the events already there
+/// and publishes none of them again (no reliance on the duplicate window).
+#[tokio::test]
+async fn a_relay_whose_checkpoint_is_behind_the_stream_goes_on_after_the_streams_last_event() {
+    let db = TestDb::migrated().await;
+    let pool = db.pool().await;
+    let stream = TestStream::new(&nats_url());
+    let (mut first, stop_first, first_running) = start_relay(&pool, &stream.name, "first");
+    insert_probes(&pool, 30).await;
+    wait_for_published(&mut first, 30).await;
+    stop_first.send(()).unwrap();
+    first_running.await.unwrap();
+    let published = all_events(&pool).await;
+    set_checkpoint(&pool, &stream.name, published[9].position).await;
+
+    let (mut second, stop_second, second_running) = start_relay(&pool, &stream.name, "second");
+    let last = published[29].position;
+    wait_for_checkpoint(&mut second, last).await;
+    assert_eq!(stored_checkpoint(&pool, &stream.name).await, last);
+    assert_eq!(second.borrow().published, 0, "nothing published again");
+
+    insert_probes(&pool, 10).await;
+    wait_for_published(&mut second, 10).await;
+    let events = all_events(&pool).await;
+    let messages = wait_for_messages(&stream.url, &stream.name, events.len(), WAIT)
+        .await
+        .unwrap();
+    assert_exactly(&messages, &events);
+    let status = second.borrow().clone();
+    assert_eq!(
+        (status.published, status.duplicates),
+        (10, 0),
+        "the new leader sent each new event once and no old one"
+    );
+
+    stop_second.send(()).unwrap();
+    second_running.await.unwrap();
+}
+
+/// A stream that lost events its relay's checkpoint names (a store lost,
+/// or restored from an older backup) gets them again, after its last event
+/// and in order: it stays a gapless prefix of the global order.
+#[tokio::test]
+async fn a_stream_that_lost_events_the_checkpoint_names_gets_them_again_in_order() {
+    let db = TestDb::migrated().await;
+    let pool = db.pool().await;
+    let stream = TestStream::new(&nats_url());
+    let (mut first, stop_first, first_running) = start_relay(&pool, &stream.name, "first");
+    insert_probes(&pool, 20).await;
+    wait_for_published(&mut first, 20).await;
+    stop_first.send(()).unwrap();
+    first_running.await.unwrap();
+    // Ten more events, which the checkpoint names as published.
+    insert_probes(&pool, 10).await;
+    let events = all_events(&pool).await;
+    let last = events[29].position;
+    set_checkpoint(&pool, &stream.name, last).await;
+
+    let (mut second, stop_second, second_running) = start_relay(&pool, &stream.name, "second");
+    wait_for_published(&mut second, 10).await;
+    let messages = wait_for_messages(&stream.url, &stream.name, events.len(), WAIT)
+        .await
+        .unwrap();
+    assert_exactly(&messages, &events);
+    assert_eq!(second.borrow().checkpoint, last);
+    assert_eq!(stored_checkpoint(&pool, &stream.name).await, last);
+
+    stop_second.send(()).unwrap();
+    second_running.await.unwrap();
+}
+
+/// A stream whose last message names an event this database does not hold
+/// was fed by another copy of it: going on after that event would skip
+/// events, before it would store events after later ones. The relay refuses
+/// to publish, and says why.
+#[tokio::test]
+async fn a_stream_ending_with_an_event_the_database_does_not_hold_is_refused() {
+    let db = TestDb::migrated().await;
+    let pool = db.pool().await;
+    let stream = TestStream::new(&nats_url());
+    let (mut first, stop_first, first_running) = start_relay(&pool, &stream.name, "first");
+    insert_probes(&pool, 3).await;
+    wait_for_published(&mut first, 3).await;
+    stop_first.send(()).unwrap();
+    first_running.await.unwrap();
+
+    let foreign = Position {
+        transaction_id: u64::from(u32::MAX),
+        position: 1_000_000,
+    };
+    let event_id = uuid::Uuid::now_v7();
+    let js = async_nats::jetstream::new(tests::nats::connect(&stream.url).await.unwrap());
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", event_id.to_string().as_str());
+    headers.insert(
+        event_store::relay::POSITION_HEADER,
+        foreign.token().as_str(),
+    );
+    js.publish_with_headers(
+        event_subject(&stream.name, "Probe", 0),
+        headers,
+        "{}".into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    insert_probes(&pool, 2).await;
+
+    let (mut second, stop_second, second_running) = start_relay(&pool, &stream.name, "second");
+    let refused = tokio::time::timeout(WAIT, second.wait_for(|status| status.refused.is_some()))
+        .await
+        .expect("the relay refused the stream")
+        .expect("the relay is running")
+        .refused
+        .clone();
+    assert_eq!(
+        refused,
+        Some(BindingError::UnknownLastEvent {
+            stream: stream.name.clone(),
+            event_id,
+            position: foreign,
+        })
+    );
+    // It refuses before it reads events: the two waiting are not sent.
+    assert_eq!(second.borrow().published, 0, "the relay published nothing");
+    assert_eq!(stored_count(&stream.url, &stream.name).await.unwrap(), 4);
+
+    stop_second.send(()).unwrap();
+    second_running.await.unwrap();
+}
+
+/// A message of another publisher (the relay must be the stream's only
+/// one) written while the relay is idle: the relay's next message is
+/// refused (it expects the sequence before), alone, since the first message
+/// of a window is confirmed before the others are sent; the relay syncs,
+/// goes on after the other's message, and every event is stored once, in
+/// order.
+#[tokio::test]
+async fn a_message_of_another_publisher_between_two_windows_loses_and_reorders_nothing() {
+    let db = TestDb::migrated().await;
+    let pool = db.pool().await;
+    let stream = TestStream::new(&nats_url());
+    let (mut status, stop, running) = start_relay(&pool, &stream.name, "shared-stream");
+    insert_probes(&pool, 3).await;
+    wait_for_published(&mut status, 3).await;
+
+    let js = async_nats::jetstream::new(tests::nats::connect(&stream.url).await.unwrap());
+    js.publish(
+        event_subject(&stream.name, "Probe", 0),
+        "not an event".into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let mut writer = pool.begin().await.unwrap();
+    for _ in 0..10 {
+        insert_probe(&mut *writer).await;
+    }
+    writer.commit().await.unwrap();
+
+    let events = all_events(&pool).await;
+    let messages = wait_for_messages(&stream.url, &stream.name, events.len() + 1, WAIT)
+        .await
+        .unwrap();
+    assert_eq!(messages[3].message_id, None, "the other's message");
+    let relayed: Vec<StoredMessage> = messages
+        .into_iter()
+        .filter(|message| message.message_id.is_some())
+        .collect();
+    assert_exactly(&relayed, &events);
+    wait_for_published(&mut status, 13).await;
+    assert!(
+        status.borrow().failures >= 1,
+        "the relay's message was refused"
+    );
+
+    stop.send(()).unwrap();
     running.await.unwrap();
 }
