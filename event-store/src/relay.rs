@@ -366,6 +366,9 @@ pub struct RelayStatus {
     /// Runs of publishing that failed (a publish lost, refused or out of
     /// sequence, NATS gone): each ends with a sync with the stream.
     pub failures: u64,
+    /// Messages of another publisher a sync found in the stream (the relay
+    /// must be its only publisher).
+    pub foreign_messages: u64,
     /// Committed events after the checkpoint, at the last measure.
     pub lag_events: i64,
     /// Age of the event-writing transaction holding the horizon back.
@@ -721,17 +724,20 @@ impl Relay {
             // has caught up: it is confirmed and checkpointed at once, so
             // that the checkpoint follows the last publish.
             let mut confirmed = Confirmed::default();
-            let sent = self
-                .send_batch(
-                    js,
-                    &batch,
-                    at,
-                    read_up_to,
-                    &mut in_flight,
-                    &mut stored,
-                    &mut confirmed,
-                )
-                .await;
+            let sent = if batch.is_empty() {
+                Ok(Cursor {
+                    after: read_up_to,
+                    sequence: at.sequence,
+                })
+            } else {
+                self.send(js, &batch, at.sequence, read_up_to)
+                    .await
+                    .map(|sent| {
+                        let next = sent.end();
+                        in_flight.push_back(sent);
+                        next
+                    })
+            };
             let (confirmation, read_ahead) = match sent {
                 Ok(next) => {
                     cursor = Some(next);
@@ -854,6 +860,8 @@ impl Relay {
         {
             let foreign_at = known.sequence + 1;
             metrics::counter!("souk_relay_foreign_messages_total", &self.labels()).increment(1);
+            self.status
+                .send_modify(|status| status.foreign_messages += 1);
             if held.is_empty() {
                 tracing::warn!(
                     stream,
@@ -974,50 +982,6 @@ impl Relay {
             .max_ack_inflight(config.batch_max * 2)
             .build(client.clone());
         Ok((client, js))
-    }
-
-    /// Sends `batch`, the events read after `at` up to `read_up_to` that
-    /// the stream does not hold yet; returns where publishing goes on. With
-    /// nothing in flight, the first message goes alone and is confirmed
-    /// before the others are sent: when another publisher wrote to the
-    /// stream since the relay's last message, that one is refused, and no
-    /// later one can be stored in its place (each expects the sequence
-    /// before it, which the other's message would fill).
-    #[allow(clippy::too_many_arguments)] // the loop's state, lent for one batch
-    async fn send_batch(
-        &self,
-        js: &jetstream::Context,
-        batch: &[RecordedEvent],
-        at: Cursor,
-        read_up_to: Position,
-        in_flight: &mut VecDeque<InFlight>,
-        stored: &mut Option<Cursor>,
-        confirmed: &mut Confirmed,
-    ) -> Result<Cursor, PublishFailure> {
-        let mut rest = batch;
-        let mut sequence = at.sequence;
-        if in_flight.is_empty()
-            && let [first, others @ ..] = batch
-            && !others.is_empty()
-        {
-            in_flight.push_back(
-                self.send(js, std::slice::from_ref(first), sequence, first.position)
-                    .await?,
-            );
-            self.confirm(in_flight, 0, stored, confirmed).await?;
-            sequence += 1;
-            rest = others;
-        }
-        if rest.is_empty() {
-            return Ok(Cursor {
-                after: read_up_to,
-                sequence,
-            });
-        }
-        let sent = self.send(js, rest, sequence, read_up_to).await?;
-        let end = sent.end();
-        in_flight.push_back(sent);
-        Ok(end)
     }
 
     /// Sends every message of `batch` without waiting for its ack (the

@@ -711,36 +711,6 @@ async fn a_poison_event_is_parked_and_visible_and_the_projection_goes_on() {
     let wallet = app.funded_wallet(&seller, "EUR", 1_000).await;
     let listing = app.listing(&seller, 2_500, 3, Some(wallet)).await;
 
-    // A message on the stream that is not an event at all, from another
-    // publisher. The relay must be the stream's only publisher: one that
-    // writes while the relay has events in flight may get a later event
-    // stored before an earlier one (`event_store::relay`), so this one
-    // writes while the relay is idle.
-    let committed: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
-        .fetch_one(&side.pool)
-        .await
-        .unwrap();
-    tests::nats::wait_for_messages(
-        &side.nats_url,
-        &side.stream,
-        committed as usize,
-        Duration::from_secs(60),
-    )
-    .await
-    .expect("the relay published every event");
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert("Nats-Msg-Id", "not-an-event-1");
-    side.jetstream
-        .publish_with_headers(
-            format!("{}.events.Wallet.0", side.stream),
-            headers,
-            "this is not an event".into(),
-        )
-        .await
-        .expect("publishing")
-        .await
-        .expect("acknowledged");
-
     // Events no projection can apply: a deposit into a wallet that was
     // never opened, an event type nobody knows, and a stock Postgres cannot
     // store (beyond `integer`), which only the database refuses.
@@ -779,6 +749,36 @@ async fn a_poison_event_is_parked_and_visible_and_the_projection_goes_on() {
         json!({"FundsDeposited": {"amount": 5, "reference": "nul \u{0} byte", "available": 5}}),
     )
     .await;
+    // And a message on the stream that is not an event at all, from
+    // another publisher. The relay must be the stream's only publisher: a
+    // message of another written while the relay has two events or more to
+    // publish lets the later ones in before the first (`event_store::relay`),
+    // so this one comes once the relay is idle, before a single event.
+    let committed: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&side.pool)
+        .await
+        .unwrap();
+    tests::nats::wait_for_messages(
+        &side.nats_url,
+        &side.stream,
+        committed as usize,
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("the relay published every event");
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", "not-an-event-1");
+    side.jetstream
+        .publish_with_headers(
+            format!("{}.events.Wallet.0", side.stream),
+            headers,
+            "this is not an event".into(),
+        )
+        .await
+        .expect("publishing")
+        .await
+        .expect("acknowledged");
+
     // The projections go on: a later deposit and a later stock change apply.
     let admin = User::new("admin");
     let deposited = app
