@@ -19,11 +19,13 @@
 //! Everything is read in one `REPEATABLE READ` snapshot, so a log that grows
 //! meanwhile is verified as of one instant: each transaction's events (and
 //! heads) are either all seen or not at all. The events are streamed in
-//! primary-key order with their head merged in (no sort, no page restarts).
+//! primary-key order with their head merged in (no sort, no page restarts),
+//! as binary `COPY` output; a whole log in two halves at once (see
+//! [`verify`]).
 
 use futures::TryStreamExt;
-use sqlx::postgres::{PgPool, PgRow};
-use sqlx::{Connection, PgConnection, Row as _};
+use sqlx::postgres::PgPool;
+use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
 
 use crate::anchor::{self, Anchor};
@@ -169,7 +171,8 @@ pub struct VerifyOptions<'a> {
     pub anchor: Option<Anchor>,
 }
 
-/// Rows handed from the reading task to the checking one at a time.
+/// Messages (a row each) handed from the reading task to the checking one
+/// at a time.
 const ROWS_PER_BATCH: usize = 1024;
 /// Batches in flight between them (what bounds the memory used).
 const BATCHES_IN_FLIGHT: usize = 4;
@@ -446,12 +449,18 @@ struct Streams<'a> {
 }
 
 /// Reads and checks the rows of `streams` (see [`verify`]).
+///
+/// The rows come as `COPY ... TO STDOUT (FORMAT binary)`: the reading task
+/// only moves the protocol's messages along, and the checker takes each
+/// value straight from the bytes Postgres sent (`CopyRows`), with no row
+/// object built in between.
 async fn check(
     tx: &mut PgConnection,
     streams: Streams<'_>,
     invariants: bool,
 ) -> Result<Checker, sqlx::Error> {
-    let (batches, mut to_check) = tokio::sync::mpsc::channel::<Vec<PgRow>>(BATCHES_IN_FLIGHT);
+    let (batches, mut to_check) =
+        tokio::sync::mpsc::channel::<Vec<bytes::Bytes>>(BATCHES_IN_FLIGHT);
     let mut checker = Checker {
         report: VerifyReport {
             invariants_checked: invariants,
@@ -461,44 +470,21 @@ async fn check(
         stream: None,
     };
     let checking = tokio::task::spawn_blocking(move || {
-        while let Some(rows) = to_check.blocking_recv() {
-            for row in &rows {
-                checker.row(row)?;
+        let mut rows = CopyRows::default();
+        while let Some(messages) = to_check.blocking_recv() {
+            for message in &messages {
+                rows.feed(message, |row| checker.row(row))?;
             }
         }
+        rows.finish()?;
         checker.end_stream();
         Ok::<_, sqlx::Error>(checker)
     });
-    let (only_type, only_id) = streams.only.unzip();
-    let (from_type, from_id) = streams.from.unzip();
-    let (until_type, until_id) = streams.until.unzip();
     let read = async {
-        // The bounds are on both primary keys, so that each index scan
-        // starts and stops at them.
-        let mut rows = sqlx::query(
-            "SELECT e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, e.event_version,
-                    e.payload::text, e.metadata::text, e.event_id, e.recorded_at, e.prev_hash,
-                    e.hash, e.transaction_id::text::bigint, e.position, h.sequence, h.hash
-               FROM events e
-               LEFT JOIN stream_heads h
-                      ON h.aggregate_type = e.aggregate_type AND h.aggregate_id = e.aggregate_id
-                     AND ($3::text IS NULL OR (h.aggregate_type, h.aggregate_id) >= ($3, $4))
-                     AND ($5::text IS NULL OR (h.aggregate_type, h.aggregate_id) < ($5, $6))
-              WHERE ($1::text IS NULL OR (e.aggregate_type = $1 AND e.aggregate_id = $2))
-                AND ($3::text IS NULL OR (e.aggregate_type, e.aggregate_id) >= ($3, $4))
-                AND ($5::text IS NULL OR (e.aggregate_type, e.aggregate_id) < ($5, $6))
-              ORDER BY e.aggregate_type, e.aggregate_id, e.sequence",
-        )
-        .bind(only_type)
-        .bind(only_id)
-        .bind(from_type)
-        .bind(from_id)
-        .bind(until_type)
-        .bind(until_id)
-        .fetch(&mut *tx);
+        let mut messages = tx.copy_out_raw(&verify_query(streams)).await?;
         let mut batch = Vec::with_capacity(ROWS_PER_BATCH);
-        while let Some(row) = rows.try_next().await? {
-            batch.push(row);
+        while let Some(message) = messages.try_next().await? {
+            batch.push(message);
             if batch.len() == ROWS_PER_BATCH {
                 let full = std::mem::replace(&mut batch, Vec::with_capacity(ROWS_PER_BATCH));
                 if batches.send(full).await.is_err() {
@@ -521,6 +507,236 @@ async fn check(
     checked
 }
 
+/// The `COPY` of the events of `streams` with their heads, in primary-key
+/// order. The bounds are on both primary keys, so that each index scan
+/// starts and stops at them; `COPY` takes no parameters, so they are
+/// literals.
+fn verify_query(streams: Streams<'_>) -> String {
+    let mut events = Vec::new();
+    let mut heads = Vec::new();
+    if let Some((aggregate_type, aggregate_id)) = streams.only {
+        events.push(format!(
+            "e.aggregate_type = {} AND e.aggregate_id = {}",
+            literal(aggregate_type),
+            literal(aggregate_id)
+        ));
+    }
+    for (bound, operator) in [(streams.from, ">="), (streams.until, "<")] {
+        if let Some((aggregate_type, aggregate_id)) = bound {
+            let key = format!("({}, {})", literal(aggregate_type), literal(aggregate_id));
+            events.push(format!(
+                "(e.aggregate_type, e.aggregate_id) {operator} {key}"
+            ));
+            heads.push(format!(
+                "(h.aggregate_type, h.aggregate_id) {operator} {key}"
+            ));
+        }
+    }
+    let and = |conditions: &[String]| {
+        conditions
+            .iter()
+            .map(|condition| format!(" AND {condition}"))
+            .collect::<String>()
+    };
+    format!(
+        "COPY (SELECT e.aggregate_type, e.aggregate_id, e.sequence, e.event_type, e.event_version,
+                      e.payload::text, e.metadata::text, e.event_id, e.recorded_at, e.prev_hash,
+                      e.hash, e.transaction_id, e.position, h.sequence, h.hash
+                 FROM events e
+                 LEFT JOIN stream_heads h
+                        ON h.aggregate_type = e.aggregate_type
+                       AND h.aggregate_id = e.aggregate_id{}
+                WHERE true{}
+                ORDER BY e.aggregate_type, e.aggregate_id, e.sequence)
+           TO STDOUT (FORMAT binary)",
+        and(&heads),
+        and(&events)
+    )
+}
+
+/// `text` as an SQL string literal: an escape string, so that neither a
+/// quote nor a backslash in it can end it, whatever
+/// `standard_conforming_strings` says.
+fn literal(text: &str) -> String {
+    format!("E'{}'", text.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+/// One row of the verify query, each value as Postgres sent it in binary.
+struct StoredRow<'a> {
+    aggregate_type: &'a str,
+    aggregate_id: &'a str,
+    sequence: i64,
+    event_type: &'a str,
+    event_version: &'a str,
+    payload: &'a str,
+    metadata: &'a str,
+    event_id: Uuid,
+    recorded_at_micros: i64,
+    prev_hash: &'a [u8],
+    hash: &'a [u8],
+    position: Position,
+    head: Option<(i64, &'a [u8])>,
+}
+
+/// The columns of the verify query.
+const COLUMNS: usize = 15;
+
+/// Microseconds from the Unix epoch to Postgres's (2000-01-01).
+const POSTGRES_EPOCH_MICROS: i64 = 946_684_800_000_000;
+
+impl<'a> StoredRow<'a> {
+    fn decode(values: &[Option<&'a [u8]>; COLUMNS]) -> Result<Self, sqlx::Error> {
+        let bad = |what: &str| sqlx::Error::Protocol(format!("verify read {what}"));
+        let bytes = |index: usize| values[index].ok_or_else(|| bad("a NULL it did not expect"));
+        let text = |index: usize| {
+            std::str::from_utf8(bytes(index)?).map_err(|_| bad("text that is not UTF-8"))
+        };
+        let eight = |value: &[u8]| -> Result<[u8; 8], sqlx::Error> {
+            value
+                .try_into()
+                .map_err(|_| bad("an integer of the wrong size"))
+        };
+        let int8 = |index: usize| Ok::<_, sqlx::Error>(i64::from_be_bytes(eight(bytes(index)?)?));
+        let head = match (values[13], values[14]) {
+            (Some(sequence), Some(hash)) => Some((i64::from_be_bytes(eight(sequence)?), hash)),
+            _ => None,
+        };
+        Ok(Self {
+            aggregate_type: text(0)?,
+            aggregate_id: text(1)?,
+            sequence: int8(2)?,
+            event_type: text(3)?,
+            event_version: text(4)?,
+            payload: text(5)?,
+            metadata: text(6)?,
+            event_id: Uuid::from_slice(bytes(7)?).map_err(|_| bad("a malformed uuid"))?,
+            recorded_at_micros: int8(8)?.saturating_add(POSTGRES_EPOCH_MICROS),
+            prev_hash: bytes(9)?,
+            hash: bytes(10)?,
+            position: Position {
+                // xid8 travels as an unsigned 64-bit integer.
+                transaction_id: u64::from_be_bytes(eight(bytes(11)?)?),
+                position: int8(12)?,
+            },
+            head,
+        })
+    }
+}
+
+/// A reader of `COPY ... (FORMAT binary)` output: fed the protocol's
+/// messages in order (Postgres sends one per row, but a row split across
+/// messages is put together), it hands each row's values to a callback.
+#[derive(Default)]
+struct CopyRows {
+    header_read: bool,
+    ended: bool,
+    /// The start of a row whose end has not arrived yet.
+    pending: Vec<u8>,
+}
+
+/// The signature that starts binary `COPY` output.
+const COPY_SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
+
+impl CopyRows {
+    fn feed(
+        &mut self,
+        message: &[u8],
+        mut row: impl FnMut(&StoredRow<'_>) -> Result<(), sqlx::Error>,
+    ) -> Result<(), sqlx::Error> {
+        if self.pending.is_empty() {
+            let used = self.rows(message, &mut row)?;
+            self.pending.extend_from_slice(&message[used..]);
+        } else {
+            let mut pending = std::mem::take(&mut self.pending);
+            pending.extend_from_slice(message);
+            let used = self.rows(&pending, &mut row)?;
+            pending.drain(..used);
+            self.pending = pending;
+        }
+        Ok(())
+    }
+
+    /// Reads the whole rows at the start of `bytes`; returns how many bytes
+    /// they took.
+    fn rows(
+        &mut self,
+        bytes: &[u8],
+        row: &mut impl FnMut(&StoredRow<'_>) -> Result<(), sqlx::Error>,
+    ) -> Result<usize, sqlx::Error> {
+        let bad = |what: &str| sqlx::Error::Protocol(format!("verify read {what}"));
+        let mut at = 0;
+        if !self.header_read {
+            // Signature, flags, then the length of a header extension.
+            let fixed = COPY_SIGNATURE.len() + 8;
+            if bytes.len() < fixed {
+                return Ok(0);
+            }
+            if &bytes[..COPY_SIGNATURE.len()] != COPY_SIGNATURE {
+                return Err(bad("COPY output that is not binary"));
+            }
+            let extension = be_u32(&bytes[fixed - 4..fixed]) as usize;
+            if bytes.len() < fixed + extension {
+                return Ok(0);
+            }
+            at = fixed + extension;
+            self.header_read = true;
+        }
+        let mut values: [Option<&[u8]>; COLUMNS] = [None; COLUMNS];
+        while at < bytes.len() {
+            if self.ended {
+                return Err(bad("data after the end of the COPY"));
+            }
+            let Some(count) = bytes.get(at..at + 2) else {
+                return Ok(at);
+            };
+            let count = i16::from_be_bytes([count[0], count[1]]);
+            if count == -1 {
+                self.ended = true;
+                at += 2;
+                continue;
+            }
+            if count as usize != COLUMNS {
+                return Err(bad(&format!("rows of {count} columns")));
+            }
+            let mut cursor = at + 2;
+            for value in values.iter_mut() {
+                let Some(length) = bytes.get(cursor..cursor + 4) else {
+                    return Ok(at);
+                };
+                let length = i32::from_be_bytes([length[0], length[1], length[2], length[3]]);
+                cursor += 4;
+                if length < 0 {
+                    *value = None;
+                } else {
+                    let Some(data) = bytes.get(cursor..cursor + length as usize) else {
+                        return Ok(at);
+                    };
+                    *value = Some(data);
+                    cursor += length as usize;
+                }
+            }
+            row(&StoredRow::decode(&values)?)?;
+            at = cursor;
+        }
+        Ok(at)
+    }
+
+    /// Checks that the output ended where it should.
+    fn finish(&self) -> Result<(), sqlx::Error> {
+        if self.ended && self.pending.is_empty() {
+            Ok(())
+        } else {
+            Err(sqlx::Error::Protocol(
+                "verify read a COPY that stopped before its end".to_owned(),
+            ))
+        }
+    }
+}
+
+fn be_u32(bytes: &[u8]) -> u32 {
+    u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
+}
+
 /// What the checking task keeps: the report so far, the invariants'
 /// replay and the stream being checked.
 struct Checker {
@@ -530,27 +746,23 @@ struct Checker {
 }
 
 impl Checker {
-    /// Checks one row of the verify query (its columns in that order).
-    fn row(&mut self, row: &PgRow) -> Result<(), sqlx::Error> {
-        // The query fixes every column's type, so they are decoded without
-        // checking it again on every row; text is borrowed from the row.
-        let aggregate_type: &str = row.try_get_unchecked(0)?;
-        let aggregate_id: &str = row.try_get_unchecked(1)?;
-        let sequence: i64 = row.try_get_unchecked(2)?;
-        let event_type: &str = row.try_get_unchecked(3)?;
-        let event_version: &str = row.try_get_unchecked(4)?;
-        let payload: &str = row.try_get_unchecked(5)?;
-        let metadata: &str = row.try_get_unchecked(6)?;
-        let event_id: Uuid = row.try_get_unchecked(7)?;
-        let recorded_at: chrono::DateTime<chrono::Utc> = row.try_get_unchecked(8)?;
-        let stored_prev: &[u8] = row.try_get_unchecked(9)?;
-        let stored_hash: &[u8] = row.try_get_unchecked(10)?;
-        let transaction_id: i64 = row.try_get_unchecked(11)?;
-        let position: i64 = row.try_get_unchecked(12)?;
-        let at = Position {
-            transaction_id: transaction_id as u64,
-            position,
-        };
+    /// Checks one row of the verify query.
+    fn row(&mut self, row: &StoredRow<'_>) -> Result<(), sqlx::Error> {
+        let StoredRow {
+            aggregate_type,
+            aggregate_id,
+            sequence,
+            event_type,
+            event_version,
+            payload,
+            metadata,
+            event_id,
+            recorded_at_micros,
+            prev_hash: stored_prev,
+            hash: stored_hash,
+            position: at,
+            head,
+        } = *row;
         let report = &mut self.report;
         // An invariant's finding at this event.
         let violation = |finding: domain::audit::Finding| Violation {
@@ -575,8 +787,6 @@ impl Checker {
             {
                 report.violation(violation(finding));
             }
-            let head_sequence: Option<i64> = row.try_get_unchecked(13)?;
-            let head_hash: Option<Vec<u8>> = row.try_get_unchecked(14)?;
             self.stream = Some(Stream {
                 aggregate_type: aggregate_type.to_owned(),
                 aggregate_id: aggregate_id.to_owned(),
@@ -584,7 +794,7 @@ impl Checker {
                 prev_hash: GENESIS_HASH,
                 last_sequence: 0,
                 last_position: at,
-                head: head_sequence.zip(head_hash),
+                head: head.map(|(sequence, hash)| (sequence, hash.to_vec())),
             });
         }
         let Some(current) = self.stream.as_mut() else {
@@ -614,7 +824,7 @@ impl Checker {
             event_type,
             event_version,
             event_id,
-            recorded_at_micros: recorded_at.timestamp_micros(),
+            recorded_at_micros,
             payload,
             metadata,
         }
@@ -687,5 +897,110 @@ fn end_stream(report: &mut VerifyReport, stream: Stream) {
             ));
         }
         Some(_) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One row of the verify query as binary `COPY` writes it.
+    fn copy_row(aggregate_id: &str, sequence: i64, head: Option<i64>) -> Vec<u8> {
+        let hash = [7u8; 32];
+        let values: [Option<Vec<u8>>; COLUMNS] = [
+            Some(b"Wallet".to_vec()),
+            Some(aggregate_id.as_bytes().to_vec()),
+            Some(sequence.to_be_bytes().to_vec()),
+            Some(b"FundsDeposited".to_vec()),
+            Some(b"1".to_vec()),
+            Some(b"{\"FundsDeposited\":{}}".to_vec()),
+            Some(b"{}".to_vec()),
+            Some(Uuid::from_u128(9).as_bytes().to_vec()),
+            Some(0i64.to_be_bytes().to_vec()),
+            Some(GENESIS_HASH.to_vec()),
+            Some(hash.to_vec()),
+            Some(901u64.to_be_bytes().to_vec()),
+            Some(12i64.to_be_bytes().to_vec()),
+            head.map(|sequence| sequence.to_be_bytes().to_vec()),
+            head.map(|_| hash.to_vec()),
+        ];
+        let mut out = (COLUMNS as i16).to_be_bytes().to_vec();
+        for value in values {
+            match value {
+                Some(bytes) => {
+                    out.extend_from_slice(&(bytes.len() as i32).to_be_bytes());
+                    out.extend_from_slice(&bytes);
+                }
+                None => out.extend_from_slice(&(-1i32).to_be_bytes()),
+            }
+        }
+        out
+    }
+
+    fn copy_output() -> Vec<u8> {
+        let mut out = COPY_SIGNATURE.to_vec();
+        out.extend_from_slice(&0u32.to_be_bytes());
+        out.extend_from_slice(&0u32.to_be_bytes());
+        out.extend(copy_row("a", 1, None));
+        out.extend(copy_row("b'", 2, Some(2)));
+        out.extend_from_slice(&(-1i16).to_be_bytes());
+        out
+    }
+
+    /// A row read: aggregate id, sequence, head's sequence, position.
+    type Read = (String, i64, Option<i64>, i64);
+
+    /// What `CopyRows` hands on, fed `messages`.
+    fn read(messages: &[&[u8]]) -> Result<Vec<Read>, sqlx::Error> {
+        let mut rows = CopyRows::default();
+        let mut seen = Vec::new();
+        for message in messages {
+            rows.feed(message, |row| {
+                assert_eq!(row.position.transaction_id, 901);
+                assert_eq!(row.recorded_at_micros, POSTGRES_EPOCH_MICROS);
+                seen.push((
+                    row.aggregate_id.to_owned(),
+                    row.sequence,
+                    row.head.map(|(sequence, _)| sequence),
+                    row.position.position,
+                ));
+                Ok(())
+            })?;
+        }
+        rows.finish()?;
+        Ok(seen)
+    }
+
+    #[test]
+    fn binary_copy_rows_are_read_however_the_messages_cut_them() {
+        let output = copy_output();
+        let expected = vec![
+            ("a".to_owned(), 1, None, 12),
+            ("b'".to_owned(), 2, Some(2), 12),
+        ];
+        assert_eq!(read(&[&output]).unwrap(), expected);
+        for cut in 1..output.len() {
+            let (first, second) = output.split_at(cut);
+            assert_eq!(read(&[first, second]).unwrap(), expected, "cut at {cut}");
+        }
+        // Cut short, or not binary: an error, never a silent end.
+        assert!(read(&[&output[..output.len() - 2]]).is_err());
+        assert!(read(&[b"a\tb\n"]).is_err());
+    }
+
+    #[test]
+    fn keys_in_the_copy_query_are_literals_nothing_can_end() {
+        assert_eq!(literal("it's a \\ key"), "E'it\\'s a \\\\ key'");
+        let query = verify_query(Streams {
+            from: Some(("Wallet", "x' OR true --")),
+            ..Streams::default()
+        });
+        assert!(
+            query.contains("(e.aggregate_type, e.aggregate_id) >= (E'Wallet', E'x\\' OR true --')")
+        );
+        assert!(
+            query.contains("(h.aggregate_type, h.aggregate_id) >= (E'Wallet', E'x\\' OR true --')")
+        );
+        assert!(!verify_query(Streams::default()).contains(">="));
     }
 }
