@@ -30,11 +30,6 @@ use domain::values::Role;
 use identity::{ensure_dev_key_pair, mint_token};
 use uuid::Uuid;
 
-/// mimalloc, as the services use (see ARCHITECTURE.md): verify and rebuild
-/// allocate for every event they parse.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Debug, Parser)]
 #[command(
     name = "replay-tool",
