@@ -30,10 +30,18 @@
 //! JetStream refuses every later one, and the relay drops what is in flight,
 //! syncs and publishes again from the stream's end, so no event is ever
 //! stored after a later one. An ack at another sequence than expected, or a
-//! duplicate, means someone else writes the stream: also a failure and a
-//! sync. The event id travels as `Nats-Msg-Id` (duplicate window
-//! [`DUPLICATE_WINDOW`]), so that two leaders for a moment (a lock lost with
-//! its connection) store one copy of an event both send.
+//! duplicate, is also a failure and a sync. The event id travels as
+//! `Nats-Msg-Id` (duplicate window [`DUPLICATE_WINDOW`]), so that two
+//! leaders for a moment (a lock lost with its connection) store one copy of
+//! an event both send.
+//!
+//! The relay must be the stream's only publisher. A message of another
+//! publisher takes the sequence the relay's next message expects to follow:
+//! that one is refused, but the later ones in flight, each expecting the one
+//! before, are stored past it. The sync after the failure finds the other's
+//! message (`Relay::sync`), and the relay publishes the refused event after
+//! them, the ones already there skipped: nothing is lost or doubled, but
+//! that event is out of order, and an error says so.
 //!
 //! The relay is woken after each commit of events: in process by the
 //! writer's [`CommitSignal`] ([`Relay::woken_by`]), across processes by
