@@ -72,10 +72,57 @@ impl Default for PoolConfig {
     }
 }
 
+/// The connection options of `database_url`, as every Souk process connects.
+///
+/// Postgres's and sqlx's default `sslmode` is `prefer`, and sqlx is built with
+/// TLS here (postgres-es asks for it), so a connection to a server on the same
+/// host would encrypt every byte it sends, to nobody: whoever can read
+/// loopback traffic is root on that host already, and every connection paid
+/// for it at both ends (OpenSSL in Postgres, ring in the client, seen in
+/// profiles of the write path and of verify's COPY reads). So a loopback host (`localhost`,
+/// `127.0.0.0/8`, `::1`) or a Unix socket connects without TLS, unless
+/// `sslmode` is set in the URL or in `PGSSLMODE`: an explicit choice is
+/// always kept, and any other host keeps `prefer` (or what was asked).
+pub fn connect_options(database_url: &str) -> Result<PgConnectOptions, sqlx::Error> {
+    let options = PgConnectOptions::from_str(database_url)?;
+    let explicit = std::env::var_os("PGSSLMODE").is_some() || url_sets_ssl_mode(database_url);
+    if !explicit && is_loopback(&options) {
+        return Ok(options.ssl_mode(sqlx::postgres::PgSslMode::Disable));
+    }
+    Ok(options)
+}
+
+/// Whether the URL's query names an SSL mode (`sslmode`, or sqlx's
+/// `ssl-mode`).
+fn url_sets_ssl_mode(database_url: &str) -> bool {
+    database_url.split_once('?').is_some_and(|(_, query)| {
+        query.split('&').any(|pair| {
+            let key = pair.split_once('=').map_or(pair, |(key, _)| key);
+            key.eq_ignore_ascii_case("sslmode") || key.eq_ignore_ascii_case("ssl-mode")
+        })
+    })
+}
+
+/// Whether the options reach a server on this host: a Unix socket or a
+/// loopback address.
+fn is_loopback(options: &PgConnectOptions) -> bool {
+    if options.get_socket().is_some() {
+        return true;
+    }
+    let host = options.get_host();
+    if host.starts_with('/') || host.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<std::net::IpAddr>()
+        .is_ok_and(|address| address.is_loopback())
+}
+
 /// A lazily connecting pool: the process starts (and answers 503) even when
 /// the database is down, and reconnects on its own when it returns.
 pub fn pool(database_url: &str, config: &PoolConfig) -> Result<PgPool, sqlx::Error> {
-    let options = PgConnectOptions::from_str(database_url)?.application_name("souk");
+    let options = connect_options(database_url)?.application_name("souk");
     Ok(PgPoolOptions::new()
         .max_connections(config.max_connections)
         .min_connections(0)
@@ -133,6 +180,54 @@ pub async fn migrate_when_reachable(
                 backoff.wait().await;
             }
             Err(error) => return Err(error),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::postgres::PgSslMode;
+
+    fn loopback(url: &str) -> bool {
+        is_loopback(&PgConnectOptions::from_str(url).expect("a valid URL"))
+    }
+
+    #[test]
+    fn loopback_hosts_and_sockets_are_told_from_other_hosts() {
+        assert!(loopback("postgres://postgres@127.0.0.1:5432/souk"));
+        assert!(loopback("postgres://postgres@127.0.0.2/souk"));
+        assert!(loopback("postgres://postgres@localhost/souk"));
+        assert!(loopback("postgres://postgres@[::1]:5432/souk"));
+        assert!(loopback("postgres:///souk?host=/var/run/postgresql"));
+        assert!(!loopback("postgres://postgres@10.0.0.7:5432/souk"));
+        assert!(!loopback("postgres://postgres@db.example.org/souk"));
+    }
+
+    #[test]
+    fn an_ssl_mode_in_the_url_is_explicit_in_either_spelling() {
+        assert!(url_sets_ssl_mode("postgres://h/db?sslmode=require"));
+        assert!(url_sets_ssl_mode(
+            "postgres://h/db?application_name=x&ssl-mode=prefer"
+        ));
+        assert!(url_sets_ssl_mode("postgres://h/db?SSLMODE=disable"));
+        assert!(!url_sets_ssl_mode("postgres://h/db"));
+        assert!(!url_sets_ssl_mode(
+            "postgres://h/db?application_name=sslmode"
+        ));
+    }
+
+    #[test]
+    fn loopback_connects_without_tls_unless_the_url_asks_for_it() {
+        let asked = connect_options("postgres://postgres@127.0.0.1/souk?sslmode=require")
+            .expect("a valid URL");
+        assert!(matches!(asked.get_ssl_mode(), PgSslMode::Require));
+        // An SSL mode from the environment is an explicit choice too.
+        if std::env::var_os("PGSSLMODE").is_none() {
+            let local = connect_options("postgres://postgres@127.0.0.1/souk").expect("valid");
+            assert!(matches!(local.get_ssl_mode(), PgSslMode::Disable));
+            let remote = connect_options("postgres://postgres@10.0.0.7/souk").expect("valid");
+            assert!(matches!(remote.get_ssl_mode(), PgSslMode::Prefer));
         }
     }
 }

@@ -104,8 +104,8 @@ impl Database {
             Ok(()) => Ok(pool),
             // The pool only says it timed out: one direct attempt says why.
             Err(error) if event_store::migration_unreachable(&error) => {
-                let options: sqlx::postgres::PgConnectOptions =
-                    self.database_url.parse().context("parsing DATABASE_URL")?;
+                let options = event_store::connect_options(&self.database_url)
+                    .context("parsing DATABASE_URL")?;
                 let why = match sqlx::ConnectOptions::connect(&options).await {
                     Err(error) => error.to_string(),
                     Ok(_) => "it stopped answering".to_owned(),

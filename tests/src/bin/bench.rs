@@ -1061,7 +1061,7 @@ impl RawTarget {
         let pool = PgPoolOptions::new()
             .max_connections(args.pool_size)
             .acquire_timeout(Duration::from_secs(10))
-            .connect(&self.url)
+            .connect_with(event_store::connect_options(&self.url)?)
             .await
             .context("connecting to the raw-append database")?;
         self.pool = Some(pool.clone());
@@ -1142,7 +1142,7 @@ impl CqrsTarget {
         let pool = PgPoolOptions::new()
             .max_connections(args.pool_size)
             .acquire_timeout(Duration::from_secs(10))
-            .connect(&url)
+            .connect_with(event_store::connect_options(&url)?)
             .await
             .context("connecting to the cqrs-es database")?;
         sqlx::raw_sql(POSTGRES_ES_DDL)
@@ -1184,7 +1184,7 @@ impl CqrsTarget {
         let pool = PgPoolOptions::new()
             .max_connections(args.pool_size)
             .acquire_timeout(Duration::from_secs(10))
-            .connect(&self.url)
+            .connect_with(event_store::connect_options(&self.url)?)
             .await
             .context("connecting to the cqrs-es database")?;
         self.pool = Some(pool.clone());
