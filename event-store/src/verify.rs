@@ -177,6 +177,10 @@ const ROWS_PER_BATCH: usize = 1024;
 /// Batches in flight between them (what bounds the memory used).
 const BATCHES_IN_FLIGHT: usize = 4;
 
+/// The most parts a whole log is verified in at once, each on a connection
+/// of its own (fewer when the pool has fewer).
+const VERIFY_PARTS: usize = 4;
+
 /// The stream being checked.
 struct Stream {
     aggregate_type: String,
@@ -222,56 +226,61 @@ pub async fn verify(
     begin_reading(&mut tx, None).await?;
     let only_type = options.only.map(|(t, _)| t);
     let only_id = options.only.map(|(_, i)| i);
-    let middle = match options.only {
-        None if pool.options().get_max_connections() >= 2 => middle_stream(&mut tx).await?,
-        _ => None,
+    let parts = match options.only {
+        None => (pool.options().get_max_connections() as usize).clamp(1, VERIFY_PARTS),
+        Some(_) => 1,
     };
-    let checked = match &middle {
-        Some(middle) => {
-            let snapshot: String = sqlx::query_scalar("SELECT pg_export_snapshot()")
-                .fetch_one(&mut *tx)
-                .await?;
-            let mut other_conn = pool.acquire().await?;
-            let mut other = other_conn.begin().await?;
+    let cuts = cut_streams(&mut tx, parts).await?;
+    let checked = if cuts.is_empty() {
+        check(
+            &mut tx,
+            Streams {
+                only: options.only,
+                ..Streams::default()
+            },
+            options.invariants,
+        )
+        .await?
+    } else {
+        let snapshot: String = sqlx::query_scalar("SELECT pg_export_snapshot()")
+            .fetch_one(&mut *tx)
+            .await?;
+        let mut others = Vec::with_capacity(cuts.len());
+        for _ in &cuts {
+            let mut other = pool.begin().await?;
             begin_reading(&mut other, Some(&snapshot)).await?;
-            let middle = (middle.0.as_str(), middle.1.as_str());
-            let (first, second) = tokio::join!(
-                check(
-                    &mut tx,
-                    Streams {
-                        until: Some(middle),
-                        ..Streams::default()
-                    },
-                    options.invariants
-                ),
-                check(
-                    &mut other,
-                    Streams {
-                        from: Some(middle),
-                        ..Streams::default()
-                    },
-                    options.invariants
-                ),
-            );
-            other.commit().await?;
-            let (mut first, second) = (first?, second?);
-            first.report.append(second.report);
-            if let (Some(auditor), Some(other)) = (first.auditor.as_mut(), second.auditor) {
+            others.push(other);
+        }
+        // Part k reads the streams from cut k-1 (the first from the start)
+        // until cut k (the last to the end).
+        let bounds: Vec<Streams<'_>> = (0..=cuts.len())
+            .map(|k| Streams {
+                from: k
+                    .checked_sub(1)
+                    .map(|k| (cuts[k].0.as_str(), cuts[k].1.as_str())),
+                until: cuts.get(k).map(|cut| (cut.0.as_str(), cut.1.as_str())),
+                ..Streams::default()
+            })
+            .collect();
+        let first = check(&mut tx, bounds[0], options.invariants);
+        let rest = futures::future::try_join_all(
+            others
+                .iter_mut()
+                .zip(&bounds[1..])
+                .map(|(other, streams)| check(&mut **other, *streams, options.invariants)),
+        );
+        let (first, rest) = tokio::join!(first, rest);
+        let (mut first, rest) = (first?, rest?);
+        for later in rest {
+            first.report.append(later.report);
+            if let (Some(auditor), Some(other)) = (first.auditor.as_mut(), later.auditor) {
                 auditor.merge(other);
             }
-            first
         }
-        None => {
-            check(
-                &mut tx,
-                Streams {
-                    only: options.only,
-                    ..Streams::default()
-                },
-                options.invariants,
-            )
-            .await?
+        for other in others {
+            other.commit().await?;
         }
+        first
     };
     let Checker {
         mut report,
@@ -414,29 +423,49 @@ async fn begin_reading(tx: &mut PgConnection, snapshot: Option<&str>) -> Result<
     Ok(())
 }
 
-/// The first stream (by key) at or after which half of the log's events
-/// are, by the stream heads' counts: where the log is cut in two halves.
-/// The heads only balance the halves (whatever they say, the two ranges
-/// cover every key). `None` for an empty log.
-async fn middle_stream(tx: &mut PgConnection) -> Result<Option<(String, String)>, sqlx::Error> {
+/// The streams where the log is cut into `parts` parts of about as many
+/// events each, by the stream heads' counts: cut `k` is the first stream
+/// (by key) at or after which `k / parts` of the events are. The heads only
+/// balance the parts (whatever they say, the ranges cover every key). None
+/// for one part, an empty log, or cuts that would leave a part empty.
+async fn cut_streams(
+    tx: &mut PgConnection,
+    parts: usize,
+) -> Result<Vec<(String, String)>, sqlx::Error> {
+    if parts < 2 {
+        return Ok(Vec::new());
+    }
     let total: Option<i64> = sqlx::query_scalar("SELECT sum(sequence)::bigint FROM stream_heads")
         .fetch_one(&mut *tx)
         .await?;
     let Some(total) = total.filter(|total| *total > 1) else {
-        return Ok(None);
+        return Ok(Vec::new());
     };
-    sqlx::query_as(
-        "SELECT aggregate_type, aggregate_id
-           FROM (SELECT aggregate_type, aggregate_id,
-                        sum(sequence) OVER (ORDER BY aggregate_type, aggregate_id) AS upto
-                   FROM stream_heads) heads
-          WHERE upto * 2 >= $1
-          ORDER BY aggregate_type, aggregate_id
-          LIMIT 1",
-    )
-    .bind(total)
-    .fetch_optional(&mut *tx)
-    .await
+    let mut cuts: Vec<(String, String)> = Vec::with_capacity(parts - 1);
+    for k in 1..parts as i64 {
+        // The running sum streams in key order (the primary key's index),
+        // so the scan stops at the cut.
+        let cut: Option<(String, String)> = sqlx::query_as(
+            "SELECT aggregate_type, aggregate_id
+               FROM (SELECT aggregate_type, aggregate_id,
+                            sum(sequence) OVER (ORDER BY aggregate_type, aggregate_id) AS upto
+                       FROM stream_heads) heads
+              WHERE upto * $2 >= $1 * $3
+              ORDER BY aggregate_type, aggregate_id
+              LIMIT 1",
+        )
+        .bind(total)
+        .bind(parts as i64)
+        .bind(k)
+        .fetch_optional(&mut *tx)
+        .await?;
+        match cut {
+            // A cut equal to the last one would leave a part with nothing.
+            Some(cut) if cuts.last() != Some(&cut) => cuts.push(cut),
+            _ => {}
+        }
+    }
+    Ok(cuts)
 }
 
 /// Which streams one pass reads: one, or those from a key (inclusive) until
