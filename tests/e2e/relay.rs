@@ -858,3 +858,60 @@ async fn a_message_of_another_publisher_is_found_and_no_event_is_lost_or_doubled
     stop.send(()).unwrap();
     running.await.unwrap();
 }
+
+/// The leader check of a projector partition (see projections' "The idle
+/// watermark") asks for the last message on its filter, and the listings
+/// projection's filter holds a wildcard (`<stream>.events.*.<partition>`):
+/// the server must answer it for a wildcard as for a literal subject.
+#[tokio::test]
+async fn the_last_message_of_a_partition_is_found_by_its_wildcard_filter() {
+    use async_nats::jetstream::{self, stream};
+    use event_store::fanout::partition_filter;
+    use event_store::nats::last_sequence_on;
+
+    let test_stream = TestStream::new(&nats_url());
+    let name = test_stream.name.clone();
+    let client = tests::nats::connect(&test_stream.url).await.expect("nats");
+    let context = jetstream::new(client);
+    let stream = context
+        .create_stream(stream::Config {
+            name: name.clone(),
+            subjects: vec![event_store::fanout::stream_subjects(&name)],
+            ..Default::default()
+        })
+        .await
+        .expect("stream");
+    for (aggregate_type, partition) in [("Listing", 0), ("Reservation", 0), ("Listing", 1)] {
+        context
+            .publish(event_subject(&name, aggregate_type, partition), "{}".into())
+            .await
+            .expect("publish")
+            .await
+            .expect("ack");
+    }
+    assert_eq!(
+        last_sequence_on(&stream, &partition_filter(&name, 0))
+            .await
+            .expect("partition 0"),
+        2
+    );
+    assert_eq!(
+        last_sequence_on(&stream, &partition_filter(&name, 1))
+            .await
+            .expect("partition 1"),
+        3
+    );
+    assert_eq!(
+        last_sequence_on(&stream, &event_subject(&name, "Listing", 0))
+            .await
+            .expect("a literal subject"),
+        1
+    );
+    assert_eq!(
+        last_sequence_on(&stream, &partition_filter(&name, 5))
+            .await
+            .expect("an empty partition"),
+        0,
+        "a partition without messages has none to wait for"
+    );
+}
