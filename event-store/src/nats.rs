@@ -70,6 +70,28 @@ pub fn redacted(urls: &str) -> String {
         .join(",")
 }
 
+/// The stream sequence of the last message on `subject` (a filter: it may
+/// hold wildcards), or 0 when the stream holds none, as the stream's
+/// *leader* knows it.
+///
+/// A consumer of a replicated stream delivers from its own node's replica,
+/// which may not yet hold a message the leader has already acknowledged to
+/// its publisher: its "nothing pending" then means nothing pending *there*.
+/// The leader holds every acknowledged message, so a reader that has been
+/// delivered everything up to this sequence has been delivered every
+/// message on `subject` that was acknowledged before the call.
+pub async fn last_sequence_on(
+    stream: &async_nats::jetstream::stream::Stream,
+    subject: &str,
+) -> Result<u64, async_nats::jetstream::stream::LastRawMessageError> {
+    use async_nats::jetstream::stream::LastRawMessageErrorKind;
+    match stream.get_last_raw_message_by_subject(subject).await {
+        Ok(message) => Ok(message.sequence),
+        Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(0),
+        Err(error) => Err(error),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,27 +152,5 @@ mod tests {
             redacted("nats://u:p@a:1, nats://u:p@b:2"),
             "nats://***@a:1,nats://***@b:2"
         );
-    }
-}
-
-/// The stream sequence of the last message on `subject` (a filter: it may
-/// hold wildcards), or 0 when the stream holds none, as the stream's
-/// *leader* knows it.
-///
-/// A consumer of a replicated stream delivers from its own node's replica,
-/// which may not yet hold a message the leader has already acknowledged to
-/// its publisher: its "nothing pending" then means nothing pending *there*.
-/// The leader holds every acknowledged message, so a reader that has been
-/// delivered everything up to this sequence has been delivered every
-/// message on `subject` that was acknowledged before the call.
-pub async fn last_sequence_on(
-    stream: &async_nats::jetstream::stream::Stream,
-    subject: &str,
-) -> Result<u64, async_nats::jetstream::stream::LastRawMessageError> {
-    use async_nats::jetstream::stream::LastRawMessageErrorKind;
-    match stream.get_last_raw_message_by_subject(subject).await {
-        Ok(message) => Ok(message.sequence),
-        Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(0),
-        Err(error) => Err(error),
     }
 }

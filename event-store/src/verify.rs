@@ -267,7 +267,7 @@ pub async fn verify(
             others
                 .iter_mut()
                 .zip(&bounds[1..])
-                .map(|(other, streams)| check(&mut **other, *streams, options.invariants)),
+                .map(|(other, streams)| check(other, *streams, options.invariants)),
         );
         let (first, rest) = tokio::join!(first, rest);
         let (mut first, rest) = (first?, rest?);
