@@ -222,6 +222,34 @@ souk_nats_open() {
 	souk_port_open "$(souk_url_host "$url")" "$(souk_url_port "$url" 4222)"
 }
 
+# Deletes the JetStream stream NAME on NATS_URL's server, if it is there
+# (no nats CLI needed: one request of the JetStream API over the plain NATS
+# protocol). Prints nothing; fails only when the server cannot be reached.
+souk_delete_nats_stream() {
+	local url=${NATS_URL:-nats://127.0.0.1:4222}
+	python3 - "$(souk_url_host "$url")" "$(souk_url_port "$url" 4222)" "$1" <<'PY'
+import socket, sys
+
+host, port, name = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+with socket.create_connection((host, port), timeout=5) as conn:
+    reader = conn.makefile("rb")
+    reader.readline()  # the server's INFO
+    conn.sendall(
+        b'CONNECT {"verbose":false,"pedantic":false}\r\n'
+        b"SUB _INBOX.souk_delete_stream 1\r\n"
+        + b"PUB $JS.API.STREAM.DELETE.%s _INBOX.souk_delete_stream 0\r\n\r\n" % name.encode()
+    )
+    while True:
+        line = reader.readline()
+        if not line or line.startswith(b"-ERR"):
+            sys.exit(1)
+        if line.startswith(b"PING"):
+            conn.sendall(b"PONG\r\n")
+        elif line.startswith(b"MSG"):
+            break  # the answer: deleted, or no such stream
+PY
+}
+
 # Starts nats-server with JetStream unless NATS_URL's port already answers.
 souk_ensure_nats_running() {
 	souk_nats_open && return 0

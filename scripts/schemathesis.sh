@@ -3,9 +3,10 @@
 # fails on any 5xx or any response that does not match the documented schema.
 #
 # Each service runs from the debug build against a throwaway database
-# (souk_schemathesis_<random>) with a throwaway JWT key pair, on a free port;
-# it is fuzzed once per role, with that role's token. Whatever happens, the
-# services are stopped and the databases dropped at exit.
+# (souk_schemathesis_<random>) and JetStream streams of the run's own, with a
+# throwaway JWT key pair, on a free port; it is fuzzed once per role, with
+# that role's token. Whatever happens, the services are stopped, the databases
+# dropped and the streams deleted at exit.
 #
 # Usage: ./scripts/schemathesis.sh [SERVICE...]   (default: every service below)
 # Environment:
@@ -36,9 +37,14 @@ WORK_DIR=""
 STARTED_PIDS=()
 SCHEMATHESIS_PID=""
 CREATED_DATABASES=()
+# JetStream streams of this run: named for it, so that a run never meets a
+# stream an earlier one bound to its own database (the relay and projector
+# refuse that), and deleted at exit.
+RUN_STREAM="souk_schemathesis_$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')"
+CREATED_STREAMS=("$RUN_STREAM" "${RUN_STREAM}_search")
 
 cleanup() {
-	local status=$? pid database
+	local status=$? pid database stream
 	if [[ -n $SCHEMATHESIS_PID ]]; then
 		kill -TERM "$SCHEMATHESIS_PID" 2>/dev/null || true
 		wait "$SCHEMATHESIS_PID" 2>/dev/null || true
@@ -48,6 +54,9 @@ cleanup() {
 	done
 	for pid in "${STARTED_PIDS[@]}"; do
 		souk_wait_for 10 "pid $pid to stop" bash -c "! kill -0 $pid" || kill -KILL "$pid" 2>/dev/null || true
+	done
+	for stream in "${CREATED_STREAMS[@]}"; do
+		souk_delete_nats_stream "$stream" || souk_warn "could not delete the JetStream stream $stream"
 	done
 	for database in "${CREATED_DATABASES[@]}"; do
 		souk_drop_database "$database" || souk_warn "could not drop database $database"
@@ -93,7 +102,7 @@ start_service() {
 	souk_info "starting $binary at $base_url"
 	env DATABASE_URL="$database_url" \
 		NATS_URL="$NATS_URL" \
-		SOUK_STREAM=souk_schemathesis \
+		SOUK_STREAM="$RUN_STREAM" \
 		SOUK_JWT_PUBLIC_KEY="$WORK_DIR/keys/jwt-public.pem" \
 		SOUK_JWT_PRIVATE_KEY="$WORK_DIR/keys/jwt-private.pem" \
 		SEARCH_INDEX_DIR="$WORK_DIR/search" \
@@ -152,14 +161,14 @@ fuzz_command_api() {
 # checkpoints are at the end of time: `?after=` never has to wait, and a 503
 # `not_caught_up` would count as a server error.
 seed_read_models() {
-	psql -w -X -q -v ON_ERROR_STOP=1 "$1" <<'SQL'
+	psql -w -X -q -v ON_ERROR_STOP=1 -v stream="$RUN_STREAM" "$1" <<'SQL'
 INSERT INTO projection_checkpoints (projection, partition, transaction_id, position,
                                     caught_up_transaction, caught_up_position, events_applied)
 SELECT projection, partition, 1, 1, 9223372036854775807, 9223372036854775807, 1
   FROM unnest(ARRAY['listings', 'orders', 'wallets', 'timelines']) AS projection,
        generate_series(0, 3) AS partition;
 INSERT INTO relay_checkpoints (stream, transaction_id, position, published)
-VALUES ('souk_schemathesis', 1, 1, 1) ON CONFLICT (stream) DO NOTHING;
+VALUES (:'stream', 1, 1, 1) ON CONFLICT (stream) DO NOTHING;
 INSERT INTO dead_letters (projection, partition, event_id, aggregate_type, aggregate_id, sequence,
                           event_type, transaction_id, position, error, envelope)
 VALUES ('orders', 0, gen_random_uuid(), 'Order', gen_random_uuid()::text, 1, 'OrderPlaced', 1, 1,
@@ -216,7 +225,7 @@ fuzz_query_api() {
 	projector_port=$(souk_free_port)
 	start_service projector "http://127.0.0.1:$projector_port" "$THROWAWAY_DATABASE_URL" \
 		SOUK_PROJECTOR_METRICS_ADDR="127.0.0.1:$projector_port" SOUK_PARTITIONS=4 \
-		SOUK_PROJECTIONS=listings SOUK_STREAM=souk_schemathesis_search
+		SOUK_PROJECTIONS=listings SOUK_STREAM="${RUN_STREAM}_search"
 	# The notification stream never ends: Schemathesis would wait on it
 	# until its request timeout. It is tested end to end in tests/e2e.
 	run_schemathesis query-api "http://127.0.0.1:$port" --exclude-path /notifications/stream
