@@ -114,13 +114,6 @@ const FETCH_TIMEOUT: Duration = Duration::from_secs(2);
 const ACK_WAIT: Duration = Duration::from_secs(60);
 /// How long a stopping projector lets its partitions finish their batch.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
-/// What a partition asks a replicated stream's leader before it raises its
-/// watermark: the last message on its subjects.
-struct LeaderCheck {
-    stream: jetstream::stream::Stream,
-    filter: String,
-}
-
 /// How often the relay's checkpoint is read for the idle watermark.
 const RELAY_MARK_POLL: Duration = Duration::from_millis(10);
 /// How often a partition waiting for NATS to come back looks at the client.
@@ -514,6 +507,13 @@ impl Drop for Held {
     fn drop(&mut self) {
         self.shared.balance.release(self.kind, self.partition);
     }
+}
+
+/// What a partition asks a replicated stream's leader before it raises its
+/// watermark: the last message on its subjects.
+struct LeaderCheck {
+    stream: jetstream::stream::Stream,
+    filter: String,
 }
 
 /// A partition's checkpoint row.

@@ -889,29 +889,16 @@ async fn the_last_message_of_a_partition_is_found_by_its_wildcard_filter() {
             .await
             .expect("ack");
     }
-    assert_eq!(
-        last_sequence_on(&stream, &partition_filter(&name, 0))
-            .await
-            .expect("partition 0"),
-        2
-    );
-    assert_eq!(
-        last_sequence_on(&stream, &partition_filter(&name, 1))
-            .await
-            .expect("partition 1"),
-        3
-    );
-    assert_eq!(
-        last_sequence_on(&stream, &event_subject(&name, "Listing", 0))
-            .await
-            .expect("a literal subject"),
-        1
-    );
-    assert_eq!(
-        last_sequence_on(&stream, &partition_filter(&name, 5))
-            .await
-            .expect("an empty partition"),
-        0,
-        "a partition without messages has none to wait for"
-    );
+    // (filter, what it names, the last sequence on it); an empty partition
+    // has nothing to wait for.
+    let cases = [
+        (partition_filter(&name, 0), "partition 0", 2),
+        (partition_filter(&name, 1), "partition 1", 3),
+        (event_subject(&name, "Listing", 0), "a literal subject", 1),
+        (partition_filter(&name, 5), "an empty partition", 0),
+    ];
+    for (filter, what, expected) in cases {
+        let last = last_sequence_on(&stream, &filter).await.expect(what);
+        assert_eq!(last, expected, "the last sequence on {what} ({filter})");
+    }
 }
