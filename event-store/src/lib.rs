@@ -35,6 +35,7 @@ pub mod binding;
 pub mod cqrs;
 pub mod fanout;
 pub mod global;
+mod group_commit;
 pub mod journey;
 pub mod leader;
 mod load;

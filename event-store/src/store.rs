@@ -40,6 +40,7 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use crate::backoff::Backoff;
+use crate::group_commit::GroupCommit;
 use crate::record::{
     ChainedFields, CommandContext, EventMetadata, GENESIS_HASH, Position, now_micros,
 };
@@ -58,6 +59,10 @@ pub struct StoreConfig {
     pub snapshot_every: i64,
     /// Cached aggregate states kept in this process.
     pub cache_max: usize,
+    /// Most group-commit statements in flight at once (see `group_commit`).
+    pub writers: usize,
+    /// Most events in one group-commit statement.
+    pub group_rows: usize,
 }
 
 impl Default for StoreConfig {
@@ -68,6 +73,8 @@ impl Default for StoreConfig {
             queue_max: 8192,
             snapshot_every: 100,
             cache_max: 20_000,
+            writers: 4,
+            group_rows: 1024,
         }
     }
 }
@@ -426,6 +433,8 @@ struct Inner {
     use_clock: AtomicU64,
     /// Wakes the relay after each commit that appended events.
     commits: CommitSignal,
+    /// Writes the units of work that need no transaction of their own.
+    group: Arc<GroupCommit>,
 }
 
 type StoredResponse = ([u8; 32], u16, Value);
@@ -435,6 +444,7 @@ impl EventStore {
         Self {
             inner: Arc::new(Inner {
                 commits: CommitSignal::new(pool.clone(), crate::relay::NOTIFY_CHANNEL),
+                group: GroupCommit::new(pool.clone(), config.writers, config.group_rows),
                 pool,
                 config,
                 lanes: Mutex::new(HashMap::new()),
@@ -701,10 +711,16 @@ impl EventStore {
             // One statement appends the events, arms the timers and writes a
             // due snapshot, atomic on its own: no explicit transaction
             // unless idempotency records follow (they hold the positions
-            // that statement returns).
-            let positions = match tx.as_mut() {
-                Some(tx) => write_unit(&mut **tx, &rows, &timers, &snapshots).await?,
-                None => write_unit(pool, &rows, &timers, &snapshots).await?,
+            // that statement returns). Without one, other lanes' units may
+            // share the statement (group commit).
+            let unit = Unit {
+                rows,
+                timers,
+                snapshots,
+            };
+            let (Unit { rows, .. }, positions) = match tx.as_mut() {
+                Some(tx) => write_unit(&mut **tx, unit).await?,
+                None => self.inner.group.write(unit).await?,
             };
             let mut records = Vec::new();
             for (index, plan) in plans.iter_mut().enumerate() {
@@ -882,6 +898,7 @@ impl EventStore {
                 .values()
                 .flat_map(|entry| entry.rows.iter().cloned())
                 .collect();
+            let appended = rows.len();
             let outcome = async {
                 let mut snapshots = Vec::new();
                 for (stream, entry) in streams.iter().zip(staged.entries.values()) {
@@ -892,9 +909,14 @@ impl EventStore {
                         entry.working.as_ref(),
                     )?);
                 }
-                let positions = match tx.as_mut() {
-                    Some(tx) => write_unit(&mut **tx, &rows, &staged.timers, &snapshots).await?,
-                    None => write_unit(pool, &rows, &staged.timers, &snapshots).await?,
+                let unit = Unit {
+                    rows,
+                    timers: staged.timers.clone(),
+                    snapshots,
+                };
+                let (Unit { rows, .. }, positions) = match tx.as_mut() {
+                    Some(tx) => write_unit(&mut **tx, unit).await?,
+                    None => self.inner.group.write(unit).await?,
                 };
                 let mut committed = Committed::default();
                 for (row, position) in rows.iter().zip(&positions) {
@@ -928,10 +950,10 @@ impl EventStore {
                         }
                         **guard = Some(entry.working);
                     }
-                    if !rows.is_empty() {
+                    if appended > 0 {
                         self.inner.commits.committed();
                         metrics::counter!("souk_events_appended_total", "aggregate" => "multi")
-                            .increment(rows.len() as u64);
+                            .increment(appended as u64);
                     }
                     return Ok(accepted);
                 }
@@ -1056,7 +1078,7 @@ async fn stored_responses(
 
 async fn insert_timers(
     executor: impl sqlx::PgExecutor<'_>,
-    timers: &[Timer],
+    timers: &[&Timer],
 ) -> Result<(), ExecError> {
     if timers.is_empty() {
         return Ok(());
@@ -1116,78 +1138,114 @@ async fn insert_idempotency(
     Ok(())
 }
 
-/// Appends `rows`, arms `timers` and writes `snapshots` in ONE statement
-/// (data-modifying CTEs), atomic on its own, and returns the position of
-/// each row, in order. The events' statement triggers (writer lock, stream
-/// heads, relay wake-up) fire as for a plain INSERT. With nothing but
-/// events it is the plain INSERT of [`insert_rows`].
-async fn write_unit(
+/// What one unit of work writes in one statement: its events, the timers
+/// it arms and the snapshots that fell due.
+#[derive(Debug, Default)]
+pub(crate) struct Unit {
+    pub rows: Vec<NewRow>,
+    pub timers: Vec<Timer>,
+    pub snapshots: Vec<SnapshotRow>,
+}
+
+/// Appends the rows, arms the timers and writes the snapshots of all
+/// `units` in ONE statement (data-modifying CTEs), atomic on its own, and
+/// returns the position of each unit's rows, in order. The events'
+/// statement triggers (writer lock, stream heads, relay wake-up) fire as for
+/// a plain INSERT, once. With nothing but events it is the plain INSERT of
+/// [`insert_events_sql`]. The rows are inserted in key order, whatever the
+/// units' order (see `group_commit`). No two units may write one stream.
+pub(crate) async fn write_units(
     executor: impl sqlx::PgExecutor<'_>,
-    rows: &[NewRow],
-    timers: &[Timer],
-    snapshots: &[SnapshotRow],
-) -> Result<Vec<Position>, ExecError> {
+    units: &[Unit],
+) -> Result<Vec<Vec<Position>>, ExecError> {
+    let mut rows: Vec<&NewRow> = units.iter().flat_map(|unit| &unit.rows).collect();
+    let timers: Vec<&Timer> = units.iter().flat_map(|unit| &unit.timers).collect();
+    let snapshots: Vec<&SnapshotRow> = units.iter().flat_map(|unit| &unit.snapshots).collect();
     if rows.is_empty() {
         // Nothing appended, so no snapshot is due either.
-        insert_timers(executor, timers).await?;
-        return Ok(Vec::new());
+        insert_timers(executor, &timers).await?;
+        return Ok(units.iter().map(|_| Vec::new()).collect());
     }
-    if timers.is_empty() && snapshots.is_empty() {
-        return insert_rows(executor, rows).await;
+    if units.len() > 1 {
+        rows.sort_unstable_by(|a, b| {
+            (a.aggregate_type, &a.aggregate_id, a.sequence).cmp(&(
+                b.aggregate_type,
+                &b.aggregate_id,
+                b.sequence,
+            ))
+        });
     }
-    let events = EventColumns::of(rows);
-    let timer_ids: Vec<Uuid> = timers.iter().map(|t| t.timer_id).collect();
-    let timer_kinds: Vec<&str> = timers.iter().map(|t| t.kind.as_str()).collect();
-    let timer_due: Vec<chrono::DateTime<chrono::Utc>> = timers.iter().map(|t| t.due_at).collect();
-    let timer_payloads: Vec<String> = timers.iter().map(|t| t.payload.to_string()).collect();
-    let snap_types: Vec<&str> = snapshots.iter().map(|s| s.aggregate_type).collect();
-    let snap_ids: Vec<&str> = snapshots.iter().map(|s| s.aggregate_id.as_str()).collect();
-    let snap_versions: Vec<i64> = snapshots.iter().map(|s| s.version).collect();
-    let snap_hashes: Vec<Vec<u8>> = snapshots.iter().map(|s| s.last_hash.to_vec()).collect();
-    let snap_payloads: Vec<&str> = snapshots.iter().map(|s| s.payload.as_str()).collect();
-    let snap_state_versions: Vec<i32> = snapshots.iter().map(|s| s.state_version).collect();
-    let query = sqlx::query_as(concat!(
-        "WITH appended AS (",
-        insert_events_sql!(),
-        "), armed AS (
-            INSERT INTO timers (timer_id, kind, due_at, payload)
-            SELECT timer_id, kind, due_at, payload::jsonb
-              FROM UNNEST($12::uuid[], $13::text[], $14::timestamptz[], $15::text[])
-                AS t(timer_id, kind, due_at, payload)
-            ON CONFLICT (timer_id) DO NOTHING
-         ), snapped AS (
-            INSERT INTO snapshots AS s (aggregate_type, aggregate_id, last_sequence, last_hash,
-                                        payload, state_version)
-            SELECT aggregate_type, aggregate_id, last_sequence, last_hash, payload::jsonb,
-                   state_version
-              FROM UNNEST($16::text[], $17::text[], $18::int8[], $19::bytea[], $20::text[],
-                          $21::int4[])
-                AS t(aggregate_type, aggregate_id, last_sequence, last_hash, payload,
-                     state_version)
-            ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE
-               SET last_sequence = excluded.last_sequence, last_hash = excluded.last_hash,
-                   payload = excluded.payload, state_version = excluded.state_version,
-                   taken_at = now()
-             WHERE s.last_sequence < excluded.last_sequence
-         )
-         SELECT * FROM appended"
-    ));
-    let inserted: Vec<(String, String, i64, i64, i64)> = events
-        .bind(query)
-        .bind(&timer_ids)
-        .bind(&timer_kinds)
-        .bind(&timer_due)
-        .bind(&timer_payloads)
-        .bind(&snap_types)
-        .bind(&snap_ids)
-        .bind(&snap_versions)
-        .bind(&snap_hashes)
-        .bind(&snap_payloads)
-        .bind(&snap_state_versions)
-        .fetch_all(executor)
-        .await
-        .map_err(db_error)?;
-    positions_of(rows, inserted)
+    let events = EventColumns::of(&rows);
+    let inserted: Vec<Inserted> = if timers.is_empty() && snapshots.is_empty() {
+        events
+            .bind(sqlx::query_as(insert_events_sql!()))
+            .fetch_all(executor)
+            .await
+            .map_err(db_error)?
+    } else {
+        let timer_ids: Vec<Uuid> = timers.iter().map(|t| t.timer_id).collect();
+        let timer_kinds: Vec<&str> = timers.iter().map(|t| t.kind.as_str()).collect();
+        let timer_due: Vec<chrono::DateTime<chrono::Utc>> =
+            timers.iter().map(|t| t.due_at).collect();
+        let timer_payloads: Vec<String> = timers.iter().map(|t| t.payload.to_string()).collect();
+        let snap_types: Vec<&str> = snapshots.iter().map(|s| s.aggregate_type).collect();
+        let snap_ids: Vec<&str> = snapshots.iter().map(|s| s.aggregate_id.as_str()).collect();
+        let snap_versions: Vec<i64> = snapshots.iter().map(|s| s.version).collect();
+        let snap_hashes: Vec<Vec<u8>> = snapshots.iter().map(|s| s.last_hash.to_vec()).collect();
+        let snap_payloads: Vec<&str> = snapshots.iter().map(|s| s.payload.as_str()).collect();
+        let snap_state_versions: Vec<i32> = snapshots.iter().map(|s| s.state_version).collect();
+        let query = sqlx::query_as(concat!(
+            "WITH appended AS (",
+            insert_events_sql!(),
+            "), armed AS (
+                INSERT INTO timers (timer_id, kind, due_at, payload)
+                SELECT timer_id, kind, due_at, payload::jsonb
+                  FROM UNNEST($12::uuid[], $13::text[], $14::timestamptz[], $15::text[])
+                    AS t(timer_id, kind, due_at, payload)
+                ON CONFLICT (timer_id) DO NOTHING
+             ), snapped AS (
+                INSERT INTO snapshots AS s (aggregate_type, aggregate_id, last_sequence, last_hash,
+                                            payload, state_version)
+                SELECT aggregate_type, aggregate_id, last_sequence, last_hash, payload::jsonb,
+                       state_version
+                  FROM UNNEST($16::text[], $17::text[], $18::int8[], $19::bytea[], $20::text[],
+                              $21::int4[])
+                    AS t(aggregate_type, aggregate_id, last_sequence, last_hash, payload,
+                         state_version)
+                ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE
+                   SET last_sequence = excluded.last_sequence, last_hash = excluded.last_hash,
+                       payload = excluded.payload, state_version = excluded.state_version,
+                       taken_at = now()
+                 WHERE s.last_sequence < excluded.last_sequence
+             )
+             SELECT * FROM appended"
+        ));
+        events
+            .bind(query)
+            .bind(&timer_ids)
+            .bind(&timer_kinds)
+            .bind(&timer_due)
+            .bind(&timer_payloads)
+            .bind(&snap_types)
+            .bind(&snap_ids)
+            .bind(&snap_versions)
+            .bind(&snap_hashes)
+            .bind(&snap_payloads)
+            .bind(&snap_state_versions)
+            .fetch_all(executor)
+            .await
+            .map_err(db_error)?
+    };
+    positions_of(units, inserted)
+}
+
+/// [`write_units`] of one unit, given back with its rows' positions.
+async fn write_unit(
+    executor: impl sqlx::PgExecutor<'_>,
+    unit: Unit,
+) -> Result<(Unit, Vec<Position>), ExecError> {
+    let mut positions = write_units(executor, std::slice::from_ref(&unit)).await?;
+    Ok((unit, positions.pop().unwrap_or_default()))
 }
 
 /// The columns of rows to insert, as the arrays bound to `$1`..`$11`.
@@ -1208,7 +1266,7 @@ struct EventColumns<'r> {
 type Inserted = (String, String, i64, i64, i64);
 
 impl<'r> EventColumns<'r> {
-    fn of(rows: &'r [NewRow]) -> Self {
+    fn of(rows: &[&'r NewRow]) -> Self {
         Self {
             types: rows.iter().map(|r| r.aggregate_type).collect(),
             ids: rows.iter().map(|r| r.aggregate_id.as_str()).collect(),
@@ -1243,8 +1301,9 @@ impl<'r> EventColumns<'r> {
     }
 }
 
-/// The position of each of `rows`, in order, from what the INSERT returned.
-fn positions_of(rows: &[NewRow], inserted: Vec<Inserted>) -> Result<Vec<Position>, ExecError> {
+/// The position of each unit's rows, in order, from what the INSERT
+/// returned.
+fn positions_of(units: &[Unit], inserted: Vec<Inserted>) -> Result<Vec<Vec<Position>>, ExecError> {
     let by_row: HashMap<(String, String, i64), Position> = inserted
         .into_iter()
         .map(|(aggregate_type, aggregate_id, sequence, position, xid)| {
@@ -1257,32 +1316,24 @@ fn positions_of(rows: &[NewRow], inserted: Vec<Inserted>) -> Result<Vec<Position
             )
         })
         .collect();
-    rows.iter()
-        .map(|r| {
-            by_row
-                .get(&(
-                    r.aggregate_type.to_owned(),
-                    r.aggregate_id.clone(),
-                    r.sequence,
-                ))
-                .copied()
-                .ok_or_else(|| ExecError::Internal("inserted event not returned".into()))
+    units
+        .iter()
+        .map(|unit| {
+            unit.rows
+                .iter()
+                .map(|r| {
+                    by_row
+                        .get(&(
+                            r.aggregate_type.to_owned(),
+                            r.aggregate_id.clone(),
+                            r.sequence,
+                        ))
+                        .copied()
+                        .ok_or_else(|| ExecError::Internal("inserted event not returned".into()))
+                })
+                .collect()
         })
         .collect()
-}
-
-/// Inserts `rows` and returns the position of each, in order.
-async fn insert_rows(
-    executor: impl sqlx::PgExecutor<'_>,
-    rows: &[NewRow],
-) -> Result<Vec<Position>, ExecError> {
-    let events = EventColumns::of(rows);
-    let inserted: Vec<Inserted> = events
-        .bind(sqlx::query_as(insert_events_sql!()))
-        .fetch_all(executor)
-        .await
-        .map_err(db_error)?;
-    positions_of(rows, inserted)
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;

@@ -434,6 +434,133 @@ async fn two_processes_writing_one_wallet_never_lose_a_deposit() {
     assert!(verify_chains(&pool, None).await.unwrap().is_intact());
 }
 
+/// Holds back every statement that appends events (their trigger takes the
+/// writers' lock shared, see migration 0006) until the returned connection
+/// unlocks it or closes.
+async fn hold_event_writers(pool: &PgPool) -> sqlx::pool::PoolConnection<sqlx::Postgres> {
+    let mut gate = pool.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock(1399813483, 1)")
+        .execute(&mut *gate)
+        .await
+        .unwrap();
+    gate
+}
+
+/// Waits until a statement of this database waits for the writers' lock.
+async fn until_a_writer_waits(pool: &PgPool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = current_database() AND wait_event_type = 'Lock'
+                AND wait_event = 'advisory'",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no writer reached the lock");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Deposits 1 on `first` while the writers are held back, then 5 on each of
+/// `wallets` (queued behind it), lets them go and returns their positions.
+async fn deposit_behind_held_writers(
+    store: &EventStore,
+    pool: &PgPool,
+    first: WalletId,
+    wallets: &[WalletId],
+) -> (Position, Vec<Position>) {
+    let gate = hold_event_writers(pool).await;
+    let alone = tokio::spawn({
+        let store = store.clone();
+        async move { deposit(&store, first, 1).await }
+    });
+    until_a_writer_waits(pool).await;
+    let queued: Vec<_> = wallets
+        .iter()
+        .map(|&wallet| {
+            let store = store.clone();
+            tokio::spawn(async move { deposit(&store, wallet, 5).await })
+        })
+        .collect();
+    // They queue in memory, which nothing outside shows: give them time.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    gate.close().await.unwrap();
+    let alone = alone.await.unwrap();
+    let mut positions = Vec::new();
+    for deposit in queued {
+        positions.push(deposit.await.unwrap());
+    }
+    (alone, positions)
+}
+
+/// Group commit: units of work queued while a statement is in flight share
+/// the next statement, and a unit of a group that conflicts fails nobody
+/// else's: the group is written again unit by unit.
+#[tokio::test]
+async fn waiting_units_of_work_share_a_statement_and_a_conflict_in_it_fails_none_but_its_own() {
+    let db = TestDb::migrated().await;
+    let pool = db.pool().await;
+    // One statement in flight at a time, so that the others must queue.
+    let store = EventStore::new(
+        pool.clone(),
+        StoreConfig {
+            writers: 1,
+            ..StoreConfig::default()
+        },
+    );
+    let first = open_wallet(&store).await;
+    let mut wallets = Vec::new();
+    for _ in 0..8 {
+        wallets.push(open_wallet(&store).await);
+    }
+
+    // 1. While the first deposit waits for the lock, eight more queue.
+    let (alone, queued) = deposit_behind_held_writers(&store, &pool, first, &wallets).await;
+    let transactions: std::collections::BTreeSet<u64> =
+        queued.iter().map(|p| p.transaction_id).collect();
+    assert!(!transactions.contains(&alone.transaction_id));
+    assert_eq!(
+        transactions.len(),
+        1,
+        "the queued deposits shared one statement"
+    );
+
+    // 2. Another process moves one wallet on behind this store's cache; the
+    // next group holds that stale unit and fails as a whole. `deposit`
+    // fails the test on any error: the stale unit is retried on the stored
+    // state, and the others are written on their own.
+    let other = EventStore::new(pool.clone(), StoreConfig::default());
+    deposit(&other, wallets[0], 100).await;
+    let (_, queued) = deposit_behind_held_writers(&store, &pool, first, &wallets).await;
+    let transactions: std::collections::BTreeSet<u64> =
+        queued[1..].iter().map(|p| p.transaction_id).collect();
+    assert_eq!(
+        transactions.len(),
+        7,
+        "the failed group was written unit by unit"
+    );
+
+    let reader = EventStore::new(pool.clone(), StoreConfig::default());
+    let balance = |wallet: WalletId| {
+        let reader = reader.clone();
+        async move {
+            let (state, _) = reader.load::<Wallet>(&wallet.to_string()).await.unwrap();
+            state.available()
+        }
+    };
+    assert_eq!(balance(first).await, 2);
+    assert_eq!(balance(wallets[0]).await, 5 + 100 + 5);
+    for &wallet in &wallets[1..] {
+        assert_eq!(balance(wallet).await, 10);
+    }
+    assert!(verify_chains(&pool, None).await.unwrap().is_intact());
+}
+
 #[tokio::test]
 async fn a_refused_command_writes_nothing_and_keeps_the_cache_right() {
     let db = TestDb::migrated().await;
