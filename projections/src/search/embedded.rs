@@ -754,6 +754,25 @@ mod tests {
     }
 
     #[test]
+    fn past_the_limit_a_facet_keeps_its_most_frequent_values_ties_by_value() {
+        // 150 values: "v000" to "v149", value i matched (i / 2) times.
+        let counts: BTreeMap<String, u64> =
+            (0..150u64).map(|i| (format!("v{i:03}"), i / 2)).collect();
+        let kept = most_frequent(counts.clone());
+        assert_eq!(kept.len(), MAX_FACET_VALUES);
+        // The counts 74 down to 25 are kept whole (100 values).
+        assert!(kept.contains_key("v149") && kept.contains_key("v050"));
+        assert!(!kept.contains_key("v049"));
+        // Within the limit, every value is kept as counted.
+        let few: BTreeMap<String, u64> = counts.into_iter().take(10).collect();
+        assert_eq!(most_frequent(few.clone()), few);
+        // A tie at the cut keeps the smaller values.
+        let tied: BTreeMap<String, u64> = (0..101u64).map(|i| (format!("v{i:03}"), 1)).collect();
+        let kept = most_frequent(tied);
+        assert!(kept.contains_key("v000") && !kept.contains_key("v100"));
+    }
+
+    #[test]
     fn a_second_writer_is_refused_while_the_first_holds_the_index() {
         let dir = std::env::temp_dir().join(format!("souk-search-{}", Uuid::now_v7()));
         let first = Embedded::writer(&dir).unwrap();
