@@ -483,9 +483,10 @@ fn query_of(f: &Fields, search: &SearchQuery) -> Box<dyn Query> {
 
 /// Counts the matches by value of each facet (a `STRING | FAST` field),
 /// over the term ordinals of its fast field: an array increment per match
-/// and facet, the values' text looked up once per segment. (Tantivy's terms
-/// aggregation gave the same counts at several times the cost, which
-/// dominated a search.)
+/// and facet, the values' text looked up once per segment. It answers what
+/// tantivy's terms aggregation did (exactly, where that one estimated past
+/// 1,000 values in a segment), without building and reading its JSON
+/// request and result on every search.
 struct FacetCounts;
 
 /// One segment's counts: per facet, its column and the matches by ordinal.
