@@ -17,15 +17,15 @@
 //! must match. An exact match of a word scores above a fuzzy one. A sort
 //! breaks ties by listing id, as the Meilisearch backend does.
 
+use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
-use tantivy::aggregation::agg_req::Aggregations;
-use tantivy::aggregation::{AggContextParams, AggregationCollector};
 use tantivy::collector::sort_key::{SortByStaticFastValue, SortByString};
-use tantivy::collector::{Collector, Count, TopDocs};
+use tantivy::collector::{Collector, Count, SegmentCollector, TopDocs};
+use tantivy::columnar::StrColumn;
 use tantivy::directory::MmapDirectory;
 use tantivy::query::{
     AllQuery, AutomatonWeight, BooleanQuery, BoostQuery, DfaWrapper, EnableScoring, FuzzyTermQuery,
@@ -39,10 +39,11 @@ use tantivy::tokenizer::{
     AsciiFoldingFilter, LowerCaser, RemoveLongFilter, SimpleTokenizer, TextAnalyzer,
 };
 use tantivy::{
-    DocAddress, Index, IndexReader, IndexWriter, Order, ReloadPolicy, Searcher, TantivyDocument,
-    Term,
+    DocAddress, DocId, Index, IndexReader, IndexWriter, Order, ReloadPolicy, Score, Searcher,
+    SegmentOrdinal, SegmentReader, TantivyDocument, Term,
 };
 use tantivy_fst::Automaton;
+use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 use super::{
@@ -117,7 +118,6 @@ fn backend(error: impl std::fmt::Display) -> SearchError {
 
 /// An open index: what a search needs.
 struct Opened {
-    index: Index,
     reader: IndexReader,
     fields: Fields,
 }
@@ -126,11 +126,7 @@ impl Opened {
     fn open(index: Index, fields: Fields, policy: ReloadPolicy) -> tantivy::Result<Self> {
         index.tokenizers().register(TOKENIZER, analyzer());
         let reader = index.reader_builder().reload_policy(policy).try_into()?;
-        Ok(Self {
-            index,
-            reader,
-            fields,
-        })
+        Ok(Self { reader, fields })
     }
 }
 
@@ -139,6 +135,11 @@ struct Inner {
     /// Opened on first use by a reader (the writer may create it later).
     opened: Mutex<Option<Arc<Opened>>>,
     writer: Option<Mutex<IndexWriter>>,
+    /// One permit per core for searches on the blocking pool. A search is
+    /// CPU work: more at once only interleave (tokio's pool would grow to
+    /// 512 threads under a burst, each with its own allocator heap), so
+    /// the others wait here, in order, as cheap tasks.
+    searches: Arc<Semaphore>,
 }
 
 /// The embedded tantivy index (see the module doc).
@@ -154,6 +155,11 @@ impl std::fmt::Debug for Embedded {
     }
 }
 
+fn search_permits() -> Arc<Semaphore> {
+    let cores = std::thread::available_parallelism().map_or(2, usize::from);
+    Arc::new(Semaphore::new(cores))
+}
+
 fn versioned(dir: &Path) -> PathBuf {
     dir.join(format!("listings-v{DOCUMENT_VERSION}"))
 }
@@ -165,6 +171,7 @@ impl Embedded {
             dir: versioned(dir),
             opened: Mutex::new(None),
             writer: None,
+            searches: search_permits(),
         }))
     }
 
@@ -190,6 +197,7 @@ impl Embedded {
             dir,
             opened: Mutex::new(Some(Arc::new(opened))),
             writer: Some(Mutex::new(writer)),
+            searches: search_permits(),
         })))
     }
 
@@ -274,9 +282,19 @@ impl Embedded {
 
 impl SearchIndex for Embedded {
     fn search(&self, query: SearchQuery) -> BoxFuture<'_, Result<SearchPage, SearchError>> {
-        self.blocking(move |this| match this.opened()? {
-            Some(opened) => search(&opened, &query),
-            None => Ok(SearchPage::empty()),
+        Box::pin(async move {
+            // Held by the blocking work itself, so a search whose request
+            // was dropped still counts until it ends.
+            let permit = self.0.searches.clone().acquire_owned().await;
+            let permit = permit.map_err(backend)?;
+            self.blocking(move |this| {
+                let _permit = permit;
+                match this.opened()? {
+                    Some(opened) => search(&opened, &query),
+                    None => Ok(SearchPage::empty()),
+                }
+            })
+            .await
         })
     }
 
@@ -463,20 +481,106 @@ fn query_of(f: &Fields, search: &SearchQuery) -> Box<dyn Query> {
     Box::new(BooleanQuery::new(clauses))
 }
 
-fn facets_collector(index: &Index) -> Result<AggregationCollector, SearchError> {
-    let mut request = serde_json::Map::new();
-    for facet in FACETS {
-        request.insert(
-            (*facet).to_owned(),
-            serde_json::json!({"terms": {"field": facet, "size": MAX_FACET_VALUES}}),
-        );
+/// Counts the matches by value of each facet (a `STRING | FAST` field),
+/// over the term ordinals of its fast field: an array increment per match
+/// and facet, the values' text looked up once per segment. It answers what
+/// tantivy's terms aggregation did (exactly, where that one estimated past
+/// 1,000 values in a segment), without building and reading its JSON
+/// request and result on every search.
+struct FacetCounts;
+
+/// One segment's counts: per facet, its column and the matches by ordinal.
+struct SegmentFacetCounts {
+    columns: Vec<Option<(StrColumn, Vec<u64>)>>,
+}
+
+/// Per facet (in [`FACETS`]' order), the matches by value.
+type FacetFruit = Vec<BTreeMap<String, u64>>;
+
+impl Collector for FacetCounts {
+    type Fruit = FacetFruit;
+    type Child = SegmentFacetCounts;
+
+    fn for_segment(
+        &self,
+        _: SegmentOrdinal,
+        segment: &SegmentReader,
+    ) -> tantivy::Result<SegmentFacetCounts> {
+        let mut columns = Vec::with_capacity(FACETS.len());
+        for facet in FACETS {
+            // A segment without a value of the facet has no column.
+            columns.push(segment.fast_fields().str(facet)?.map(|column| {
+                let terms = column.num_terms();
+                (column, vec![0; terms])
+            }));
+        }
+        Ok(SegmentFacetCounts { columns })
     }
-    let aggregations: Aggregations =
-        serde_json::from_value(serde_json::Value::Object(request)).map_err(backend)?;
-    Ok(AggregationCollector::from_aggs(
-        aggregations,
-        AggContextParams::new(Default::default(), index.tokenizers().clone()),
-    ))
+
+    fn requires_scoring(&self) -> bool {
+        false
+    }
+
+    fn merge_fruits(&self, segments: Vec<FacetFruit>) -> tantivy::Result<FacetFruit> {
+        let mut merged = vec![BTreeMap::new(); FACETS.len()];
+        for segment in segments {
+            for (counts, into) in segment.into_iter().zip(&mut merged) {
+                for (value, count) in counts {
+                    *into.entry(value).or_insert(0) += count;
+                }
+            }
+        }
+        Ok(merged.into_iter().map(most_frequent).collect())
+    }
+}
+
+impl SegmentCollector for SegmentFacetCounts {
+    type Fruit = FacetFruit;
+
+    fn collect(&mut self, doc: DocId, _: Score) {
+        for (column, counts) in self.columns.iter_mut().flatten() {
+            for ordinal in column.ords().values_for_doc(doc) {
+                counts[ordinal as usize] += 1;
+            }
+        }
+    }
+
+    fn harvest(self) -> FacetFruit {
+        self.columns
+            .into_iter()
+            .map(|facet| {
+                let mut by_value = BTreeMap::new();
+                let Some((column, counts)) = facet else {
+                    return by_value;
+                };
+                for (ordinal, count) in counts.into_iter().enumerate() {
+                    let mut value = String::new();
+                    // Every ordinal below `num_terms` is in the dictionary.
+                    if count > 0
+                        && column
+                            .ord_to_str(ordinal as u64, &mut value)
+                            .unwrap_or(false)
+                    {
+                        by_value.insert(value, count);
+                    }
+                }
+                by_value
+            })
+            .collect()
+    }
+}
+
+/// The [`MAX_FACET_VALUES`] values of most matches, ties by value: what
+/// tantivy's terms aggregation (size 100, ordered by count) answered.
+fn most_frequent(counts: BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+    if counts.len() <= MAX_FACET_VALUES {
+        return counts;
+    }
+    let mut values: Vec<(String, u64)> = counts.into_iter().collect();
+    // Stable: equal counts stay in the order of their values.
+    values.sort_by(|(_, left), (_, right)| right.cmp(left));
+    values.truncate(MAX_FACET_VALUES);
+    values.into_iter().collect()
 }
 
 /// The page of `top`, the number of matches and the facet counts, in one
@@ -485,18 +589,17 @@ fn collect<K, C>(
     searcher: &Searcher,
     query: &dyn Query,
     top: C,
-    facets: AggregationCollector,
-) -> Result<(Vec<DocAddress>, usize, serde_json::Value), SearchError>
+) -> Result<(Vec<DocAddress>, usize, FacetFruit), SearchError>
 where
     C: Collector<Fruit = Vec<(K, DocAddress)>>,
 {
     let (docs, total, facets) = searcher
-        .search(query, &(top, Count, facets))
+        .search(query, &(top, Count, FacetCounts))
         .map_err(backend)?;
     Ok((
         docs.into_iter().map(|(_, address)| address).collect(),
         total,
-        serde_json::to_value(facets).map_err(backend)?,
+        facets,
     ))
 }
 
@@ -515,9 +618,8 @@ fn search(opened: &Opened, search: &SearchQuery) -> Result<SearchPage, SearchErr
     let searcher = opened.reader.searcher();
     let query = query_of(&opened.fields, search);
     let top = TopDocs::with_limit(search.limit.max(1)).and_offset(search.offset);
-    let facets = facets_collector(&opened.index)?;
     let (addresses, total, facets) = match sort_field(search.sort) {
-        None => collect(&searcher, &*query, top.order_by_score(), facets)?,
+        None => collect(&searcher, &*query, top.order_by_score())?,
         Some((field, order, ties)) => collect(
             &searcher,
             &*query,
@@ -525,7 +627,6 @@ fn search(opened: &Opened, search: &SearchQuery) -> Result<SearchPage, SearchErr
                 (SortByStaticFastValue::<i64>::for_field(field), order),
                 (SortByString::for_field("id"), ties),
             )),
-            facets,
         )?,
     };
     let mut ids = Vec::with_capacity(addresses.len());
@@ -538,24 +639,15 @@ fn search(opened: &Opened, search: &SearchQuery) -> Result<SearchPage, SearchErr
             .ok_or_else(|| backend("a document without an id"))?;
         ids.push(id);
     }
-    let mut page = SearchPage {
+    Ok(SearchPage {
         ids,
         total: total as u64,
-        ..SearchPage::empty()
-    };
-    for facet in FACETS {
-        let counts = page.facets.entry((*facet).to_owned()).or_default();
-        if let Some(buckets) = facets[facet]["buckets"].as_array() {
-            for bucket in buckets {
-                if let (Some(key), Some(count)) =
-                    (bucket["key"].as_str(), bucket["doc_count"].as_u64())
-                {
-                    counts.insert(key.to_owned(), count);
-                }
-            }
-        }
-    }
-    Ok(page)
+        facets: FACETS
+            .iter()
+            .map(|facet| (*facet).to_owned())
+            .zip(facets)
+            .collect(),
+    })
 }
 
 #[cfg(test)]
@@ -660,6 +752,25 @@ mod tests {
         assert!(found("xeadphonez").await.is_empty());
         drop(writer);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn past_the_limit_a_facet_keeps_its_most_frequent_values_ties_by_value() {
+        // 150 values: "v000" to "v149", value i matched (i / 2) times.
+        let counts: BTreeMap<String, u64> =
+            (0..150u64).map(|i| (format!("v{i:03}"), i / 2)).collect();
+        let kept = most_frequent(counts.clone());
+        assert_eq!(kept.len(), MAX_FACET_VALUES);
+        // The counts 74 down to 25 are kept whole (100 values).
+        assert!(kept.contains_key("v149") && kept.contains_key("v050"));
+        assert!(!kept.contains_key("v049"));
+        // Within the limit, every value is kept as counted.
+        let few: BTreeMap<String, u64> = counts.into_iter().take(10).collect();
+        assert_eq!(most_frequent(few.clone()), few);
+        // A tie at the cut keeps the smaller values.
+        let tied: BTreeMap<String, u64> = (0..101u64).map(|i| (format!("v{i:03}"), 1)).collect();
+        let kept = most_frequent(tied);
+        assert!(kept.contains_key("v000") && !kept.contains_key("v100"));
     }
 
     #[test]
