@@ -81,7 +81,13 @@ pub async fn build(config: Config) -> anyhow::Result<App> {
         None
     };
 
-    let store = EventStore::new(pool, StoreConfig::default());
+    let store = EventStore::new(
+        pool,
+        StoreConfig {
+            writers: usize::from(config.store_writers),
+            ..StoreConfig::default()
+        },
+    );
     let relay = relay
         .map(|config| Relay::new(store.pool().clone(), config).woken_by(store.commit_signal()));
     let state = AppState {

@@ -101,6 +101,17 @@ pub struct Config {
         value_parser = clap::value_parser!(u32).range(1..=event_store::relay::MAX_BATCH as i64)
     )]
     pub relay_batch_max: u32,
+
+    /// Most group-commit statements in flight at once: commands that need
+    /// no transaction of their own are written together, several lanes'
+    /// units per statement (see event-store's `group_commit`).
+    #[arg(
+        long,
+        env = "SOUK_STORE_WRITERS",
+        default_value_t = 4,
+        value_parser = clap::value_parser!(u16).range(1..=256)
+    )]
+    pub store_writers: u16,
 }
 
 /// Longest duration a clock of an order may be set to.
@@ -148,6 +159,7 @@ impl Config {
             relay: true,
             relay_poll_ms: 100,
             relay_batch_max: 1000,
+            store_writers: 4,
         }
     }
 }
