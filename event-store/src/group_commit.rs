@@ -3,9 +3,9 @@
 //! A unit of work that needs no explicit transaction (no idempotency record
 //! follows its events) is one statement, atomic on its own (see
 //! `store::write_units`). Issued one by one, each such statement pays the
-//! fixed costs of a transaction: a round trip, parse and plan, the events'
-//! three statement triggers (writer lock, stream heads, relay wake-up) and a
-//! WAL flush at commit. Under load those fixed costs are most of Postgres's
+//! fixed costs of a transaction: a round trip, parse and plan, the two
+//! statement triggers of `events` (writers' lock, stream heads) and a WAL
+//! flush at commit. Under load those fixed costs are most of Postgres's
 //! work per command, and on a small machine Postgres's CPU is what caps the
 //! write path.
 //!

@@ -1150,8 +1150,8 @@ pub(crate) struct Unit {
 /// Appends the rows, arms the timers and writes the snapshots of all
 /// `units` in ONE statement (data-modifying CTEs), atomic on its own, and
 /// returns the position of each unit's rows, in order. The events'
-/// statement triggers (writer lock, stream heads, relay wake-up) fire as for
-/// a plain INSERT, once. With nothing but events it is the plain INSERT of
+/// statement triggers (writers' lock, stream heads) fire as for a plain
+/// INSERT, once. With nothing but events it is the plain INSERT of
 /// [`insert_events_sql`]. The rows are inserted in key order, whatever the
 /// units' order (see `group_commit`). No two units may write one stream.
 pub(crate) async fn write_units(
