@@ -108,7 +108,7 @@ pub struct Config {
     #[arg(
         long,
         env = "SOUK_STORE_WRITERS",
-        default_value_t = 4,
+        default_value_t = event_store::store::DEFAULT_WRITERS,
         value_parser = clap::value_parser!(u16).range(1..=256)
     )]
     pub store_writers: u16,
@@ -159,7 +159,7 @@ impl Config {
             relay: true,
             relay_poll_ms: 100,
             relay_batch_max: 1000,
-            store_writers: 4,
+            store_writers: event_store::store::DEFAULT_WRITERS,
         }
     }
 }
