@@ -7,10 +7,11 @@
 //!   the index or pending, never neither. A rebuild's swap calls
 //!   [`enqueue_all`] (the rebuilt rows replace the indexed ones).
 //! - The [`Indexer`] (a task of the projector process, when it runs the
-//!   listings projection) reads up to [`DRAIN_BATCH`] pending rows with their
-//!   `rm_listings` row in one snapshot, writes those documents (a listing
-//!   without a row is removed), waits until the index has made them durable,
-//!   and then deletes the rows whose `seq` it read. A crash anywhere leaves
+//!   listings projection) reads batches of up to [`DRAIN_BATCH`] pending rows
+//!   with their `rm_listings` row, each in one snapshot, writes those
+//!   documents (a listing without a row is removed), and once the index has
+//!   made a batch durable deletes the rows whose `seq` it read; several
+//!   batches are in flight at once (see [`drain`]). A crash anywhere leaves
 //!   the rows to be indexed again, which is harmless: a write replaces a
 //!   document by id. It wakes when a listings batch has committed (in
 //!   process through a [`CommitSignal`], from other processes on
@@ -34,6 +35,7 @@
 //! machine, so with it exactly one projector process should run listings;
 //! several need Meilisearch.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -48,14 +50,22 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
-use super::{ListingDoc, SearchBackend, SearchConfig, SearchIndex};
+use super::{Durable, ListingDoc, SearchBackend, SearchConfig, SearchIndex};
 use crate::engine::Kind;
 
 /// Most pending rows indexed in one write. A refill of an empty Meilisearch
-/// index waits for each write's task, so the batch sets its pace: 100,500
-/// listings took 128 s in batches of 500 and 24 s in batches of 5,000
-/// (`read-bench --phases search`, idle, 2026-12-06).
+/// index took 128 s for 100,500 listings in batches of 500 and 24 s in
+/// batches of 5,000, one awaited at a time (`read-bench --phases search`,
+/// idle, 2026-12-06); with [`IN_FLIGHT`] batches queued, 20-21 s
+/// (2026-12-07).
 pub const DRAIN_BATCH: i64 = 5_000;
+/// Most batches one drain takes (see [`drain`]) before the indexer looks at
+/// its stop signal and its reconcile clock again.
+const DRAIN_ROUNDS: usize = 16;
+/// Batches submitted to the index and not yet known durable, at most (see
+/// [`drain`]). More than one queued lets Meilisearch index several at once
+/// (it batches queued document tasks of one index together).
+const IN_FLIGHT: usize = 8;
 /// The shortest pause between two index commits that did not empty a full
 /// batch: it bounds the commits (and fsyncs) per second under load, at the
 /// cost of this much staleness for `/search`.
@@ -133,6 +143,8 @@ pub async fn enqueue_all(conn: &mut PgConnection, at: Position) -> Result<u64, s
 struct Pending {
     listing_id: Uuid,
     seq: i64,
+    transaction_id: i64,
+    position: i64,
     title: Option<String>,
     description: Option<String>,
     category: Option<String>,
@@ -268,7 +280,7 @@ impl Indexer {
                 reconcile(&pool, &*index).await?;
                 reconciled = tokio::time::Instant::now();
             }
-            let taken = drain(&pool, &*index).await?;
+            let taken = drain(&pool, &*index, stop).await?;
             if taken as i64 >= DRAIN_BATCH {
                 continue;
             }
@@ -328,27 +340,78 @@ async fn reconcile(pool: &PgPool, index: &dyn SearchIndex) -> anyhow::Result<()>
     Ok(())
 }
 
-/// Indexes one batch of pending rows; returns how many it took.
-async fn drain(pool: &PgPool, index: &dyn SearchIndex) -> anyhow::Result<usize> {
-    let rows: Vec<Pending> = sqlx::query_as(
-        "SELECT p.listing_id, p.seq, l.title, l.description, l.category, l.condition,
-                l.seller_id, l.status, l.currency, l.price_amount, l.created_at
-           FROM search_pending p
-           LEFT JOIN rm_listings l ON l.listing_id = p.listing_id
-          ORDER BY p.transaction_id, p.position
-          LIMIT $1",
-    )
-    .bind(DRAIN_BATCH)
-    .fetch_all(pool)
-    .await
-    .context("reading pending listings")?;
-    if rows.is_empty() {
-        return Ok(0);
+/// Indexes pending rows, up to [`DRAIN_ROUNDS`] batches of [`DRAIN_BATCH`]
+/// and none once `stop` is true; returns how many it took.
+///
+/// The batches are read in key order, each after the last key of the one
+/// before, and pipelined: up to [`IN_FLIGHT`] are submitted while the index
+/// makes the oldest durable, and a batch's rows are deleted once it is (a
+/// refill that waited for every batch in turn left the index idle while the
+/// next was read, and gave it one batch at a time). A row that changes while
+/// its batch is in flight keeps its key but gets a new `seq`, so its delete
+/// misses it and the next drain, which starts from the first key again,
+/// indexes it again.
+async fn drain(
+    pool: &PgPool,
+    index: &dyn SearchIndex,
+    stop: &watch::Receiver<bool>,
+) -> anyhow::Result<usize> {
+    let mut after = (i64::MIN, i64::MIN);
+    let mut in_flight: VecDeque<InFlight<'_>> = VecDeque::with_capacity(IN_FLIGHT);
+    let mut taken = 0;
+    for _ in 0..DRAIN_ROUNDS {
+        if *stop.borrow() {
+            // Stopping: the batches in flight stay pending and are indexed
+            // again by the next indexer, which is harmless.
+            return Ok(taken);
+        }
+        let rows: Vec<Pending> = sqlx::query_as(
+            "SELECT p.listing_id, p.seq, p.transaction_id, p.position, l.title, l.description,
+                    l.category, l.condition, l.seller_id, l.status, l.currency, l.price_amount,
+                    l.created_at
+               FROM search_pending p
+               LEFT JOIN rm_listings l ON l.listing_id = p.listing_id
+              WHERE (p.transaction_id, p.position) > ($2, $3)
+              ORDER BY p.transaction_id, p.position
+              LIMIT $1",
+        )
+        .bind(DRAIN_BATCH)
+        .bind(after.0)
+        .bind(after.1)
+        .fetch_all(pool)
+        .await
+        .context("reading pending listings")?;
+        let full = rows.len() as i64 >= DRAIN_BATCH;
+        if let Some(last) = rows.last() {
+            after = (last.transaction_id, last.position);
+            if in_flight.len() == IN_FLIGHT
+                && let Some(oldest) = in_flight.pop_front()
+            {
+                taken += settle(pool, oldest).await?;
+            }
+            in_flight.push_back(submit(index, rows).await?);
+        }
+        if !full {
+            break;
+        }
     }
-    let taken = rows.len();
+    for batch in in_flight {
+        taken += settle(pool, batch).await?;
+    }
+    Ok(taken)
+}
+
+/// A batch handed to the index and not yet deleted from `search_pending`.
+struct InFlight<'a> {
+    durable: Durable<'a>,
+    ids: Vec<Uuid>,
+    seqs: Vec<i64>,
+}
+
+async fn submit(index: &dyn SearchIndex, rows: Vec<Pending>) -> anyhow::Result<InFlight<'_>> {
     let ids: Vec<Uuid> = rows.iter().map(|row| row.listing_id).collect();
     let seqs: Vec<i64> = rows.iter().map(|row| row.seq).collect();
-    let mut upserts = Vec::with_capacity(taken);
+    let mut upserts = Vec::with_capacity(rows.len());
     let mut deletes = Vec::new();
     for row in rows {
         let id = row.listing_id;
@@ -357,20 +420,28 @@ async fn drain(pool: &PgPool, index: &dyn SearchIndex) -> anyhow::Result<usize> 
             None => deletes.push(id),
         }
     }
-    index
-        .write(upserts, deletes)
+    let durable = index
+        .submit(upserts, deletes)
         .await
         .context("writing to the search index")?;
+    Ok(InFlight { durable, ids, seqs })
+}
+
+/// Waits until `batch` is durable in the index, then deletes its rows (those
+/// that did not change meanwhile); returns how many it held.
+async fn settle(pool: &PgPool, batch: InFlight<'_>) -> anyhow::Result<usize> {
+    batch.durable.await.context("writing to the search index")?;
     sqlx::query(
         "DELETE FROM search_pending p
           USING UNNEST($1::uuid[], $2::bigint[]) AS done(listing_id, seq)
           WHERE p.listing_id = done.listing_id AND p.seq = done.seq",
     )
-    .bind(&ids)
-    .bind(&seqs)
+    .bind(&batch.ids)
+    .bind(&batch.seqs)
     .execute(pool)
     .await
     .context("deleting indexed pending rows")?;
+    let taken = batch.ids.len();
     metrics::counter!("souk_search_indexed_total").increment(taken as u64);
     Ok(taken)
 }

@@ -28,7 +28,7 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use super::{
-    DOCUMENT_VERSION, FACETS, ListingDoc, MAX_FACET_VALUES, MAX_OFFSET, MAX_QUERY_WORDS,
+    DOCUMENT_VERSION, Durable, FACETS, ListingDoc, MAX_FACET_VALUES, MAX_OFFSET, MAX_QUERY_WORDS,
     SearchError, SearchFilters, SearchIndex, SearchPage, SearchQuery, Sort, words,
 };
 
@@ -273,21 +273,36 @@ impl SearchIndex for Meili {
         upserts: Vec<ListingDoc>,
         deletes: Vec<Uuid>,
     ) -> BoxFuture<'_, Result<(), SearchError>> {
+        Box::pin(async move { self.submit(upserts, deletes).await?.await })
+    }
+
+    /// Enqueues the tasks (the server applies an index's tasks in the order
+    /// they were enqueued) and returns the wait for their completion.
+    fn submit(
+        &self,
+        upserts: Vec<ListingDoc>,
+        deletes: Vec<Uuid>,
+    ) -> BoxFuture<'_, Result<Durable<'_>, SearchError>> {
         Box::pin(async move {
+            let mut tasks = Vec::with_capacity(2);
             if !upserts.is_empty() {
-                let task = self
-                    .index
-                    .add_or_replace(&upserts, Some("id"))
-                    .await
-                    .map_err(failed)?;
-                self.finish(task).await?;
+                tasks.push(
+                    self.index
+                        .add_or_replace(&upserts, Some("id"))
+                        .await
+                        .map_err(failed)?,
+                );
             }
             if !deletes.is_empty() {
                 let ids: Vec<String> = deletes.iter().map(Uuid::to_string).collect();
-                let task = self.index.delete_documents(&ids).await.map_err(failed)?;
-                self.finish(task).await?;
+                tasks.push(self.index.delete_documents(&ids).await.map_err(failed)?);
             }
-            Ok(())
+            Ok(Box::pin(async move {
+                for task in tasks {
+                    self.finish(task).await?;
+                }
+                Ok(())
+            }) as Durable<'_>)
         })
     }
 

@@ -289,6 +289,10 @@ impl SearchPage {
     }
 }
 
+/// What waits until a submitted write is durable (see
+/// [`SearchIndex::submit`]).
+pub type Durable<'a> = BoxFuture<'a, Result<(), SearchError>>;
+
 /// A search index of listings. Writes are idempotent and durable when they
 /// return: the indexer deletes its pending rows only after that.
 pub trait SearchIndex: Send + Sync + fmt::Debug {
@@ -301,6 +305,22 @@ pub trait SearchIndex: Send + Sync + fmt::Debug {
         upserts: Vec<ListingDoc>,
         deletes: Vec<Uuid>,
     ) -> BoxFuture<'_, Result<(), SearchError>>;
+
+    /// Hands a write to the index and returns what waits until it is
+    /// durable, so that the indexer reads and sends its next batch
+    /// meanwhile. Writes take effect in the order they were submitted. By
+    /// default the whole write is done here (the embedded index commits in
+    /// `write`).
+    fn submit(
+        &self,
+        upserts: Vec<ListingDoc>,
+        deletes: Vec<Uuid>,
+    ) -> BoxFuture<'_, Result<Durable<'_>, SearchError>> {
+        Box::pin(async move {
+            self.write(upserts, deletes).await?;
+            Ok(Box::pin(async { Ok(()) }) as Durable<'_>)
+        })
+    }
 
     /// How many documents the index holds.
     fn count(&self) -> BoxFuture<'_, Result<u64, SearchError>>;
