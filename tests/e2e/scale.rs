@@ -569,7 +569,13 @@ async fn a_three_node_nats_cluster_loses_a_node_under_load_and_nothing_is_lost()
 #[tokio::test]
 async fn the_query_api_serves_from_a_hot_standby_and_after_waits_for_its_replay() {
     let primary = PgCluster::start().expect("starting a primary");
-    let commands = Service::commands(&primary.admin_url(), |_| {}).await;
+    // The relay creates its stream on the shared NATS server: deleted when
+    // the test ends (declared first, so dropped after the services).
+    let stream = TestStream::new(&nats_url());
+    let commands = Service::commands(&primary.admin_url(), |config| {
+        config.stream = stream.name.clone()
+    })
+    .await;
     let client = reqwest::Client::new();
     eventually("the primary is migrated", || async {
         let health = client

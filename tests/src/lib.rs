@@ -185,8 +185,6 @@ pub struct TestApp {
     pub stream: String,
     /// The NATS server of that stream.
     pub nats_url: String,
-    /// Whether the app runs a relay (and so may have created the stream).
-    relay: bool,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -243,7 +241,7 @@ pub async fn spawn_app_on(db: TestDb, adjust: impl FnOnce(&mut command_api::Conf
     init_test_logs();
     let mut config = command_api::Config::for_tests(&db.url, keys().public_path.clone());
     adjust(&mut config);
-    let (stream, nats_url, relay) = (config.stream.clone(), config.nats_url.clone(), config.relay);
+    let (stream, nats_url) = (config.stream.clone(), config.nats_url.clone());
     let app = command_api::build(config)
         .await
         .expect("building the command API");
@@ -264,7 +262,6 @@ pub async fn spawn_app_on(db: TestDb, adjust: impl FnOnce(&mut command_api::Conf
         store,
         stream,
         nats_url,
-        relay,
         shutdown: Some(shutdown),
         server: Some(server),
     }
@@ -381,10 +378,10 @@ impl Drop for TestApp {
             server.abort();
         }
         // The relay is gone with the server task (or never polled again: a
-        // test's runtime runs nothing while this drop blocks it).
-        if self.relay {
-            nats::delete_stream_blocking(&self.nats_url, &self.stream);
-        }
+        // test's runtime runs nothing while this drop blocks it). Deleted
+        // even without one: a test may run a relay or a projector of its own
+        // on the app's stream (none there is fine).
+        nats::delete_stream_blocking(&self.nats_url, &self.stream);
     }
 }
 
