@@ -3,7 +3,19 @@
 //! client connects to one and fails over to the others), its redaction for
 //! logs, and the replica count of the stream (`SOUK_STREAM_REPLICAS`).
 
+use std::time::Duration;
+
 use async_nats::ServerAddr;
+
+/// How long a JetStream API request (stream and consumer info, creating a
+/// consumer, reading a message) waits for its answer, against async-nats'
+/// default of 5 s. While a restarted cluster elects its leaders the
+/// requests go unanswered, and each waited out its 5 s: the relay published
+/// its first event 10.7 s after the nodes were back, and the projector's
+/// partitions resumed after 9.3 s (read-bench's cluster catch-up,
+/// 2026-12-07). Answered requests take milliseconds. Publish acks keep
+/// their own, longer bound (the relay's `ack_timeout`).
+pub const API_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The most replicas JetStream keeps of a stream.
 pub const MAX_REPLICAS: usize = 5;

@@ -591,7 +591,7 @@ impl Relay {
             Err(error) => return error,
         }
 
-        let mut nats: Option<(async_nats::Client, jetstream::Context)> = None;
+        let mut nats: Option<Connected> = None;
         let mut stream_handle: Option<stream::Stream> = None;
         let mut backoff = Backoff::new(config.backoff_max);
         let mut nats_down = Every::new(WARN_EVERY);
@@ -624,7 +624,7 @@ impl Relay {
                 lock_used_at = Instant::now();
             }
 
-            let (client, js) = match &nats {
+            let (client, js, api) = match &nats {
                 Some(connected) => connected,
                 None => match self.connect_nats().await {
                     Ok(connected) => {
@@ -665,14 +665,18 @@ impl Relay {
             }
             let handle = match &stream_handle {
                 Some(handle) => handle,
-                None => match self.ready_stream(js, database).await {
+                None => match self.ready_stream(api, database).await {
                     Ok(handle) => &*stream_handle.insert(handle),
                     Err(error @ RelayError::Refused(_)) => return error,
                     Err(error) => {
                         if failing.ready() {
                             tracing::warn!(stream, %error, "relay cannot create its stream; retrying");
                         }
-                        tokio::time::sleep(backoff.next_delay()).await;
+                        // An unanswered request has waited API_TIMEOUT
+                        // already: a restarted cluster is asked again soon
+                        // after its leaders are elected.
+                        tokio::time::sleep(backoff.next_delay().min(fanout::RECONNECT_DELAY_MAX))
+                            .await;
                         continue;
                     }
                 },
@@ -693,7 +697,8 @@ impl Relay {
                         // The stream may be gone: look it up (or create it)
                         // again.
                         stream_handle = None;
-                        tokio::time::sleep(backoff.next_delay()).await;
+                        tokio::time::sleep(backoff.next_delay().min(fanout::RECONNECT_DELAY_MAX))
+                            .await;
                         continue;
                     }
                     // A refusal, or the lock's session failing.
@@ -967,7 +972,10 @@ impl Relay {
         Ok(read)
     }
 
-    async fn connect_nats(&self) -> Result<(async_nats::Client, jetstream::Context), RelayError> {
+    /// A client, the context the relay publishes through (its acks wait up
+    /// to `ack_timeout`) and one for JetStream API requests (the stream
+    /// handle's: they wait [`crate::nats::API_TIMEOUT`]).
+    async fn connect_nats(&self) -> Result<Connected, RelayError> {
         let config = &self.config;
         let backoff_max = config.backoff_max;
         let client = bounded("connecting to NATS", async {
@@ -989,7 +997,10 @@ impl Relay {
             .ack_timeout(config.ack_timeout)
             .max_ack_inflight(config.batch_max * 2)
             .build(client.clone());
-        Ok((client, js))
+        let api = ContextBuilder::new()
+            .timeout(crate::nats::API_TIMEOUT)
+            .build(client.clone());
+        Ok((client, js, api))
     }
 
     /// Sends every message of `batch` without waiting for its ack (the
@@ -1185,6 +1196,10 @@ impl Relay {
         }
     }
 }
+
+/// The relay's NATS client and its two JetStream contexts (see
+/// `Relay::connect_nats`).
+type Connected = (async_nats::Client, jetstream::Context, jetstream::Context);
 
 /// Where publishing goes on: after the event `after`, whose message is
 /// (or will be) the stream's last, at `sequence` (0: the stream has none).

@@ -314,7 +314,11 @@ pub async fn build_watched(
         }
         backoff.wait().await;
     };
-    let jetstream = jetstream::new(client);
+    // JetStream API requests (the stream, its consumers) wait
+    // API_TIMEOUT, not async-nats' 5 s: see there.
+    let jetstream = jetstream::ContextBuilder::new()
+        .timeout(event_store::nats::API_TIMEOUT)
+        .build(client);
     let replicas = usize::from(config.stream_replicas);
     let stream = loop {
         match event_store::relay::ensure_stream(&jetstream, &config.stream, replicas, database)
@@ -621,10 +625,14 @@ impl Partition {
                         error = format!("{error:#}"),
                         "partition session failed; resuming from the checkpoint"
                     );
-                    // A session that ran a while before failing starts the
-                    // backoff over.
+                    // A session that ran a while before failing starts again
+                    // at once, and the backoff over: its consumer lived in
+                    // a NATS server's memory, so a server restarted under a
+                    // running session fails the next fetch, and catching up
+                    // should not wait for it.
                     if started.elapsed() > self.shared.config.backoff_max() * 2 {
                         backoff.reset();
+                        continue;
                     }
                     // NATS is away: start again as soon as the client has
                     // reconnected, not after a backoff grown during the outage
@@ -959,6 +967,16 @@ impl Partition {
                 ack_wait: ACK_WAIT,
                 filter_subject: self.kind.subject_filter(&config.stream, self.partition),
                 max_ack_pending: (2 * config.batch_max()) as i64,
+                // The consumer's state is disposable: the checkpoint in
+                // Postgres says where to resume, and every session creates
+                // the consumer again from it. So it is kept in memory on one
+                // node, as async-nats's ordered consumers are: on a
+                // replicated stream, a replicated consumer made every
+                // delivery and ack a Raft proposal among the nodes. A node
+                // lost with its consumer fails the session's fetch, and the
+                // next session creates the consumer on a live node.
+                num_replicas: 1,
+                memory_storage: true,
                 ..Default::default()
             })
             .await
