@@ -27,6 +27,7 @@ use meilisearch_sdk::task_info::TaskInfo;
 use serde::Deserialize;
 use uuid::Uuid;
 
+use super::meili_http::Http;
 use super::{
     DOCUMENT_VERSION, Durable, FACETS, ListingDoc, MAX_FACET_VALUES, MAX_OFFSET, MAX_QUERY_WORDS,
     SearchError, SearchFilters, SearchIndex, SearchPage, SearchQuery, Sort, words,
@@ -53,8 +54,8 @@ const MAX_INDEX_NAME: usize = 200;
 /// A Meilisearch index of listings.
 #[derive(Clone)]
 pub struct Meili {
-    client: Client,
-    index: Index,
+    client: Client<Http>,
+    index: Index<Http>,
 }
 
 impl std::fmt::Debug for Meili {
@@ -176,8 +177,8 @@ impl Meili {
                 "MEILI_INDEX must be 1 to {MAX_INDEX_NAME} letters, digits, '_' or '-'"
             )));
         }
-        let client = Client::new(url, api_key)
-            .map_err(|error| SearchError::Config(format!("MEILI_URL: {error}")))?;
+        let http = Http::new(api_key).map_err(SearchError::Config)?;
+        let client = Client::new_with_client(url, api_key, http);
         let index = client.index(format!("{name}_v{DOCUMENT_VERSION}"));
         Ok(Self { client, index })
     }

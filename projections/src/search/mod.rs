@@ -15,6 +15,7 @@
 mod embedded;
 mod feed;
 mod meili;
+mod meili_http;
 
 use std::collections::BTreeMap;
 use std::fmt;
