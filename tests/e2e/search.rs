@@ -90,6 +90,7 @@ on_both_backends!(
     a_typo_still_finds_the_listing_and_filters_sorts_and_facets_apply,
     search_pages_walk_every_match_exactly_once,
     a_price_change_and_a_delete_show_in_search_after_their_position,
+    a_stream_of_changes_leaves_each_listing_indexed_at_its_last_price,
     a_restarted_projector_and_a_lost_index_give_the_same_results,
     a_crashed_projector_leaves_the_index_exact,
     a_listings_rebuild_queues_every_listing_for_the_index_again,
@@ -349,6 +350,62 @@ async fn a_price_change_and_a_delete_show_in_search_after_their_position(backend
         .get("/search?q=bike&status=deleted", Some(&buyer))
         .await;
     assert_eq!(refused.status, 403);
+    full.stop().await;
+}
+
+/// The indexer queues new changes while earlier batches are in flight and
+/// leaves out the listings in flight: a listing changed again meanwhile must
+/// still end at its last price.
+async fn a_stream_of_changes_leaves_each_listing_indexed_at_its_last_price(backend: Backend) {
+    let full = start(&backend).await;
+    let seller = User::new("seller");
+    let buyer = User::new("buyer");
+    let mut listings = Vec::new();
+    for i in 0..5 {
+        let title = format!("Folding kayak {i}");
+        let (listing, _) = create(&full, &seller, &title, "sports", "good", 10_000).await;
+        listings.push(listing);
+    }
+    for round in 1..=30 {
+        let body = json!({"price": {"amount": 10_000 + round, "currency": "EUR"}});
+        let paths: Vec<String> = listings
+            .iter()
+            .map(|listing| format!("/listings/{listing}/price"))
+            .collect();
+        let changes = paths
+            .iter()
+            .map(|path| full.app.post(path, Some(&seller), &body));
+        for changed in futures::future::join_all(changes).await {
+            assert_eq!(changed.status, 200, "{:?}", changed.body);
+        }
+    }
+    // The last change of each in turn: the last position is the greatest.
+    let mut after = String::new();
+    for listing in &listings {
+        let changed = full
+            .app
+            .post(
+                &format!("/listings/{listing}/price"),
+                Some(&seller),
+                &json!({"price": {"amount": 50_000, "currency": "EUR"}}),
+            )
+            .await;
+        assert_eq!(changed.status, 200, "{:?}", changed.body);
+        after = position_of(&changed);
+    }
+    let current = full
+        .api
+        .ok(
+            &format!("/search?q=kayak&min_price=50000&after={after}"),
+            &buyer,
+        )
+        .await;
+    assert_eq!(current["total"], 5, "{current}");
+    let stale = full.api.ok("/search?q=kayak&max_price=49999", &buyer).await;
+    assert_eq!(
+        stale["total"], 0,
+        "a listing is indexed at an older price: {stale}"
+    );
     full.stop().await;
 }
 

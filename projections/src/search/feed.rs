@@ -36,6 +36,7 @@
 //! several need Meilisearch.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -46,8 +47,9 @@ use event_store::leader;
 use event_store::signal::CommitSignal;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::{Connection as _, PgConnection};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::{Durable, ListingDoc, SearchBackend, SearchConfig, SearchIndex};
@@ -59,8 +61,8 @@ use crate::engine::Kind;
 /// idle, 2026-12-06); with [`IN_FLIGHT`] batches queued, 20-21 s
 /// (2026-12-07).
 pub const DRAIN_BATCH: i64 = 5_000;
-/// Most batches one drain takes (see [`drain`]) before the indexer looks at
-/// its stop signal and its reconcile clock again.
+/// Most full batches (a backlog) one drain takes (see [`drain`]) before the
+/// indexer looks at its reconcile clock again.
 const DRAIN_ROUNDS: usize = 16;
 /// Batches submitted to the index and not yet known durable, at most (see
 /// [`drain`]). More than one queued lets Meilisearch index several at once
@@ -268,7 +270,10 @@ impl Indexer {
         // This process's listings batches need not notify while this
         // session indexes: they wake it directly.
         self.pending.set_consumer_here(true);
-        let woken = self.pending.local();
+        let mut wake = Wake {
+            listener,
+            local: self.pending.local(),
+        };
         reconcile(&pool, &*index).await?;
         let mut reconciled = tokio::time::Instant::now();
         tracing::info!(backend = ?self.search.backend, "search indexer running");
@@ -280,7 +285,7 @@ impl Indexer {
                 reconcile(&pool, &*index).await?;
                 reconciled = tokio::time::Instant::now();
             }
-            let taken = drain(&pool, &*index, stop).await?;
+            let taken = drain(&pool, &*index, stop, &mut wake).await?;
             if taken as i64 >= DRAIN_BATCH {
                 continue;
             }
@@ -296,11 +301,30 @@ impl Indexer {
             }
             tokio::select! {
                 _ = stop.wait_for(|stop| *stop) => return Ok(()),
-                notified = listener.recv() => { notified.context("waiting for pending listings")?; }
-                () = woken.notified() => {}
+                woken = wake.next() => woken?,
                 () = tokio::time::sleep(IDLE_POLL) => {}
             }
         }
+    }
+}
+
+/// What tells the indexer that rows were queued: a `NOTIFY` from another
+/// process, or this process's listings batches directly.
+struct Wake {
+    listener: PgListener,
+    local: Arc<Notify>,
+}
+
+impl Wake {
+    /// Returns at the next signal of either.
+    async fn next(&mut self) -> anyhow::Result<()> {
+        tokio::select! {
+            notified = self.listener.recv() => {
+                notified.context("waiting for pending listings")?;
+            }
+            () = self.local.notified() => {}
+        }
+        Ok(())
     }
 }
 
@@ -340,65 +364,140 @@ async fn reconcile(pool: &PgPool, index: &dyn SearchIndex) -> anyhow::Result<()>
     Ok(())
 }
 
-/// Indexes pending rows, up to [`DRAIN_ROUNDS`] batches of [`DRAIN_BATCH`]
-/// and none once `stop` is true; returns how many it took.
+/// Indexes pending rows, up to [`DRAIN_ROUNDS`] full batches of
+/// [`DRAIN_BATCH`] or for [`RECONCILE_INTERVAL`], and none once `stop` is
+/// true; returns how many it took.
 ///
-/// The batches are read in key order, each after the last key of the one
-/// before, and pipelined: up to [`IN_FLIGHT`] are submitted while the index
+/// Batches are pipelined: up to [`IN_FLIGHT`] are submitted while the index
 /// makes the oldest durable, and a batch's rows are deleted once it is (a
 /// refill that waited for every batch in turn left the index idle while the
-/// next was read, and gave it one batch at a time). A row that changes while
-/// its batch is in flight keeps its key but gets a new `seq`, so its delete
-/// misses it and the next drain, which starts from the first key again,
-/// indexes it again.
+/// next was read, and gave it one batch at a time).
+/// - While batches come back full (a backlog), each is read after the last
+///   key of the one before.
+/// - Once one is not full, the drain has caught up. It then waits for the
+///   oldest batch to be durable or for new rows (`wake`), whichever comes
+///   first. New rows are read from the first key, leaving out the listings in
+///   flight, and submitted at most every [`COMMIT_INTERVAL_MIN`]. So under a
+///   steady stream of changes a change is queued on the index while earlier
+///   ones are being indexed, not after them (Meilisearch indexes the tasks
+///   queued meanwhile together), and the drain does not pause to settle
+///   everything before [`RECONCILE_INTERVAL`].
+/// - A row that changes while its batch is in flight keeps its key but gets
+///   a new `seq`, so its delete misses it; it is left out while its listing
+///   is in flight, and read again afterwards.
+///
+/// The drain ends when nothing is in flight, or after [`DRAIN_ROUNDS`] full
+/// batches or [`RECONCILE_INTERVAL`] once every batch it submitted is
+/// durable.
 async fn drain(
     pool: &PgPool,
     index: &dyn SearchIndex,
-    stop: &watch::Receiver<bool>,
+    stop: &mut watch::Receiver<bool>,
+    wake: &mut Wake,
 ) -> anyhow::Result<usize> {
     let mut after = (i64::MIN, i64::MIN);
     let mut in_flight: VecDeque<InFlight<'_>> = VecDeque::with_capacity(IN_FLIGHT);
     let mut taken = 0;
-    for _ in 0..DRAIN_ROUNDS {
+    let mut rounds = 0;
+    let started = Instant::now();
+    let mut submitted_at = started;
+    let mut read = true;
+    loop {
         if *stop.borrow() {
             // Stopping: the batches in flight stay pending and are indexed
             // again by the next indexer, which is harmless.
             return Ok(taken);
         }
-        let rows: Vec<Pending> = sqlx::query_as(
-            "SELECT p.listing_id, p.seq, p.transaction_id, p.position, l.title, l.description,
-                    l.category, l.condition, l.seller_id, l.status, l.currency, l.price_amount,
-                    l.created_at
-               FROM search_pending p
-               LEFT JOIN rm_listings l ON l.listing_id = p.listing_id
-              WHERE (p.transaction_id, p.position) > ($2, $3)
-              ORDER BY p.transaction_id, p.position
-              LIMIT $1",
-        )
-        .bind(DRAIN_BATCH)
-        .bind(after.0)
-        .bind(after.1)
-        .fetch_all(pool)
-        .await
-        .context("reading pending listings")?;
-        let full = rows.len() as i64 >= DRAIN_BATCH;
-        if let Some(last) = rows.last() {
-            after = (last.transaction_id, last.position);
-            if in_flight.len() == IN_FLIGHT
-                && let Some(oldest) = in_flight.pop_front()
-            {
-                taken += settle(pool, oldest).await?;
+        if read {
+            // Read from the first key: none of the listings in flight (read
+            // after a batch's last key: none of its rows anyway).
+            let busy: Vec<Uuid> = if after.0 == i64::MIN {
+                in_flight
+                    .iter()
+                    .flat_map(|batch| batch.ids.iter().copied())
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let rows = read_pending(pool, after, &busy).await?;
+            let full = rows.len() as i64 >= DRAIN_BATCH;
+            if let Some(last) = rows.last() {
+                after = (last.transaction_id, last.position);
+                if in_flight.len() == IN_FLIGHT
+                    && let Some(oldest) = in_flight.pop_front()
+                {
+                    taken += settle(pool, oldest).await?;
+                }
+                in_flight.push_back(submit(index, rows).await?);
+                submitted_at = Instant::now();
+                rounds += usize::from(full);
             }
-            in_flight.push_back(submit(index, rows).await?);
+            if in_flight.is_empty()
+                || rounds >= DRAIN_ROUNDS
+                || started.elapsed() >= RECONCILE_INTERVAL
+            {
+                break;
+            }
+            if full {
+                continue;
+            }
+            // Caught up: from now on every read starts from the first key.
+            after = (i64::MIN, i64::MIN);
         }
-        if !full {
-            break;
+        let oldest = &mut in_flight.front_mut().expect("a batch in flight").durable;
+        let durable = tokio::select! {
+            durable = oldest => Some(durable),
+            _ = stop.wait_for(|stop| *stop) => return Ok(taken),
+            woken = wake.next() => { woken?; None }
+        };
+        match durable {
+            Some(durable) => {
+                durable.context("writing to the search index")?;
+                let batch = in_flight.pop_front().expect("a batch in flight");
+                taken += delete_indexed(pool, &batch.ids, &batch.seqs).await?;
+                if in_flight.is_empty() {
+                    break;
+                }
+                read = false;
+            }
+            None => {
+                // Changes arriving meanwhile share the next batch.
+                tokio::time::sleep_until(submitted_at + COMMIT_INTERVAL_MIN).await;
+                read = true;
+            }
         }
     }
     for batch in in_flight {
         taken += settle(pool, batch).await?;
     }
     Ok(taken)
+}
+
+/// Up to [`DRAIN_BATCH`] pending rows with their listings, in key order after
+/// `after`, leaving out the listings `busy`.
+async fn read_pending(
+    pool: &PgPool,
+    after: (i64, i64),
+    busy: &[Uuid],
+) -> anyhow::Result<Vec<Pending>> {
+    sqlx::query_as(
+        "SELECT p.listing_id, p.seq, p.transaction_id, p.position, l.title, l.description,
+                l.category, l.condition, l.seller_id, l.status, l.currency, l.price_amount,
+                l.created_at
+           FROM search_pending p
+           LEFT JOIN rm_listings l ON l.listing_id = p.listing_id
+          WHERE (p.transaction_id, p.position) > ($2, $3)
+            AND NOT (p.listing_id = ANY($4))
+          ORDER BY p.transaction_id, p.position
+          LIMIT $1",
+    )
+    .bind(DRAIN_BATCH)
+    .bind(after.0)
+    .bind(after.1)
+    .bind(busy)
+    .fetch_all(pool)
+    .await
+    .context("reading pending listings")
 }
 
 /// A batch handed to the index and not yet deleted from `search_pending`.
@@ -431,17 +530,23 @@ async fn submit(index: &dyn SearchIndex, rows: Vec<Pending>) -> anyhow::Result<I
 /// that did not change meanwhile); returns how many it held.
 async fn settle(pool: &PgPool, batch: InFlight<'_>) -> anyhow::Result<usize> {
     batch.durable.await.context("writing to the search index")?;
+    delete_indexed(pool, &batch.ids, &batch.seqs).await
+}
+
+/// Deletes the pending rows of a durable batch (those that did not change
+/// meanwhile); returns how many the batch held.
+async fn delete_indexed(pool: &PgPool, ids: &[Uuid], seqs: &[i64]) -> anyhow::Result<usize> {
     sqlx::query(
         "DELETE FROM search_pending p
           USING UNNEST($1::uuid[], $2::bigint[]) AS done(listing_id, seq)
           WHERE p.listing_id = done.listing_id AND p.seq = done.seq",
     )
-    .bind(&batch.ids)
-    .bind(&batch.seqs)
+    .bind(ids)
+    .bind(seqs)
     .execute(pool)
     .await
     .context("deleting indexed pending rows")?;
-    let taken = batch.ids.len();
+    let taken = ids.len();
     metrics::counter!("souk_search_indexed_total").increment(taken as u64);
     Ok(taken)
 }
