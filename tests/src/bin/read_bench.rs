@@ -44,7 +44,11 @@
 //!    the projector and the query API are restarted with
 //!    `SEARCH_BACKEND=meilisearch`, the projector refills the empty index
 //!    (timed), and the same load runs again. A word or typo query that finds
-//!    nothing, or a second page that is empty, counts as an error.
+//!    nothing, or a second page that is empty, counts as an error. Last, the
+//!    steady-state indexing lag: price changes of the search listings at
+//!    `--index-rate` (open loop) for `--index-seconds`, each timed from the
+//!    command's answer until a read of Meilisearch's documents (every 20 ms)
+//!    shows the new price.
 //!
 //! Both APIs run with a rate limit per user (`--rate-limit`, also the burst)
 //! too high to trigger, so that the limiter's cost is in every figure.
@@ -53,6 +57,7 @@
 //! also on error or Ctrl-C. Progress goes to stderr, the table to stdout.
 //! Targets are printed as MET or MISSED; they never fail the run.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -102,6 +107,7 @@ const TARGET_GET_P99_MS: f64 = 10.0;
 const TARGET_SEARCH_P99_MS_EMBEDDED: f64 = 10.0;
 const TARGET_SEARCH_P99_MS_MEILI: f64 = 25.0;
 const TARGET_MEILI_REFILL_PER_S: f64 = 5_000.0;
+const TARGET_MEILI_INDEXING_P99_MS: f64 = 1_000.0;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Phase {
@@ -163,6 +169,16 @@ struct Args {
     /// Measured seconds of the search phase (per backend).
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3_600))]
     search_seconds: u64,
+
+    /// Listing changes per second while the Meilisearch indexing lag is
+    /// measured (price changes of the search listings, each listing at most
+    /// once).
+    #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..=20_000))]
+    index_rate: u64,
+
+    /// Measured seconds of the Meilisearch indexing lag.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3_600))]
+    index_seconds: u64,
 
     /// Listings (and wallets) the load spreads over.
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(1..=100_000))]
@@ -843,24 +859,17 @@ impl System {
             .map(|_| self.token(Uuid::now_v7(), "seller"))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let created = Instant::now();
-        in_parallel(count, SEARCH_WRITERS, |i| {
-            let (client, url, seller) = (
-                self.client.clone(),
-                format!("{}/listings", self.command_base),
-                sellers[i % sellers.len()].clone(),
-            );
-            async move {
-                let answer = post(&client, &url, &seller, &search_listing(i)).await?;
-                ensure!(
-                    answer.status == 201,
-                    "POST /listings answered {}: {}",
-                    answer.status,
-                    answer.body
-                );
-                Ok(())
-            }
+        let ids = in_parallel(count, SEARCH_WRITERS, |i| {
+            let seller = &sellers[i % sellers.len()];
+            self.post_id("/listings", seller, search_listing(i), 201)
         })
         .await?;
+        // Each listing with its seller's token, for the indexing-lag load.
+        let owned: Vec<(Uuid, Arc<str>)> = ids
+            .into_iter()
+            .enumerate()
+            .map(|(i, id)| (id, sellers[i % sellers.len()].clone()))
+            .collect();
         let create_seconds = created.elapsed().as_secs_f64();
         eprintln!(
             "search: created in {create_seconds:.1} s; waiting for the projector and the embedded index"
@@ -889,6 +898,11 @@ impl System {
             projections::search::DOCUMENT_VERSION
         );
         let key = meili.key().to_owned();
+        let index_url = format!(
+            "{}/indexes/{MEILI_INDEX}_v{}",
+            meili.url(),
+            projections::search::DOCUMENT_VERSION
+        );
         self.meili = Some(meili);
         self.stop_services("projector").await;
         self.stop_services("query-api").await;
@@ -917,6 +931,9 @@ impl System {
         let meili_refill_seconds = refilled.elapsed().as_secs_f64();
         self.spawn_query_api("query-api-meili", &env).await?;
         let meili = self.search_load(args, seeded, "meilisearch").await?;
+        let meili_indexing = self
+            .indexing_lag(args, &owned, MeiliReader { index_url, key })
+            .await?;
         Ok(SearchRun {
             listings,
             create_seconds,
@@ -924,7 +941,74 @@ impl System {
             meili_refill_seconds,
             embedded,
             meili,
+            meili_indexing,
         })
+    }
+
+    /// The steady-state indexing lag of the Meilisearch backend: listing
+    /// changes at `--index-rate` (open loop) for `--index-seconds`, each a
+    /// price change of a listing not changed before in the phase, to a price
+    /// no listing has. One change's lag runs from the command's answer to the
+    /// first moment a read of Meilisearch (every [`INDEX_WATCH`], all changes
+    /// awaited in one request) returns the document with the new price.
+    async fn indexing_lag(
+        &self,
+        args: &Args,
+        listings: &[(Uuid, Arc<str>)],
+        meili: MeiliReader,
+    ) -> anyhow::Result<Measured> {
+        let changes = args.index_rate * (args.warmup_seconds + args.index_seconds);
+        ensure!(
+            changes <= listings.len() as u64,
+            "the indexing phase changes each listing at most once: {changes} changes need as \
+             many listings (--search-listings)"
+        );
+        eprintln!(
+            "search (meilisearch): indexing lag at {} listing changes/s for {} s (+{} s warm-up)",
+            args.index_rate, args.index_seconds, args.warmup_seconds
+        );
+        let awaited: Awaited = Arc::default();
+        let watcher = tokio::spawn(watch_index(self.client.clone(), meili, awaited.clone()));
+        let counter = Arc::new(AtomicU64::new(0));
+        let (client, command_base) = (self.client.clone(), self.command_base.clone());
+        let listings: Arc<[(Uuid, Arc<str>)]> = Arc::from(listings);
+        let op = move |_scheduled: Instant| {
+            let n = counter.fetch_add(1, Ordering::Relaxed);
+            let (id, seller) = listings[n as usize % listings.len()].clone();
+            let (client, command_base, awaited) =
+                (client.clone(), command_base.clone(), awaited.clone());
+            async move {
+                // Above every search listing's price (500 to 60,499), and
+                // one per change.
+                let price = 1_000_000 + n as i64;
+                let url = format!("{command_base}/listings/{id}/price");
+                let body = json!({"price": {"amount": price, "currency": "EUR"}});
+                let answer = post(&client, &url, &seller, &body).await?;
+                ensure!(
+                    answer.status == 200,
+                    "POST {url} answered {}: {}",
+                    answer.status,
+                    answer.body
+                );
+                let committed = Instant::now();
+                let (seen, visible) = tokio::sync::oneshot::channel();
+                awaited
+                    .lock()
+                    .expect("the awaited changes")
+                    .insert(id, (price, seen));
+                tokio::time::timeout(INDEX_VISIBLE_TIMEOUT, visible)
+                    .await
+                    .with_context(|| {
+                        format!("listing {id}'s new price not in Meilisearch after {INDEX_VISIBLE_TIMEOUT:?}")
+                    })?
+                    .context("the index watcher stopped")?;
+                Ok(committed.elapsed())
+            }
+        };
+        let measured =
+            open_loop(args.index_rate, args.warmup_seconds, args.index_seconds, op).await;
+        watcher.abort();
+        measured
     }
 
     async fn listing_count(&self) -> anyhow::Result<u64> {
@@ -1168,6 +1252,76 @@ async fn answer(response: reqwest::Response) -> anyhow::Result<Answer> {
 }
 
 // ---------------------------------------------------------------------------
+/// How often the indexing-lag phase reads the awaited documents back.
+const INDEX_WATCH: Duration = Duration::from_millis(20);
+/// Longest wait for one listing change to be visible in Meilisearch.
+const INDEX_VISIBLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Listing changes not yet seen in Meilisearch: the listing, its new price,
+/// and who waits for it.
+type Awaited = Arc<std::sync::Mutex<HashMap<Uuid, (i64, tokio::sync::oneshot::Sender<()>)>>>;
+
+/// Reads documents of the run's index on the Meilisearch server.
+struct MeiliReader {
+    index_url: String,
+    key: String,
+}
+
+/// Reads the awaited listings' documents every [`INDEX_WATCH`] and wakes
+/// each change whose price the index holds; runs until aborted.
+async fn watch_index(client: reqwest::Client, meili: MeiliReader, awaited: Awaited) {
+    let url = format!("{}/documents/fetch", meili.index_url);
+    let mut tick = tokio::time::interval(INDEX_WATCH);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let ids: Vec<String> = awaited
+            .lock()
+            .expect("the awaited changes")
+            .keys()
+            .map(Uuid::to_string)
+            .collect();
+        if ids.is_empty() {
+            continue;
+        }
+        let body = json!({"ids": ids, "fields": ["id", "price"], "limit": ids.len()});
+        let documents = match client
+            .post(&url)
+            .bearer_auth(&meili.key)
+            .json(&body)
+            .send()
+            .await
+        {
+            Ok(answer) if answer.status().is_success() => answer.json::<Value>().await,
+            Ok(answer) => {
+                eprintln!("  the index watcher's read answered {}", answer.status());
+                continue;
+            }
+            Err(error) => Err(error),
+        };
+        let documents = match documents {
+            Ok(documents) => documents,
+            Err(error) => {
+                eprintln!("  the index watcher's read failed: {error}");
+                continue;
+            }
+        };
+        let mut awaited = awaited.lock().expect("the awaited changes");
+        for document in documents["results"].as_array().into_iter().flatten() {
+            let id = document["id"]
+                .as_str()
+                .and_then(|id| Uuid::parse_str(id).ok());
+            let price = document["price"].as_i64();
+            if let (Some(id), Some(price)) = (id, price)
+                && awaited.get(&id).is_some_and(|(wanted, _)| *wanted == price)
+                && let Some((_, seen)) = awaited.remove(&id)
+            {
+                let _ = seen.send(());
+            }
+        }
+    }
+}
+
 // The search phase's listings and queries.
 
 /// Sellers the search phase's listings spread over.
@@ -1460,6 +1614,8 @@ struct SearchRun {
     meili_refill_seconds: f64,
     embedded: Measured,
     meili: Measured,
+    /// Listing change → visible in Meilisearch, at `--index-rate`.
+    meili_indexing: Measured,
 }
 
 #[derive(Debug, Default)]
@@ -1551,6 +1707,17 @@ impl Report {
                 &load,
                 &s.meili,
                 TARGET_SEARCH_P99_MS_MEILI,
+            );
+            let load = format!(
+                "{} price changes/s × {} s, each answer → document in Meilisearch",
+                args.index_rate, args.index_seconds
+            );
+            latency_row(
+                &mut out,
+                "Meilisearch indexing lag",
+                &load,
+                &s.meili_indexing,
+                TARGET_MEILI_INDEXING_P99_MS,
             );
         }
         if let Some(c) = &self.catch_up {
