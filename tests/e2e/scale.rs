@@ -247,13 +247,15 @@ async fn services_started_while_postgres_and_nats_are_down_wait_for_them_then_wo
     })
     .await;
     assert!(projector.alive(), "{}", projector.log());
-    assert!(
+    // `/health` shows NATS unreachable until the first connection, so the
+    // line is logged after that, once an attempt has failed.
+    eventually("the projector logs that it waits for NATS", || async {
         projector
             .log()
-            .contains("NATS is unreachable; the projector waits for it"),
-        "{}",
-        projector.log()
-    );
+            .contains("NATS is unreachable; the projector waits for it")
+    })
+    .await;
+    assert!(projector.alive(), "{}", projector.log());
 
     nats.start_again().expect("starting nats-server");
     eventually("the projector is ready once NATS answers", || async {
