@@ -383,8 +383,11 @@ async fn reconcile(pool: &PgPool, index: &dyn SearchIndex) -> anyhow::Result<()>
 ///   queued meanwhile together), and the drain does not pause to settle
 ///   everything before [`RECONCILE_INTERVAL`].
 /// - A row that changes while its batch is in flight keeps its key but gets
-///   a new `seq`, so its delete misses it; it is left out while its listing
-///   is in flight, and read again afterwards.
+///   a new `seq`, so its delete misses it; reads from the first key leave it
+///   out while its listing is in flight, and a later read takes it again. A
+///   backlog read after a key may still put a listing in flight in a second
+///   batch: the index applies batches in the order submitted, so the later
+///   document wins.
 ///
 /// The drain ends when nothing is in flight, or after [`DRAIN_ROUNDS`] full
 /// batches or [`RECONCILE_INTERVAL`] once every batch it submitted is
