@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use uuid::Uuid;
 
-/// How long the server may take to answer `/health`.
 /// `--max-indexing-memory` of the servers the tests start, as README
 /// advises a deployment.
 pub const MAX_INDEXING_MEMORY: &str = "1GiB";
+/// How long the server may take to answer `/health`.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a test waits for one of its Meilisearch tasks.
 const TASK_TIMEOUT: Duration = Duration::from_secs(60);

@@ -42,7 +42,7 @@ impl Http {
     async fn send<Query, Output>(
         &self,
         url: &str,
-        method: Method<Query, Vec<u8>>,
+        (verb, query, body): (reqwest::Method, Query, Option<Vec<u8>>),
         content_type: &str,
         expected_status_code: u16,
     ) -> Result<Output, Error>
@@ -50,16 +50,9 @@ impl Http {
         Query: Serialize + Send + Sync,
         Output: DeserializeOwned + 'static,
     {
-        let url = format!("{url}{}", yaup::to_string(method.query())?);
-        let verb = match &method {
-            Method::Get { .. } => reqwest::Method::GET,
-            Method::Delete { .. } => reqwest::Method::DELETE,
-            Method::Post { .. } => reqwest::Method::POST,
-            Method::Put { .. } => reqwest::Method::PUT,
-            Method::Patch { .. } => reqwest::Method::PATCH,
-        };
+        let url = format!("{url}{}", yaup::to_string(&query)?);
         let mut request = self.client.request(verb, &url);
-        if let Some(body) = method.into_body() {
+        if let Some(body) = body {
             request = request.header(CONTENT_TYPE, content_type).body(body);
         }
         let response = request.send().await?;
@@ -70,26 +63,14 @@ impl Http {
     }
 }
 
-/// `method` without its body, and the body.
-fn split<Query, Body>(method: Method<Query, Body>) -> (Method<Query, ()>, Option<Body>) {
+/// The verb, the query and the body (a GET or DELETE has none) of `method`.
+fn split<Query, Body>(method: Method<Query, Body>) -> (reqwest::Method, Query, Option<Body>) {
     match method {
-        Method::Get { query } => (Method::Get { query }, None),
-        Method::Delete { query } => (Method::Delete { query }, None),
-        Method::Post { query, body } => (Method::Post { query, body: () }, Some(body)),
-        Method::Put { query, body } => (Method::Put { query, body: () }, Some(body)),
-        Method::Patch { query, body } => (Method::Patch { query, body: () }, Some(body)),
-    }
-}
-
-/// `method` with `body` (a GET or DELETE has none).
-fn join<Query>(method: Method<Query, ()>, body: Option<Vec<u8>>) -> Method<Query, Vec<u8>> {
-    let body = body.unwrap_or_default();
-    match method {
-        Method::Get { query } => Method::Get { query },
-        Method::Delete { query } => Method::Delete { query },
-        Method::Post { query, body: () } => Method::Post { query, body },
-        Method::Put { query, body: () } => Method::Put { query, body },
-        Method::Patch { query, body: () } => Method::Patch { query, body },
+        Method::Get { query } => (reqwest::Method::GET, query, None),
+        Method::Delete { query } => (reqwest::Method::DELETE, query, None),
+        Method::Post { query, body } => (reqwest::Method::POST, query, Some(body)),
+        Method::Put { query, body } => (reqwest::Method::PUT, query, Some(body)),
+        Method::Patch { query, body } => (reqwest::Method::PATCH, query, Some(body)),
     }
 }
 
@@ -106,11 +87,11 @@ impl HttpClient for Http {
         Body: Serialize + Send + Sync,
         Output: DeserializeOwned + 'static + Send,
     {
-        let (method, body) = split(method);
+        let (verb, query, body) = split(method);
         let body = body.map(|body| serde_json::to_vec(&body)).transpose()?;
         self.send(
             url,
-            join(method, body),
+            (verb, query, body),
             "application/json",
             expected_status_code,
         )
@@ -128,7 +109,7 @@ impl HttpClient for Http {
         content_type: &str,
         expected_status_code: u16,
     ) -> Result<Output, Error> {
-        let (method, body) = split(method);
+        let (verb, query, body) = split(method);
         let body = match body {
             Some(body) => {
                 let mut bytes = Vec::new();
@@ -140,7 +121,7 @@ impl HttpClient for Http {
             }
             None => None,
         };
-        self.send(url, join(method, body), content_type, expected_status_code)
+        self.send(url, (verb, query, body), content_type, expected_status_code)
             .await
     }
 

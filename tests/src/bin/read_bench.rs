@@ -892,17 +892,13 @@ impl System {
             ("MEILI_API_KEY", meili.key().to_owned()),
             ("MEILI_INDEX", MEILI_INDEX.to_owned()),
         ];
-        let stats_url = format!(
-            "{}/indexes/{MEILI_INDEX}_v{}/stats",
-            meili.url(),
-            projections::search::DOCUMENT_VERSION
-        );
-        let key = meili.key().to_owned();
         let index_url = format!(
             "{}/indexes/{MEILI_INDEX}_v{}",
             meili.url(),
             projections::search::DOCUMENT_VERSION
         );
+        let stats_url = format!("{index_url}/stats");
+        let key = meili.key().to_owned();
         self.meili = Some(meili);
         self.stop_services("projector").await;
         self.stop_services("query-api").await;
@@ -1251,7 +1247,6 @@ async fn answer(response: reqwest::Response) -> anyhow::Result<Answer> {
     })
 }
 
-// ---------------------------------------------------------------------------
 /// How often the indexing-lag phase reads the awaited documents back.
 const INDEX_WATCH: Duration = Duration::from_millis(20);
 /// Longest wait for one listing change to be visible in Meilisearch.
@@ -1285,21 +1280,16 @@ async fn watch_index(client: reqwest::Client, meili: MeiliReader, awaited: Await
             continue;
         }
         let body = json!({"ids": ids, "fields": ["id", "price"], "limit": ids.len()});
-        let documents = match client
-            .post(&url)
-            .bearer_auth(&meili.key)
-            .json(&body)
-            .send()
-            .await
-        {
-            Ok(answer) if answer.status().is_success() => answer.json::<Value>().await,
-            Ok(answer) => {
-                eprintln!("  the index watcher's read answered {}", answer.status());
-                continue;
-            }
-            Err(error) => Err(error),
+        let read = async {
+            let answer = client
+                .post(&url)
+                .bearer_auth(&meili.key)
+                .json(&body)
+                .send()
+                .await?;
+            answer.error_for_status()?.json::<Value>().await
         };
-        let documents = match documents {
+        let documents = match read.await {
             Ok(documents) => documents,
             Err(error) => {
                 eprintln!("  the index watcher's read failed: {error}");
@@ -1322,6 +1312,7 @@ async fn watch_index(client: reqwest::Client, meili: MeiliReader, awaited: Await
     }
 }
 
+// ---------------------------------------------------------------------------
 // The search phase's listings and queries.
 
 /// Sellers the search phase's listings spread over.
