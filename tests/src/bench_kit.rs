@@ -283,6 +283,62 @@ pub fn percentile_ms(sorted_us: &[u32], percent: f64) -> f64 {
     f64::from(sorted_us[rank.min(sorted_us.len() - 1)]) / 1000.0
 }
 
+/// One measured operation: when it was due (open loop) or sent (closed
+/// loop), in microseconds since the Unix epoch, how long its answer took
+/// from then, and whether it succeeded.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    pub at_unix_us: u64,
+    pub latency_us: u32,
+    pub ok: bool,
+}
+
+/// Width of the windows that slow answers are grouped in.
+pub const SLOW_WINDOW: Duration = Duration::from_millis(100);
+/// Most slow windows listed.
+const SLOW_WINDOWS_SHOWN: usize = 12;
+
+/// Prints the windows of [`SLOW_WINDOW`] (by due time) whose slowest
+/// operation took at least `slow_ms`, as `HH:MM:SS.mmm max ms (operations)`,
+/// slowest first, with how many there were; prints nothing when there are
+/// none. It says when a tail is a few stalls rather than a steady queue.
+pub fn print_slow_windows(timeline: &[Sample], slow_ms: u32) {
+    let window_us = SLOW_WINDOW.as_micros() as u64;
+    let mut windows: std::collections::BTreeMap<u64, (u32, u32)> = Default::default();
+    for sample in timeline {
+        let entry = windows.entry(sample.at_unix_us / window_us).or_default();
+        entry.0 = entry.0.max(sample.latency_us);
+        entry.1 += 1;
+    }
+    let mut slow: Vec<(u64, u32, u32)> = windows
+        .into_iter()
+        .filter(|(_, (max, _))| *max >= slow_ms * 1000)
+        .map(|(window, (max, count))| (window, max, count))
+        .collect();
+    if slow.is_empty() {
+        return;
+    }
+    slow.sort_by_key(|(_, max, _)| std::cmp::Reverse(*max));
+    let shown = slow
+        .iter()
+        .take(SLOW_WINDOWS_SHOWN)
+        .map(|(window, max, count)| {
+            let at = chrono::DateTime::from_timestamp_micros((window * window_us) as i64)
+                .map_or_else(
+                    || "?".to_owned(),
+                    |at| at.format("%H:%M:%S%.3f").to_string(),
+                );
+            format!("{at} {} ms ({count})", max / 1000)
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    eprintln!(
+        "  {} windows of {} ms with an answer >= {slow_ms} ms (UTC, by due time): {shown}",
+        slow.len(),
+        SLOW_WINDOW.as_millis()
+    );
+}
+
 /// Runs `make(i)` for `0..count` with at most `in_flight` at once and
 /// returns the results in order.
 pub async fn in_parallel<T, F, Fut>(

@@ -69,8 +69,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use tests::bench_kit::{
-    ChildGuard, Databases, TempDir, free_port, in_parallel, log_tail, percentile_ms,
-    proc_status_kb, service_binaries, verdict, wait_healthy,
+    ChildGuard, Databases, Sample, TempDir, free_port, in_parallel, log_tail, percentile_ms,
+    print_slow_windows, proc_status_kb, service_binaries, verdict, wait_healthy,
 };
 use uuid::Uuid;
 
@@ -459,13 +459,7 @@ async fn measure_rounds(
             if let Some(error) = &slice.first_error {
                 eprintln!("  first error: {error}");
             }
-            let (slow, shown) = slow_windows(&slice.timeline);
-            if slow > 0 {
-                eprintln!(
-                    "  {slow} windows of {} ms with an answer >= {SLOW_WINDOW_MS} ms (UTC, by due time): {shown}",
-                    WINDOW.as_millis()
-                );
-            }
+            print_slow_windows(&slice.timeline, SLOW_WINDOW_MS);
             if let Some(path) = &args.timeline {
                 append_timeline(path, label, target.name(), &slice.timeline)?;
             }
@@ -560,56 +554,8 @@ struct Measured {
     timeline: Vec<Sample>,
 }
 
-/// One measured command: when it was due (open loop) or sent (closed
-/// loop), in microseconds since the Unix epoch, how long its answer took
-/// from then, and whether it succeeded.
-#[derive(Debug, Clone, Copy)]
-struct Sample {
-    at_unix_us: u64,
-    latency_us: u32,
-    ok: bool,
-}
-
-/// Width of the windows the slow answers of a slice are grouped in.
-const WINDOW: Duration = Duration::from_millis(100);
-/// A window whose slowest answer took at least this long is listed.
+/// A window whose slowest command took at least this long is listed.
 const SLOW_WINDOW_MS: u32 = 100;
-/// Most slow windows listed per slice.
-const SLOW_WINDOWS_SHOWN: usize = 12;
-
-/// The windows of [`WINDOW`] (by due time) whose slowest command took at
-/// least [`SLOW_WINDOW_MS`], as `HH:MM:SS.mmm max ms (commands)`, slowest
-/// first, and how many there were.
-fn slow_windows(timeline: &[Sample]) -> (usize, String) {
-    let window_us = WINDOW.as_micros() as u64;
-    let mut windows: std::collections::BTreeMap<u64, (u32, u32)> = Default::default();
-    for sample in timeline {
-        let entry = windows.entry(sample.at_unix_us / window_us).or_default();
-        entry.0 = entry.0.max(sample.latency_us);
-        entry.1 += 1;
-    }
-    let mut slow: Vec<(u64, u32, u32)> = windows
-        .into_iter()
-        .filter(|(_, (max, _))| *max >= SLOW_WINDOW_MS * 1000)
-        .map(|(window, (max, count))| (window, max, count))
-        .collect();
-    let total = slow.len();
-    slow.sort_by_key(|(_, max, _)| std::cmp::Reverse(*max));
-    let shown = slow
-        .iter()
-        .take(SLOW_WINDOWS_SHOWN)
-        .map(|(window, max, count)| {
-            let at = chrono::DateTime::from_timestamp_micros((window * window_us) as i64)
-                .map_or_else(
-                    || "?".to_owned(),
-                    |at| at.format("%H:%M:%S%.3f").to_string(),
-                );
-            format!("{at} {} ms ({count})", max / 1000)
-        })
-        .collect::<Vec<_>>()
-        .join(", ");
-    (total, shown)
-}
 
 /// Appends a slice's commands to the `--timeline` file.
 fn append_timeline(path: &Path, label: &str, row: &str, timeline: &[Sample]) -> anyhow::Result<()> {

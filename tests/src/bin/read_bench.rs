@@ -55,6 +55,8 @@
 //!
 //! The database, the NATS store and the processes are removed at the end,
 //! also on error or Ctrl-C. Progress goes to stderr, the table to stdout.
+//! Each open-loop phase also lists on stderr its 100 ms windows with an
+//! answer at or over the phase's target (`bench_kit::print_slow_windows`).
 //! Targets are printed as MET or MISSED; they never fail the run.
 
 use std::collections::HashMap;
@@ -71,8 +73,8 @@ use serde_json::{Value, json};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use tests::bench_kit::{
-    ChildGuard, Databases, TempDir, free_port, in_parallel, log_tail, percentile_ms, verdict,
-    wait_healthy,
+    ChildGuard, Databases, Sample, TempDir, free_port, in_parallel, log_tail, percentile_ms,
+    print_slow_windows, verdict, wait_healthy,
 };
 use tests::meili::{MeiliServer, meili_bin};
 use tests::nats::{NatsCluster, NatsServer};
@@ -714,7 +716,12 @@ impl System {
                 }
             }
         };
-        open_loop(args.rate, args.warmup_seconds, args.seconds, op).await
+        let target_ms = if args.nats_cluster > 0 {
+            TARGET_LAG_P99_MS_CLUSTER
+        } else {
+            TARGET_LAG_P99_MS
+        };
+        open_loop(args.rate, args.warmup_seconds, args.seconds, target_ms, op).await
     }
 
     /// Phase 2: `GET /listings/{id}` latency at a fixed request rate, each
@@ -769,7 +776,14 @@ impl System {
                 Ok(scheduled.elapsed())
             }
         };
-        open_loop(args.get_rate, args.warmup_seconds, args.get_seconds, op).await
+        open_loop(
+            args.get_rate,
+            args.warmup_seconds,
+            args.get_seconds,
+            TARGET_GET_P99_MS,
+            op,
+        )
+        .await
     }
 
     /// Phase 3: catch-up after a NATS outage.
@@ -1001,8 +1015,14 @@ impl System {
                 Ok(committed.elapsed())
             }
         };
-        let measured =
-            open_loop(args.index_rate, args.warmup_seconds, args.index_seconds, op).await;
+        let measured = open_loop(
+            args.index_rate,
+            args.warmup_seconds,
+            args.index_seconds,
+            TARGET_MEILI_INDEXING_P99_MS,
+            op,
+        )
+        .await;
         watcher.abort();
         measured
     }
@@ -1107,10 +1127,16 @@ impl System {
                 Ok(scheduled.elapsed())
             }
         };
+        let target_ms = if backend == "embedded" {
+            TARGET_SEARCH_P99_MS_EMBEDDED
+        } else {
+            TARGET_SEARCH_P99_MS_MEILI
+        };
         open_loop(
             args.search_rate,
             args.warmup_seconds,
             args.search_seconds,
+            target_ms,
             op,
         )
         .await
@@ -1477,6 +1503,8 @@ struct Measured {
     seconds: f64,
     /// Sorted latencies of the successful measured operations.
     latencies_us: Vec<u32>,
+    /// Every measured operation, in the order they finished.
+    timeline: Vec<Sample>,
 }
 
 impl Measured {
@@ -1492,10 +1520,12 @@ impl Measured {
 /// Starts `op(scheduled)` at `rate` per second for the warm-up, then for
 /// `seconds` measured, each at its scheduled time whether or not earlier
 /// ones finished; waits for them all. `op` returns the latency to record.
+/// Lists the windows with an answer of at least `slow_ms`.
 async fn open_loop<F, Fut>(
     rate: u64,
     warmup_seconds: u64,
     seconds: u64,
+    slow_ms: f64,
     op: F,
 ) -> anyhow::Result<Measured>
 where
@@ -1510,6 +1540,10 @@ where
     let mut measured = Measured::default();
     let mut overflow = 0_u64;
     let start = Instant::now() + Duration::from_millis(10);
+    let start_unix_us = (std::time::SystemTime::now() + Duration::from_millis(10))
+        .duration_since(std::time::UNIX_EPOCH)
+        .context("the clock is before 1970")?
+        .as_micros() as u64;
     let measured_start = start + interval * warmup as u32;
     for n in 0..total {
         let scheduled = start + interval * n as u32;
@@ -1522,10 +1556,11 @@ where
             continue;
         };
         let future = op(scheduled);
+        let at_unix_us = start_unix_us + (scheduled - start).as_micros() as u64;
         running.spawn(async move {
             let outcome = future.await;
             drop(slot);
-            (counted, outcome)
+            (counted, at_unix_us, outcome)
         });
         // Collect what finished, so the set stays small.
         while let Some(done) = running.try_join_next() {
@@ -1546,6 +1581,7 @@ where
         });
     }
     measured.latencies_us.sort_unstable();
+    print_slow_windows(&measured.timeline, slow_ms as u32);
     eprintln!(
         "  {} ok, {} errors, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
         measured.latencies_us.len(),
@@ -1560,14 +1596,24 @@ where
     Ok(measured)
 }
 
-fn record(measured: &mut Measured, (counted, outcome): (bool, anyhow::Result<Duration>)) {
+fn record(
+    measured: &mut Measured,
+    (counted, at_unix_us, outcome): (bool, u64, anyhow::Result<Duration>),
+) {
     if !counted {
         return;
     }
+    let latency_us = match &outcome {
+        Ok(latency) => latency.as_micros().min(u128::from(u32::MAX)) as u32,
+        Err(_) => 0,
+    };
+    measured.timeline.push(Sample {
+        at_unix_us,
+        latency_us,
+        ok: outcome.is_ok(),
+    });
     match outcome {
-        Ok(latency) => measured
-            .latencies_us
-            .push(latency.as_micros().min(u128::from(u32::MAX)) as u32),
+        Ok(_) => measured.latencies_us.push(latency_us),
         Err(error) => {
             measured.errors += 1;
             measured
