@@ -384,7 +384,8 @@ async fn reconcile(pool: &PgPool, index: &dyn SearchIndex) -> anyhow::Result<()>
 ///   everything before [`RECONCILE_INTERVAL`].
 /// - A row that changes while its batch is in flight keeps its key but gets
 ///   a new `seq`, so its delete misses it; reads from the first key leave it
-///   out while its listing is in flight, and a later read takes it again. A
+///   out while its listing is in flight, and the read right after that
+///   batch is durable takes it again. A
 ///   backlog read after a key may still put a listing in flight in a second
 ///   batch: the index applies batches in the order submitted, so the later
 ///   document wins.
@@ -457,11 +458,18 @@ async fn drain(
             Some(durable) => {
                 durable.context("writing to the search index")?;
                 let batch = in_flight.pop_front().expect("a batch in flight");
-                taken += delete_indexed(pool, &batch.ids, &batch.seqs).await?;
-                if in_flight.is_empty() {
+                let (deleted, changed) = delete_indexed(pool, &batch.ids, &batch.seqs).await?;
+                taken += deleted;
+                if changed {
+                    // Listings that changed while in flight are free again:
+                    // read them now rather than at the next wake-up.
+                    tokio::time::sleep_until(submitted_at + COMMIT_INTERVAL_MIN).await;
+                    read = true;
+                } else if in_flight.is_empty() {
                     break;
+                } else {
+                    read = false;
                 }
-                read = false;
             }
             None => {
                 // Changes arriving meanwhile share the next batch.
@@ -533,13 +541,19 @@ async fn submit(index: &dyn SearchIndex, rows: Vec<Pending>) -> anyhow::Result<I
 /// that did not change meanwhile); returns how many it held.
 async fn settle(pool: &PgPool, batch: InFlight<'_>) -> anyhow::Result<usize> {
     batch.durable.await.context("writing to the search index")?;
-    delete_indexed(pool, &batch.ids, &batch.seqs).await
+    let (taken, _) = delete_indexed(pool, &batch.ids, &batch.seqs).await?;
+    Ok(taken)
 }
 
 /// Deletes the pending rows of a durable batch (those that did not change
-/// meanwhile); returns how many the batch held.
-async fn delete_indexed(pool: &PgPool, ids: &[Uuid], seqs: &[i64]) -> anyhow::Result<usize> {
-    sqlx::query(
+/// meanwhile); returns how many the batch held, and whether some changed
+/// meanwhile (and stay pending).
+async fn delete_indexed(
+    pool: &PgPool,
+    ids: &[Uuid],
+    seqs: &[i64],
+) -> anyhow::Result<(usize, bool)> {
+    let deleted = sqlx::query(
         "DELETE FROM search_pending p
           USING UNNEST($1::uuid[], $2::bigint[]) AS done(listing_id, seq)
           WHERE p.listing_id = done.listing_id AND p.seq = done.seq",
@@ -548,8 +562,9 @@ async fn delete_indexed(pool: &PgPool, ids: &[Uuid], seqs: &[i64]) -> anyhow::Re
     .bind(seqs)
     .execute(pool)
     .await
-    .context("deleting indexed pending rows")?;
+    .context("deleting indexed pending rows")?
+    .rows_affected();
     let taken = ids.len();
     metrics::counter!("souk_search_indexed_total").increment(taken as u64);
-    Ok(taken)
+    Ok((taken, deleted < taken as u64))
 }
