@@ -454,28 +454,24 @@ async fn drain(
             _ = stop.wait_for(|stop| *stop) => return Ok(taken),
             woken = wake.next() => { woken?; None }
         };
-        match durable {
+        read = match durable {
             Some(durable) => {
                 durable.context("writing to the search index")?;
                 let batch = in_flight.pop_front().expect("a batch in flight");
                 let (deleted, changed) = delete_indexed(pool, &batch.ids, &batch.seqs).await?;
                 taken += deleted;
-                if changed {
-                    // Listings that changed while in flight are free again:
-                    // read them now rather than at the next wake-up.
-                    tokio::time::sleep_until(submitted_at + COMMIT_INTERVAL_MIN).await;
-                    read = true;
-                } else if in_flight.is_empty() {
+                if !changed && in_flight.is_empty() {
                     break;
-                } else {
-                    read = false;
                 }
+                // Listings that changed while in flight are free again:
+                // read them now rather than at the next wake-up.
+                changed
             }
-            None => {
-                // Changes arriving meanwhile share the next batch.
-                tokio::time::sleep_until(submitted_at + COMMIT_INTERVAL_MIN).await;
-                read = true;
-            }
+            None => true,
+        };
+        if read {
+            // Changes arriving meanwhile share the next batch.
+            tokio::time::sleep_until(submitted_at + COMMIT_INTERVAL_MIN).await;
         }
     }
     for batch in in_flight {

@@ -215,6 +215,18 @@ struct Args {
     bin_dir: Option<PathBuf>,
 }
 
+impl Args {
+    /// Issue 14's commit → visible p99 (ms) and catch-up (events/s) targets
+    /// for this run's NATS: one server or a cluster.
+    fn lag_and_catch_up_targets(&self) -> (f64, f64) {
+        if self.nats_cluster > 0 {
+            (TARGET_LAG_P99_MS_CLUSTER, TARGET_CATCH_UP_PER_S_CLUSTER)
+        } else {
+            (TARGET_LAG_P99_MS, TARGET_CATCH_UP_PER_S)
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -716,11 +728,7 @@ impl System {
                 }
             }
         };
-        let target_ms = if args.nats_cluster > 0 {
-            TARGET_LAG_P99_MS_CLUSTER
-        } else {
-            TARGET_LAG_P99_MS
-        };
+        let (target_ms, _) = args.lag_and_catch_up_targets();
         open_loop(args.rate, args.warmup_seconds, args.seconds, target_ms, op).await
     }
 
@@ -1691,11 +1699,7 @@ impl Report {
         } else {
             "one nats-server".to_owned()
         };
-        let (target_lag, target_catch_up) = if cluster {
-            (TARGET_LAG_P99_MS_CLUSTER, TARGET_CATCH_UP_PER_S_CLUSTER)
-        } else {
-            (TARGET_LAG_P99_MS, TARGET_CATCH_UP_PER_S)
-        };
+        let (target_lag, target_catch_up) = args.lag_and_catch_up_targets();
         let _ = writeln!(
             out,
             "\nSouk read-side benchmark: command-api + relay, projector, query-api as processes; \
