@@ -420,22 +420,29 @@ impl Drop for TempDir {
     }
 }
 
-/// The `replay-tool` binary of this build, built once per test process
-/// (`cargo build -p replay-tool`, a no-op after `cargo test --workspace`),
+/// The `replay-tool` binary of this build, built once per test process,
 /// for tests of its command-line contract.
 pub fn replay_tool() -> &'static std::path::Path {
-    workspace_binary("replay-tool", "replay-tool")
+    workspace_binary("replay-tool")
 }
 
 /// The `projector` binary of this build, built once per test process, for
 /// tests that run, kill and restart real projector processes.
 pub fn projector_binary() -> &'static std::path::Path {
-    workspace_binary("projections", "projector")
+    workspace_binary("projector")
 }
 
-/// The binary `bin` of the workspace package `package`, built once per test
-/// process (`cargo build -p <package> --bin <bin>`).
-fn workspace_binary(package: &'static str, bin: &'static str) -> &'static std::path::Path {
+/// The workspace's binary `bin`, built once per test process with
+/// `cargo build --workspace --bin <bin>`.
+///
+/// `--workspace`, not `-p <its package>`: Cargo unifies dependency features
+/// over the packages a command selects, so a build of one package resolves
+/// other features than `cargo test --workspace` did (sqlx, futures) and
+/// compiles a second copy of most of the dependency tree, minutes of a CI
+/// run. Selected like the test run, the binary is built from what that run
+/// compiled: `projector` is already there, `replay-tool` is its `main` and
+/// a link.
+fn workspace_binary(bin: &'static str) -> &'static std::path::Path {
     static BINARIES: std::sync::Mutex<Vec<(&'static str, &'static std::path::Path)>> =
         std::sync::Mutex::new(Vec::new());
     let mut built = BINARIES
@@ -446,7 +453,7 @@ fn workspace_binary(package: &'static str, bin: &'static str) -> &'static std::p
     }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut build = std::process::Command::new(cargo);
-    build.args(["build", "--quiet", "-p", package, "--bin", bin]);
+    build.args(["build", "--quiet", "--workspace", "--bin", bin]);
     if !cfg!(debug_assertions) {
         build.arg("--release");
     }
@@ -464,11 +471,8 @@ fn workspace_binary(package: &'static str, bin: &'static str) -> &'static std::p
     }
     let status = build
         .status()
-        .unwrap_or_else(|error| panic!("running cargo build -p {package}: {error}"));
-    assert!(
-        status.success(),
-        "cargo build -p {package} failed: {status}"
-    );
+        .unwrap_or_else(|error| panic!("running cargo build --bin {bin}: {error}"));
+    assert!(status.success(), "cargo build --bin {bin} failed: {status}");
     // This test executable is target/<profile>/deps/e2e-<hash>.
     let exe = std::env::current_exe().expect("locating the test executable");
     let dir = exe
