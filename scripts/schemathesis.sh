@@ -244,13 +244,17 @@ main() {
 	souk_ensure_services
 	ensure_schemathesis
 	souk_info "building the debug binaries"
-	local packages=(-p replay-tool)
+	local binaries=(--bin replay-tool)
 	for service in "${services[@]}"; do
-		packages+=(-p "$service")
+		binaries+=(--bin "$service")
 		# query-api's fuzzing runs a projector to fill the search index.
-		[[ $service == query-api ]] && packages+=(-p projections)
+		[[ $service == query-api ]] && binaries+=(--bin projector)
 	done
-	cargo build --locked "${packages[@]}"
+	# `--workspace`, not `-p` per package: Cargo unifies dependency features
+	# over the packages it selects, so this selects what `cargo test
+	# --workspace` did, and after the test run (CI) only the binaries are
+	# compiled and linked, not a second copy of the dependencies.
+	cargo build --locked --workspace "${binaries[@]}"
 
 	WORK_DIR=$(mktemp -d -t souk-schemathesis.XXXXXX)
 	trap cleanup EXIT
