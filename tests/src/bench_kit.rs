@@ -6,7 +6,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
@@ -163,15 +163,17 @@ pub fn proc_status_kb(pid: u32, key: &str) -> Option<u64> {
         })
 }
 
-/// Builds `binaries` (package, binary) with the profile of the running
+/// Builds the workspace's `binaries` with the profile of the running
 /// benchmark and returns the directory that holds them (next to this
 /// executable), unless `prebuilt` names a directory that already does.
+/// Built by [`crate::cargo_build_bins`], so the dependencies `cargo run -p
+/// tests` compiled are reused, not compiled again with other features.
 pub async fn service_binaries(
-    binaries: &[(&str, &str)],
+    binaries: &[&str],
     prebuilt: Option<&Path>,
 ) -> anyhow::Result<PathBuf> {
     if let Some(dir) = prebuilt {
-        for (_, binary) in binaries {
+        for binary in binaries {
             ensure!(
                 dir.join(binary).is_file(),
                 "{} holds no {binary}",
@@ -180,18 +182,7 @@ pub async fn service_binaries(
         }
         return Ok(dir.to_path_buf());
     }
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut build = Command::new(cargo);
-    build.args(["build", "--quiet"]);
-    for (package, binary) in binaries {
-        build.args(["-p", package, "--bin", binary]);
-    }
-    if !cfg!(debug_assertions) {
-        build.arg("--release");
-    }
-    if let Some(manifest_dir) = option_env!("CARGO_MANIFEST_DIR") {
-        build.current_dir(manifest_dir);
-    }
+    let mut build = crate::cargo_build_bins(binaries);
     eprintln!("building the services ({build:?})");
     // Waited for without blocking the runtime, so that Ctrl-C still cleans
     // up; the guard stops the build if the run is abandoned.
@@ -218,7 +209,7 @@ pub async fn service_binaries(
         .parent()
         .context("the bench executable has no directory")?
         .to_path_buf();
-    for (_, binary) in binaries {
+    for binary in binaries {
         ensure!(
             dir.join(binary).is_file(),
             "{binary} is missing in {} after the build",

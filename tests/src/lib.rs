@@ -433,15 +433,7 @@ pub fn projector_binary() -> &'static std::path::Path {
 }
 
 /// The workspace's binary `bin`, built once per test process with
-/// `cargo build --workspace --bin <bin>`.
-///
-/// `--workspace`, not `-p <its package>`: Cargo unifies dependency features
-/// over the packages a command selects, so a build of one package resolves
-/// other features than `cargo test --workspace` did (sqlx, futures) and
-/// compiles a second copy of most of the dependency tree, minutes of a CI
-/// run. Selected like the test run, the binary is built from what that run
-/// compiled: `projector` is already there, `replay-tool` is its `main` and
-/// a link.
+/// [`cargo_build_bins`].
 fn workspace_binary(bin: &'static str) -> &'static std::path::Path {
     static BINARIES: std::sync::Mutex<Vec<(&'static str, &'static std::path::Path)>> =
         std::sync::Mutex::new(Vec::new());
@@ -451,25 +443,7 @@ fn workspace_binary(bin: &'static str) -> &'static std::path::Path {
     if let Some((_, path)) = built.iter().find(|(name, _)| *name == bin) {
         return path;
     }
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut build = std::process::Command::new(cargo);
-    build.args(["build", "--quiet", "--workspace", "--bin", bin]);
-    if !cfg!(debug_assertions) {
-        build.arg("--release");
-    }
-    build.current_dir(env!("CARGO_MANIFEST_DIR"));
-    // Cargo gives this process its package's variables; passed on, they
-    // would look like a changed environment to build scripts that watch
-    // them (ring's), and every build would start over.
-    for (name, _) in std::env::vars_os() {
-        let name = name.to_string_lossy().into_owned();
-        if (name.starts_with("CARGO_") && name != "CARGO_HOME" && name != "CARGO_TARGET_DIR")
-            || name == "OUT_DIR"
-        {
-            build.env_remove(name);
-        }
-    }
-    let status = build
+    let status = cargo_build_bins(&[bin])
         .status()
         .unwrap_or_else(|error| panic!("running cargo build --bin {bin}: {error}"));
     assert!(status.success(), "cargo build --bin {bin} failed: {status}");
@@ -484,6 +458,40 @@ fn workspace_binary(bin: &'static str) -> &'static std::path::Path {
     let binary: &'static std::path::Path = Box::leak(binary.into_boxed_path());
     built.push((bin, binary));
     binary
+}
+
+/// `cargo build --workspace --bin <each of bins>` in this build's profile,
+/// for tests and benchmarks that run the workspace's binaries.
+///
+/// `--workspace`, not `-p <a package>`: Cargo unifies dependency features
+/// over the packages a command selects, so a build of one package resolves
+/// other features than `cargo test --workspace` did (sqlx, futures) and
+/// compiles a second copy of most of the dependency tree, minutes of a CI
+/// run. Selected like the test run, a binary is built from what that run
+/// compiled: its `main` and a link.
+pub fn cargo_build_bins(bins: &[&str]) -> std::process::Command {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut build = std::process::Command::new(cargo);
+    build.args(["build", "--quiet", "--workspace"]);
+    for bin in bins {
+        build.args(["--bin", bin]);
+    }
+    if !cfg!(debug_assertions) {
+        build.arg("--release");
+    }
+    build.current_dir(env!("CARGO_MANIFEST_DIR"));
+    // Cargo gives a process it runs its package's variables; passed on,
+    // they would look like a changed environment to build scripts that
+    // watch them (ring's), and every build would start over.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy().into_owned();
+        if (name.starts_with("CARGO_") && name != "CARGO_HOME" && name != "CARGO_TARGET_DIR")
+            || name == "OUT_DIR"
+        {
+            build.env_remove(name);
+        }
+    }
+    build
 }
 
 /// What one run of `replay-tool` printed and how it exited.

@@ -99,8 +99,7 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     run_with_databases(&args.admin_url.clone(), async |databases| {
-        let dir =
-            service_binaries(&[("replay-tool", "replay-tool")], args.binaries.as_deref()).await?;
+        let dir = service_binaries(&["replay-tool"], args.binaries.as_deref()).await?;
         let tool = dir.join("replay-tool");
         let mut rows = Vec::new();
         for &size in &args.sizes {

@@ -1313,7 +1313,7 @@ async fn command_api_binary(args: &Args) -> anyhow::Result<PathBuf> {
             );
             Ok(path.clone())
         }
-        None => Ok(service_binaries(&[("command-api", "command-api")], None)
+        None => Ok(service_binaries(&["command-api"], None)
             .await?
             .join("command-api")),
     }

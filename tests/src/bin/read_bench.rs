@@ -245,11 +245,7 @@ async fn run(args: &Args, databases: &Databases) -> anyhow::Result<()> {
         None
     };
     let bins = tests::bench_kit::service_binaries(
-        &[
-            ("command-api", "command-api"),
-            ("projections", "projector"),
-            ("query-api", "query-api"),
-        ],
+        &["command-api", "projector", "query-api"],
         args.bin_dir.as_deref(),
     )
     .await?;
