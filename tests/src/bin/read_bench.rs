@@ -1505,7 +1505,8 @@ struct Measured {
     errors: u64,
     first_error: Option<String>,
     seconds: f64,
-    /// Sorted latencies of the successful measured operations.
+    /// Sorted latencies of the successful measured operations (from
+    /// `timeline`, once the phase is over).
     latencies_us: Vec<u32>,
     /// Every measured operation, in the order they finished.
     timeline: Vec<Sample>,
@@ -1584,6 +1585,12 @@ where
             format!("{overflow} requests not sent: {MAX_IN_FLIGHT} in flight")
         });
     }
+    measured.latencies_us = measured
+        .timeline
+        .iter()
+        .filter(|sample| sample.ok)
+        .map(|sample| sample.latency_us)
+        .collect();
     measured.latencies_us.sort_unstable();
     print_slow_windows(&measured.timeline, slow_ms as u32);
     eprintln!(
@@ -1616,14 +1623,11 @@ fn record(
         latency_us,
         ok: outcome.is_ok(),
     });
-    match outcome {
-        Ok(_) => measured.latencies_us.push(latency_us),
-        Err(error) => {
-            measured.errors += 1;
-            measured
-                .first_error
-                .get_or_insert_with(|| format!("{error:#}"));
-        }
+    if let Err(error) = outcome {
+        measured.errors += 1;
+        measured
+            .first_error
+            .get_or_insert_with(|| format!("{error:#}"));
     }
 }
 
