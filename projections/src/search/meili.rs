@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use meilisearch_sdk::client::Client;
-use meilisearch_sdk::errors::{Error, ErrorCode};
+use meilisearch_sdk::errors::{Error, ErrorCode, ErrorType};
 use meilisearch_sdk::indexes::Index;
 use meilisearch_sdk::search::{MatchingStrategies, Selectors};
 use meilisearch_sdk::settings::{
@@ -67,10 +67,24 @@ impl std::fmt::Debug for Meili {
     }
 }
 
+/// What a failed request to Meilisearch means for Souk. Unreachable, slow,
+/// or answering with a 5xx (Meilisearch's `internal` and `system` errors:
+/// the machine's limits, or its search queue full) is the server being
+/// unavailable for now; anything else (a refused request or key) is
+/// Souk's own error.
 fn failed(error: Error) -> SearchError {
     match error {
         Error::HttpError(error) => SearchError::Unavailable(error.to_string()),
         Error::Timeout => SearchError::Unavailable("a Meilisearch task timed out".to_owned()),
+        // `system` is not in the SDK's `ErrorType`: it reads as `Unknown`.
+        Error::Meilisearch(error)
+            if matches!(error.error_type, ErrorType::Internal | ErrorType::Unknown) =>
+        {
+            SearchError::Unavailable(error.to_string())
+        }
+        Error::MeilisearchCommunication(error) if error.status_code >= 500 => {
+            SearchError::Unavailable(error.to_string())
+        }
         error => SearchError::Backend(error.to_string()),
     }
 }
@@ -344,7 +358,46 @@ impl SearchIndex for Meili {
 
 #[cfg(test)]
 mod tests {
+    use meilisearch_sdk::errors::MeilisearchCommunicationError;
+
     use super::*;
+
+    /// Meilisearch's error body, as the SDK parses it.
+    fn answered(code: &str, kind: &str) -> Error {
+        let body = serde_json::json!({"message": "m", "code": code, "type": kind, "link": "l"});
+        Error::Meilisearch(serde_json::from_value(body).expect("an error body"))
+    }
+
+    #[test]
+    fn a_busy_or_failing_server_is_unavailable_and_a_refused_request_is_an_error() {
+        for busy in [
+            answered("too_many_search_requests", "system"),
+            answered("internal", "internal"),
+            answered("no_space_left_on_device", "system"),
+            // A 5xx whose body is not Meilisearch's (a proxy in front).
+            Error::MeilisearchCommunication(MeilisearchCommunicationError {
+                status_code: 502,
+                message: None,
+                url: "http://127.0.0.1:7700/indexes/l/search".to_owned(),
+            }),
+        ] {
+            assert!(
+                matches!(failed(busy), SearchError::Unavailable(_)),
+                "a 5xx of Meilisearch is unavailability"
+            );
+        }
+        for refused in [
+            answered("invalid_search_filter", "invalid_request"),
+            answered("invalid_api_key", "auth"),
+            Error::MeilisearchCommunication(MeilisearchCommunicationError {
+                status_code: 413,
+                message: None,
+                url: "http://127.0.0.1:7700/indexes/l/documents".to_owned(),
+            }),
+        ] {
+            assert!(matches!(failed(refused), SearchError::Backend(_)));
+        }
+    }
 
     #[test]
     fn filters_become_one_meilisearch_expression_with_quoted_values() {
