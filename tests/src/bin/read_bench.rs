@@ -994,12 +994,12 @@ impl System {
             ("MEILI_API_KEY", meili.key().to_owned()),
             ("MEILI_INDEX", MEILI_INDEX.to_owned()),
         ];
-        let index_url = format!(
-            "{}/indexes/{MEILI_INDEX}_v{}",
-            meili.url(),
-            projections::search::DOCUMENT_VERSION
-        );
-        let stats_url = format!("{index_url}/stats");
+        let reader = MeiliReader {
+            url: meili.url().to_owned(),
+            index: format!("{MEILI_INDEX}_v{}", projections::search::DOCUMENT_VERSION),
+            key: meili.key().to_owned(),
+        };
+        let stats_url = format!("{}/indexes/{}/stats", reader.url, reader.index);
         let key = meili.key().to_owned();
         self.meili = Some(meili);
         self.stop_services("projector").await;
@@ -1029,9 +1029,7 @@ impl System {
         let meili_refill_seconds = refilled.elapsed().as_secs_f64();
         self.spawn_query_api("query-api-meili", &env).await?;
         let meili = self.search_load(args, seeded, "meilisearch").await?;
-        let meili_indexing = self
-            .indexing_lag(args, &owned, MeiliReader { index_url, key })
-            .await?;
+        let meili_indexing = self.indexing_lag(args, &owned, reader).await?;
         Ok(SearchRun {
             listings,
             create_seconds,
@@ -1047,8 +1045,8 @@ impl System {
     /// changes at `--index-rate` (open loop) for `--index-seconds`, each a
     /// price change of a listing not changed before in the phase, to a price
     /// no listing has. One change's lag runs from the command's answer to the
-    /// first moment a read of Meilisearch (every [`INDEX_WATCH`], all changes
-    /// awaited in one request) returns the document with the new price.
+    /// first moment a read of Meilisearch (all changes awaited in one
+    /// request, see [`watch_index`]) returns the document with the new price.
     async fn indexing_lag(
         &self,
         args: &Args,
@@ -1361,8 +1359,12 @@ async fn answer(response: reqwest::Response) -> anyhow::Result<Answer> {
     })
 }
 
-/// How often the indexing-lag phase reads the awaited documents back.
+/// How often the indexing-lag phase asks Meilisearch for the index's last
+/// finished task.
 const INDEX_WATCH: Duration = Duration::from_millis(20);
+/// The longest the indexing-lag phase goes without reading the awaited
+/// documents back, whatever the tasks say.
+const INDEX_READ_EVERY: Duration = Duration::from_millis(250);
 /// Longest wait for one listing change to be visible in Meilisearch.
 const INDEX_VISIBLE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -1370,18 +1372,77 @@ const INDEX_VISIBLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// and who waits for it.
 type Awaited = Arc<std::sync::Mutex<HashMap<Uuid, (i64, tokio::sync::oneshot::Sender<()>)>>>;
 
-/// Reads documents of the run's index on the Meilisearch server.
+/// Reads the run's index on the Meilisearch server: its documents and its
+/// tasks.
 struct MeiliReader {
-    index_url: String,
+    url: String,
+    index: String,
     key: String,
 }
 
-/// Reads the awaited listings' documents every [`INDEX_WATCH`] and wakes
-/// each change whose price the index holds; runs until aborted.
+impl MeiliReader {
+    /// The uid of the index's last finished task, if any.
+    async fn last_finished_task(&self, client: &reqwest::Client) -> anyhow::Result<Option<u64>> {
+        let answer = client
+            .get(format!("{}/tasks", self.url))
+            .bearer_auth(&self.key)
+            .query(&[
+                ("indexUids", self.index.as_str()),
+                ("statuses", "succeeded,failed"),
+                ("limit", "1"),
+            ])
+            .send()
+            .await?;
+        let tasks: Value = answer.error_for_status()?.json().await?;
+        Ok(tasks["results"][0]["uid"].as_u64())
+    }
+
+    /// The `(id, price)` of the documents of `ids` the index holds.
+    async fn prices(
+        &self,
+        client: &reqwest::Client,
+        ids: &[String],
+    ) -> anyhow::Result<Vec<(Uuid, i64)>> {
+        let body = json!({"ids": ids, "fields": ["id", "price"], "limit": ids.len()});
+        let answer = client
+            .post(format!(
+                "{}/indexes/{}/documents/fetch",
+                self.url, self.index
+            ))
+            .bearer_auth(&self.key)
+            .json(&body)
+            .send()
+            .await?;
+        let documents: Value = answer.error_for_status()?.json().await?;
+        Ok(documents["results"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|document| {
+                let id = Uuid::parse_str(document["id"].as_str()?).ok()?;
+                Some((id, document["price"].as_i64()?))
+            })
+            .collect())
+    }
+}
+
+/// Wakes each awaited change once a read of the index returns its price;
+/// runs until aborted.
+///
+/// A document becomes visible when the Meilisearch task that writes it
+/// finishes (the index is committed before the task is marked done), so
+/// the watcher asks every [`INDEX_WATCH`] for the index's last finished
+/// task, a small request, and reads the awaited documents back when a new
+/// one has finished, and at least every [`INDEX_READ_EVERY`]. It used to
+/// read every awaited document every 20 ms, a `documents/fetch` of about
+/// 1,000 ids costing 7 ms of Meilisearch's CPU (measured on 100,000
+/// documents): the server it measures spent 0.40 of a core in the phase
+/// with that, 0.33 with this (2026-12-07).
 async fn watch_index(client: reqwest::Client, meili: MeiliReader, awaited: Awaited) {
-    let url = format!("{}/documents/fetch", meili.index_url);
     let mut tick = tokio::time::interval(INDEX_WATCH);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_task = None;
+    let mut last_read = Instant::now();
     loop {
         tick.tick().await;
         let ids: Vec<String> = awaited
@@ -1393,31 +1454,28 @@ async fn watch_index(client: reqwest::Client, meili: MeiliReader, awaited: Await
         if ids.is_empty() {
             continue;
         }
-        let body = json!({"ids": ids, "fields": ["id", "price"], "limit": ids.len()});
-        let read = async {
-            let answer = client
-                .post(&url)
-                .bearer_auth(&meili.key)
-                .json(&body)
-                .send()
-                .await?;
-            answer.error_for_status()?.json::<Value>().await
+        let task = match meili.last_finished_task(&client).await {
+            Ok(task) => task,
+            Err(error) => {
+                eprintln!("  the index watcher's read of the tasks failed: {error:#}");
+                None
+            }
         };
-        let documents = match read.await {
+        if task == last_task && last_read.elapsed() < INDEX_READ_EVERY {
+            continue;
+        }
+        last_task = task;
+        last_read = Instant::now();
+        let documents = match meili.prices(&client, &ids).await {
             Ok(documents) => documents,
             Err(error) => {
-                eprintln!("  the index watcher's read failed: {error}");
+                eprintln!("  the index watcher's read failed: {error:#}");
                 continue;
             }
         };
         let mut awaited = awaited.lock().expect("the awaited changes");
-        for document in documents["results"].as_array().into_iter().flatten() {
-            let id = document["id"]
-                .as_str()
-                .and_then(|id| Uuid::parse_str(id).ok());
-            let price = document["price"].as_i64();
-            if let (Some(id), Some(price)) = (id, price)
-                && awaited.get(&id).is_some_and(|(wanted, _)| *wanted == price)
+        for (id, price) in documents {
+            if awaited.get(&id).is_some_and(|(wanted, _)| *wanted == price)
                 && let Some((_, seen)) = awaited.remove(&id)
             {
                 let _ = seen.send(());
