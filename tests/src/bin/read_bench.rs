@@ -999,33 +999,14 @@ impl System {
             index: format!("{MEILI_INDEX}_v{}", projections::search::DOCUMENT_VERSION),
             key: meili.key().to_owned(),
         };
-        let stats_url = format!("{}/indexes/{}/stats", reader.url, reader.index);
-        let key = meili.key().to_owned();
         self.meili = Some(meili);
         self.stop_services("projector").await;
         self.stop_services("query-api").await;
         let refilled = Instant::now();
         self.spawn_projector("projector-meili", &env).await?;
         let client = self.client.clone();
-        self.wait_indexed(|| {
-            let (client, stats_url, key) = (client.clone(), stats_url.clone(), key.clone());
-            async move {
-                let answer = client
-                    .get(&stats_url)
-                    .bearer_auth(&key)
-                    .send()
-                    .await
-                    .context("asking Meilisearch for the index's stats")?;
-                if !answer.status().is_success() {
-                    return Ok(false);
-                }
-                let stats: Value = answer.json().await.context("reading the index's stats")?;
-                let documents = stats["numberOfDocuments"].as_u64().unwrap_or(0);
-                let indexing = stats["isIndexing"].as_bool().unwrap_or(false);
-                Ok(documents >= listings && !indexing)
-            }
-        })
-        .await?;
+        self.wait_indexed(|| reader.holds(&client, listings))
+            .await?;
         let meili_refill_seconds = refilled.elapsed().as_secs_f64();
         self.spawn_query_api("query-api-meili", &env).await?;
         let meili = self.search_load(args, seeded, "meilisearch").await?;
@@ -1381,6 +1362,24 @@ struct MeiliReader {
 }
 
 impl MeiliReader {
+    /// Whether the index holds at least `listings` documents and is not
+    /// indexing; false while it does not exist yet.
+    async fn holds(&self, client: &reqwest::Client, listings: u64) -> anyhow::Result<bool> {
+        let answer = client
+            .get(format!("{}/indexes/{}/stats", self.url, self.index))
+            .bearer_auth(&self.key)
+            .send()
+            .await
+            .context("asking Meilisearch for the index's stats")?;
+        if !answer.status().is_success() {
+            return Ok(false);
+        }
+        let stats: Value = answer.json().await.context("reading the index's stats")?;
+        let documents = stats["numberOfDocuments"].as_u64().unwrap_or(0);
+        let indexing = stats["isIndexing"].as_bool().unwrap_or(false);
+        Ok(documents >= listings && !indexing)
+    }
+
     /// The uid of the index's last finished task, if any.
     async fn last_finished_task(&self, client: &reqwest::Client) -> anyhow::Result<Option<u64>> {
         let answer = client
@@ -1445,13 +1444,7 @@ async fn watch_index(client: reqwest::Client, meili: MeiliReader, awaited: Await
     let mut last_read = Instant::now();
     loop {
         tick.tick().await;
-        let ids: Vec<String> = awaited
-            .lock()
-            .expect("the awaited changes")
-            .keys()
-            .map(Uuid::to_string)
-            .collect();
-        if ids.is_empty() {
+        if awaited.lock().expect("the awaited changes").is_empty() {
             continue;
         }
         let task = match meili.last_finished_task(&client).await {
@@ -1466,6 +1459,14 @@ async fn watch_index(client: reqwest::Client, meili: MeiliReader, awaited: Await
         }
         last_task = task;
         last_read = Instant::now();
+        // Listed after the task was asked for: a change awaited meanwhile
+        // whose document that task wrote is read now.
+        let ids: Vec<String> = awaited
+            .lock()
+            .expect("the awaited changes")
+            .keys()
+            .map(Uuid::to_string)
+            .collect();
         let documents = match meili.prices(&client, &ids).await {
             Ok(documents) => documents,
             Err(error) => {
