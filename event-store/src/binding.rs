@@ -12,7 +12,7 @@
 //! - the database records each stream's partition count the first time a
 //!   relay or projector binds it (`stream_bindings`); another count later is
 //!   refused ([`bind_partitions`]). Changing it means a new stream: see
-//!   README ("Changing SOUK_PARTITIONS").
+//!   deploy/README.md ("Changing SOUK_PARTITIONS").
 //!
 //! The relay also refuses a stream whose last message is an event this
 //! database does not hold ([`BindingError::UnknownLastEvent`]): a stream fed
@@ -28,7 +28,7 @@ use crate::record::Position;
 pub enum BindingError {
     #[error(
         "SOUK_PARTITIONS is {configured} but the stream `{stream}` of this database is partitioned into {bound}; \
-         every relay and projector must use {bound} (changing it needs a new stream: see README, \"Changing SOUK_PARTITIONS\")"
+         every relay and projector must use {bound} (changing it needs a new stream: see deploy/README.md, \"Changing SOUK_PARTITIONS\")"
     )]
     PartitionsChanged {
         stream: String,
